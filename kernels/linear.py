@@ -1,0 +1,116 @@
+"""QuantLinear: the int4 linear every projection of the model is swapped for.
+
+It owns the frozen, shared base (packed codes, zero points, base scales or base alphas) and the
+adapter slab tables of this one linear (slot 0 = base; filled by adapters.slab.AdapterSlab).
+forward(x, rows) applies each row's adapter: the exact semantics are kernels.reference.
+On CUDA it runs the Triton kernels (kernels.int4_matmul); elsewhere the torch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .quant import num_groups, rtn_to_alphas, unpack_int4
+from .reference import adapted_linear_ref
+
+# Which kernel family a batch needs, cheapest first. The scheduler knows the kinds of the
+# adapters it admitted, so it sets this on the host and no device sync is needed to pick it.
+MODE_CHANNEL = 1  # every row is base or a per-channel PEQA adapter: task factor in the epilogue
+MODE_GROUP = 2  # some row has a group-wise PEQA adapter: scale gathered per group in the K loop
+MODE_ALPHA = 3  # some row has an AlphaTuning adapter (or the base is bcq): one dot per bit plane
+
+
+@dataclass
+class RowAdapters:
+    """Each row's slab indices (one row per token of the batch). All tensors [M], int32."""
+
+    chan_idx: torch.Tensor  # into chan [Sc, N]; 0 = no channel factor
+    scale_idx: torch.Tensor  # into scales [Sg, N, G]; 0 = base scales
+    alpha_idx: torch.Tensor  # into alphas [Sa, b, N, G] / betas; -1 = PEQA row
+    mode: int = MODE_CHANNEL
+
+    @classmethod
+    def base(cls, m: int, device, bcq_base: bool = False) -> "RowAdapters":
+        zeros = torch.zeros(m, dtype=torch.int32, device=device)
+        alpha = zeros if bcq_base else torch.full((m,), -1, dtype=torch.int32, device=device)
+        return cls(zeros, zeros.clone(), alpha.clone(), MODE_ALPHA if bcq_base else MODE_CHANNEL)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W_{slot}^T (+ bias) for x [..., K]; W stored as int codes [N, K] packed two per byte."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, method: str,
+                 bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.method = bits, group_size, method
+        N, K, G = out_features, in_features, num_groups(in_features, group_size)
+        self.register_buffer("packed", torch.zeros(N, (K + 1) // 2, dtype=torch.uint8, device=device))
+        if method == "rtn":
+            self.register_buffer("zeros", torch.zeros(N, G, device=device))
+            self.register_buffer("scales", torch.ones(N, G, device=device))
+        else:
+            self.zeros = self.scales = None
+            self.register_buffer("alphas", torch.ones(bits, N, G, device=device))
+            self.register_buffer("betas", torch.zeros(N, G, device=device))
+        self.register_buffer("bias", torch.zeros(N, device=device) if bias else None)
+        # adapter slab tables; AdapterSlab.attach() replaces these with its preallocated tables
+        self.slab_chan: torch.Tensor | None = None  # [Sc, N]
+        self.slab_scales: torch.Tensor | None = None  # [Sg, N, G]
+        self.slab_alphas: torch.Tensor | None = None  # [Sa, b, N, G]
+        self.slab_betas: torch.Tensor | None = None  # [Sa, N, G]
+        self._cpu_cache: dict = {}
+        self._kernel_state = None  # repacked weights for the Triton kernels, built on first use
+
+    @property
+    def num_groups(self) -> int:
+        return num_groups(self.in_features, self.group_size)
+
+    def base_alphas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base weight in AlphaTuning form ([b, N, G], [N, G]), for alpha slot 0."""
+        if self.method == "rtn":
+            return rtn_to_alphas(self.zeros, self.scales, self.bits)
+        return self.alphas.float(), self.betas.float()
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.packed, self.in_features)
+
+    def ensure_slab(self) -> None:
+        """Single-slot tables (base only) for a model used without an AdapterSlab."""
+        if self.slab_chan is not None:
+            return
+        dev = self.packed.device
+        self.slab_chan = torch.ones(1, self.out_features, device=dev)
+        self.slab_scales = self.scales.float().unsqueeze(0) if self.method == "rtn" else None
+        a, b = self.base_alphas()
+        self.slab_alphas, self.slab_betas = a.unsqueeze(0), b.unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        self.ensure_slab()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda:
+            from .int4_matmul import adapted_linear  # Triton; imported only where it can run
+
+            y = adapted_linear(self, x2, rows)
+        else:
+            if not self._cpu_cache:
+                self._cpu_cache["codes"] = self.codes()
+            y = adapted_linear_ref(
+                x2, self._cpu_cache["codes"], self.zeros, self.group_size, self.slab_chan, self.slab_scales,
+                self.slab_alphas, self.slab_betas, rows.chan_idx, rows.scale_idx, rows.alpha_idx,
+                self.bias, self._cpu_cache,
+            ).to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def invalidate_caches(self) -> None:
+        self._cpu_cache = {}
+        self._kernel_state = None
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, method={self.method}, bits={self.bits}, "
+                f"group_size={self.group_size}")
