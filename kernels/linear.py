@@ -32,6 +32,9 @@ class RowAdapters:
     alpha_idx: torch.Tensor  # into alphas [Sa, b, N, G] / betas; -1 = PEQA row
     mode: int = MODE_CHANNEL
 
+    def select(self, idx: torch.Tensor) -> "RowAdapters":
+        return RowAdapters(self.chan_idx[idx], self.scale_idx[idx], self.alpha_idx[idx], self.mode)
+
     @classmethod
     def base(cls, m: int, device, bcq_base: bool = False) -> "RowAdapters":
         zeros = torch.zeros(m, dtype=torch.int32, device=device)

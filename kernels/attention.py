@@ -1,0 +1,432 @@
+"""Paged attention (Triton): decode and (chunked) prefill over a block-paged KV cache.
+
+Semantics are exactly kernels.reference.paged_attention_ref. For each sequence b:
+
+  L  = query_start[b+1] - query_start[b]         its new queries (rows of q), L <= seq_lens[b]
+  n  = seq_lens[b]                               its context length after this step
+  query i (0 <= i < L) sits at position p_i = n - L + i; key j (0 <= j < n) lives in
+      k_cache[block_tables[b, j // block_size], j % block_size, h // (H // KVH), :]
+  o[query_start[b] + i, h, :] = sum_{j <= p_i} softmax_j(scale * q . k_j) * v_j
+
+q [T, H, D], k_cache / v_cache [num_blocks, block_size, KVH, D], block_tables [B, max_blocks] int32,
+seq_lens [B] int32, query_start [B+1] int32. bf16 / fp16 inputs, fp32 softmax and accumulation,
+o in q's dtype. A sequence with L = 0 writes nothing; one with n = 0 (and L = 1) gets zeros.
+
+Two code paths, picked on the host from `max_query_len` (no device sync):
+- max_query_len == 1: decode kernel. One program per (sequence, KV head, context split); its rows are
+  all query heads of that KV head (GQA), so each KV block is read from memory once. Long contexts
+  are split over programs (flash-decoding) and merged by a small reduction kernel.
+- otherwise: prefill kernel, flash-attention style online softmax over the paged KV with the causal
+  offset n - L; a program's rows are (query token, query head of one KV head) pairs.
+
+Both are CUDA-graph capturable: grid sizes and scratch buffers depend only on shapes and on host
+ints (max_query_len), never on tensor contents. Pass `out=` to write into a preallocated tensor.
+
+Tile sizes are fixed heuristics (below), not @triton.autotune: autotuning benchmarks on the first
+call, which must not happen inside a CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import paged_attention_ref
+
+LOG2E = 1.4426950408889634
+
+# Decode: KV tokens per inner step, and the smallest context slice worth its own program.
+DECODE_BLOCK_N = 64
+DECODE_MIN_PARTITION = 256
+# Prefill: query rows (token x head pairs) and KV tokens per inner step.
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+
+
+@triton.jit
+def _kv_tile_offsets(block_tables_row, tok, ctx, BLOCK_SIZE: tl.constexpr, stride_kb, stride_ks):
+    """Element offset of token tok's row in a cache [num_blocks, block_size, KVH, D] (head 0, dim 0)."""
+    # tok: [BLOCK_N]; tokens past the context read block 0 and are masked by the caller.
+    page = tl.load(block_tables_row + tok // BLOCK_SIZE, mask=tok < ctx, other=0).to(tl.int64)
+    return page * stride_kb + (tok % BLOCK_SIZE).to(tl.int64) * stride_ks
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: one query per sequence
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, qstart_ptr,
+    o_ptr, part_o_ptr, part_ml_ptr,
+    qk_scale,  # scale * log2(e): the softmax runs in base 2
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    partition,  # KV tokens per split, a multiple of BLOCK_N
+    GROUP: tl.constexpr,  # query heads per KV head
+    G_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's smallest M)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per KV cache block
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_row = tl.load(qstart_ptr + b)
+    if tl.load(qstart_ptr + b + 1) == q_row:  # padding slot: no query this step
+        return
+    ctx = tl.load(seq_lens_ptr + b)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + offs_g  # [G_PAD]
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    # q: [G_PAD, BLOCK_D], the GROUP query heads of this KV head (padding rows are zeros)
+    q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    kv_start = split * partition
+    kv_end = tl.minimum(kv_start + partition, ctx)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in tl.range(kv_start, kv_end, BLOCK_N):
+        tok = start + offs_n  # [BLOCK_N]
+        tok_mask = tok < ctx
+        row_k = _kv_tile_offsets(bt_row, tok, ctx, BLOCK_SIZE, stride_kb, stride_ks)
+        row_v = _kv_tile_offsets(bt_row, tok, ctx, BLOCK_SIZE, stride_vb, stride_vs)
+        # kt: [BLOCK_D, BLOCK_N], v: [BLOCK_N, BLOCK_D]
+        kt = tl.load(k_ptr + kvh * stride_kh + row_k[None, :] + offs_d[:, None],
+                     mask=tok_mask[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_ptr + kvh * stride_vh + row_v[:, None] + offs_d[None, :],
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
+        s = tl.dot(q, kt) * qk_scale  # [G_PAD, BLOCK_N]
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        # every tile holds >= 1 live token, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # l_i == 0 only for an empty context: its output is zeros, as in the reference
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        # part_o: [B, H, NUM_SPLITS, BLOCK_D] unnormalised; part_ml: [B, H, NUM_SPLITS, 2] (max, sum)
+        row = (b * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G_PAD]
+        tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    qstart_ptr, o_ptr, part_o_ptr, part_ml_ptr,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """o[row(b), h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q_row = tl.load(qstart_ptr + b)
+    if tl.load(qstart_ptr + b + 1) == q_row:
+        return
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + offs_s  # [SPLITS_PAD]
+    m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: all weights 0
+    w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
+    acc = tl.load(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)  # [BLOCK_D]
+    den = tl.sum(l * w, 0)
+    out = num / tl.where(den > 0, den, 1.0)
+    tl.store(o_ptr + q_row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill / chunked prefill: several queries per sequence, causal with offset n - L
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, qstart_ptr, o_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,  # GROUP padded to a power of two
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # query tokens per program; BLOCK_Q * G_PAD rows
+    BLOCK_N: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_first = tl.load(qstart_ptr + b)
+    n_q = tl.load(qstart_ptr + b + 1) - q_first
+    if q_tile * BLOCK_Q >= n_q:  # grid is sized by max_query_len; shorter sequences stop here
+        return
+    ctx = tl.load(seq_lens_ptr + b)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_idx = q_tile * BLOCK_Q + offs_m // G_PAD  # [BLOCK_M] query index within the sequence
+    heads = kvh * GROUP + offs_m % G_PAD  # [BLOCK_M]
+    m_mask = (q_idx < n_q) & (offs_m % G_PAD < GROUP)
+    d_mask = offs_d < HEAD_DIM
+    q_pos = ctx - n_q + q_idx  # [BLOCK_M] position of each row's query in the context
+    q_off = (q_first + q_idx).to(tl.int64) * stride_qt + heads * stride_qh  # [BLOCK_M]
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # keys after this tile's last query are masked for all of its rows: stop there
+    kv_end = tl.minimum(ctx, ctx - n_q + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, n_q))
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in tl.range(0, kv_end, BLOCK_N):
+        tok = start + offs_n
+        tok_mask = tok < kv_end
+        row_k = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_kb, stride_ks)
+        row_v = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_vb, stride_vs)
+        kt = tl.load(k_ptr + kvh * stride_kh + row_k[None, :] + offs_d[:, None],
+                     mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        v = tl.load(v_ptr + kvh * stride_vh + row_v[:, None] + offs_d[None, :],
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, kt) * qk_scale  # [BLOCK_M, BLOCK_N]
+        # key 0 is visible to every row, so after the first tile m_i is finite
+        visible = (tok[None, :] <= q_pos[:, None]) & tok_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_off = (q_first + q_idx).to(tl.int64) * stride_ot + heads * stride_oh
+    tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: any small number
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
+    """How many programs share one (sequence, KV head)'s context: enough to fill ~2 waves of SMs,
+    each covering at least DECODE_MIN_PARTITION tokens. Depends on shapes only (graph-safe)."""
+    want = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+    cap = max(1, triton.cdiv(max_context, DECODE_MIN_PARTITION))
+    return max(1, min(want, cap, 64))
+
+
+def _use_reference(q: torch.Tensor) -> bool:
+    # CPU tensors only run through Triton under its interpreter (tests); otherwise plain torch
+    return not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32, context length after this step
+    query_start: torch.Tensor,  # [B+1] int32
+    scale: float,
+    max_query_len: int,
+    out: torch.Tensor | None = None,  # [T, H, D], q's dtype; preallocated for CUDA graphs
+    num_splits: int | None = None,  # decode only: force the context split (tests); None = heuristic
+) -> torch.Tensor:
+    """o [T, H, D] = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale).
+
+    max_query_len must be >= every sequence's query count (1 selects the decode kernel).
+    """
+    T, H, D = q.shape
+    num_blocks, block_size, KVH, Dk = k_cache.shape
+    B = seq_lens.shape[0]
+    if v_cache.shape != k_cache.shape or Dk != D:
+        raise ValueError(f"cache shapes {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+    if H % KVH:
+        raise ValueError(f"query heads {H} not a multiple of KV heads {KVH}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size {block_size} must be a power of two")
+    if block_tables.shape[0] != B or query_start.shape[0] != B + 1:
+        raise ValueError("block_tables [B, max_blocks], seq_lens [B], query_start [B+1] disagree on B")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the head dim of q and the caches must be contiguous")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must be [T, H, D] in q's dtype with a contiguous head dim")
+    if T == 0 or B == 0:
+        return out
+    if _use_reference(q):
+        out.copy_(paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale))
+        return out
+
+    group = H // KVH
+    block_d = max(16, triton.next_power_of_2(D))
+    qk_scale = scale * LOG2E
+    common_strides = (
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+    )
+
+    if max_query_len <= 1:
+        max_context = block_tables.shape[1] * block_size
+        splits = num_splits or decode_num_splits(B, KVH, max_context, q.device)
+        partition = triton.cdiv(triton.cdiv(max_context, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+        splits = triton.cdiv(max_context, partition)  # no split left empty by rounding
+        if splits > 1:
+            part_o = torch.empty(B * H * splits * block_d, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(B * H * splits * 2, dtype=torch.float32, device=q.device)
+        else:
+            part_o = part_ml = out  # unused
+        _decode_kernel[(B, KVH, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
+            qk_scale, *common_strides, partition,
+            GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits,
+            num_warps=4, num_stages=2,
+        )
+        if splits > 1:
+            _decode_reduce_kernel[(B, H)](
+                query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
+                NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
+                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+            )
+        return out
+
+    g_pad = triton.next_power_of_2(group)
+    block_q = max(1, PREFILL_BLOCK_M // g_pad)
+    block_q = min(block_q, max(16 // g_pad, triton.next_power_of_2(max_query_len)))  # short chunks: smaller tiles
+    num_warps = 8 if block_q * g_pad * block_d >= 128 * 128 else 4
+    _prefill_kernel[(triton.cdiv(max_query_len, block_q), B, KVH)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start, out,
+        qk_scale, *common_strides,
+        GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N, num_warps=num_warps, num_stages=2,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache write
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_cache_ptr, v_cache_ptr, k_ptr, v_ptr, slot_ptr,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    stride_kt, stride_vt,
+    BLOCK_SIZE: tl.constexpr,
+    ROW: tl.constexpr,  # KVH * D: one token's contiguous row
+    BLOCK_ROW: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:  # padded token: nothing to write
+        return
+    offs = tl.arange(0, BLOCK_ROW)
+    mask = offs < ROW
+    blk = slot // BLOCK_SIZE
+    pos = slot % BLOCK_SIZE
+    k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
+    tl.store(k_cache_ptr + blk * stride_kb + pos * stride_ks + offs, k, mask=mask)
+    tl.store(v_cache_ptr + blk * stride_vb + pos * stride_vs + offs, v, mask=mask)
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    slot_mapping: torch.Tensor,  # [T] int64, slot = block * block_size + offset; -1 = skip
+    use_triton: bool | None = None,
+) -> None:
+    """In place: for each t with s = slot_mapping[t] >= 0,
+    k_cache[s // block_size, s % block_size] = k[t] and v_cache[...] = v[t] (cast to the cache dtype).
+
+    Rows with slot -1 (padding of a CUDA-graph batch) are skipped. Slots must be distinct.
+    On CUDA (default) a Triton kernel, graph capturable (no host sync); on CPU a torch index_copy_.
+    """
+    num_blocks, block_size, KVH, D = k_cache.shape
+    T = slot_mapping.shape[0]
+    if k.shape != (T, KVH, D) or v.shape != (T, KVH, D) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit cache {tuple(k_cache.shape)}")
+    if T == 0:
+        return
+    if use_triton is None:
+        use_triton = k_cache.is_cuda
+    if use_triton:
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if c.stride(2) != D or c.stride(3) != 1:
+                raise ValueError(f"{name} must have contiguous [KVH, D] rows")
+        k = k.to(k_cache.dtype).reshape(T, KVH * D)
+        v = v.to(v_cache.dtype).reshape(T, KVH * D)
+        _write_kv_kernel[(T,)](
+            k_cache, v_cache, k, v, slot_mapping,
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            k.stride(0), v.stride(0),
+            BLOCK_SIZE=block_size, ROW=KVH * D, BLOCK_ROW=triton.next_power_of_2(KVH * D),
+        )
+        return
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)  # host sync: CPU path only
+    slots = slot_mapping[keep]
+    k_cache.view(-1, KVH, D).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(-1, KVH, D).index_copy_(0, slots, v[keep].to(v_cache.dtype))

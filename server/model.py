@@ -1,0 +1,236 @@
+"""A compact Llama-family transformer (Llama, Mistral, Qwen2, Qwen3) over int4 QuantLinears.
+
+gpt-fast style: one file, shape comments, quantization is a module swap. Every projection is a
+kernels.linear.QuantLinear that takes the batch's per-row adapter indices; q/k/v and gate/up are
+fused into one matmul each. Two forwards:
+  forward(batch, kv)      the serving path: flattened tokens of many sequences, paged KV cache
+  forward_dense(tokens)   [B, S] causal, no cache: training, perplexity and equivalence tests
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleserve.kernels.linear import QuantLinear, RowAdapters
+from scaleserve.kernels.reference import paged_attention_ref
+
+from .batch import Batch
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2
+    qk_norm: bool  # Qwen3
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} heads is not a multiple of {self.n_kv_heads} KV heads")
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "ModelArgs":
+        archs = list(getattr(cfg, "architectures", None) or [])
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            found = ", ".join(archs) or f"model_type={getattr(cfg, 'model_type', '?')}"
+            raise UnsupportedArchitecture(
+                f"unsupported architecture {found}; scaleserve supports {', '.join(ARCHITECTURES)}")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            arch=arch,
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+            qk_norm=arch == "qwen3",
+        )
+
+
+def rope_inv_freq(cfg, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and attention scaling, as transformers computes them."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # llama3, yarn, linear, ...
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [..., T, H, D]; cos/sin: [..., T, 1, D]  (rotate-half convention of HF Llama)
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def make_linear(args_q: dict, in_f: int, out_f: int, bias: bool = False) -> QuantLinear:
+    return QuantLinear(in_f, out_f, bias=bias, **args_q)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, q: dict):
+        super().__init__()
+        self.a = a
+        self.qkv = make_linear(q, a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.o = make_linear(q, a.n_heads * a.head_dim, a.dim)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
+
+    def project(self, x, rows, cos, sin):
+        # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied
+        a = self.a
+        qkv = self.qkv(x, rows)
+        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        q = q.unflatten(-1, (a.n_heads, a.head_dim))
+        k = k.unflatten(-1, (a.n_kv_heads, a.head_dim))
+        v = v.unflatten(-1, (a.n_kv_heads, a.head_dim))
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache):
+        # x: [T, D]; k_cache/v_cache: [num_blocks, block_size, KVH, hd]
+        q, k, v = self.project(x, rows, cos, sin)
+        if x.is_cuda:
+            from scaleserve.kernels.attention import paged_attention, write_kv
+
+            write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+            o = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
+                                self.a.head_dim ** -0.5, batch.max_query_len)
+        else:
+            keep = batch.slot_mapping >= 0
+            k_cache.view(-1, *k.shape[1:])[batch.slot_mapping[keep]] = k[keep].to(k_cache.dtype)
+            v_cache.view(-1, *v.shape[1:])[batch.slot_mapping[keep]] = v[keep].to(v_cache.dtype)
+            o = paged_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
+                                    self.a.head_dim ** -0.5)
+        return self.o(o.flatten(-2), rows)
+
+    def forward_dense(self, x, rows, cos, sin):
+        # x: [B, S, D] causal self-attention with no cache
+        q, k, v = self.project(x, rows, cos, sin)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.a.n_heads != self.a.n_kv_heads)
+        return self.o(o.transpose(1, 2).flatten(-2), rows)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs, q: dict):
+        super().__init__()
+        self.gate_up = make_linear(q, a.dim, 2 * a.intermediate_size)
+        self.down = make_linear(q, a.intermediate_size, a.dim)
+
+    def forward(self, x, rows):
+        gate, up = self.gate_up(x, rows).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up, rows)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, q: dict):
+        super().__init__()
+        self.attn = Attention(a, q)
+        self.mlp = FeedForward(a, q)
+        self.input_norm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attn_norm = RMSNorm(a.dim, a.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, a: ModelArgs, quant: dict, hf_config, quantize_lm_head: bool = False):
+        super().__init__()
+        self.args = a
+        self.quant = dict(quant)  # bits, group_size, method
+        self.embed = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a, quant) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.quantize_lm_head = quantize_lm_head
+        if quantize_lm_head:
+            self.lm_head = make_linear(quant, a.dim, a.vocab_size)
+        elif a.tie_word_embeddings:
+            self.lm_head = None  # logits use embed.weight
+        else:
+            self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        inv_freq, self.rope_scaling = rope_inv_freq(hf_config, a.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def quant_linears(self) -> dict[str, QuantLinear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, QuantLinear)}
+
+    def rope(self, positions: torch.Tensor):
+        # positions: [..., T] -> cos/sin [..., T, 1, hd] (float32)
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), -1)
+        return (emb.cos() * self.rope_scaling)[..., None, :], (emb.sin() * self.rope_scaling)[..., None, :]
+
+    def logits(self, h: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        # h: [..., D] -> [..., V] float32
+        h = self.norm(h)
+        if self.quantize_lm_head:
+            return self.lm_head(h, rows).float()
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w).float()
+
+    def forward(self, batch: Batch, k_caches: list, v_caches: list) -> torch.Tensor:
+        """Logits [B, V] (float32) at each sequence's last new token; writes K/V of every token."""
+        x = self.embed(batch.tokens)  # [T, D]
+        cos, sin = self.rope(batch.positions)
+        rows = batch.rows
+        for layer, kc, vc in zip(self.layers, k_caches, v_caches):
+            x = x + layer.attn(layer.input_norm(x), rows, cos, sin, batch, kc, vc)
+            x = x + layer.mlp(layer.post_attn_norm(x), rows)
+        return self.logits(x[batch.logits_index], rows.select(batch.logits_index))
+
+    def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V] float32; rows has one entry per token (B*S)."""
+        B, S = tokens.shape
+        x = self.embed(tokens)  # [B, S, D]
+        cos, sin = self.rope(torch.arange(S, device=tokens.device))
+        for layer in self.layers:
+            x = x + layer.attn.forward_dense(layer.input_norm(x), rows, cos, sin)
+            x = x + layer.mlp(layer.post_attn_norm(x), rows)
+        return self.logits(x, rows)
