@@ -108,7 +108,7 @@ def _read_source(src: Path):
 
 def _with_arch(cfg):
     if not getattr(cfg, "architectures", None):
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.model_type)
         cfg.architectures = [name] if name else []
