@@ -54,6 +54,52 @@ def _kv_tile_offsets(block_tables_row, tok, ctx, BLOCK_SIZE: tl.constexpr, strid
     return page * stride_kb + (tok % BLOCK_SIZE).to(tl.int64) * stride_ks
 
 
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    """a @ b with fp32 accumulation. The interpreter multiplies bf16's raw bits, so there the
+    operands (already rounded to their storage dtype) are widened to fp32 first."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc,  # q: [M, BLOCK_D]; running max / sum: [M]; acc: [M, BLOCK_D] fp32
+    k_ptr, v_ptr, bt_row, start, kv_end, q_pos, qk_scale,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One online-softmax step over keys start .. start + BLOCK_N - 1 (those < kv_end).
+    k_ptr / v_ptr already point at this program's KV head. The caller guarantees every row sees at
+    least one key in its first tile, so the running max is finite after it."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    tok = start + offs_n  # [BLOCK_N]
+    tok_mask = tok < kv_end
+    row_k = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_kb, stride_ks)
+    row_v = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_vb, stride_vs)
+    kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None],
+                 mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+    v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :],
+                mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
+    if CAUSAL:
+        visible = (tok[None, :] <= q_pos[:, None]) & tok_mask[None, :]
+    else:
+        visible = tok_mask[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+    return m_new, l_i, acc
+
+
 # ---------------------------------------------------------------------------------------------
 # decode: one query per sequence
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +123,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per KV cache block
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -102,26 +149,20 @@ def _decode_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     kv_start = split * partition
     kv_end = tl.minimum(kv_start + partition, ctx)
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in tl.range(kv_start, kv_end, BLOCK_N):
-        tok = start + offs_n  # [BLOCK_N]
-        tok_mask = tok < ctx
-        row_k = _kv_tile_offsets(bt_row, tok, ctx, BLOCK_SIZE, stride_kb, stride_ks)
-        row_v = _kv_tile_offsets(bt_row, tok, ctx, BLOCK_SIZE, stride_vb, stride_vs)
-        # kt: [BLOCK_D, BLOCK_N], v: [BLOCK_N, BLOCK_D]
-        kt = tl.load(k_ptr + kvh * stride_kh + row_k[None, :] + offs_d[:, None],
-                     mask=tok_mask[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(v_ptr + kvh * stride_vh + row_v[:, None] + offs_d[None, :],
-                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale  # [G_PAD, BLOCK_N]
-        s = tl.where(tok_mask[None, :], s, float("-inf"))
-        # every tile holds >= 1 live token, so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+    if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
+        start = kv_start
+        while start < kv_end:
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, 0,
+                                         qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, INTERPRET)
+            start += BLOCK_N
+    else:
+        for start in tl.range(kv_start, kv_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, 0,
+                                         qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, INTERPRET)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for an empty context: its output is zeros, as in the reference
@@ -190,6 +231,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # query tokens per program; BLOCK_Q * G_PAD rows
     BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -219,26 +261,21 @@ def _prefill_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     # keys after this tile's last query are masked for all of its rows: stop there
     kv_end = tl.minimum(ctx, ctx - n_q + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, n_q))
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in tl.range(0, kv_end, BLOCK_N):
-        tok = start + offs_n
-        tok_mask = tok < kv_end
-        row_k = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_kb, stride_ks)
-        row_v = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_vb, stride_vs)
-        kt = tl.load(k_ptr + kvh * stride_kh + row_k[None, :] + offs_d[:, None],
-                     mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_ptr + kvh * stride_vh + row_v[:, None] + offs_d[None, :],
-                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, kt) * qk_scale  # [BLOCK_M, BLOCK_N]
-        # key 0 is visible to every row, so after the first tile m_i is finite
-        visible = (tok[None, :] <= q_pos[:, None]) & tok_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+    # key 0 is visible to every row (q_pos >= 0), so the first tile makes every running max finite
+    if INTERPRET:
+        start = kv_end * 0
+        while start < kv_end:
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, q_pos,
+                                         qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, INTERPRET)
+            start += BLOCK_N
+    else:
+        for start in tl.range(0, kv_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, q_pos,
+                                         qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, INTERPRET)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_first + q_idx).to(tl.int64) * stride_ot + heads * stride_oh
@@ -270,9 +307,8 @@ def decode_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
     return max(1, min(want, cap, 64))
 
 
-def _use_reference(q: torch.Tensor) -> bool:
-    # CPU tensors only run through Triton under its interpreter (tests); otherwise plain torch
-    return not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def paged_attention(
@@ -310,7 +346,8 @@ def paged_attention(
         raise ValueError("out must be [T, H, D] in q's dtype with a contiguous head dim")
     if T == 0 or B == 0:
         return out
-    if _use_reference(q):
+    interpret = _interpreting()
+    if not q.is_cuda and not interpret:  # CPU tensors run Triton only under its interpreter (tests)
         out.copy_(paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale))
         return out
 
@@ -339,7 +376,7 @@ def paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
             qk_scale, *common_strides, partition,
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits,
+            BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
             num_warps=4, num_stages=2,
         )
         if splits > 1:
@@ -358,7 +395,7 @@ def paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, query_start, out,
         qk_scale, *common_strides,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N, num_warps=num_warps, num_stages=2,
+        BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N, INTERPRET=interpret, num_warps=num_warps, num_stages=2,
     )
     return out
 
