@@ -166,3 +166,37 @@ def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
         word, _, rest = line.partition(" ")
         out.append((word.upper(), rest.strip()))
     return out
+
+
+def dockerfile_env(dockerfile: Path, target: str | None = None) -> dict[str, str]:
+    """ENV the image of `target` (default: the last stage) starts with, following FROM <stage> chains.
+
+    ${VAR} references to earlier ENV values are expanded; references to the base image's own env are not.
+    """
+    import shlex
+
+    stages: dict[str, tuple[str, list[str]]] = {}
+    order: list[str] = []
+    cur = None
+    for word, rest in dockerfile_instructions(dockerfile):
+        if word == "FROM":
+            parts = rest.split()
+            name = parts[parts.index("AS") + 1] if "AS" in parts else f"stage{len(order)}"
+            cur = name
+            stages[name] = (parts[0], [])
+            order.append(name)
+        elif word == "ENV" and cur is not None:
+            stages[cur][1].append(rest)
+    chain, name = [], target or order[-1]
+    while name in stages:
+        chain.append(name)
+        name = stages[name][0]
+    env: dict[str, str] = {}
+    for stage in reversed(chain):
+        for rest in stages[stage][1]:
+            for tok in shlex.split(rest):
+                k, _, v = tok.partition("=")
+                for ref, val in env.items():
+                    v = v.replace("${%s}" % ref, val)
+                env[k] = v
+    return env

