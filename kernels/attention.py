@@ -41,9 +41,11 @@ LOG2E = 1.4426950408889634
 # Decode: KV tokens per inner step, and the smallest context slice worth its own program.
 DECODE_BLOCK_N = 64
 DECODE_MIN_PARTITION = 256
-# Prefill: query rows (token x head pairs) and KV tokens per inner step.
+# Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 0
+PREFILL_NUM_STAGES = 2
 
 
 @triton.jit
@@ -70,28 +72,35 @@ def _attend_tile(
     k_ptr, v_ptr, bt_row, start, kv_end, q_pos, qk_scale,
     stride_kb, stride_ks, stride_vb, stride_vs,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+    MASK: tl.constexpr,  # 0: every key live and visible; 1: keys < kv_end; 2: also key <= q_pos (causal)
+    INTERPRET: tl.constexpr,
 ):
-    """One online-softmax step over keys start .. start + BLOCK_N - 1 (those < kv_end).
+    """One online-softmax step over keys start .. start + BLOCK_N - 1.
     k_ptr / v_ptr already point at this program's KV head. The caller guarantees every row sees at
     least one key in its first tile, so the running max is finite after it."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     tok = start + offs_n  # [BLOCK_N]
-    tok_mask = tok < kv_end
-    row_k = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_kb, stride_ks)
-    row_v = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_vb, stride_vs)
-    kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None],
-                 mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-    v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :],
-                mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-    s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
-    if CAUSAL:
-        visible = (tok[None, :] <= q_pos[:, None]) & tok_mask[None, :]
+    if MASK == 0:
+        tok_mask = offs_n < BLOCK_N  # all true; folded away
+        row_k = _kv_tile_offsets(bt_row, tok, start + BLOCK_N, BLOCK_SIZE, stride_kb, stride_ks)
+        row_v = _kv_tile_offsets(bt_row, tok, start + BLOCK_N, BLOCK_SIZE, stride_vb, stride_vs)
     else:
-        visible = tok_mask[None, :]
-    s = tl.where(visible, s, float("-inf"))
+        tok_mask = tok < kv_end
+        row_k = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_kb, stride_ks)
+        row_v = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_vb, stride_vs)
+    kv_mask = tok_mask[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_N, BLOCK_D]
+    if MASK == 0 and HEAD_DIM == BLOCK_D:
+        kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None])  # [BLOCK_D, BLOCK_N]
+        v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
+    else:
+        kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None], mask=tl.trans(kv_mask), other=0.0)
+        v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
+    if MASK == 1:
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+    elif MASK == 2:
+        s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -156,13 +165,13 @@ def _decode_kernel(
         while start < kv_end:
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, INTERPRET)
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
             start += BLOCK_N
     else:
         for start in tl.range(kv_start, kv_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, INTERPRET)
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for an empty context: its output is zeros, as in the reference
@@ -263,19 +272,30 @@ def _prefill_kernel(
     kv_end = tl.minimum(ctx, ctx - n_q + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, n_q))
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
-    # key 0 is visible to every row (q_pos >= 0), so the first tile makes every running max finite
-    if INTERPRET:
-        start = kv_end * 0
+    # keys 0 .. first query's position are visible to every row: whole tiles of them need no mask
+    full_end = (ctx - n_q + q_tile * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+    # the first tile run (masked or not) holds key 0, which every row sees: running max finite
+    if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
+        start = full_end * 0
+        while start < full_end:
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, q_pos,
+                                         qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 0, INTERPRET)
+            start += BLOCK_N
         while start < kv_end:
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, q_pos,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, INTERPRET)
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 2, INTERPRET)
             start += BLOCK_N
     else:
-        for start in tl.range(0, kv_end, BLOCK_N):
+        for start in tl.range(0, full_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, q_pos,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, INTERPRET)
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 0, INTERPRET)
+        for start in tl.range(full_end, kv_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, q_pos,
+                                         qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 2, INTERPRET)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_first + q_idx).to(tl.int64) * stride_ot + heads * stride_oh
@@ -305,6 +325,15 @@ def decode_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
     want = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
     cap = max(1, triton.cdiv(max_context, DECODE_MIN_PARTITION))
     return max(1, min(want, cap, 64))
+
+
+def prefill_config(g_pad: int, block_d: int, max_query_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_N, num_warps, num_stages) of the prefill kernel. A program's rows are
+    BLOCK_Q query tokens x g_pad heads (>= 16 rows for tl.dot); short chunks get smaller tiles."""
+    block_q = max(1, PREFILL_BLOCK_M // g_pad)
+    block_q = min(block_q, max(16 // g_pad, triton.next_power_of_2(max_query_len)))
+    num_warps = PREFILL_NUM_WARPS or (8 if block_q * g_pad * block_d >= 128 * 128 else 4)
+    return block_q, PREFILL_BLOCK_N, num_warps, PREFILL_NUM_STAGES
 
 
 def _interpreting() -> bool:
@@ -388,14 +417,12 @@ def paged_attention(
         return out
 
     g_pad = triton.next_power_of_2(group)
-    block_q = max(1, PREFILL_BLOCK_M // g_pad)
-    block_q = min(block_q, max(16 // g_pad, triton.next_power_of_2(max_query_len)))  # short chunks: smaller tiles
-    num_warps = 8 if block_q * g_pad * block_d >= 128 * 128 else 4
+    block_q, block_n, num_warps, num_stages = prefill_config(g_pad, block_d, max_query_len)
     _prefill_kernel[(triton.cdiv(max_query_len, block_q), B, KVH)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start, out,
         qk_scale, *common_strides,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N, INTERPRET=interpret, num_warps=num_warps, num_stages=2,
+        BLOCK_Q=block_q, BLOCK_N=block_n, INTERPRET=interpret, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
