@@ -109,8 +109,10 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     mn = torch.where(mask, wg, big).amin(-1)  # [N, G]
     mx = torch.where(mask, wg, -big).amax(-1)
     scales = (mx - mn) / qmax
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # constant group: any scale is exact
-    zeros = torch.clamp(torch.round(-mn / scales), 0, qmax)
+    # a constant group: scale |w| (or 1 for zeros) makes it exact with one code step
+    scales = torch.where(scales > 0, scales, torch.where(mn != 0, mn.abs(), torch.ones_like(mn)))
+    # not clamped to 0..qmax: a group that does not span 0 keeps all its levels (zeros are float32)
+    zeros = torch.round(-mn / scales)
     q = torch.round(wg / scales[..., None]) + zeros[..., None]
     codes = torch.clamp(q, 0, qmax).view(N, -1)[:, :K].to(torch.uint8)
     return codes, zeros, scales

@@ -84,10 +84,12 @@ def rope_inv_freq(cfg, head_dim: int) -> tuple[torch.Tensor, float]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+        exps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+        return 1.0 / (theta ** exps), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # llama3, yarn, linear, ...
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    with torch.device("cpu"):  # the model may be built under a meta-device context
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
     return inv_freq.float(), float(scaling)
 
 

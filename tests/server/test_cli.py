@@ -1,0 +1,60 @@
+"""`scaleserve quantize / generate / adapter` as a user runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaleserve.server.cli import main
+
+SCRIPT = Path(sys.executable).with_name("scaleserve")
+
+
+def test_quantize_then_generate_with_adapter(tmp_path, capsys):
+    from conftest import make_hf_checkpoint
+
+    src = make_hf_checkpoint(tmp_path / "hf", "qwen2")
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--method", "bcq", "--group-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "SQNR vs bf16" in out and "base fingerprint:" in out and "MiB int4" in out
+    assert main(["adapter", "identity", str(tmp_path / "q"), str(tmp_path / "id.safetensors"),
+                 "--kind", "alphatuning"]) == 0
+    assert main(["adapter", "inspect", str(tmp_path / "id.safetensors")]) == 0
+    assert '"kind": "alphatuning"' in capsys.readouterr().out
+    args = ["generate", str(tmp_path / "q"), "--prompt", "Once upon a time", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    base = capsys.readouterr().out
+    assert main(args + ["--adapter", str(tmp_path / "id.safetensors")]) == 0
+    assert capsys.readouterr().out == base  # the identity adapter changes nothing
+    assert main(args + ["--temperature", "0.9", "--top-p", "0.9", "--seed", "7"]) == 0
+    first = capsys.readouterr().out
+    assert main(args + ["--temperature", "0.9", "--top-p", "0.9", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == first  # seeded sampling is reproducible
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["quantize", "/nonexistent/model", "/tmp/x"], "does not exist"),
+    (["generate", "/nonexistent/model", "--prompt", "hi"], "does not exist"),
+])
+def test_bad_input_exits_2_with_message(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_bad_group_size_is_rejected(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path), str(tmp_path / "o"), "--group-size", "48"]) == 2
+    assert "group size must be one of" in capsys.readouterr().err
+
+
+def test_adapter_for_another_base(tmp_path, make_tiny_model, capsys):
+    a, b = make_tiny_model("llama", "rtn", 32), make_tiny_model("llama", "rtn", 64)
+    assert main(["adapter", "identity", str(a), str(tmp_path / "a.safetensors"), "--kind", "peqa"]) == 0
+    assert main(["generate", str(b), "--prompt", "x", "--adapter", str(tmp_path / "a.safetensors")]) == 2
+    assert "adapter was made for base" in capsys.readouterr().err
+
+
+def test_console_script(tmp_path):
+    r = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "quantize" in r.stdout and "serve" in r.stdout

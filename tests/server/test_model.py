@@ -1,0 +1,139 @@
+"""The model against Hugging Face transformers, the paged path against the dense path, and mixed
+adapter batches against dense merged references."""
+
+import pytest
+import torch
+from hf_reference import hf_model_with, random_adapter
+
+from scaleserve.adapters.format import identity_adapter, validate
+from scaleserve.adapters.slab import BASE, AdapterSlab
+from scaleserve.kernels.linear import RowAdapters
+from scaleserve.kernels.quant import QuantConfig, dequantize_rtn, quantize_rtn
+from scaleserve.server.batch import Batch
+from scaleserve.server.kv_cache import KVCache
+from scaleserve.server.loader import load_model, quantize_checkpoint
+
+ARCH_CASES = {
+    "llama": {},
+    "llama3-rope-tied": dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": {},
+    "qwen3": {},
+    "mistral": {},
+}
+
+
+def _arch(case):
+    return case.split("-")[0].replace("llama3", "llama")
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_unquantized_path_matches_hf(case, tmp_path):
+    """Weights already on the int4 grid quantize losslessly, so our model must equal HF's on them."""
+    from conftest import make_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    src = make_hf_checkpoint(tmp_path / "hf", _arch(case), **ARCH_CASES[case])
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "proj" in name:
+                p.copy_(dequantize_rtn(*quantize_rtn(p, 4, 32), 32))  # on the grid
+            else:
+                p.copy_(p.bfloat16().float())  # embeddings, norms, biases are stored in bf16
+    hf.save_pretrained(src)
+    quantize_checkpoint(src, tmp_path / "q", QuantConfig("rtn", 4, 32), progress=False)
+    lm = load_model(tmp_path / "q")
+    ids = torch.randint(0, lm.model.args.vocab_size, (2, 13))
+    ours = lm.model.forward_dense(ids, RowAdapters.base(26, "cpu"))
+    ref = hf(ids).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,method,group_size", [
+    ("llama", "rtn", 32), ("llama", "rtn", -1), ("qwen2", "rtn", 128), ("qwen3", "bcq", 64), ("llama", "bcq", 32),
+])
+def test_quantized_matches_hf_with_dequantized_weights(make_tiny_model, arch, method, group_size):
+    lm = load_model(make_tiny_model(arch, method, group_size))
+    ids = torch.randint(0, lm.model.args.vocab_size, (3, 9))
+    rows = RowAdapters.base(27, "cpu", bcq_base=method == "bcq")
+    torch.testing.assert_close(lm.model.forward_dense(ids, rows), hf_model_with(lm)(ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def _run_paged(lm, prompts, refs, slab, block_size=4, chunks=(5,)):
+    """Prefill `prompts` in chunks of the given sizes (then the rest), all sequences in one batch
+    per step, with shuffled KV blocks. Returns each sequence's logits at its last prompt token."""
+    a = lm.model.args
+    kv = KVCache(a.n_layers, 64, block_size, a.n_kv_heads, a.head_dim, torch.float32, "cpu")
+    perm = torch.randperm(63).add(1).tolist()
+    need = [-(-len(p) // block_size) for p in prompts]
+    tables, off = [], 0
+    for n in need:
+        tables.append(perm[off : off + n])
+        off += n
+    done = [0] * len(prompts)
+    last = [None] * len(prompts)
+    sizes = list(chunks)
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        size = sizes.pop(0) if sizes else 10**9
+        live = [i for i, p in enumerate(prompts) if done[i] < len(p)]
+        seqs, counts = [], []
+        for i in live:
+            new = prompts[i][done[i] : done[i] + size]
+            seqs.append((new, done[i], tables[i]))
+            counts.append(len(new))
+        rows = slab.rows([refs[i] for i in live], counts)
+        logits = lm.model(Batch.build(seqs, block_size, rows, "cpu"), kv.k, kv.v)
+        for j, i in enumerate(live):
+            done[i] += counts[j]
+            last[i] = logits[j]
+    return torch.stack(last)
+
+
+def test_paged_chunked_prefill_matches_dense(tiny_lm):
+    lm = tiny_lm
+    slab = AdapterSlab(lm.model, 2, 2, 2)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (1, 7, 12, 4)]
+    got = _run_paged(lm, prompts, [BASE] * 4, slab, chunks=(3, 2))
+    for i, p in enumerate(prompts):
+        ref = lm.model.forward_dense(torch.tensor([p]), RowAdapters.base(len(p), "cpu"))[0, -1]
+        torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["rtn", "bcq"])
+def test_mixed_adapter_batch_matches_dense_merged(make_tiny_model, method):
+    """Rows with PEQA [N,G], PEQA [N], AlphaTuning and the base in one batch, each equal to an HF
+    model with that row's adapter merged."""
+    lm = load_model(make_tiny_model("llama", method, 32))
+    if method == "rtn":
+        adapters = [None, random_adapter(lm, "peqa", "group", 1), random_adapter(lm, "peqa", "channel", 2),
+                    random_adapter(lm, "alphatuning", seed=3), random_adapter(lm, "peqa", "channel", 4), None]
+    else:
+        adapters = [None, random_adapter(lm, "alphatuning", seed=5), random_adapter(lm, "alphatuning", seed=6)]
+    from scaleserve.adapters.format import BaseSpec
+
+    spec = BaseSpec.from_model(lm)
+    slab = AdapterSlab(lm.model, 4, 4, 4)
+    refs = [BASE if x is None else slab.write(validate(x, spec)) for x in adapters]
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (6, 9, 3, 11, 5, 8)][: len(adapters)]
+    got = _run_paged(lm, prompts, refs, slab, chunks=(4,))
+    for i, (p, x) in enumerate(zip(prompts, adapters)):
+        ref = hf_model_with(lm, x)(torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4, msg=f"row {i} ({x and x.kind})")
+
+
+def test_identity_adapters_reproduce_the_base(tiny_lm):
+    lm = tiny_lm
+    from scaleserve.adapters.format import BaseSpec
+
+    spec = BaseSpec.from_model(lm)
+    slab = AdapterSlab(lm.model, 2, 2, 2)
+    idents = [identity_adapter(lm, "peqa"), identity_adapter(lm, "peqa", per_channel=True),
+              identity_adapter(lm, "alphatuning")]
+    refs = [BASE] + [slab.write(validate(x, spec)) for x in idents]
+    p = torch.randint(0, 300, (10,)).tolist()
+    got = _run_paged(lm, [p] * 4, refs, slab)
+    assert torch.equal(got[1], got[0]) and torch.equal(got[2], got[0])  # PEQA identities: bit-exact
+    torch.testing.assert_close(got[3], got[0], rtol=1e-5, atol=1e-5)  # alpha form: other rounding
