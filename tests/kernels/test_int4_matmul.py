@@ -1,0 +1,258 @@
+"""int4_matmul / adapted_linear (kernels.int4_matmul) against adapted_linear_ref.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 on small odd shapes (N, K not multiples
+of the tiles, ragged last group, odd K) with a small tile config; with CUDA the same cases run
+natively (fixed configs), plus Llama-2-7B shapes through the autotuner.
+Every case draws fresh random inputs and poisons the output with NaN before the launch.
+"""
+
+import itertools
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from scaleserve.kernels.int4_matmul import int4_matmul, repack  # noqa: E402
+from scaleserve.kernels.linear import MODE_ALPHA, MODE_CHANNEL, MODE_GROUP, QuantLinear, RowAdapters  # noqa: E402
+from scaleserve.kernels.quant import pack_int4, rtn_to_alphas  # noqa: E402
+from scaleserve.kernels.reference import adapted_linear_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# error bounds relative to max|ref|: elementwise and in Frobenius norm; outputs round to the dtype
+TOL = {
+    torch.float32: dict(elem=1e-4, norm=1e-5),
+    torch.float16: dict(elem=3e-3, norm=1e-3),
+    torch.bfloat16: dict(elem=2e-2, norm=8e-3),
+}
+DISTS = ("distinct", "uniform", "zipf", "identical", "base-only")
+SLOTS = 5  # per slab table, slot 0 = base
+_seed = [4321]
+
+
+def _gen() -> torch.Generator:
+    _seed[0] += 1
+    return torch.Generator().manual_seed(_seed[0])
+
+
+def _tasks(mode: int, bcq: bool) -> list[tuple[int, int, int]]:
+    """(chan, scale, alpha) slot triples a row may carry in this mode; the first is the base."""
+    if bcq:
+        return [(0, 0, a) for a in range(SLOTS)] + [(1, 2, a) for a in range(1, SLOTS)]
+    base = [(0, 0, -1)]
+    chan = [(c, 0, -1) for c in range(1, SLOTS)]
+    group = [(0, s, -1) for s in range(1, SLOTS)]
+    # alpha rows ignore chan_idx / scale_idx: some carry junk there to prove it
+    alpha = [(0, 0, a) for a in range(SLOTS)] + [(a, SLOTS - a, a) for a in range(1, SLOTS)]
+    return {MODE_CHANNEL: base + chan, MODE_GROUP: base + chan + group, MODE_ALPHA: base + chan + group + alpha}[mode]
+
+
+def _row_slots(M: int, dist: str, tasks, g: torch.Generator) -> torch.Tensor:
+    """[M, 3] int32 slot triples drawn with the given popularity distribution."""
+    T = len(tasks)
+    if dist == "distinct":
+        perm = torch.randperm(T, generator=g)
+        pick = perm[torch.arange(M) % T]
+    elif dist == "uniform":
+        pick = torch.randint(0, T, (M,), generator=g)
+    elif dist == "zipf":
+        p = 1.0 / torch.arange(1, T + 1).double() ** 1.2
+        pick = torch.randperm(T, generator=g)[torch.multinomial(p, M, replacement=True, generator=g)]
+    elif dist == "identical":
+        pick = torch.full((M,), int(torch.randint(1 if T > 1 else 0, T, (1,), generator=g)))
+    elif dist == "base-only":
+        pick = torch.zeros(M, dtype=torch.long)
+    else:
+        raise ValueError(dist)
+    return torch.tensor(tasks, dtype=torch.int32)[pick]
+
+
+def make_case(M, N, K, group_size, bits, mode, dist, dtype, bcq=False, bias=False, device=DEVICE):
+    g = _gen()
+    G = 1 if group_size == -1 else math.ceil(K / group_size)
+    qmax = 2**bits - 1
+    codes = torch.randint(0, qmax + 1, (N, K), generator=g, dtype=torch.uint8)
+    t = dict(codes=codes, group_size=group_size, bits=bits)
+    if bcq:
+        t["zeros"] = t["base_scales"] = t["scales"] = None
+        alphas = (torch.rand(SLOTS, bits, N, G, generator=g) + 0.1) * 0.02
+        betas = torch.randn(SLOTS, N, G, generator=g) * 0.02
+    else:
+        t["zeros"] = torch.randint(0, qmax + 1, (N, G), generator=g).float()
+        t["base_scales"] = (torch.rand(N, G, generator=g) + 0.5) * 0.02
+        scales = t["base_scales"] * (0.7 + 0.6 * torch.rand(SLOTS, N, G, generator=g))
+        scales[0] = t["base_scales"]
+        t["scales"] = scales
+        a0, b0 = rtn_to_alphas(t["zeros"], t["base_scales"], bits)
+        alphas = a0 * (0.7 + 0.6 * torch.rand(SLOTS, bits, N, G, generator=g))
+        betas = b0 + 0.01 * torch.randn(SLOTS, N, G, generator=g)
+        alphas[0], betas[0] = a0, b0
+    chan = 0.7 + 0.6 * torch.rand(SLOTS, N, generator=g)
+    chan[0] = 1.0
+    t.update(chan=chan, alphas=alphas, betas=betas)
+    t["bias"] = torch.randn(N, generator=g) if bias else None
+    t["x"] = torch.randn(M, K, generator=g).to(dtype)
+    slots = _row_slots(M, dist, _tasks(mode, bcq), g)
+    t["chan_idx"], t["scale_idx"], t["alpha_idx"] = (slots[:, i].contiguous() for i in range(3))
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+
+
+def reference(t) -> torch.Tensor:
+    return adapted_linear_ref(
+        t["x"].float(), t["codes"], t["zeros"], t["group_size"], t["chan"], t["scales"], t["alphas"], t["betas"],
+        t["chan_idx"], t["scale_idx"], t["alpha_idx"], None if t["bias"] is None else t["bias"].float())
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert y.dtype == dtype
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) or NaN outputs"
+    err = (y.float() - ref).abs()
+    scale = ref.abs().max().clamp_min(1e-6)
+    tol = TOL[dtype]
+    assert err.max() <= tol["elem"] * scale, f"max err {err.max():.3g} vs max|ref| {scale:.3g}"
+    rel = (y.float() - ref).norm() / ref.norm().clamp_min(1e-6)
+    assert rel <= tol["norm"], f"relative Frobenius error {rel:.3g}"
+
+
+def run_kernel(t, mode, config=None, n_major=False):
+    packed = pack_int4(t["codes"])
+    K = t["codes"].shape[1]
+    w = repack(packed, K, t["zeros"], t["base_scales"], t["group_size"], t["bits"])
+    scales, alphas, betas = t["scales"], t["alphas"], t["betas"]
+    if n_major:  # the layout adapted_linear hands the kernel: unit stride along N
+        nm = lambda a: None if a is None else a.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
+        scales, alphas, betas = nm(scales), nm(alphas), nm(betas)
+    M, N = t["x"].shape[0], t["codes"].shape[0]
+    out = torch.full((M, N), float("nan"), dtype=t["x"].dtype, device=t["x"].device)
+    y = int4_matmul(t["x"], w, t["chan"], scales, alphas, betas, t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode,
+                    bias=t["bias"], config=config, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+# --- small odd shapes (interpreter on CPU; natively on CUDA) ---------------------------------
+
+SHAPE_FOR_GROUP = {-1: (80, 131), 32: (72, 200), 128: (48, 300)}  # (N, K): ragged last group, odd K
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _cases():
+    """Every mode x M x group size once; distribution, dtype and split-K rotate through the cases."""
+    out = []
+    for i, (mode, M, gs) in enumerate(itertools.product((1, 2, 3), (1, 3, 16, 33), (-1, 32, 128))):
+        dist = DISTS[i % len(DISTS)]
+        dtype = DTYPES[i % len(DTYPES)] if i % 4 else torch.bfloat16
+        split = (1, 3, 2)[i % 3]
+        out.append(pytest.param(mode, M, gs, dist, dtype, split, id=f"m{mode}-M{M}-g{gs}-{dist}-{str(dtype)[6:]}-sk{split}"))
+    return out
+
+
+@pytest.mark.parametrize("mode,M,gs,dist,dtype,split", _cases())
+def test_modes_small(mode, M, gs, dist, dtype, split):
+    N, K = SHAPE_FOR_GROUP[gs]
+    t = make_case(M, N, K, gs, 4, mode, dist, dtype, bias=(M == 3))
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": split}
+    check(run_kernel(t, mode, cfg, n_major=(M % 2 == 1)), reference(t), dtype)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_alpha_mode_mixed_distributions(dist):
+    """Mode 3 serving AlphaTuning, per-channel and group PEQA and base rows in one batch."""
+    t = make_case(33, 40, 160, 32, 4, MODE_ALPHA, dist, torch.bfloat16)
+    check(run_kernel(t, MODE_ALPHA, {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}), reference(t), torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", (1, 2, 3))
+def test_three_bit_codes(mode):
+    t = make_case(5, 40, 130, 64, 3, mode, "uniform", torch.float16)
+    check(run_kernel(t, mode, {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}), reference(t), torch.float16)
+
+
+@pytest.mark.parametrize("gs", (-1, 128))
+def test_bcq_base(gs):
+    """A bcq base has no zero points: every row is an alpha row (slot 0 = the base)."""
+    t = make_case(17, 40, 259, gs, 4, MODE_ALPHA, "zipf", torch.bfloat16, bcq=True, bias=True)
+    check(run_kernel(t, MODE_ALPHA, {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}), reference(t), torch.bfloat16)
+
+
+def _layer_from_case(t, K, N, gs, bits):
+    layer = QuantLinear(K, N, bits, gs, "rtn", bias=t["bias"] is not None, device=t["x"].device)
+    layer.packed.copy_(pack_int4(t["codes"]))
+    layer.zeros.copy_(t["zeros"])
+    layer.scales.copy_(t["base_scales"])
+    if t["bias"] is not None:
+        layer.bias.copy_(t["bias"])
+    layer.slab_chan = t["chan"].clone()
+    layer.slab_scales = t["scales"].clone()  # [Sg, N, G], G contiguous as AdapterSlab allocates it
+    layer.slab_alphas, layer.slab_betas = t["alphas"].clone(), t["betas"].clone()
+    return layer
+
+
+def test_adapted_linear_layer_and_slab_refresh():
+    """QuantLinear entry point: repack at first use, N-major slab copy refreshed on in-place writes."""
+    from scaleserve.kernels.int4_matmul import adapted_linear
+
+    M, N, K, gs = 9, 48, 200, 64
+    t = make_case(M, N, K, gs, 4, MODE_ALPHA, "uniform", torch.bfloat16, bias=True)
+    layer = _layer_from_case(t, K, N, gs, 4)
+    rows = RowAdapters(t["chan_idx"], t["scale_idx"], t["alpha_idx"], MODE_ALPHA)
+    check(adapted_linear(layer, t["x"], rows), reference(t), torch.bfloat16)
+    assert layer._kernel_state is not None
+    # write a new adapter into slots 2 in place (as AdapterSlab.copy_into does): picked up next call
+    g = _gen()
+    new_scales = t["base_scales"] * (0.5 + torch.rand(N, layer.num_groups, generator=g).to(t["x"].device))
+    layer.slab_scales[2] = new_scales
+    t["scales"][2] = new_scales
+    layer.slab_alphas[2] *= 1.3
+    t["alphas"][2] *= 1.3
+    rows2 = RowAdapters(t["chan_idx"], t["scale_idx"], t["alpha_idx"], MODE_ALPHA)
+    check(adapted_linear(layer, t["x"], rows2), reference(t), torch.bfloat16)
+    layer.invalidate_caches()
+    assert layer._kernel_state is None
+
+
+def test_channel_and_group_mode_through_layer():
+    from scaleserve.kernels.int4_matmul import adapted_linear
+
+    M, N, K, gs = 4, 40, 96, 32
+    for mode in (MODE_CHANNEL, MODE_GROUP):
+        t = make_case(M, N, K, gs, 4, mode, "distinct", torch.float16)
+        layer = _layer_from_case(t, K, N, gs, 4)
+        check(adapted_linear(layer, t["x"], RowAdapters(t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode)),
+              reference(t), torch.float16)
+
+
+def test_rejects_bad_shapes():
+    t = make_case(2, 40, 64, 32, 4, MODE_GROUP, "uniform", torch.float16)
+    w = repack(pack_int4(t["codes"]), 64, t["zeros"], t["base_scales"], 32)
+    with pytest.raises(ValueError):
+        int4_matmul(t["x"][:, :63], w, t["chan"], t["scales"], None, None, t["chan_idx"], t["scale_idx"],
+                    t["alpha_idx"], MODE_GROUP)
+    with pytest.raises(ValueError):
+        repack(pack_int4(t["codes"]), 61, t["zeros"], t["base_scales"], 32)
+
+
+# --- CUDA: Llama-2-7B shapes through the autotuner ---------------------------------------------
+
+LLAMA7B = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", list(LLAMA7B))
+@pytest.mark.parametrize("M", (1, 16, 64, 256))
+@pytest.mark.parametrize("mode", (1, 2, 3))
+def test_llama7b_shapes(shape, M, mode):
+    K, N = LLAMA7B[shape]
+    gs = 128 if (M + mode) % 2 else -1
+    dist = ("distinct", "zipf", "uniform")[mode - 1]
+    t = make_case(M, N, K, gs, 4, mode, dist, torch.bfloat16, bias=(shape == "qkv"))
+    check(run_kernel(t, mode, n_major=True), reference(t), torch.bfloat16)
+    if M == 16:  # the other 16-bit dtype too
+        t = make_case(M, N, K, gs, 4, mode, dist, torch.float16)
+        check(run_kernel(t, mode, n_major=True), reference(t), torch.float16)
