@@ -6,10 +6,24 @@ Three tables per linear, each with its own capacity, because the adapters differ
   alphas [Sa, b, N, G]  AlphaTuning alphas, betas [Sa, N, G] (slot 0 = the base in alpha form)
 An adapter lives in one slot of one table (SlotRef). A sequence's rows carry the three indices
 (kernels.linear.RowAdapters); every layer reads the same indices, so one load serves all layers.
+
+Two tiers, both least-recently-used, keyed by an opaque hashable key (the registry uses
+(tenant, name, version)):
+  GPU tier   the slots above; acquire(key, adapter) pins a slot, unpin(key) releases the pin.
+             A pinned slot (a running request reads it) is never evicted or overwritten.
+  host tier  up to `host_slots` adapters pre-flattened into one (pinned, on CUDA) staging buffer
+             each, so a GPU load is exactly one host->device copy. Host buffers are never read by
+             a running step (the copy finishes before the step that uses the slot), so evicting
+             them needs no pins.
+Device writes happen only in acquire/write/copy_into: call them from the engine thread, between
+steps. retire/unpin only move slot indices between lists (no device work), so they are safe from
+any thread.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +53,16 @@ class SlabFull(RuntimeError):
     pass
 
 
+@dataclass
+class _Slot:
+    ref: SlotRef
+    pins: int = 0
+    retired: bool = False  # a newer version replaced it / it was deleted: free at the last unpin
+
+
 class AdapterSlab:
-    def __init__(self, model, chan_slots: int = 64, group_slots: int = 4, alpha_slots: int = 16):
+    def __init__(self, model, chan_slots: int = 64, group_slots: int = 4, alpha_slots: int = 16,
+                 host_slots: int = 0):
         self.model = model
         self.layers: dict[str, QuantLinear] = model.quant_linears()
         first = next(iter(self.layers.values()))
@@ -64,6 +86,13 @@ class AdapterSlab:
             m.slab_alphas[0], m.slab_betas[0] = a, beta
             m.invalidate_caches()
         self._free = {t: list(range(self.capacity[t] - 1, 0, -1)) for t in TABLES}
+        self.chan_dtype = chan_dtype
+        self.host_slots = host_slots
+        self._lock = threading.RLock()
+        self._slots: OrderedDict = OrderedDict()  # key -> _Slot, least recently used first
+        self._host: OrderedDict = OrderedDict()  # key -> flat staging buffer, least recently used first
+        self.loads = 0  # host->device adapter copies so far
+        self.host_hits = 0
 
     def table_for(self, adapter: Adapter) -> str:
         return _TABLE_OF[adapter.granularity]
@@ -74,23 +103,45 @@ class AdapterSlab:
     def write(self, adapter: Adapter) -> SlotRef:
         """Copy a validated adapter into a free slot of its table. Call between engine steps."""
         table = self.table_for(adapter)
-        if not self._free[table]:
-            raise SlabFull(f"no free {table} slot ({self.capacity[table] - 1} in all)")
-        ref = SlotRef(table, self._free[table].pop())
+        with self._lock:
+            if not self._free[table]:
+                raise SlabFull(f"no free {table} slot ({self.capacity[table] - 1} in all)")
+            ref = SlotRef(table, self._free[table].pop())
         self.copy_into(ref, adapter)
         return ref
 
-    def copy_into(self, ref: SlotRef, adapter: Adapter) -> None:
-        # One staged host->device transfer: every layer's tensors in one pinned buffer.
-        host = torch.cat([t.reshape(-1).float() for _, t in sorted(adapter.tensors.items())])
+    def stage(self, adapter: Adapter, key=None) -> torch.Tensor:
+        """The adapter's tensors flattened (sorted by name) into one host buffer, pinned on CUDA.
+        With a key, the buffer is cached in the host tier (LRU, `host_slots` entries)."""
+        if key is not None:
+            with self._lock:
+                buf = self._host.get(key)
+                if buf is not None:
+                    self._host.move_to_end(key)
+                    self.host_hits += 1
+                    return buf
+        # per-channel multipliers travel in the chan table's dtype (fp16 on CUDA): half the bytes
+        dtype = self.chan_dtype if self.table_for(adapter) == "chan" else torch.float32
+        buf = torch.cat([t.reshape(-1).to(dtype) for _, t in sorted(adapter.tensors.items())])
         if self.device.type == "cuda":
-            host = host.pin_memory()
+            buf = buf.pin_memory()
+        if key is not None and self.host_slots > 0:
+            with self._lock:
+                self._host[key] = buf
+                while len(self._host) > self.host_slots:
+                    self._host.popitem(last=False)
+        return buf
+
+    def copy_into(self, ref: SlotRef, adapter: Adapter, key=None) -> None:
+        # One staged host->device transfer: every layer's tensors in one (pinned) buffer.
+        host = self.stage(adapter, key)
         dev = host.to(self.device, non_blocking=True)
+        self.loads += 1
         off = 0
         for key, t in sorted(adapter.tensors.items()):
             mod, _, suf = key.rpartition(".")
             m = self.layers[mod]
-            chunk = dev[off : off + t.numel()].view(t.shape)
+            chunk = dev[off : off + t.numel()].view(t.shape)  # copy_ below casts to the table dtype
             off += t.numel()
             if suf == "scales" and ref.table == "chan":
                 m.slab_chan[ref.index] = chunk
@@ -107,9 +158,81 @@ class AdapterSlab:
     def release(self, ref: SlotRef) -> None:
         if ref.is_base:
             return
-        if ref.index in self._free[ref.table]:
-            raise ValueError(f"slot {ref} released twice")
-        self._free[ref.table].append(ref.index)
+        with self._lock:
+            if ref.index in self._free[ref.table]:
+                raise ValueError(f"slot {ref} released twice")
+            self._free[ref.table].append(ref.index)
+
+    # --- keyed residency: LRU over both tiers, pins ------------------------------------------
+
+    def acquire(self, key, adapter: Adapter) -> SlotRef:
+        """Make `adapter` (identified by `key`) resident and pin it. Engine thread, between steps.
+        Evicts the least recently used unpinned slot of its table if none is free; SlabFull if
+        every slot of the table is pinned."""
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is not None:  # a retired slot still holds valid data for requests admitted before
+                self._slots.move_to_end(key)
+                slot.pins += 1
+                return slot.ref
+            table = self.table_for(adapter)
+            if not self._free[table]:
+                victim = next((k for k, s in self._slots.items()
+                               if s.pins == 0 and s.ref.table == table), None)
+                if victim is None:
+                    raise SlabFull(f"every {table} slot ({self.capacity[table] - 1}) is in use by a running request")
+                self._free[table].append(self._slots.pop(victim).ref.index)
+            ref = SlotRef(table, self._free[table].pop())
+        try:
+            self.copy_into(ref, adapter, key)
+        except BaseException:
+            self.release(ref)
+            raise
+        with self._lock:
+            self._slots[key] = _Slot(ref, pins=1)
+        return ref
+
+    def unpin(self, key) -> None:
+        """Drop one pin; a retired slot is freed when its last pin goes."""
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                return
+            slot.pins = max(0, slot.pins - 1)
+            if slot.pins == 0 and slot.retired:
+                del self._slots[key]
+                self._free[slot.ref.table].append(slot.ref.index)
+
+    def retire(self, key) -> None:
+        """The key will not be acquired again (new version, deleted): free its slot now if unpinned,
+        else at the last unpin; drop its host buffer."""
+        with self._lock:
+            self._host.pop(key, None)
+            slot = self._slots.get(key)
+            if slot is None:
+                return
+            slot.retired = True
+            if slot.pins == 0:
+                del self._slots[key]
+                self._free[slot.ref.table].append(slot.ref.index)
+
+    def is_resident(self, key) -> bool:
+        with self._lock:
+            s = self._slots.get(key)
+            return s is not None and not s.retired
+
+    def pins(self, key) -> int:
+        with self._lock:
+            s = self._slots.get(key)
+            return 0 if s is None else s.pins
+
+    def in_host_cache(self, key) -> bool:
+        with self._lock:
+            return key in self._host
+
+    def resident_keys(self) -> list:
+        with self._lock:
+            return [k for k, s in self._slots.items() if not s.retired]
 
     def row_indices(self, ref: SlotRef) -> tuple[int, int, int]:
         """(chan_idx, scale_idx, alpha_idx) of one sequence's rows."""
