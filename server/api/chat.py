@@ -1,0 +1,138 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, then the same engine path as completions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..auth import Tenant, get_tenant
+from ..schemas import ChatCompletionRequest, ErrorResponse
+from .common import (SSE_DONE, SSE_HEADERS, APIError, check_prompt, collect, finish_error, next_output, release,
+                     resolve_model, sampling_params, sse, submit, token_text, usage)
+
+router = APIRouter(tags=["openai"])
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 429, 503)}
+
+
+def _content(c) -> str:
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    parts = []
+    for p in c:  # OpenAI content parts: only text is understood
+        if p.get("type") != "text" or not isinstance(p.get("text"), str):
+            raise APIError(400, "messages: only text content parts are supported", "messages", "invalid_value")
+        parts.append(p["text"])
+    return "".join(parts)
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    msgs = [{"role": m.role if m.role != "developer" else "system", "content": _content(m.content)}
+            for m in messages]
+    if getattr(tok, "chat_template", None) is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "unsupported")
+    try:
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except Exception as e:  # a template may reject some role sequences
+        raise APIError(400, f"messages: the chat template rejected them ({e})", "messages", "invalid_value") \
+            from None
+    return list(out["input_ids"])
+
+
+def _lp_entry(tok, token_id: int, logprob: float) -> dict:
+    s = token_text(tok, token_id)
+    return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
+
+
+def logprobs_content(tok, outs) -> list[dict]:
+    items = []
+    for out in outs:
+        for lp in out.logprobs or ():
+            e = _lp_entry(tok, lp.token_id, lp.logprob)
+            e["top_logprobs"] = [_lp_entry(tok, t, v) for t, v in lp.top]
+            items.append(e)
+    return items
+
+
+@router.post("/v1/chat/completions", responses=ERRORS)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 tenant: Tenant = Depends(get_tenant)):
+    st = request.app.state
+    adapter, label = resolve_model(request, tenant, body.model)
+    tok = st.lm.tokenizer
+    ids = chat_prompt_ids(tok, body.messages)
+    max_tokens = check_prompt(request, ids, body.max_completion_tokens or body.max_tokens, "messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    params = sampling_params(body, max_tokens, logprobs)
+    sub = submit(request, tenant, body.model, adapter, label, ids, params)
+    rid, created = f"chatcmpl-{sub.seq.request_id}", int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(request, sub, rid, created, body.model, include_usage, tok),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    status = 200
+    try:
+        outs, last = await collect(request, sub)
+        err = finish_error(last)
+        if err is not None:
+            status = err.status
+            raise err
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+                         "logprobs": {"content": logprobs_content(tok, outs)} if logprobs is not None else None,
+                         "finish_reason": last.finish_reason}],
+            "usage": usage(last),
+        })
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        release(request, sub, status)
+
+
+async def _stream(request, sub, rid, created, model, include_usage, tok):
+    status = 200
+    want_lp = sub.seq.params.logprobs is not None
+
+    def chunk(delta: dict, finish=None, lp=None) -> dict:
+        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": None,
+             "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+        if include_usage:
+            c["usage"] = None
+        return c
+
+    try:
+        yield sse(chunk({"role": "assistant", "content": ""}))
+        while True:
+            out = await next_output(sub)
+            err = finish_error(out)
+            if err is not None:
+                status = err.status
+                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+                break
+            lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
+            if out.text or lp:
+                yield sse(chunk({"content": out.text}, lp=lp))
+            if out.finished:
+                yield sse(chunk({}, finish=out.finish_reason))
+                if include_usage:
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "system_fingerprint": None, "choices": [], "usage": usage(out)})
+                break
+        yield SSE_DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        status = 499
+        raise
+    finally:
+        release(request, sub, status, stream=True)

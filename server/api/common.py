@@ -1,0 +1,263 @@
+"""Shared plumbing of the generation routes: OpenAI-shaped errors, model resolution, admission
+(queue bound, per-tenant limit, context check), and the bridge from the engine thread to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scaleserve.adapters.registry import AdapterNotFound
+
+from ..engine import StepOutput
+from ..scheduler import SamplingParams, Sequence
+
+request_log = logging.getLogger("scaleserve.requests")
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, param=None, code=None, type=None) -> dict:
+    return {"error": {"message": message, "type": type or _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code, e.type), status_code=e.status,
+                        headers=e.headers)
+
+
+def _metrics(request: Request):
+    return getattr(request.app.state, "metrics", None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        m = _metrics(request)
+        if m:
+            m.error(e.code or e.type)
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+        msg = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid request')}"
+        m = _metrics(request)
+        if m:
+            m.error("invalid_request")
+        return JSONResponse(error_body(400, msg, ".".join(loc) or None, "invalid_request"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        m = _metrics(request)
+        if m and e.status_code >= 400:
+            m.error(f"http_{e.status_code}")
+        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+        return JSONResponse(error_body(e.status_code, detail), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        m = _metrics(request)
+        if m:
+            m.error("internal")
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}", code="internal_error"),
+                            status_code=500)
+
+
+# --- model names -> adapters ----------------------------------------------------------------------
+
+
+def base_model_name(app) -> str:
+    return app.state.served_model_name
+
+
+def resolve_model(request: Request, tenant, model: str):
+    """-> (AdapterVersion or None for the base, label). 404 in OpenAI's shape for an unknown name."""
+    if model == base_model_name(request.app):
+        return None, "base"
+    try:
+        av = request.app.state.registry.resolve(tenant.name, model)
+    except AdapterNotFound:
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.", "model",
+                       "model_not_found") from None
+    return av, model
+
+
+# --- admission -------------------------------------------------------------------------------------
+
+
+def sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    seed = req.seed if req.seed is not None else random.getrandbits(62)
+    stops = req.stop_list()
+    if len(stops) > 4:
+        raise APIError(400, "stop: at most 4 stop sequences", "stop", "invalid_value")
+    if any(not s for s in stops):
+        raise APIError(400, "stop: stop sequences must be non-empty", "stop", "invalid_value")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
+        stop=stops, stop_token_ids=frozenset(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs)
+
+
+def check_prompt(request: Request, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
+    """Validate the prompt against vocab and context; -> the effective max_tokens."""
+    engine = request.app.state.engine
+    if not prompt_ids:
+        raise APIError(400, f"{param}: the prompt is empty", param, "invalid_value")
+    vocab = engine.vocab
+    if any(not (0 <= t < vocab) for t in prompt_ids):
+        raise APIError(400, f"{param}: token ids must be in [0, {vocab})", param, "invalid_value")
+    limit = engine.max_tokens_capacity()
+    n = len(prompt_ids)
+    if max_tokens is None:
+        max_tokens = limit - n
+        if max_tokens < 1:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                           f"{n} tokens, leaving no room for a completion.", param, "context_length_exceeded")
+    elif n + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
+                       f"Please reduce the length of the prompt or max_tokens.", "max_tokens",
+                       "context_length_exceeded")
+    return max_tokens
+
+
+@dataclass
+class Submitted:
+    seq: Sequence
+    queue: asyncio.Queue
+    model: str
+    tenant: str
+    started: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+
+def submit(request: Request, tenant, model: str, adapter, adapter_label: str, prompt_ids: list[int],
+           params: SamplingParams) -> Submitted:
+    """Admission control, then hand the sequence to the engine. 429 / 503 as OpenAI clients expect."""
+    st = request.app.state
+    if st.draining or not st.ready:
+        raise APIError(503, "the server is shutting down" if st.draining else "the server is starting up",
+                       code="unavailable", headers={"Retry-After": "1"})
+    engine = st.engine
+    if engine.num_waiting >= st.settings.max_waiting:
+        raise APIError(429, f"the request queue is full ({st.settings.max_waiting} waiting); retry later",
+                       code="queue_full", headers={"Retry-After": "1"})
+    per_tenant = st.tenant_inflight
+    if per_tenant.get(tenant.name, 0) >= st.settings.tenant_max_concurrent:
+        raise APIError(429, f"tenant {tenant.name!r} has {st.settings.tenant_max_concurrent} requests in flight; "
+                       f"retry later", code="tenant_concurrency_limit", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(out: StepOutput, _put=queue.put_nowait):
+        try:
+            loop.call_soon_threadsafe(_put, out)
+        except RuntimeError:  # loop closed
+            pass
+
+    rid = uuid.uuid4().hex[:24]
+    seq = Sequence(rid, prompt_ids, params, adapter=adapter, adapter_name=adapter_label, tenant=tenant.name,
+                   sink=sink)
+    per_tenant[tenant.name] = per_tenant.get(tenant.name, 0) + 1
+    st.inflight += 1
+    if st.metrics:
+        st.metrics.count_adapter_request(adapter_label)
+    engine.add(seq)
+    return Submitted(seq, queue, model, tenant.name)
+
+
+def release(request: Request, sub: Submitted, status: int = 200, stream: bool = False) -> None:
+    """Bookkeeping at the end of a request (normal, error or disconnect): abort if still running,
+    free the tenant slot, log one structured line."""
+    st = request.app.state
+    if not sub.finished:  # disconnect or error before the end: free its KV blocks next step
+        st.engine.abort(sub.seq)
+    n = st.tenant_inflight.get(sub.tenant, 1) - 1
+    if n <= 0:
+        st.tenant_inflight.pop(sub.tenant, None)
+    else:
+        st.tenant_inflight[sub.tenant] = n
+    st.inflight -= 1
+    seq = sub.seq
+    ttft = None if seq.first_token_at is None else round(seq.first_token_at - seq.arrival, 4)
+    request_log.info(json.dumps({
+        "event": "request", "id": seq.request_id, "tenant": sub.tenant, "model": sub.model,
+        "adapter": seq.adapter_name, "adapter_version": getattr(seq.adapter, "version", None),
+        "prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
+        "finish_reason": seq.finish_reason or "disconnect", "status": status, "stream": stream,
+        "ttft_s": ttft, "latency_s": round(time.monotonic() - seq.arrival, 4),
+        "preemptions": seq.num_preemptions}))
+
+
+async def next_output(sub: Submitted) -> StepOutput:
+    out = await sub.queue.get()
+    if out.finished:
+        sub.finished = True
+    return out
+
+
+async def collect(request: Request, sub: Submitted) -> tuple[list[StepOutput], StepOutput]:
+    """Wait for the whole sequence (non-streaming); aborts it if the client goes away."""
+    outs = []
+    while True:
+        try:
+            out = await asyncio.wait_for(next_output(sub), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected") from None
+            continue
+        outs.append(out)
+        if out.finished:
+            return outs, out
+
+
+def finish_error(out: StepOutput) -> APIError | None:
+    if out.finish_reason == "error":
+        return APIError(500, f"generation failed: {out.error}", code="engine_error")
+    if out.finish_reason == "abort":
+        return APIError(503, "the request was cancelled: the server is shutting down", code="unavailable")
+    return None
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def usage(out: StepOutput) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def token_text(tok, token_id: int) -> str:
+    return tok.decode([token_id])

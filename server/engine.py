@@ -1,0 +1,526 @@
+"""The engine: one thread that runs the model step after step over a continuously changing batch.
+
+Threads: HTTP handlers (asyncio) call Engine.add / Engine.abort, which only touch a locked inbox.
+The engine thread owns the scheduler, the KV cache and the adapter slab: each step it
+  1. takes new requests and aborts from the inbox (aborted sequences free their KV blocks now),
+  2. schedules (scheduler.Scheduler: decode + chunked prefill under a token budget),
+  3. builds the step's tensors with one host->device copy (numpy, no per-token Python on decode),
+  4. runs the model: eagerly, or on CUDA for pure-decode steps by replaying a CUDA graph captured
+     per (padded batch-size bucket, RowAdapters.mode),
+  5. samples every row at once (sampler.sample; counter-based noise, so seeded output does not
+     depend on the batch), moves the tokens to the host once,
+  6. appends tokens, detokenizes incrementally, applies stop conditions, and hands each
+     sequence's StepOutput to its sink (main.py: loop.call_soon_threadsafe into an asyncio queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from scaleserve.adapters.slab import BASE
+from scaleserve.kernels.linear import RowAdapters
+
+from .batch import Batch
+from .generate import eos_ids
+from .kv_cache import KVCache
+from .sampler import SamplingTensors, sample
+from .scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BLOCKS = 2048
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence (handed to Sequence.sink on the engine thread)."""
+
+    token_ids: list[int]
+    text: str  # new text (stop strings cut, a possible stop-string prefix held back until resolved)
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+# --- incremental detokenization --------------------------------------------------------------
+
+
+def detokenize_step(tok, seq: Sequence) -> str:
+    """New text of seq.output_ids since the last call. Decodes a short window of tokens, so multi-token
+    characters come out whole (a trailing U+FFFD means "wait for the next token")."""
+    ids = seq.output_ids
+    prefix = tok.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+    full = tok.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return full[len(prefix) :]
+    return ""
+
+
+def cut_stop(seq: Sequence, delta: str, stops: list[str], final: bool) -> tuple[str, bool]:
+    """-> (text to emit now, whether a stop string matched). Withholds a suffix that could still grow
+    into a stop string; `final` flushes it."""
+    pending = seq.held + delta
+    if not stops:
+        seq.held = ""
+        return pending, False
+    window = seq.text[-(max(len(s) for s in stops) - 1) :] if len(seq.text) else ""
+    hay = window + pending
+    best = -1
+    for s in stops:
+        i = hay.find(s)
+        if i >= 0 and (best < 0 or i < best):
+            best = i
+    if best >= 0:
+        seq.held = ""
+        return pending[: max(0, best - len(window))], True
+    if final:
+        seq.held = ""
+        return pending, False
+    hold = 0
+    for s in stops:  # longest suffix of hay that is a proper prefix of a stop string
+        for k in range(min(len(s) - 1, len(hay)), hold, -1):
+            if hay.endswith(s[:k]):
+                hold = k
+                break
+    hold = min(hold, len(pending))
+    seq.held = pending[len(pending) - hold :] if hold else ""
+    return pending[: len(pending) - hold], False
+
+
+# --- CUDA graphs for decode ------------------------------------------------------------------
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    b = [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))
+    return sorted({x for x in b if x < max_num_seqs} | {max_num_seqs})
+
+
+class DecodeGraphs:
+    """Static input buffers and lazily captured graphs of the model's decode step, keyed by
+    (batch bucket, rows.mode). Padded rows: token 0, slot -1 (writes nothing), block 0, context 0,
+    base adapter row."""
+
+    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device):
+        self.model, self.kv = model, kv
+        self.buckets = graph_buckets(max_bs)
+        self.max_bs, self.width = self.buckets[-1], width
+        B, dev = self.max_bs, device
+        self.tokens = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.slots = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(B, width, dtype=torch.int32, device=dev)
+        self.rows = torch.zeros(3, B, dtype=torch.int32, device=dev)
+        self.query_start = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.logits_index = torch.arange(B, dtype=torch.int64, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket(self, n: int) -> int | None:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    def batch(self, b: int, mode: int) -> Batch:
+        rows = RowAdapters(self.rows[0, :b], self.rows[1, :b], self.rows[2, :b], mode)
+        return Batch(self.tokens[:b], self.positions[:b], self.slots[:b], self.block_tables[:b],
+                     self.seq_lens[:b], self.query_start[: b + 1], self.logits_index[:b], rows, 1)
+
+    def load(self, b: int, staged: torch.Tensor) -> None:
+        """staged: int64 [b * (7 + width)] on the device, laid out as Engine._pack_decode writes it."""
+        o = 0
+        for dst in (self.tokens, self.positions, self.slots):
+            dst[:b].copy_(staged[o : o + b])
+            o += b
+        self.seq_lens[:b].copy_(staged[o : o + b])
+        o += b
+        self.rows[:, :b].copy_(staged[o : o + 3 * b].view(3, b))
+        o += 3 * b
+        self.block_tables[:b].copy_(staged[o : o + b * self.width].view(b, self.width))
+
+    def run(self, b: int, mode: int) -> torch.Tensor:
+        key = (b, mode)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(b, mode)
+            self.graphs[key] = entry
+        entry[0].replay()
+        return entry[1]
+
+    def _capture(self, b: int, mode: int):
+        t0 = time.perf_counter()
+        batch = self.batch(b, mode)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: Triton compiles and autotunes outside the capture
+            for _ in range(2):
+                self.model(batch, self.kv.k, self.kv.v)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            logits = self.model(batch, self.kv.k, self.kv.v)
+        self.pool = g.pool()
+        log.info("captured decode graph batch=%d mode=%d in %.2f s", b, mode, time.perf_counter() - t0)
+        return g, logits
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, lm, slab, registry, settings, metrics=None):
+        self.lm, self.slab, self.registry, self.settings, self.metrics = lm, slab, registry, settings, metrics
+        model = lm.model
+        a = model.args
+        self.device = lm.device
+        self.vocab = a.vocab_size
+        self.block_size = settings.kv_block_size
+        self.max_model_len = min(settings.max_model_len or a.max_position_embeddings, a.max_position_embeddings)
+        self.width = -(-self.max_model_len // self.block_size)
+        dtype = model.embed.weight.dtype
+        per_block = KVCache.bytes_per_block(a.n_layers, self.block_size, a.n_kv_heads, a.head_dim, dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = int(free * settings.kv_cache_memory_fraction) // per_block
+            if settings.kv_cache_max_blocks:
+                num_blocks = min(num_blocks, settings.kv_cache_max_blocks)
+        else:
+            num_blocks = settings.kv_cache_max_blocks or CPU_DEFAULT_KV_BLOCKS
+        self.kv = KVCache(a.n_layers, max(2, num_blocks + 1), self.block_size, a.n_kv_heads, a.head_dim, dtype,
+                          self.device)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.kv.num_blocks, self.block_size,
+                 self.kv.num_blocks * per_block / 2**20)
+        self.scheduler = Scheduler(self.kv.allocator, self.block_size, settings.max_num_seqs,
+                                   settings.max_num_batched_tokens, registry)
+        self.eos = frozenset(eos_ids(lm))
+        self.tokenizer = lm.tokenizer
+        self.linears = list(model.quant_linears().values())
+        self._slab_versions = None
+        self.graphs = None
+        if self.device.type == "cuda" and settings.cuda_graphs:
+            self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device)
+        self._lock = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[Sequence] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+        self.last_step_at = time.monotonic()
+
+    # --- thread-safe API (any thread) --------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def max_tokens_capacity(self) -> int:
+        """The longest sequence (prompt + output) that can ever be served."""
+        return min(self.max_model_len, self.kv.allocator.usable * self.block_size)
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._inbox.append(seq)
+            self._lock.notify()
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a sequence; its KV blocks are freed at the start of the next step."""
+        seq.aborted = True
+        with self._lock:
+            self._aborts.append(seq)
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scaleserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        # fail whatever is left, so no handler waits forever
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
+            self._emit(seq, StepOutput([], "", True, "abort", prompt_tokens=len(seq.prompt_ids),
+                                       completion_tokens=len(seq.output_ids)))
+
+    # --- engine thread -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._inbox and not self._aborts and not self.scheduler.has_work():
+                    self._lock.wait(0.5)
+                if self._stop:
+                    return
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for seq in inbox:
+                if seq.aborted:
+                    seq.status = Status.FINISHED
+                    continue
+                self.scheduler.add(seq)
+            for seq in aborts:
+                if seq.status != Status.FINISHED:
+                    self._finish(seq, "abort")
+            if self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as e:  # a failed step fails its sequences, not the server
+                    log.exception("engine step failed")
+                    if self.metrics:
+                        self.metrics.error("engine")
+                    for seq in list(self.scheduler.running):
+                        self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.requests_waiting.set(self.num_waiting)
+        self.metrics.requests_running.set(self.num_running)
+        self.metrics.kv_cache_usage.set(self.kv.allocator.usage())
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        sched = self.scheduler.schedule()
+        if not sched:
+            if self.scheduler.waiting and not self.scheduler.running:
+                time.sleep(0.001)  # waiting on an adapter slot / KV that nobody will free: avoid a hot spin
+            return
+        self.steps += 1
+        self._sync_adapter_copies()
+        seqs = [s for s, _ in sched]
+        logits = self._forward(sched)
+        # rows whose last prompt token was computed (or decodes) sample; chunk-interior rows do not
+        done = [i for i, (s, n) in enumerate(sched) if s.num_computed + n == s.num_tokens]
+        for s, n in sched:
+            s.num_computed += n
+        if not done:
+            return
+        if len(done) < len(seqs):
+            logits = logits[torch.tensor(done, device=logits.device)]
+            seqs = [seqs[i] for i in done]
+        tokens, lps = self._sample(seqs, logits)
+        self._process(seqs, tokens, lps)
+
+    def _forward(self, sched: list[tuple[Sequence, int]]) -> torch.Tensor:
+        B = len(sched)
+        decode = all(n == 1 for _, n in sched)
+        mode = self.slab.mode_for([s.slot for s, _ in sched])
+        if decode and self.graphs is not None:
+            b = self.graphs.bucket(B)
+            if b is not None:
+                staged = self._pack_decode(sched, b).to(self.device, non_blocking=True)
+                self.graphs.load(b, staged)
+                return self.graphs.run(b, mode)[:B]
+        return self.lm.model(self._build_batch(sched, mode), self.kv.k, self.kv.v)
+
+    def _row_indices(self, seq: Sequence) -> tuple[int, int, int]:
+        return self.slab.row_indices(seq.slot or BASE)
+
+    def _pack_decode(self, sched, b: int) -> torch.Tensor:
+        """int64 [b * (7 + width)]: tokens, positions, slots, seq_lens, rows (3 x b), block tables [b, width]."""
+        B, bs, W = len(sched), self.block_size, self.width
+        buf = np.zeros(b * (7 + W), dtype=np.int64)
+        pos = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
+        buf[0:B] = [s.token_slice(s.num_computed, s.num_computed + 1)[0] for s, _ in sched]
+        buf[b : b + B] = pos
+        buf[2 * b : 2 * b + B] = [s.blocks[p // bs] * bs + p % bs for (s, _), p in zip(sched, pos.tolist())]
+        buf[2 * b + B : 3 * b] = -1
+        buf[3 * b : 3 * b + B] = pos + 1
+        rows = np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3)
+        base = self.slab.row_indices(BASE)
+        r = buf[4 * b : 7 * b].reshape(3, b)
+        r[:, :B] = rows.T
+        r[:, B:] = np.array(base, dtype=np.int64)[:, None]
+        tables = buf[7 * b :].reshape(b, W)
+        for i, (s, _) in enumerate(sched):
+            tables[i, : len(s.blocks)] = s.blocks
+        t = torch.from_numpy(buf)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _build_batch(self, sched, mode: int) -> Batch:
+        """A general (prefill and/or decode) Batch, from numpy arrays and one host->device copy."""
+        B, bs = len(sched), self.block_size
+        counts = np.fromiter((n for _, n in sched), np.int64, B)
+        starts = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
+        T = int(counts.sum())
+        W = max(len(s.blocks) for s, _ in sched)
+        qstart = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(counts, out=qstart[1:])
+        tok = np.fromiter((t for s, n in sched for t in s.token_slice(s.num_computed, s.num_computed + n)),
+                          np.int64, T)
+        # positions: start of each sequence + offset inside its chunk
+        seg = np.repeat(np.arange(B), counts)
+        positions = starts[seg] + (np.arange(T) - qstart[:-1][seg])
+        tables = np.zeros((B, W), dtype=np.int64)
+        for i, (s, _) in enumerate(sched):
+            tables[i, : len(s.blocks)] = s.blocks
+        slots = tables[seg, positions // bs] * bs + positions % bs
+        rows = np.repeat(np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3), counts, 0)
+        parts = [tok, positions, slots, starts + counts, qstart, qstart[1:] - 1, rows.T.reshape(-1), tables.reshape(-1)]
+        host = torch.from_numpy(np.concatenate(parts))
+        dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        o = [0]
+
+        def take(n):
+            x = dev[o[0] : o[0] + n]
+            o[0] += n
+            return x
+
+        tokens, pos_t, slot_t = take(T), take(T), take(T)
+        seq_lens = take(B).int()
+        qs = take(B + 1).int()
+        logits_index = take(B)
+        r = take(3 * T).view(3, T).int()
+        bt = take(B * W).view(B, W).int()
+        return Batch(tokens, pos_t, slot_t, bt, seq_lens, qs, logits_index,
+                     RowAdapters(r[0], r[1], r[2], mode), int(counts.max()))
+
+    def _sync_adapter_copies(self) -> None:
+        """The CUDA int4 kernel reads group/alpha slab tables through N-contiguous copies it caches
+        per layer (int4_matmul._n_major). A captured graph holds those copies' addresses, so when an
+        adapter is written into the slab, refresh the copies in place instead of letting the kernel
+        allocate new ones."""
+        if self.device.type != "cuda" or not self.linears:
+            return
+        first = self.linears[0]
+        versions = tuple(t._version for t in (first.slab_scales, first.slab_alphas, first.slab_betas)
+                         if t is not None)
+        if versions == self._slab_versions:
+            return
+        self._slab_versions = versions
+        for m in self.linears:
+            st = getattr(m, "_kernel_state", None)
+            cache = getattr(st, "n_major", None)
+            if not cache:
+                continue
+            for name, table in (("scales", m.slab_scales), ("alphas", m.slab_alphas), ("betas", m.slab_betas)):
+                hit = cache.get(name)
+                if hit is None or table is None:
+                    continue
+                key = (table.data_ptr(), tuple(table.shape), table._version)
+                if hit[0] != key and hit[1] is not table and hit[1].shape == table.shape:
+                    hit[1].copy_(table)
+                    cache[name] = (key, hit[1])
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        B, dev = len(seqs), logits.device
+        ps = [s.params for s in seqs]
+        floats = torch.tensor([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty] for p in ps],
+                              dtype=torch.float32)
+        ints = torch.tensor([[p.top_k, p.seed, len(s.output_ids)] for p, s in zip(ps, seqs)], dtype=torch.int64)
+        if dev.type == "cuda":
+            floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        penal = any(p.presence_penalty or p.frequency_penalty for p in ps)
+        st = SamplingTensors(
+            temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0], seeds=ints[:, 1], steps=ints[:, 2],
+            presence_penalty=floats[:, 2] if penal else None, frequency_penalty=floats[:, 3] if penal else None,
+            needs_filter=any(p.top_p < 1.0 or p.top_k > 0 for p in ps))
+        counts = None
+        if penal:
+            L = max(1, max(len(s.output_ids) for s in seqs))
+            ids = torch.full((B, L), self.vocab, dtype=torch.int64)  # pad id = an extra column, dropped
+            for i, s in enumerate(seqs):
+                if s.output_ids:
+                    ids[i, : len(s.output_ids)] = torch.tensor(s.output_ids)
+            counts = torch.zeros(B, self.vocab + 1, device=dev)
+            counts.scatter_add_(1, ids.to(dev), torch.ones(B, L, device=dev))
+            counts = counts[:, : self.vocab]
+        tokens, _ = sample(logits, st, counts)
+        want = [p.logprobs for p in ps if p.logprobs is not None]
+        if not want:
+            return tokens.tolist(), None
+        base = logits if counts is None else logits - st.frequency_penalty[:, None] * counts \
+            - st.presence_penalty[:, None] * (counts > 0).float()
+        lp = torch.log_softmax(base.float(), -1)
+        chosen = lp.gather(1, tokens[:, None])[:, 0]
+        k = max(want)
+        top_v, top_i = lp.topk(k, -1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])
+        packed = torch.cat([tokens[:, None].double(), chosen[:, None].double(), top_i.double(), top_v.double()], 1)
+        rows = packed.tolist()
+        toks = [int(r[0]) for r in rows]
+        out = []
+        for p, r in zip(ps, rows):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            top = [(int(r[2 + j]), float(r[2 + k + j])) for j in range(p.logprobs)]
+            out.append(TokenLogprob(int(r[0]), float(r[1]), top))
+        return toks, out
+
+    def _process(self, seqs: list[Sequence], tokens: list[int], lps) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for i, (seq, t) in enumerate(zip(seqs, tokens)):
+            if seq.status != Status.RUNNING or seq.aborted:
+                continue
+            p = seq.params
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                if m:
+                    m.ttft.observe(now - seq.arrival)
+                    m.prompt_tokens.inc(len(seq.prompt_ids))
+            elif m:
+                m.itl.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
+                self._finish(seq, "stop")
+                continue
+            seq.output_ids.append(t)
+            if m:
+                m.generation_tokens.inc()
+            delta = detokenize_step(self.tokenizer, seq)
+            length_done = len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+            text, hit = cut_stop(seq, delta, p.stop, final=length_done)
+            seq.text += text
+            lp = [lps[i]] if lps is not None and lps[i] is not None else None
+            if hit:
+                self._finish(seq, "stop", text=text, token_ids=[t], logprobs=lp)
+            elif length_done:
+                self._finish(seq, "length", text=text, token_ids=[t], logprobs=lp)
+            else:
+                self._emit(seq, StepOutput([t], text, logprobs=lp))
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids=None, logprobs=None,
+                error: str | None = None) -> None:
+        if reason != "stop" or not text:  # flush a withheld possible-stop prefix
+            if seq.held and reason in ("length", "stop"):
+                text += seq.held
+                seq.text += seq.held
+            seq.held = ""
+        self.scheduler.finish(seq, reason)
+        if self.metrics and seq.first_token_at is not None:
+            self.metrics.e2e.observe(time.monotonic() - seq.arrival)
+        self._emit(seq, StepOutput(token_ids or [], text, True, seq.finish_reason, logprobs,
+                                   len(seq.prompt_ids), len(seq.output_ids), error))
+
+    def _emit(self, seq: Sequence, out: StepOutput) -> None:
+        if seq.sink is not None:
+            try:
+                seq.sink(out)
+            except Exception:  # a closed event loop must not kill the engine thread
+                log.debug("sink of %s failed", seq.request_id, exc_info=True)

@@ -1,0 +1,238 @@
+"""The HTTP server: create_app(settings) builds the FastAPI app; serve(args) runs it under uvicorn.
+
+Startup (lifespan): Settings -> model -> AdapterSlab + AdapterRegistry (+ --adapters DIR) ->
+Engine thread -> one warm-up request -> ready. app.state carries settings, lm, slab, registry,
+engine, metrics, ready, draining.
+
+Shutdown: SIGTERM makes /ready false and every new /v1 request a 503, lets in-flight requests run
+up to settings.drain_grace_s, then aborts what is left and exits 0 (DrainingServer below).
+A second SIGTERM or a SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from .api.common import error_body, install_error_handlers
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("scaleserve.server")
+
+
+def _load_model(settings: Settings):
+    from .loader import ensure_default_model, load_model
+
+    model_dir = Path(settings.model) if settings.model else ensure_default_model(settings.data_dir)
+    return load_model(model_dir, device=settings.resolved_device())
+
+
+def load_adapter_dir(registry, directory: Path, tenant: str) -> int:
+    """registry.put every DIR/*.safetensors as adapter <file stem>; a bad file is logged and skipped."""
+    from scaleserve.adapters.format import load_adapter
+
+    n = 0
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            registry.put(tenant, f.stem, load_adapter(f), size_bytes=f.stat().st_size)
+            n += 1
+        except Exception as e:  # AdapterError, OSError, ...: one bad file must not stop the server
+            log.warning("skipping adapter file %s: %s", f, e)
+    log.info("loaded %d adapters from %s", n, directory)
+    return n
+
+
+async def _maybe_await(x):
+    if inspect.isawaitable(x):
+        await x
+
+
+async def _warm_up(app: FastAPI) -> None:
+    """One short request through the engine: compiles the kernels (CUDA) and proves the path works."""
+    from .scheduler import SamplingParams, Sequence
+
+    st = app.state
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    seq = Sequence("warmup", list(st.lm.tokenizer.encode("Hello")) or [0],
+                   SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                   sink=lambda out: out.finished and loop.call_soon_threadsafe(done.set))
+    st.engine.add(seq)
+    await asyncio.wait_for(done.wait(), timeout=600)
+
+
+def create_app(settings: Settings | None = None, lm=None) -> FastAPI:
+    """The app. `lm` (a LoadedModel) skips loading, for tests that share one model."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from scaleserve.adapters.format import BaseSpec
+        from scaleserve.adapters.registry import AdapterRegistry
+        from scaleserve.adapters.slab import AdapterSlab
+
+        from .auth import DEFAULT_TENANT
+        from .engine import Engine
+
+        st = app.state
+        t0 = time.monotonic()
+        st.lm = lm if lm is not None else await asyncio.to_thread(_load_model, settings)
+        st.served_model_name = settings.served_model_name or st.lm.name
+        st.slab = AdapterSlab(st.lm.model, chan_slots=settings.gpu_adapter_slots,
+                              group_slots=settings.gpu_group_adapter_slots,
+                              alpha_slots=settings.gpu_group_adapter_slots)
+        st.registry = AdapterRegistry(BaseSpec.from_model(st.lm), st.slab)
+        st.registry.on_load = st.metrics.adapter_load.observe
+        if settings.adapters:
+            load_adapter_dir(st.registry, settings.adapters, DEFAULT_TENANT.name)
+        st.engine = Engine(st.lm, st.slab, st.registry, settings, st.metrics)
+        st.engine.start()
+        if hasattr(st.registry, "start"):  # the adapter store's sync task (adapters work)
+            await _maybe_await(st.registry.start())
+        await _warm_up(app)
+        st.started_at = time.time()
+        st.ready = True
+        log.info("ready: model %s on %s, max_model_len %d, %d KV blocks, in %.1f s", st.served_model_name,
+                 st.lm.device, st.engine.max_model_len, st.engine.kv.num_blocks, time.monotonic() - t0)
+        try:
+            yield
+        finally:
+            st.ready = False
+            if hasattr(st.registry, "stop"):
+                await _maybe_await(st.registry.stop())
+            st.engine.stop()
+
+    app = FastAPI(title="scaleserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible multi-tenant int4 LLM server")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.draining = False
+    app.state.inflight = 0
+    app.state.tenant_inflight = {}
+    app.state.started_at = time.time()
+    install_error_handlers(app)
+
+    from .api import adapters, chat, completions, health, models
+
+    app.include_router(health.router)
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(models.router)
+    app.include_router(adapters.router)
+    app.add_middleware(GateMiddleware)
+    return app
+
+
+class GateMiddleware:
+    """503 (OpenAI error shape, Retry-After) for /v1 requests while starting up or draining."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            st = scope["app"].state
+            if st.draining or not st.ready:
+                import json
+
+                msg = "the server is shutting down" if st.draining else "the server is starting up"
+                body = json.dumps(error_body(503, msg, code="unavailable")).encode()
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                if getattr(st, "metrics", None):
+                    st.metrics.error("unavailable")
+                return
+        await self.app(scope, receive, send)
+
+
+# --- running under uvicorn ------------------------------------------------------------------------
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn.Server whose first SIGTERM drains instead of closing the listener at once.
+
+        Draining: app.state.draining -> /ready 503, new /v1 requests 503; the listener stays open (a
+        load balancer keeps routing for a moment after readiness flips). When no request is in
+        flight, or settings.drain_grace_s has passed (in-flight sequences are then aborted), the
+        normal uvicorn shutdown runs. Signals are not re-raised afterwards, so the exit code is 0.
+        """
+
+        def __init__(self, config, app: FastAPI):
+            super().__init__(config)
+            self.app = app
+            self.drain_deadline: float | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            st = self.app.state
+            if sig == signal.SIGTERM and self.drain_deadline is None and st.ready:
+                grace = st.settings.drain_grace_s
+                log.info("SIGTERM: draining (%d in flight, grace %.0f s)", st.inflight, grace)
+                st.draining = True
+                self.drain_deadline = time.monotonic() + grace
+                return
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if await super().on_tick(counter):
+                return True
+            if self.drain_deadline is None:
+                return False
+            st = self.app.state
+            engine = getattr(st, "engine", None)
+            busy = st.inflight > 0 or (engine is not None and (engine.num_running or engine.num_waiting))
+            if not busy:
+                log.info("drained; shutting down")
+                return True
+            if time.monotonic() >= self.drain_deadline:
+                log.warning("drain grace over: aborting %d in-flight requests", st.inflight)
+                if engine is not None:
+                    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+                        engine.abort(seq)
+                await asyncio.sleep(0.5)  # let the aborted streams send their last event
+                return True
+            return False
+
+    return DrainingServer
+
+
+_FLAG_FIELDS = ("model", "host", "port", "device", "adapters", "adapter_store", "served_model_name", "max_num_seqs",
+                "max_waiting", "max_model_len", "api_keys_file", "data_dir", "log_level")
+
+
+def settings_from_args(args) -> Settings:
+    """CLI flags (those given) over SCALESERVE_* environment variables over defaults."""
+    over = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
+    return Settings(**over)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    settings = settings_from_args(args)
+    level = settings.log_level.upper()
+    logging.getLogger().setLevel(level)
+    logging.getLogger("scaleserve").setLevel(level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=5, access_log=False, lifespan="on")
+    server = _uvicorn_server_class()(config, app)
+    server.run()
+    if not getattr(server, "started", False) and not server.should_exit:
+        return 1
+    return 0

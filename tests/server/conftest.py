@@ -1,0 +1,102 @@
+"""Live-server fixtures: a real uvicorn on a loopback port (in a thread) over the tiny model, and
+adapter files made from identity adapters with random perturbations."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+
+def make_adapters(lm, out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Four adapters that change the output: two per-channel PEQA, one group-wise PEQA, one AlphaTuning."""
+    from scaleserve.adapters.format import identity_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    specs = [("chan-a", "peqa", True), ("chan-b", "peqa", True), ("group-a", "peqa", False),
+             ("alpha-a", "alphatuning", False)]
+    for name, kind, per_channel in specs:
+        a = identity_adapter(lm, kind, per_channel=per_channel, name=name)
+        for k, t in a.tensors.items():
+            noise = torch.rand(t.shape, generator=g) * 0.6 + 0.7  # x0.7 .. x1.3
+            a.tensors[k] = t * noise
+        path = out_dir / f"{name}.safetensors"
+        a.save(path)
+        files[name] = path
+    (out_dir / "broken.safetensors").write_bytes(b"not an adapter")  # logged and skipped
+    return files
+
+
+class LiveServer:
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, timeout: float = 120.0) -> "LiveServer":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("server thread died during startup")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def state(self):
+        return self.app.state
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+@pytest.fixture(scope="session")
+def adapter_files(tiny_lm, tmp_path_factory) -> dict[str, Path]:
+    return make_adapters(tiny_lm, tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_model_dir):
+    """Factory: start_server(**settings overrides) -> a started LiveServer over the tiny model."""
+    from scaleserve.server.main import create_app
+    from scaleserve.server.settings import Settings
+
+    servers = []
+
+    def start(**overrides) -> LiveServer:
+        kw = dict(model=str(tiny_model_dir), device="cpu", kv_cache_max_blocks=256, served_model_name="tiny")
+        kw.update(overrides)
+        s = LiveServer(create_app(Settings(**kw))).start()
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server, adapter_files) -> LiveServer:
+    """The shared server: tiny model, the four test adapters."""
+    return start_server(adapters=str(next(iter(adapter_files.values())).parent))
