@@ -248,11 +248,24 @@ LLAMA7B = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "d
 @pytest.mark.parametrize("M", (1, 16, 64, 256))
 @pytest.mark.parametrize("mode", (1, 2, 3))
 def test_llama7b_shapes(shape, M, mode):
+    """Fixed tile configs (one compile per variant); the autotuned path is checked below."""
     K, N = LLAMA7B[shape]
     gs = 128 if (M + mode) % 2 else -1
     dist = ("distinct", "zipf", "uniform")[mode - 1]
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 4} if M <= 16 else {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 1,
+                                                                           "num_warps": 8}
     t = make_case(M, N, K, gs, 4, mode, dist, torch.bfloat16, bias=(shape == "qkv"))
-    check(run_kernel(t, mode, n_major=True), reference(t), torch.bfloat16)
+    check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     if M == 16:  # the other 16-bit dtype too
         t = make_case(M, N, K, gs, 4, mode, dist, torch.float16)
-        check(run_kernel(t, mode, n_major=True), reference(t), torch.float16)
+        check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", (1, 64))
+def test_autotuned_path(M):
+    K, N = LLAMA7B["o"]
+    for mode in (MODE_GROUP, MODE_ALPHA):
+        t = make_case(M, N, K, 128, 4, mode, "uniform", torch.bfloat16)
+        check(run_kernel(t, mode, n_major=True), reference(t), torch.bfloat16)

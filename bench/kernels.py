@@ -1,0 +1,295 @@
+"""Benchmark: int4 adapted matmul (ours) vs bf16 F.linear vs tinygemm, per Llama-2-7B layer.
+
+One GPU, one run. For each of the 4 linear shapes of a Llama-2-7B layer (qkv 4096->12288,
+o 4096->4096, gate_up 4096->22016, down 11008->4096), M in {1,4,16,64,256}, T in {1, min(M,64)}
+distinct adapters, group size -1 / 128 and each mode, the median time of one call, measured by
+CUDA-graph replay over enough copies of the weights (and adapter tables) that the 50 MB L2 cannot
+hold them. The floor is the int4 code bytes over the measured device-to-device copy bandwidth.
+
+  python bench/kernels.py --json out.json --png out.png
+
+Prints one table (µs per 7B layer = sum of the 4 shapes) and writes JSON rows
+{shape,K,N,M,T,group_size,mode,us,bf16_us,tinygemm_us,tinygemm_loop_us,floor_us}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+MS = (1, 4, 16, 64, 256)
+L2_BYTES = 50 * 2**20
+MIN_FOOTPRINT = 4 * L2_BYTES  # bytes a timed graph cycles through
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ts = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) * 1e-3)
+    del a, b
+    return 2 * n / statistics.median(ts)
+
+
+def graph_us(calls, replays: int = 15) -> float:
+    """Median µs per call of a CUDA graph that runs `calls` (a list of thunks) once each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in calls:  # warm-up (autotuning and compilation happen here, outside the graph)
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in calls:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) * 1e3 / len(calls))
+    del g
+    return statistics.median(ts)
+
+
+def n_copies(bytes_per_copy: int) -> int:
+    return max(2, math.ceil(MIN_FOOTPRINT / bytes_per_copy))
+
+
+def n_major(t: torch.Tensor) -> torch.Tensor:
+    """[..., N, G] with unit stride along N: the layout adapted_linear hands the kernel."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def make_rows(M: int, T: int, mode: int):
+    """Rows spread round-robin over T non-base adapters (slots 1..T) of the mode's table."""
+    slot = (torch.arange(M) % T + 1).to(torch.int32).cuda()
+    zero = torch.zeros(M, dtype=torch.int32, device="cuda")
+    minus = torch.full((M,), -1, dtype=torch.int32, device="cuda")
+    if mode == 1:
+        return slot, zero, minus
+    if mode == 2:
+        return zero, slot, minus
+    return zero, zero, slot
+
+
+def bench_ours(K, N, gs, mode, M, T, copies_cache):
+    from scaleserve.kernels.int4_matmul import int4_matmul, repack
+
+    G = 1 if gs == -1 else math.ceil(K / gs)
+    key = (K, N, gs)
+    if key not in copies_cache:
+        copies_cache.clear()
+        torch.cuda.empty_cache()
+        nbytes = N * K // 2 + 8 * N * G
+        ws = []
+        for _ in range(n_copies(nbytes)):
+            packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+            zeros = torch.randint(0, 16, (N, G), device="cuda").float()
+            scales = (torch.rand(N, G, device="cuda") + 0.5) * 0.01
+            ws.append(repack(packed, K, zeros, scales, gs, 4))
+        copies_cache[key] = ws
+    weights = copies_cache[key]
+    S = T + 1
+    calls = []
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    cidx, sidx, aidx = make_rows(M, T, mode)
+    for w in weights:
+        chan = (torch.rand(S, N, device="cuda") + 0.5).half()  # AdapterSlab keeps chan in fp16 on CUDA
+        scales = n_major(torch.rand(S, N, G, device="cuda") * 0.01) if mode >= 2 else None
+        alphas = n_major(torch.rand(S, 4, N, G, device="cuda") * 0.01) if mode == 3 else None
+        betas = n_major(torch.rand(S, N, G, device="cuda") * 0.01) if mode == 3 else None
+        calls.append(lambda w=w, c=chan, s=scales, a=alphas, b=betas:
+                     int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode))
+    return graph_us(calls)
+
+
+def bench_bf16(K, N, M):
+    ws = [torch.randn(N, K, device="cuda").bfloat16() for _ in range(n_copies(2 * N * K))]
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    us = graph_us([lambda w=w: F.linear(x, w) for w in ws])
+    del ws
+    return us
+
+
+def tinygemm_pack(K, N):
+    """Random int4 weight in tinygemm's layout (torch >= 2.5 takes [N, K/2] uint8)."""
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+    return torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+
+
+def bench_tinygemm(K, N, M, gs, T):
+    """(one call for all M rows, T calls of M/T rows each with its own scales) in µs."""
+    gs = 128 if gs == -1 else gs  # tinygemm has no per-channel mode: per-channel rows use its 128
+    G = K // gs
+    nbytes = N * K // 2
+    ws = [tinygemm_pack(K, N) for _ in range(n_copies(nbytes))]
+    sz = [[(torch.rand(G, N, 2, device="cuda") * 0.01).bfloat16() for _ in range(T)] for _ in ws]
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    once = graph_us([lambda w=w, s=s: torch.ops.aten._weight_int4pack_mm(x, w, gs, s[0]) for w, s in zip(ws, sz)])
+    if T == 1:
+        return once, once
+    rows = [x[t::T].contiguous() for t in range(T)]
+
+    def loop(w, s):
+        for t in range(T):
+            torch.ops.aten._weight_int4pack_mm(rows[t], w, gs, s[t])
+
+    looped = graph_us([lambda w=w, s=s: loop(w, s) for w, s in zip(ws, sz)], replays=7)
+    return once, looped
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--modes", default="1,2,3")
+    ap.add_argument("--groups", default="-1,128")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args(argv)
+    import triton
+
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    bw = copy_bandwidth()
+    print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    ms = [int(v) for v in args.ms.split(",")]
+    modes = [int(v) for v in args.modes.split(",")]
+    groups = [int(v) for v in args.groups.split(",")]
+    shapes = args.shapes.split(",")
+    rows: list[dict] = []
+    t0 = time.time()
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": dev, "torch": torch.__version__, "copy_bw": bw, "rows": rows}, f, indent=1)
+
+    for shape in shapes:
+        K, N = SHAPES[shape]
+        floor_us = (N * K / 2) / bw * 1e6
+        bf16 = {M: bench_bf16(K, N, M) for M in ms}
+        tg = {}
+        for gs in groups:
+            for M in ms:
+                for T in sorted({1, min(M, 64)}):
+                    try:
+                        tg[gs, M, T] = bench_tinygemm(K, N, M, gs, T)
+                    except Exception as e:  # noqa: BLE001 - a baseline failing must not stop ours
+                        print(f"tinygemm failed: {e!r}"[:300], flush=True)
+                        tg[gs, M, T] = (float("nan"), float("nan"))
+        cache: dict = {}
+        for gs in groups:
+            for mode in modes:
+                for M in ms:
+                    for T in sorted({1, min(M, 64)}):
+                        us = bench_ours(K, N, gs, mode, M, T, cache)
+                        rows.append(dict(shape=shape, K=K, N=N, M=M, T=T, group_size=gs, mode=mode, us=us,
+                                         bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
+                                         tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us))
+                        print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
+                              f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
+                              f"floor {floor_us:.1f})  [{time.time() - t0:.0f}s]", flush=True)
+                        dump()
+        cache.clear()
+        torch.cuda.empty_cache()
+    dump()
+    print_table(rows, shapes)
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+def layer_sums(rows, shapes):
+    """(group_size, mode, M, T) -> summed fields over the shapes (only complete layers)."""
+    acc: dict = {}
+    for r in rows:
+        k = (r["group_size"], r["mode"], r["M"], r["T"])
+        acc.setdefault(k, []).append(r)
+    out = {}
+    for k, rs in acc.items():
+        if len(rs) == len(shapes):
+            out[k] = {f: sum(r[f] for r in rs) for f in ("us", "bf16_us", "tinygemm_us", "tinygemm_loop_us",
+                                                         "floor_us")}
+    return out
+
+
+def print_table(rows, shapes) -> None:
+    sums = layer_sums(rows, shapes)
+    print(f"\nper Llama-2-7B layer ({'+'.join(shapes)}), µs per call, CUDA-graph replay median")
+    print(f"{'gs':>4} {'mode':>4} {'M':>4} {'T':>3} {'ours':>8} {'xfloor':>6} {'T/T1':>5} {'bf16':>8} "
+          f"{'tinygemm':>9} {'tg_loop':>8} {'floor':>7}")
+    for (gs, mode, M, T), s in sorted(sums.items()):
+        t1 = sums.get((gs, mode, M, 1), s)["us"]
+        print(f"{gs:>4} {mode:>4} {M:>4} {T:>3} {s['us']:8.1f} {s['us'] / s['floor_us']:6.2f} {s['us'] / t1:5.2f} "
+              f"{s['bf16_us']:8.1f} {s['tinygemm_us']:9.1f} {s['tinygemm_loop_us']:8.1f} {s['floor_us']:7.1f}")
+
+
+def plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    shapes = sorted({r["shape"] for r in rows})
+    sums = layer_sums(rows, shapes)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, gs in zip(axes, (-1, 128)):
+        ms = sorted({k[2] for k in sums if k[0] == gs})
+        if not ms:
+            continue
+        for mode in (1, 2, 3):
+            for distinct in (False, True):
+                ys = []
+                for M in ms:
+                    T = min(M, 64) if distinct else 1
+                    ys.append(sums.get((gs, mode, M, T), {}).get("us", float("nan")))
+                ax.plot(ms, ys, marker="o", linestyle="--" if distinct else "-",
+                        label=f"ours mode {mode}" + (" T=min(M,64)" if distinct else " T=1"))
+        first = {M: sums.get((gs, 1, M, 1)) for M in ms}
+        for field, lab in (("bf16_us", "bf16 F.linear"), ("tinygemm_us", "tinygemm"), ("floor_us", "int4 floor")):
+            ax.plot(ms, [first[M][field] if first[M] else float("nan") for M in ms], color="k",
+                    linestyle={"bf16_us": ":", "tinygemm_us": "-.", "floor_us": "-"}[field], label=lab)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("M (rows)")
+        ax.set_title(f"Llama-2-7B layer, group size {gs}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("µs per layer (4 linears)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
