@@ -288,7 +288,7 @@ def _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym,
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "FAST", "DT", "INTERPRET"]
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "FAST", "INTERPRET"]  # + x dtype (added by triton)
 
 
 def _quick_bench(kernel_call, quantiles):
