@@ -67,6 +67,7 @@ class QuantLinear(nn.Module):
         self.slab_betas: torch.Tensor | None = None  # [Sa, N, G]
         self._cpu_cache: dict = {}
         self._kernel_state = None  # repacked weights for the Triton kernels, built on first use
+        self.use_kernels = True  # False: the torch reference on CUDA too (GPU tests compare both)
 
     @property
     def num_groups(self) -> int:
@@ -96,10 +97,14 @@ class QuantLinear(nn.Module):
         self.ensure_slab()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda:
+        if x2.is_cuda and self.use_kernels:
             from .int4_matmul import adapted_linear  # Triton; imported only where it can run
 
             y = adapted_linear(self, x2, rows)
+        elif x2.is_cuda:  # reference on the GPU: no dense cache (it would be a full dense model)
+            y = adapted_linear_ref(
+                x2, self.codes(), self.zeros, self.group_size, self.slab_chan, self.slab_scales, self.slab_alphas,
+                self.slab_betas, rows.chan_idx, rows.scale_idx, rows.alpha_idx, self.bias).to(x.dtype)
         else:
             if not self._cpu_cache:
                 self._cpu_cache["codes"] = self.codes()

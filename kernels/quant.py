@@ -4,7 +4,7 @@ Everything here is exact and plain torch; it is the ground truth the kernels and
 
 Shapes, for one linear with N output rows and K inputs:
   codes  [N, K]     uint8, integers 0 .. 2**bits - 1 (3-bit codes ride in 4-bit containers)
-  zeros  [N, G]     float32, integer-valued zero points (rtn)
+  zeros  [N, G]     float32 zero points (rtn; code of the value 0, need not be an integer)
   scales [N, G]     float32 (rtn)
   alphas [b, N, G]  float32, one per bit plane (bcq / AlphaTuning)
   betas  [N, G]     float32 offsets (bcq / AlphaTuning)
@@ -101,7 +101,10 @@ def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
-    """Asymmetric min/max round-to-nearest. w [N, K] -> (codes [N,K] u8, zeros [N,G], scales [N,G])."""
+    """Asymmetric min/max round-to-nearest. w [N, K] -> (codes [N,K] u8, zeros [N,G], scales [N,G]).
+
+    s = (max - min) / (2**bits - 1), z = -min / s, Q = clamp(round(w / s + z)); W ~ s * (Q - z).
+    """
     N, K = w.shape
     qmax = 2**bits - 1
     wg, mask = _grouped(w.float(), group_size)
@@ -111,9 +114,10 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     scales = (mx - mn) / qmax
     # a constant group: scale |w| (or 1 for zeros) makes it exact with one code step
     scales = torch.where(scales > 0, scales, torch.where(mn != 0, mn.abs(), torch.ones_like(mn)))
-    # not clamped to 0..qmax: a group that does not span 0 keeps all its levels (zeros are float32)
-    zeros = torch.round(-mn / scales)
-    q = torch.round(wg / scales[..., None]) + zeros[..., None]
+    # A float zero point puts the group's minimum exactly on code 0 (the Q4_1 / HQQ convention):
+    # never worse than a rounded integer zero, and a Q4_1 GGUF re-quantizes losslessly.
+    zeros = -mn / scales
+    q = torch.round(wg / scales[..., None] + zeros[..., None])
     codes = torch.clamp(q, 0, qmax).view(N, -1)[:, :K].to(torch.uint8)
     return codes, zeros, scales
 

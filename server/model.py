@@ -124,6 +124,7 @@ class Attention(nn.Module):
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
+        self.use_kernels = True  # False: torch reference attention on CUDA too
 
     def project(self, x, rows, cos, sin):
         # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied
@@ -140,7 +141,7 @@ class Attention(nn.Module):
     def forward(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache):
         # x: [T, D]; k_cache/v_cache: [num_blocks, block_size, KVH, hd]
         q, k, v = self.project(x, rows, cos, sin)
-        if x.is_cuda:
+        if x.is_cuda and self.use_kernels:
             from scaleserve.kernels.attention import paged_attention, write_kv
 
             write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
@@ -199,6 +200,12 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         inv_freq, self.rope_scaling = rope_inv_freq(hf_config, a.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def set_kernels(self, enabled: bool) -> None:
+        """Triton kernels (True, the default) or the torch reference, for every linear and attention."""
+        for m in self.modules():
+            if hasattr(m, "use_kernels"):
+                m.use_kernels = enabled
 
     def quant_linears(self) -> dict[str, QuantLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, QuantLinear)}

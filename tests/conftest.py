@@ -37,7 +37,7 @@ def make_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def make_hf_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+def build_hf_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """A random tiny HF checkpoint (safetensors + tokenizer) of the given architecture."""
     import transformers as tf
 
@@ -63,6 +63,12 @@ def make_hf_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrid
 
 
 @pytest.fixture(scope="session")
+def make_hf_checkpoint():
+    """build_hf_checkpoint(path, arch="llama", seed=0, **config overrides) -> path."""
+    return build_hf_checkpoint
+
+
+@pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory):
     """Factory: (arch, method, group_size, bits, **config overrides) -> quantized model dir (cached)."""
     from scaleserve.kernels.quant import QuantConfig
@@ -74,7 +80,7 @@ def make_tiny_model(tmp_path_factory):
         key = (arch, method, group_size, bits, tuple(sorted(overrides.items())))
         if key not in cache:
             root = tmp_path_factory.mktemp(f"tiny-{arch}-{method}-g{group_size}")
-            src = make_hf_checkpoint(root / "hf", arch, **overrides)
+            src = build_hf_checkpoint(root / "hf", arch, **overrides)
             quantize_checkpoint(src, root / "q", QuantConfig(method, bits, group_size), progress=False)
             cache[key] = root / "q"
         return cache[key]

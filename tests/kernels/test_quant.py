@@ -44,6 +44,12 @@ RTN_MIN_SQNR = {(4, -1): 18.5, (4, 128): 19.5, (4, 64): 20.0, (4, 32): 21.0,
                 (3, -1): 12.0, (3, 128): 13.0, (3, 64): 13.5, (3, 32): 14.5}
 
 
+def _group_min(w, group_size):
+    K = w.shape[1]
+    gl = K if group_size == -1 else group_size
+    return torch.stack([w[:, g : g + gl].amin(1) for g in range(0, K, gl)], 1)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
 def test_rtn_sqnr_and_exact_grid(bits, group_size):
@@ -52,7 +58,7 @@ def test_rtn_sqnr_and_exact_grid(bits, group_size):
     G = num_groups(300, group_size)
     assert codes.shape == (96, 300) and zeros.shape == scales.shape == (96, G)
     assert int(codes.max()) <= 2**bits - 1
-    assert torch.equal(zeros, zeros.round())  # zero points are integers, shared by every task
+    torch.testing.assert_close(-zeros * scales, _group_min(w, group_size))  # the minimum sits on code 0
     assert sqnr_db(w, dequantize_rtn(codes, zeros, scales, group_size)) >= RTN_MIN_SQNR[(bits, group_size)]
 
 
@@ -95,3 +101,15 @@ def test_quant_config_validation(kw, msg):
 def test_group_not_spanning_zero_keeps_its_levels():
     w = 1.0 + 0.1 * torch.rand(8, 64)  # every weight positive: the zero point lies outside 0..15
     assert sqnr_db(w, dequantize_rtn(*quantize_rtn(w, 4, 32), 32)) > 40
+
+
+def test_requantizing_a_grid_is_lossless():
+    """Weights already of the form m + d*q (a Q4_1 GGUF) come back exactly."""
+    q = torch.randint(0, 16, (16, 64)).float()
+    q[:, ::32] = 0
+    q[:, 1::32] = 15  # every group uses the whole code range
+    d, m = torch.rand(16, 2) + 0.1, torch.randn(16, 2)
+    w = torch.repeat_interleave(d, 32, 1) * q + torch.repeat_interleave(m, 32, 1)
+    codes, zeros, scales = quantize_rtn(w, 4, 32)
+    assert torch.equal(codes.float(), q)
+    torch.testing.assert_close(dequantize_rtn(codes, zeros, scales, 32), w, rtol=0, atol=1e-5)

@@ -11,8 +11,7 @@ from scaleserve.server.cli import main
 SCRIPT = Path(sys.executable).with_name("scaleserve")
 
 
-def test_quantize_then_generate_with_adapter(tmp_path, capsys):
-    from conftest import make_hf_checkpoint
+def test_quantize_then_generate_with_adapter(tmp_path, capsys, make_hf_checkpoint):
 
     src = make_hf_checkpoint(tmp_path / "hf", "qwen2")
     assert main(["quantize", str(src), str(tmp_path / "q"), "--method", "bcq", "--group-size", "64"]) == 0

@@ -27,8 +27,7 @@ def test_format_contents(tiny_model_dir):
     assert meta["sizes"]["linear_int4_bytes"] < meta["sizes"]["linear_bf16_bytes"] / 2.5
 
 
-def test_fingerprint_is_deterministic_and_covers_codes(make_tiny_model, tmp_path):
-    from conftest import make_hf_checkpoint
+def test_fingerprint_is_deterministic_and_covers_codes(make_tiny_model, tmp_path, make_hf_checkpoint):
 
     src = make_hf_checkpoint(tmp_path / "hf")
     a = quantize_checkpoint(src, tmp_path / "a", QuantConfig("rtn", 4, 32), progress=False)
@@ -37,8 +36,7 @@ def test_fingerprint_is_deterministic_and_covers_codes(make_tiny_model, tmp_path
     assert a["base_fingerprint"] == b["base_fingerprint"] != c["base_fingerprint"]
 
 
-def test_loading_needs_no_source(tmp_path):
-    from conftest import make_hf_checkpoint
+def test_loading_needs_no_source(tmp_path, make_hf_checkpoint):
     import shutil
 
     src = make_hf_checkpoint(tmp_path / "hf")

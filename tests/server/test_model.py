@@ -29,9 +29,8 @@ def _arch(case):
 
 
 @pytest.mark.parametrize("case", list(ARCH_CASES))
-def test_unquantized_path_matches_hf(case, tmp_path):
+def test_unquantized_path_matches_hf(case, tmp_path, make_hf_checkpoint):
     """Weights already on the int4 grid quantize losslessly, so our model must equal HF's on them."""
-    from conftest import make_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
     src = make_hf_checkpoint(tmp_path / "hf", _arch(case), **ARCH_CASES[case])
