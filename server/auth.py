@@ -1,4 +1,4 @@
-"""API keys -> tenants, per-tenant concurrency limits, and OpenAI-shaped HTTP errors.
+"""API keys -> tenants, and OpenAI-shaped HTTP errors.
 
 Keys come from settings.api_keys ('key=tenant,key2=tenant2', e.g. from a Kubernetes Secret as an
 environment variable) and/or settings.api_keys_file (one 'key=tenant' per line, '#' comments; a
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +160,6 @@ def configure(app, settings) -> KeyTable:
         log.info("auth on: %d API keys for %d tenants", len(table), len(table.tenants()))
     else:
         log.warning(AUTH_OFF_WARNING)
-    app.state.tenant_limiter = TenantLimiter(settings.tenant_max_concurrent)
     return table
 
 
@@ -195,46 +193,5 @@ async def get_tenant(request: Request) -> Tenant:
     return tenant
 
 
-# --- per-tenant concurrency -------------------------------------------------------------------------
-
-
-class TenantLimiter:
-    """At most `limit` requests in flight per tenant; beyond it 429. Event-loop only (no locks needed).
-
-        async with request.app.state.tenant_limiter.slot(tenant):
-            ... run the request ...
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_flight: dict[str, int] = defaultdict(int)
-
-    def try_enter(self, tenant: Tenant) -> None:
-        if self.in_flight[tenant.name] >= self.limit:
-            raise OpenAIError(429, f"tenant {tenant.name!r} already has {self.limit} requests in flight "
-                                   "(SCALESERVE_TENANT_MAX_CONCURRENT); retry later",
-                              type="rate_limit_error", code="tenant_concurrency_exceeded")
-        self.in_flight[tenant.name] += 1
-
-    def leave(self, tenant: Tenant) -> None:
-        n = self.in_flight[tenant.name] - 1
-        if n <= 0:
-            self.in_flight.pop(tenant.name, None)
-        else:
-            self.in_flight[tenant.name] = n
-
-    def slot(self, tenant: Tenant):
-        limiter = self
-
-        class _Slot:
-            async def __aenter__(self):
-                limiter.try_enter(tenant)
-
-            async def __aexit__(self, *exc):
-                limiter.leave(tenant)
-
-        return _Slot()
-
-
 __all__ = ["Tenant", "DEFAULT_TENANT", "ADMIN_TENANT", "KeyTable", "configure", "get_tenant", "OpenAIError",
-           "OpenAIErrorRoute", "openai_error_handler", "TenantLimiter", "parse_keys"]
+           "OpenAIErrorRoute", "openai_error_handler", "parse_keys"]

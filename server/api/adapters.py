@@ -94,7 +94,8 @@ async def _store(request: Request, tenant: str, name: str, data: bytes) -> JSONR
     except AdapterTooLarge as e:
         raise OpenAIError(413, str(e), param=e.field, code="adapter_too_large") from None
     except AdapterError as e:
-        raise OpenAIError(400, str(e), param=e.field, code="invalid_adapter") from None
+        msg = str(e) if e.field is None or e.field in str(e) else f"{e.field}: {e}"  # always name the field
+        raise OpenAIError(400, msg, param=e.field, code="invalid_adapter") from None
     except TenantLimitExceeded as e:
         raise OpenAIError(429, str(e), type="rate_limit_error", code="adapter_quota_exceeded") from None
     log.info("adapter %s/%s v%d stored (%s, %d bytes)", tenant, name, av.version, av.kind, av.size_bytes)
