@@ -61,13 +61,15 @@ class StepOutput:
 # --- incremental detokenization --------------------------------------------------------------
 
 
-def detokenize_step(tok, seq: Sequence) -> str:
+def detokenize_step(tok, seq: Sequence, final: bool = False) -> str:
     """New text of seq.output_ids since the last call. Decodes a short window of tokens, so multi-token
-    characters come out whole (a trailing U+FFFD means "wait for the next token")."""
+    characters come out whole (a trailing U+FFFD means "wait for the next token", unless `final`)."""
     ids = seq.output_ids
+    if seq.read_offset == len(ids) and not final:
+        return ""
     prefix = tok.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
     full = tok.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return full[len(prefix) :]
     return ""
@@ -488,13 +490,15 @@ class Engine:
                 m.itl.observe(now - seq.last_token_at)
             seq.last_token_at = now
             if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
-                self._finish(seq, "stop")
+                text, _ = cut_stop(seq, detokenize_step(self.tokenizer, seq, final=True), p.stop, final=True)
+                seq.text += text
+                self._finish(seq, "stop", text=text)
                 continue
             seq.output_ids.append(t)
             if m:
                 m.generation_tokens.inc()
-            delta = detokenize_step(self.tokenizer, seq)
             length_done = len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+            delta = detokenize_step(self.tokenizer, seq, final=length_done)
             text, hit = cut_stop(seq, delta, p.stop, final=length_done)
             seq.text += text
             lp = [lps[i]] if lps is not None and lps[i] is not None else None
@@ -507,11 +511,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids=None, logprobs=None,
                 error: str | None = None) -> None:
-        if reason != "stop" or not text:  # flush a withheld possible-stop prefix
-            if seq.held and reason in ("length", "stop"):
-                text += seq.held
-                seq.text += seq.held
-            seq.held = ""
+        seq.held = ""  # stop/length paths flushed it through cut_stop(final=True); aborts drop it
         self.scheduler.finish(seq, reason)
         if self.metrics and seq.first_token_at is not None:
             self.metrics.e2e.observe(time.monotonic() - seq.arrival)

@@ -35,21 +35,6 @@ def _load_model(settings: Settings):
     return load_model(model_dir, device=settings.resolved_device())
 
 
-def load_adapter_dir(registry, directory: Path, tenant: str) -> int:
-    """registry.put every DIR/*.safetensors as adapter <file stem>; a bad file is logged and skipped."""
-    from scaleserve.adapters.format import load_adapter
-
-    n = 0
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        try:
-            registry.put(tenant, f.stem, load_adapter(f), size_bytes=f.stat().st_size)
-            n += 1
-        except Exception as e:  # AdapterError, OSError, ...: one bad file must not stop the server
-            log.warning("skipping adapter file %s: %s", f, e)
-    log.info("loaded %d adapters from %s", n, directory)
-    return n
-
-
 async def _maybe_await(x):
     if inspect.isawaitable(x):
         await x
@@ -75,24 +60,22 @@ def create_app(settings: Settings | None = None, lm=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from scaleserve.adapters.format import BaseSpec
         from scaleserve.adapters.registry import AdapterRegistry
-        from scaleserve.adapters.slab import AdapterSlab
 
-        from .auth import DEFAULT_TENANT
+        from . import auth
         from .engine import Engine
 
         st = app.state
         t0 = time.monotonic()
+        auth.configure(app, settings)
         st.lm = lm if lm is not None else await asyncio.to_thread(_load_model, settings)
         st.served_model_name = settings.served_model_name or st.lm.name
-        st.slab = AdapterSlab(st.lm.model, chan_slots=settings.gpu_adapter_slots,
-                              group_slots=settings.gpu_group_adapter_slots,
-                              alpha_slots=settings.gpu_group_adapter_slots)
-        st.registry = AdapterRegistry(BaseSpec.from_model(st.lm), st.slab)
+        st.registry = AdapterRegistry.from_settings(st.lm, settings)
+        st.slab = st.registry.slab
         st.registry.on_load = st.metrics.adapter_load.observe
         if settings.adapters:
-            load_adapter_dir(st.registry, settings.adapters, DEFAULT_TENANT.name)
+            n = len(st.registry.load_dir(settings.adapters))
+            log.info("loaded %d adapters from %s", n, settings.adapters)
         st.engine = Engine(st.lm, st.slab, st.registry, settings, st.metrics)
         st.engine.start()
         if hasattr(st.registry, "start"):  # the adapter store's sync task (adapters work)
@@ -120,6 +103,13 @@ def create_app(settings: Settings | None = None, lm=None) -> FastAPI:
     app.state.tenant_inflight = {}
     app.state.started_at = time.time()
     install_error_handlers(app)
+    from .auth import OpenAIError, openai_error_handler
+
+    async def _openai_error(request, e: OpenAIError):
+        app.state.metrics.error(e.code or e.type)
+        return await openai_error_handler(request, e)
+
+    app.add_exception_handler(OpenAIError, _openai_error)
 
     from .api import adapters, chat, completions, health, models
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from scaleserve.adapters.registry import SHARED_TENANT
+
 from ..auth import Tenant, get_tenant
 from ..schemas import ErrorResponse, ModelCard, ModelList
 from .common import APIError
 
 router = APIRouter(tags=["openai"])
+
+
+def _owner(tenant: str) -> str:
+    return "scaleserve" if tenant == SHARED_TENANT else tenant  # operator-loaded (--adapters): shared
 
 
 def _cards(request: Request, tenant: Tenant) -> list[ModelCard]:
@@ -17,7 +23,7 @@ def _cards(request: Request, tenant: Tenant) -> list[ModelCard]:
     cards = [ModelCard(id=base, created=int(st.started_at), owned_by="scaleserve", root=str(st.lm.path),
                        max_model_len=st.engine.max_model_len)]
     for av in st.registry.list(tenant.name):
-        cards.append(ModelCard(id=av.name, created=int(av.created_at), owned_by=av.tenant, parent=base,
+        cards.append(ModelCard(id=av.name, created=int(av.created_at), owned_by=_owner(av.tenant), parent=base,
                                root=f"{av.name}@v{av.version}", max_model_len=st.engine.max_model_len))
     return cards
 

@@ -77,7 +77,7 @@ def adapter_files(tiny_lm, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def start_server(tiny_model_dir):
+def start_server(tiny_model_dir, tmp_path_factory):
     """Factory: start_server(**settings overrides) -> a started LiveServer over the tiny model."""
     from scaleserve.server.main import create_app
     from scaleserve.server.settings import Settings
@@ -85,7 +85,8 @@ def start_server(tiny_model_dir):
     servers = []
 
     def start(**overrides) -> LiveServer:
-        kw = dict(model=str(tiny_model_dir), device="cpu", kv_cache_max_blocks=256, served_model_name="tiny")
+        kw = dict(model=str(tiny_model_dir), device="cpu", kv_cache_max_blocks=256, served_model_name="tiny",
+                  data_dir=tmp_path_factory.mktemp("data"), log_level="warning")
         kw.update(overrides)
         s = LiveServer(create_app(Settings(**kw))).start()
         servers.append(s)

@@ -1,0 +1,192 @@
+"""A real uvicorn on a loopback port over the tiny model: the official openai client, streaming,
+concurrent requests over several adapters, disconnects, queue limits, errors and metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from scaleserve.adapters.format import load_adapter
+from scaleserve.server.generate import generate_ids
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = httpx.get(server.url + "/metrics").text
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def stream_tokens(server, model: str, prompt, max_tokens: int = 16) -> tuple[str, list[str]]:
+    """Stream a completion with the openai client; -> (text, finish reasons seen)."""
+    c = client(server)
+    text, reasons = [], []
+    for chunk in c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                      stream=True):
+        for ch in chunk.choices:
+            text.append(ch.text)
+            if ch.finish_reason:
+                reasons.append(ch.finish_reason)
+    return "".join(text), reasons
+
+
+def test_openai_client_completion_chat_and_models(server):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    again = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert again.choices[0].text == r.choices[0].text
+    chat = c.chat.completions.create(model="chan-a", messages=[{"role": "user", "content": "Hello robot"}],
+                                     max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 for e in chat.choices[0].logprobs.content)
+    models = {m.id: m for m in c.models.list().data}
+    assert set(models) >= {"tiny", "chan-a", "chan-b", "group-a", "alpha-a"} and "broken" not in models
+    assert models["chan-a"].parent == "tiny" and models["tiny"].parent is None
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_streaming_matches_non_streaming_and_usage(server):
+    c = client(server)
+    full = c.completions.create(model="group-a", prompt="The capital of France", max_tokens=12, temperature=0)
+    text, reasons = stream_tokens(server, "group-a", "The capital of France", 12)
+    assert text == full.choices[0].text and reasons == [full.choices[0].finish_reason]
+    chunks = list(c.chat.completions.create(model="alpha-a", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 5
+    assert chunks[-2].choices[0].finish_reason in ("length", "stop")
+    # the raw SSE framing: data lines, a final usage chunk, then [DONE]
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": "Bolt", "max_tokens": 3, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] <= 3
+
+
+def test_concurrent_adapters_each_equal_alone_and_offline(server, tiny_lm, adapter_files):
+    """Many streams over several adapters at once: each one's output is what it gets alone, and what
+    offline generate_ids gives with that adapter."""
+    tok = tiny_lm.tokenizer
+    jobs = [(m, p) for m in ("tiny", "chan-a", "chan-b", "group-a", "alpha-a")
+            for p in ("Once upon a time", "Adapters change the scales of")]
+    alone = {job: stream_tokens(server, *job, 14)[0] for job in jobs}
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        together = dict(zip(jobs, pool.map(lambda j: stream_tokens(server, *j, 14)[0], jobs)))
+    assert together == alone
+    for (m, p), text in alone.items():
+        adapter = None if m == "tiny" else load_adapter(adapter_files[m])
+        ids, _ = generate_ids(tiny_lm, [tok.encode(p)], [adapter], max_new_tokens=14)
+        assert text == tok.decode(ids[0], skip_special_tokens=True), (m, p)
+    assert len(set(alone.values())) > len(jobs) // 2  # adapters do change the output
+
+
+def test_disconnect_frees_kv_blocks(server):
+    engine = server.state.engine
+    alloc = engine.kv.allocator
+    assert alloc.num_free == alloc.usable
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"model": "chan-b", "prompt": "Once upon a time", "max_tokens": 230, "stream": True,
+                            "ignore_eos": True}) as r:
+        it = r.iter_lines()
+        for _ in range(6):
+            next(it)
+        assert alloc.num_free < alloc.usable and engine.num_running == 1
+    t0 = time.monotonic()
+    while alloc.num_free != alloc.usable:  # freed within a step of the server noticing
+        assert time.monotonic() - t0 < 5, "KV blocks not freed after disconnect"
+        time.sleep(0.01)
+    assert engine.num_running == 0
+
+
+def test_errors_in_openai_shape(server):
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        cases = [
+            ({"model": "tiny", "prompt": "x", "temperature": 9}, 400, "invalid_request"),
+            ({"model": "tiny", "prompt": "x", "max_tokens": 100000}, 400, "context_length_exceeded"),
+            ({"model": "tiny", "prompt": "word " * 300}, 400, "context_length_exceeded"),
+            ({"model": "tiny", "prompt": [1, 2, 99999]}, 400, "invalid_value"),
+            ({"model": "tiny", "prompt": ""}, 400, "invalid_value"),
+            ({"model": "ghost", "prompt": "x"}, 404, "model_not_found"),
+            ({"prompt": "x"}, 400, "invalid_request"),
+        ]
+        for body, status, code in cases:
+            r = h.post("/v1/completions", json=body)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
+        r = h.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json()
+        assert h.get("/health").json() == {"status": "ok"}
+        assert h.get("/ready").status_code == 200
+
+
+def test_metrics_move(server):
+    before = {n: metric(server, n) for n in ("scaleserve_generation_tokens_total", "scaleserve_prompt_tokens_total",
+                                             "scaleserve_time_to_first_token_seconds_count",
+                                             "scaleserve_e2e_request_latency_seconds_count")}
+    adapter_before = metric(server, "scaleserve_adapter_requests_total", '{adapter="chan-b"}')
+    errors_before = metric(server, "scaleserve_errors_total", '{type="model_not_found"}')
+    r = client(server).completions.create(model="chan-b", prompt="Bolt liked to count", max_tokens=5,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    httpx.post(server.url + "/v1/completions", json={"model": "ghost", "prompt": "x"})
+    assert metric(server, "scaleserve_generation_tokens_total") == before["scaleserve_generation_tokens_total"] + 5
+    assert metric(server, "scaleserve_prompt_tokens_total") == \
+        before["scaleserve_prompt_tokens_total"] + r.usage.prompt_tokens
+    assert metric(server, "scaleserve_time_to_first_token_seconds_count") == \
+        before["scaleserve_time_to_first_token_seconds_count"] + 1
+    assert metric(server, "scaleserve_e2e_request_latency_seconds_count") == \
+        before["scaleserve_e2e_request_latency_seconds_count"] + 1
+    assert metric(server, "scaleserve_adapter_requests_total", '{adapter="chan-b"}') == adapter_before + 1
+    assert metric(server, "scaleserve_errors_total", '{type="model_not_found"}') == errors_before + 1
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("scaleserve_requests_waiting", "scaleserve_requests_running", "scaleserve_kv_cache_usage_ratio",
+                 "scaleserve_inter_token_latency_seconds_bucket", "scaleserve_adapter_load_seconds_count"):
+        assert name in text
+
+
+def test_queue_full_gives_429(start_server, adapter_files):
+    s = start_server(max_num_seqs=1, max_waiting=1)
+    engine = s.state.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.02), step())  # slow steps: the queue stays put while we look
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as h, h.stream("POST", "/v1/completions", json=body) as first, \
+                cf.ThreadPoolExecutor(1) as pool:
+            lines = first.iter_lines()  # (keep it: a collected iterator closes the stream)
+            next(lines)  # the first request is running
+            second = pool.submit(httpx.post, s.url + "/v1/completions", timeout=30,
+                                 json={**body, "stream": False, "max_tokens": 2})
+            t0 = time.monotonic()
+            while engine.num_waiting < 1:
+                assert time.monotonic() - t0 < 5
+                time.sleep(0.005)
+            r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False})
+            assert r.status_code == 429 and r.headers["retry-after"]
+            assert r.json()["error"]["code"] == "queue_full"
+            assert metric(s, "scaleserve_requests_waiting") == 1
+            assert metric(s, "scaleserve_requests_running") == 1
+            assert metric(s, "scaleserve_errors_total", '{type="queue_full"}') == 1
+            with pytest.raises(openai.RateLimitError):
+                client(s).completions.create(model="tiny", prompt="x", max_tokens=2)
+            first.close()  # disconnect: the waiting request gets the slot
+            assert second.result().status_code == 200
+    finally:
+        engine.step = step
