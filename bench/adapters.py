@@ -1,0 +1,367 @@
+"""Benchmark: adapter upload -> first token, swap cost under load, GPU memory per resident adapter.
+
+One GPU, one command (the lead runs it at the end):
+
+  python bench/adapters.py --json adapters.json          # Llama-2-7B-shaped random int4 model, CUDA
+  python bench/adapters.py --tiny                        # 2-layer smoke run (CPU works), same code path
+
+The model is random (int4 rtn, group 128, Llama-2-7B shapes: 32 layers, 4096/11008, 32000 vocab),
+built directly in device memory (no checkpoint): the timings do not depend on the weights' values.
+The server is the real app (create_app) under uvicorn on a loopback port, with a file:// store.
+
+1. memory: a slab of 1,000 per-channel slots; 1,000 random per-channel adapters loaded into it.
+   Reports device bytes per resident adapter (target <= 3 MB for 7B) and the per-load time.
+2. upload -> first token: for 20 fresh per-channel adapters, one at a time: PUT the file, then a
+   streaming completion (16-token prompt) with model=<that adapter>; the time from sending the PUT
+   to the first streamed token (p50/p90; target p50 <= 100 ms), split into the PUT and the TTFT,
+   next to the TTFT of an adapter already resident. The slab load itself (registry on_load) too.
+3. swap cost: 64 greedy streams of the base model decode; after a steady period 16 new adapters are
+   uploaded and each used by one short request while the 64 run. Decode throughput (tokens/s of the
+   64 streams, 250 ms windows) before vs. during the swaps: the dip.
+
+Prints a short table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose ids cover the whole vocab ('w123' <-> 123), so any id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+@torch.no_grad()
+def random_int4_model(shape: dict, device: str, group_size: int = 128, seed: int = 0):
+    """A LoadedModel of the given Llama shape with random int4 (rtn) weights, built in device memory."""
+    import transformers as tf
+
+    from scaleserve.kernels.linear import QuantLinear
+    from scaleserve.server.loader import LoadedModel
+    from scaleserve.server.model import ModelArgs, Transformer
+
+    cfg = tf.LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    a = ModelArgs.from_hf_config(cfg)
+    quant = {"bits": 4, "group_size": group_size, "method": "rtn"}
+    with torch.device("meta"):
+        model = Transformer(a, quant, cfg)
+    model = model.to_empty(device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.dtype == torch.uint8:
+            p.copy_(torch.randint(0, 256, p.shape, generator=g, device=device, dtype=torch.int32).to(torch.uint8))
+        elif name.endswith("zeros"):
+            p.fill_(7.5)
+        elif name.endswith("scales"):
+            p.copy_(0.02 / 7.5 * (1 + 0.1 * torch.rand(p.shape, generator=g, device=device)))
+        elif "norm" in name:
+            p.fill_(1.0)
+        elif p.is_floating_point() and name != "inv_freq":
+            p.copy_(0.02 * torch.randn(p.shape, generator=g, device=device))
+    for m in model.modules():
+        if not isinstance(m, QuantLinear):
+            for n, p in list(m.named_parameters(recurse=False)):
+                setattr(m, n, torch.nn.Parameter(p.to(dtype), requires_grad=False))
+    from scaleserve.server.model import rope_inv_freq
+
+    model.inv_freq = rope_inv_freq(cfg, a.head_dim)[0].to(device)
+    model.eval().requires_grad_(False)
+    meta = {"format": "scaleserve", "format_version": "1", "method": "rtn", "bits": 4, "group_size": group_size,
+            "quantize_lm_head": False, "base_fingerprint": secrets.token_hex(32)}
+    return LoadedModel(model, word_tokenizer(a.vocab_size), cfg, meta, Path("/dev/null"), "random-7b")
+
+
+def per_channel_adapter(lm, seed: int, dtype=torch.float16):
+    from scaleserve.adapters.format import Adapter
+
+    g = torch.Generator().manual_seed(seed)
+    t = {f"{n}.scales": (1 + 0.1 * torch.randn(m.out_features, generator=g)).to(dtype)
+         for n, m in lm.model.quant_linears().items()}
+    return Adapter("peqa", f"bench{seed}", lm.fingerprint, t)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+# --- 1. memory -----------------------------------------------------------------------------------------
+
+
+def bench_memory(lm, n_adapters: int) -> dict:
+    from scaleserve.adapters.slab import AdapterSlab
+
+    dev = lm.device
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    slab = AdapterSlab(lm.model, chan_slots=n_adapters, group_slots=1, alpha_slots=1, host_slots=0)
+    chan_bytes = sum(m.slab_chan.numel() * m.slab_chan.element_size() for m in slab.layers.values())
+    if cuda:
+        torch.cuda.synchronize()
+        after_alloc = torch.cuda.memory_allocated()
+    proto = per_channel_adapter(lm, 0)
+    from scaleserve.adapters.format import BaseSpec, validate
+
+    proto = validate(proto, BaseSpec.from_model(lm))
+    loads = []
+    for i in range(n_adapters):
+        ad = type(proto)(proto.kind, f"m{i}", proto.base_fingerprint,
+                         {k: v * (1 + 0.001 * i) for k, v in proto.tensors.items()} if i < 8 else proto.tensors)
+        t0 = time.perf_counter()
+        slab.acquire(("mem", i), ad)
+        if cuda:
+            torch.cuda.synchronize()
+        loads.append(time.perf_counter() - t0)
+        slab.unpin(("mem", i))
+    if cuda:
+        torch.cuda.synchronize()
+        after_load = torch.cuda.memory_allocated()
+    out = {"adapters": n_adapters, "chan_table_bytes_per_adapter": chan_bytes / (n_adapters + 1),
+           "chan_dtype": str(slab.chan_dtype), "load_ms_p50": 1e3 * pct(loads, 0.5),
+           "load_ms_p90": 1e3 * pct(loads, 0.9), "adapter_params": sum(t.numel() for t in proto.tensors.values())}
+    if cuda:
+        out["device_bytes_per_adapter"] = (after_load - before) / n_adapters
+        out["device_bytes_loads_added"] = after_load - after_alloc
+    del slab
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# --- the live server ------------------------------------------------------------------------------------
+
+
+class LiveServer:
+    def __init__(self, settings, lm):
+        import uvicorn
+
+        from scaleserve.server.main import create_app
+
+        self.app = create_app(settings, lm=lm)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 1800
+        while not (self.server.started and getattr(self.app.state, "ready", False)):
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+async def stream_first_token(client, model: str, prompt: list[int], max_tokens: int = 4) -> float:
+    """Seconds from now to the first streamed token."""
+    t0 = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"completion failed: {r.status_code} {await r.aread()}")
+        first = None
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                first = time.perf_counter() - t0
+    return first
+
+
+async def bench_upload_to_first_token(url, lm, n: int, base: str, load_times: list) -> dict:
+    import httpx
+
+    prompt = list(range(10, 26))
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        blobs = [per_channel_adapter(lm, 1000 + i).to_bytes() for i in range(n + 2)]
+        # warm: one adapter through the whole path (kernel compilation for the channel mode)
+        for i in range(2):
+            await c.put(f"/v1/adapters/warm{i}", content=blobs[n + i])
+            await stream_first_token(c, f"warm{i}", prompt)
+        resident = [await stream_first_token(c, "warm0", prompt) for _ in range(5)]
+        base_ttft = [await stream_first_token(c, base, prompt) for _ in range(5)]
+        total, put_s, ttft = [], [], []
+        load_times.clear()
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = await c.put(f"/v1/adapters/fresh{i}", content=blobs[i])
+            r.raise_for_status()
+            t1 = time.perf_counter()
+            first = await stream_first_token(c, f"fresh{i}", prompt)
+            total.append(t1 - t0 + first)
+            put_s.append(t1 - t0)
+            ttft.append(first)
+    ms = lambda xs, q: 1e3 * pct(xs, q)  # noqa: E731
+    return {"n": n, "adapter_file_bytes": len(blobs[0]),
+            "upload_to_first_token_ms_p50": ms(total, 0.5), "upload_to_first_token_ms_p90": ms(total, 0.9),
+            "put_ms_p50": ms(put_s, 0.5), "ttft_fresh_ms_p50": ms(ttft, 0.5),
+            "ttft_resident_ms_p50": ms(resident, 0.5), "ttft_base_ms_p50": ms(base_ttft, 0.5),
+            "slab_load_ms_p50": ms(load_times, 0.5) if load_times else None}
+
+
+async def bench_swap(url, lm, base: str, streams: int, n_swaps: int, max_tokens: int) -> dict:
+    import httpx
+
+    stamps: list[float] = []
+    prompt = list(range(30, 46))
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=1200, limits=limits) as c:
+        async def one():
+            async with c.stream("POST", "/v1/completions", json={
+                    "model": base, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        stamps.append(time.perf_counter())
+
+        t_start = time.perf_counter()
+        tasks = [asyncio.create_task(one()) for _ in range(streams)]
+        # steady state: wait until all streams decode, then a quiet period
+        while len(stamps) < streams * 8:
+            await asyncio.sleep(0.05)
+        quiet_from = time.perf_counter()
+        await asyncio.sleep(2.0)
+        swap_from = time.perf_counter()
+        blobs = [per_channel_adapter(lm, 5000 + i).to_bytes() for i in range(n_swaps)]
+        swap_lat = []
+        for i in range(n_swaps):
+            t0 = time.perf_counter()
+            (await c.put(f"/v1/adapters/swap{i}", content=blobs[i])).raise_for_status()
+            await stream_first_token(c, f"swap{i}", prompt, max_tokens=2)
+            swap_lat.append(time.perf_counter() - t0)
+        swap_to = time.perf_counter()
+        alive = sum(not t.done() for t in tasks)
+        await asyncio.sleep(1.0)
+        after_to = time.perf_counter()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def rate(a, b):
+        return sum(a <= s < b for s in stamps) / max(b - a, 1e-9)
+
+    win = 0.25
+    windows = [rate(t, t + win) for t in _frange(swap_from, swap_to, win)] or [rate(swap_from, swap_to)]
+    steady = rate(quiet_from, swap_from)
+    during = rate(swap_from, swap_to)
+    return {"streams": streams, "swaps": n_swaps, "steady_tok_s": steady, "during_swaps_tok_s": during,
+            "worst_window_tok_s": min(windows), "dip_pct": 100 * (1 - during / steady) if steady else None,
+            "worst_window_dip_pct": 100 * (1 - min(windows) / steady) if steady else None,
+            "after_tok_s": rate(swap_to, after_to), "streams_alive_after_swaps": alive,
+            "swap_upload_to_first_token_ms_p50": 1e3 * pct(swap_lat, 0.5), "elapsed_s": after_to - t_start}
+
+
+def _frange(a, b, step):
+    while a + step <= b:
+        yield a
+        a += step
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="2-layer model (smoke run; CPU works)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--adapters", type=int, default=1000, help="resident adapters for the memory figure")
+    ap.add_argument("--uploads", type=int, default=20)
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--swaps", type=int, default=16)
+    ap.add_argument("--json", default="bench/results/adapters.json")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.adapters, args.uploads, args.streams, args.swaps = min(args.adapters, 50), min(args.uploads, 5), \
+            min(args.streams, 8), min(args.swaps, 3)
+
+    from scaleserve.server.settings import Settings
+
+    t0 = time.time()
+    lm = random_int4_model(TINY if args.tiny else LLAMA2_7B, args.device)
+    print(f"model built on {args.device} in {time.time() - t0:.1f} s", file=sys.stderr)
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-2-7b-shaped int4 rtn g128"}
+    results["memory"] = bench_memory(lm, args.adapters)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(device=args.device, data_dir=Path(tmp), adapter_store=Path(tmp, "store").as_uri(),
+                            max_num_seqs=max(64, args.streams + 4), max_model_len=1024,
+                            gpu_adapter_slots=256, gpu_group_adapter_slots=2, host_adapter_cache=512,
+                            tenant_max_adapters=10_000, store_sync_interval_s=2.0,
+                            kv_cache_max_blocks=None if args.device == "cuda" else 2048)
+        with LiveServer(settings, lm) as srv:
+            reg = srv.app.state.registry
+            load_times: list[float] = []
+            prev = reg.on_load
+
+            def on_load(s):
+                load_times.append(s)
+                if prev is not None:
+                    prev(s)
+
+            reg.on_load = on_load
+            base = srv.app.state.served_model_name
+            results["upload"] = asyncio.run(bench_upload_to_first_token(srv.url, lm, args.uploads, base, load_times))
+            results["swap"] = asyncio.run(bench_swap(srv.url, lm, base, args.streams, args.swaps,
+                                                     max_tokens=960))
+
+    m, u, s = results["memory"], results["upload"], results["swap"]
+    rows = [
+        ("resident adapters", f"{m['adapters']}"),
+        ("device bytes / adapter", f"{m.get('device_bytes_per_adapter', m['chan_table_bytes_per_adapter']) / 2**20:.2f} MiB"
+                                   f" (table {m['chan_table_bytes_per_adapter'] / 2**20:.2f} MiB, {m['chan_dtype']})"),
+        ("slab load p50 / p90", f"{m['load_ms_p50']:.2f} / {m['load_ms_p90']:.2f} ms"),
+        ("upload -> first token p50 / p90", f"{u['upload_to_first_token_ms_p50']:.1f} / "
+                                            f"{u['upload_to_first_token_ms_p90']:.1f} ms"),
+        ("  PUT p50 | TTFT fresh | resident | base", f"{u['put_ms_p50']:.1f} | {u['ttft_fresh_ms_p50']:.1f} | "
+                                                    f"{u['ttft_resident_ms_p50']:.1f} | {u['ttft_base_ms_p50']:.1f} ms"),
+        (f"decode tok/s, {s['streams']} streams: steady", f"{s['steady_tok_s']:.0f}"),
+        (f"  during {s['swaps']} swaps / worst 250 ms", f"{s['during_swaps_tok_s']:.0f} / {s['worst_window_tok_s']:.0f}"
+                                                     f" (dip {s['dip_pct']:.1f}% / {s['worst_window_dip_pct']:.1f}%)"),
+    ]
+    if s["streams_alive_after_swaps"] < s["streams"]:
+        rows.append(("  WARNING", f"only {s['streams_alive_after_swaps']} streams still ran when the swaps ended"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\nadapters bench: {results['model']} on {results['device']}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
