@@ -58,40 +58,9 @@ def settings_for(tmp_path):
     return make
 
 
-_CURRENT: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def _store_backed_registry(monkeypatch):
-    """Until server/main.py's lifespan builds the registry with AdapterRegistry.from_settings (requested
-    from the server work), give the registry it builds the store and limits from the app's settings."""
-    import inspect
-
-    import scaleserve.adapters.registry as registry_mod
-    import scaleserve.server.main as main_mod
-
-    if "from_settings" in inspect.getsource(main_mod):
-        return
-    from scaleserve.adapters.store import open_store
-
-    original = registry_mod.AdapterRegistry
-
-    class StoreBacked(original):
-        def __init__(self, base, slab, store=None, **kw):
-            s, lm = _CURRENT["settings"], _CURRENT["lm"]
-            if store is None:
-                store = open_store(s.store_url(), s)
-                kw.update(sync_interval_s=s.store_sync_interval_s, max_adapter_bytes=s.max_adapter_bytes,
-                          tenant_max_adapters=s.tenant_max_adapters, reserved_names={lm.name})
-            super().__init__(base, slab, store, **kw)
-
-    monkeypatch.setattr(registry_mod, "AdapterRegistry", StoreBacked)
-
-
 def _create_app(settings, lm):
     from scaleserve.server.main import create_app
 
-    _CURRENT.update(settings=settings, lm=lm)
     return create_app(settings, lm=lm)
 
 
