@@ -136,11 +136,12 @@ def _accumulate_block(
     BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """acc [BM, BN] += this K block's contribution (K block kb lies in group kb, or the one group)."""
-    k_even = kb * BLOCK_K + 2 * offs_j  # [HALF]
-    xe = tl.load(x_rows + k_even[None, :], mask=m_ok[:, None] & (k_even < K)[None, :], other=0.0).to(DT)
-    xo = tl.load(x_rows + (k_even + 1)[None, :], mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
-                 other=0.0).to(DT)
-    byte = tl.load(q_cols + (kb * HALF + offs_j)[:, None] * stride_qk, eviction_policy="evict_first")
+    # x tile [BM, BLOCK_K] in one contiguous (vectorized) load, then split into even / odd k
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    xt = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(DT)
+    xe, xo = tl.split(tl.reshape(xt, [BLOCK_M, HALF, 2]))  # [BM, HALF] each
+    # [BN, HALF] rows of contiguous bytes, transposed for the dot: each thread's k-pairs sit in adjacent bytes
+    byte = tl.trans(tl.load(q_cols + (kb * HALF + offs_j)[None, :], eviction_policy="evict_first"))
     if ONE_GROUP:
         g = 0
     else:
@@ -232,7 +233,7 @@ def _adapted_int4_kernel(
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
 
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
-    q_cols = q_ptr + offs_n[None, :]  # [1, BN]
+    q_cols = q_ptr + offs_n[:, None] * stride_qk  # [BN, 1] rows of codes_t
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         kb = kb_lo
@@ -311,7 +312,7 @@ DECODE_MAX_M = 16
 class Int4Weights:
     """The shared base of one linear in kernel layout (see the module docstring)."""
 
-    codes_t: torch.Tensor  # [Kh_pad, N_pad] uint8
+    codes_t: torch.Tensor  # [N_pad, Kh_pad] uint8
     zeros_t: torch.Tensor | None  # [G, N_pad] float32 (None on a bcq base)
     scales_t: torch.Tensor | None  # [G, N_pad] float32 base scales s0 (None on a bcq base)
     N: int
@@ -337,14 +338,14 @@ def repack(packed: torch.Tensor, K: int, zeros: torch.Tensor | None, scales: tor
     if group_size not in (-1, 32, 64, 128):
         raise ValueError(f"group size must be -1, 32, 64 or 128, got {group_size}")
     dev = packed.device
-    codes_t = torch.zeros(_round_up(Kh, KH_ALIGN), _round_up(N, N_ALIGN), dtype=torch.uint8, device=dev)
-    codes_t[:Kh, :N] = packed.t()
+    codes_t = torch.zeros(_round_up(N, N_ALIGN), _round_up(Kh, KH_ALIGN), dtype=torch.uint8, device=dev)
+    codes_t[:N, :Kh] = packed
     zeros_t = scales_t = None
     G = 1 if group_size == -1 else math.ceil(K / group_size)
     if zeros is not None:
         if zeros.shape != (N, G) or scales is None or scales.shape != (N, G):
             raise ValueError(f"zeros/scales must be [N, G] = [{N}, {G}]")
-        zeros_t = torch.zeros(G, codes_t.shape[1], dtype=torch.float32, device=dev)
+        zeros_t = torch.zeros(G, codes_t.shape[0], dtype=torch.float32, device=dev)
         scales_t = torch.zeros_like(zeros_t)
         zeros_t[:, :N] = zeros.t().float()
         scales_t[:, :N] = scales.t().float()
@@ -442,7 +443,7 @@ def int4_matmul(
         chan_idx, scale_idx, alpha_idx,
         ws, cnt,
         M, N, K, min(triton.next_power_of_2(M), 1024),
-        x.stride(0), y.stride(0), w.codes_t.stride(0), w.codes_t.shape[1],
+        x.stride(0), y.stride(0), w.codes_t.stride(0), w.zeros_t.stride(0) if has_zeros else 0,
         chan.stride(0),
         *s_args[1:], *a_args[1:], *b_args[1:],
     )
