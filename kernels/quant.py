@@ -218,12 +218,15 @@ def _bcq_greedy_signs(wg: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Ten
 def _bcq_refine(wg: torch.Tensor, m: torch.Tensor, signs: torch.Tensor, bits: int, iters: int):
     """Alternating least squares: [alphas, beta] for fixed signs, then nearest level per weight."""
     levels_bits = bit_planes(torch.arange(2**bits, dtype=torch.uint8), bits).T  # [2**b, b]
-    eye = 1e-6 * torch.eye(bits + 1)
+    eye = torch.eye(bits + 1, dtype=torch.float64)
     for it in range(iters):
         D = torch.cat([signs, torch.ones_like(signs[:1])], 0) * m  # [b+1, N, G, gl]
-        A = torch.einsum("ingk,jngk->ngij", D, D) + eye  # [N, G, b+1, b+1]
-        rhs = torch.einsum("ingk,ngk->ngi", D, wg)
-        theta = torch.linalg.solve(A, rhs)  # [N, G, b+1]
+        A = torch.einsum("ingk,jngk->ngij", D, D).double()  # [N, G, b+1, b+1]
+        # a bit plane equal to +-1 everywhere duplicates the offset column: a relative ridge keeps
+        # the system solvable (in float64, where it is not lost to rounding)
+        A = A + eye * (1e-9 * A.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)[..., None] + 1e-12)
+        rhs = torch.einsum("ingk,ngk->ngi", D, wg).double()
+        theta = torch.linalg.solve(A, rhs).float()  # [N, G, b+1]
         alphas = theta[..., :bits].permute(2, 0, 1)  # [b, N, G]
         beta = theta[..., bits]
         if it == iters - 1:
