@@ -432,6 +432,9 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         B, dev = len(seqs), logits.device
         ps = [s.params for s in seqs]
+        if all(p.temperature <= 0 and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty)
+               for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
+            return logits.argmax(-1).tolist(), None
         floats = torch.tensor([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty] for p in ps],
                               dtype=torch.float32)
         ints = torch.tensor([[p.top_k, p.seed, len(s.output_ids)] for p, s in zip(ps, seqs)], dtype=torch.int64)

@@ -1,0 +1,498 @@
+"""Serving benchmark.
+
+  load   an async load generator (httpx) against a running server: N concurrent streams over T
+         adapters with Zipf popularity, random prompt / output lengths; reports throughput (generated
+         tokens/s), TTFT and inter-token latency p50/p99 and errors; --json, and --plot a PNG of
+         throughput vs T when several T are given.
+
+           python bench/serve.py load --url http://127.0.0.1:8000 --concurrency 32 --requests 256 \\
+               --adapters 1,4,16,64 --json load.json --plot load.png
+
+  gpu    one process on the GPU, side by side, for a random-init Llama-2-7B-shaped int4 model (group 128)
+         and a SmolLM2-135M-shaped one: batch-1 decode tokens/s, 64 streams on one adapter vs 64 streams
+         over 64 adapters (through the real HTTP server), HF transformers generate on the same weights
+         dequantized to bf16, and the bandwidth floor of batch-1 decode (weight bytes / copy bandwidth).
+
+           python bench/serve.py gpu --out OUT_DIR
+
+Prompts are token ids (exact lengths); every request sets ignore_eos so outputs have the asked length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+# --- load generator ---------------------------------------------------------------------------------
+
+
+def parse_range(s: str) -> tuple[int, int]:
+    lo, _, hi = s.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def zipf_choice(rng: random.Random, names: list[str], s: float) -> str:
+    weights = [1.0 / (r + 1) ** s for r in range(len(names))]
+    return rng.choices(names, weights)[0]
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times, usage, status, err = [], None, None, None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            status = r.status_code
+            if status != 200:
+                err = (await r.aread()).decode(errors="replace")[:200]
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        err = ev["error"].get("message")
+                        continue
+                    if ev.get("choices"):
+                        times.append(time.perf_counter())
+                    if ev.get("usage"):
+                        usage = ev["usage"]
+    except httpx.HTTPError as e:
+        err = repr(e)
+    t1 = time.perf_counter()
+    return {"model": model, "status": status, "error": err, "start": t0, "end": t1, "times": times,
+            "completion_tokens": (usage or {}).get("completion_tokens", 0),
+            "prompt_tokens": (usage or {}).get("prompt_tokens", len(prompt))}
+
+
+async def run_load(url: str, models: list[str], n_requests: int, concurrency: int, prompt_len=(64, 64),
+                   output_len=(128, 128), zipf_s: float = 1.0, seed: int = 0, assign: str = "zipf",
+                   vocab: int = 1000) -> dict:
+    """models: the adapter (or base) names to draw from; assign 'zipf' or 'round_robin'."""
+    rng = random.Random(seed)
+    plan = []
+    for i in range(n_requests):
+        m = models[i % len(models)] if assign == "round_robin" else zipf_choice(rng, models, zipf_s)
+        plen, olen = rng.randint(*prompt_len), rng.randint(*output_len)
+        plan.append((m, [rng.randrange(3, vocab) for _ in range(plen)], olen))
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def go(job):
+            async with sem:
+                return await one_request(client, *job)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(go(j) for j in plan))
+        wall = time.perf_counter() - t0
+    return summarize(results, wall)
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if r["status"] == 200 and not r["error"]]
+    ttft = [r["times"][0] - r["start"] for r in ok if r["times"]]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    decode_rates = [(len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in ok
+                    if len(r["times"]) > 2 and r["times"][-1] > r["times"][0]]
+    gen = sum(r["completion_tokens"] for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if r not in ok:
+            k = str(r["status"] or "transport")
+            errors[k] = errors.get(k, 0) + 1
+    return {
+        "requests": len(results), "ok": len(ok), "errors": errors, "wall_s": round(wall, 3),
+        "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+        "throughput_tok_s": round(gen / wall, 1) if wall > 0 else None,
+        "per_stream_decode_tok_s_p50": _r(pct(decode_rates, 50)),
+        "ttft_s_p50": _r(pct(ttft, 50)), "ttft_s_p99": _r(pct(ttft, 99)),
+        "itl_ms_p50": _r(pct(itl, 50), 1000), "itl_ms_p99": _r(pct(itl, 99), 1000),
+        "e2e_s_p50": _r(pct([r["end"] - r["start"] for r in ok], 50)),
+    }
+
+
+def _r(x, scale=1.0):
+    return None if x is None else round(x * scale, 4)
+
+
+def list_adapters(url: str) -> tuple[str, list[str]]:
+    data = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    base = next(m["id"] for m in data if not m.get("parent"))
+    return base, [m["id"] for m in data if m.get("parent")]
+
+
+def cmd_load(a) -> int:
+    base, adapters = list_adapters(a.url)
+    rows = []
+    for T in [int(x) for x in a.adapters.split(",")]:
+        if T > len(adapters):
+            print(f"T={T}: the server has only {len(adapters)} adapters; skipped", file=sys.stderr)
+            continue
+        models = [base] if T == 0 else adapters[:T]
+        res = asyncio.run(run_load(a.url, models, a.requests, a.concurrency, parse_range(a.prompt_len),
+                                   parse_range(a.output_len), a.zipf, a.seed, vocab=a.vocab))
+        res.update(adapters=T, concurrency=a.concurrency)
+        rows.append(res)
+        print_table([res], ["adapters", "concurrency"])
+    out = {"url": a.url, "base": base, "zipf_s": a.zipf, "prompt_len": a.prompt_len, "output_len": a.output_len,
+           "results": rows}
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    if a.plot and len(rows) > 1:
+        plot_throughput(rows, a.plot)
+    return 0 if all(not r["errors"] for r in rows) else 1
+
+
+def plot_throughput(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["adapters"] for r in rows], [r["throughput_tok_s"] for r in rows], marker="o")
+    ax.set_xscale("symlog", base=2)
+    ax.set_xlabel("distinct adapters (T)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"throughput vs adapters ({rows[0].get('concurrency')} streams)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+COLUMNS = ["throughput_tok_s", "per_stream_decode_tok_s_p50", "ttft_s_p50", "ttft_s_p99", "itl_ms_p50",
+           "itl_ms_p99", "ok", "errors"]
+
+
+def print_table(rows: list[dict], keys: list[str]) -> None:
+    cols = keys + COLUMNS
+    print(" | ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{str(r.get(c)):>14}" for c in cols), flush=True)
+
+
+# --- in-process server ------------------------------------------------------------------------------
+
+
+class InProcessServer:
+    """uvicorn in a thread on a free loopback port, over an already loaded model."""
+
+    def __init__(self, settings, lm):
+        import socket
+
+        import uvicorn
+
+        from scaleserve.server.main import create_app
+
+        self.app = create_app(settings, lm=lm)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() - t0 > 900:
+                raise RuntimeError("server failed to start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+# --- GPU side-by-side ---------------------------------------------------------------------------------
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read and written."""
+    import torch
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 20
+    for _ in range(reps):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n * reps / (start.elapsed_time(end) / 1e3)
+
+
+def decode_weight_bytes(lm) -> int:
+    """Bytes one batch-1 decode step must read: every quantized linear (codes, zeros, scales, bias),
+    the lm_head (or tied embedding) and the norms; one embedding row is negligible."""
+    m = lm.model
+    total = 0
+    for q in m.quant_linears().values():
+        for t in (q.packed, q.zeros, q.scales, getattr(q, "alphas", None), getattr(q, "betas", None), q.bias):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    head = m.embed.weight if m.lm_head is None else getattr(m.lm_head, "weight", None)
+    if head is not None and not m.quantize_lm_head:
+        total += head.numel() * head.element_size()
+    for name, p in m.named_parameters():
+        if "norm" in name:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def hf_bf16_from(lm):
+    """transformers LlamaForCausalLM with our int4 weights dequantized to bf16 (same function)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from scaleserve.kernels.quant import dequantize_rtn, unpack_int4
+
+    a = lm.model.args
+    cfg = lm.hf_config
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    dev = lm.device
+    hf = hf.to_empty(device=dev).to(torch.bfloat16)
+    sd = {}
+    m = lm.model
+    hd = a.head_dim
+    for i, layer in enumerate(m.layers):
+        def deq(q):
+            return dequantize_rtn(unpack_int4(q.packed, q.in_features), q.zeros, q.scales, q.group_size).to(
+                torch.bfloat16)
+
+        qkv = deq(layer.attn.qkv)
+        qw, kw, vw = qkv.split([a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd])
+        gate, up = deq(layer.mlp.gate_up).chunk(2)
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": qw, p + "self_attn.k_proj.weight": kw,
+                   p + "self_attn.v_proj.weight": vw, p + "self_attn.o_proj.weight": deq(layer.attn.o),
+                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": deq(layer.mlp.down),
+                   p + "input_layernorm.weight": layer.input_norm.weight,
+                   p + "post_attention_layernorm.weight": layer.post_attn_norm.weight})
+    sd["model.embed_tokens.weight"] = m.embed.weight
+    sd["model.norm.weight"] = m.norm.weight
+    sd["lm_head.weight"] = m.embed.weight if m.lm_head is None else m.lm_head.weight
+    hf.load_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()}, strict=False, assign=True)
+    hf.tie_weights()
+    hf.model.rotary_emb.to(dev)
+    for buf_name, buf in hf.named_buffers():  # rebuild rotary inv_freq off the meta device
+        if "inv_freq" in buf_name:
+            mod = hf.get_submodule(buf_name.rsplit(".", 1)[0])
+            inv, _ = __import__("scaleserve.server.model", fromlist=["rope_inv_freq"]).rope_inv_freq(cfg, hd)
+            mod.inv_freq = inv.to(dev)
+            if hasattr(mod, "original_inv_freq"):
+                mod.original_inv_freq = mod.inv_freq
+    return hf.eval()
+
+
+def hf_decode_tok_s(lm, new_tokens: int = 128) -> float:
+    import torch
+
+    hf = hf_bf16_from(lm)
+    ids = torch.randint(3, 1000, (1, 16), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = hf.generate(ids, **kw)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return n / dt
+
+
+def make_adapters(lm, out_dir: Path, n: int, seed: int = 0) -> list[str]:
+    """n per-channel PEQA adapters (identity x random factors in [0.9, 1.1])."""
+    import torch
+
+    from scaleserve.adapters.format import identity_adapter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    base = identity_adapter(lm, "peqa", per_channel=True)
+    for i in range(n):
+        name = f"a{i:03d}"
+        path = out_dir / f"{name}.safetensors"
+        if not path.exists():
+            t = {k: v * (0.9 + 0.2 * torch.rand(v.shape, generator=g)) for k, v in base.tensors.items()}
+            type(base)(base.kind, name, base.base_fingerprint, t).save(path)
+        names.append(name)
+    return names
+
+
+def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
+    import torch
+
+    from scaleserve.server.loader import load_model
+    from scaleserve.server.settings import Settings
+
+    print(f"\n=== {label}: {model_dir}", flush=True)
+    lm = load_model(model_dir, device="cuda")
+    res: dict = {"model": label, "dir": str(model_dir)}
+    wbytes = decode_weight_bytes(lm)
+    bw = copy_bandwidth(lm.device)
+    res.update(weight_bytes=wbytes, copy_bandwidth_GBs=round(bw / 1e9, 1),
+               floor_batch1_tok_s=round(bw / wbytes, 1))
+    print(f"weights read per decode step {wbytes / 2**30:.2f} GiB; copy bandwidth {bw / 1e9:.0f} GB/s; "
+          f"batch-1 floor {bw / wbytes:.0f} tok/s", flush=True)
+    if not args.skip_hf:
+        try:
+            res["hf_bf16_batch1_tok_s"] = round(hf_decode_tok_s(lm), 1)
+            print(f"HF transformers bf16 generate, batch 1: {res['hf_bf16_batch1_tok_s']} tok/s", flush=True)
+        except Exception as e:  # the comparison must not sink the run
+            res["hf_error"] = repr(e)
+            print(f"HF baseline failed: {e!r}", flush=True)
+    names = make_adapters(lm, work / f"{label}-adapters", args.streams)
+    vocab = lm.model.args.vocab_size
+    settings = Settings(model=str(model_dir), device="cuda", served_model_name=label, adapters=work / f"{label}-adapters",
+                        data_dir=work / "data", max_num_seqs=max(64, args.streams),
+                        gpu_adapter_slots=max(64, args.streams) + 8, kv_cache_memory_fraction=args.kv_fraction,
+                        max_num_batched_tokens=args.max_num_batched_tokens, log_level="warning")
+    scen = []
+    with InProcessServer(settings, lm) as srv:
+        def load(models, n, conc, plen, olen, assign="round_robin"):
+            return asyncio.run(run_load(srv.url, models, n, conc, (plen, plen), (olen, olen), assign=assign,
+                                        vocab=vocab))
+
+        # batch-1 decode
+        load([label], 1, 1, 16, 32)  # warm-up: compiles, captures the batch-1 graph
+        r = load([label], 1, 1, 16, args.batch1_tokens)
+        r["scenario"] = "batch-1 decode (base)"
+        scen.append(r)
+        print_table([r], ["scenario"])
+        for scen_name, models in ((f"{args.streams} streams, 1 adapter", names[:1]),
+                                  (f"{args.streams} streams, {args.streams} adapters", names[: args.streams])):
+            load(models, args.streams, args.streams, args.prompt_len, 32)  # warm-up: graphs, autotune, slab
+            r = load(models, args.streams, args.streams, args.prompt_len, args.output_len)
+            r["scenario"] = scen_name
+            scen.append(r)
+            print_table([r], ["scenario"])
+        res["engine"] = {"kv_blocks": srv.app.state.engine.kv.num_blocks,
+                         "graphs": sorted(map(list, (srv.app.state.engine.graphs.graphs
+                                                      if srv.app.state.engine.graphs else {})))}
+    res["scenarios"] = scen
+    one, many = scen[1]["throughput_tok_s"], scen[2]["throughput_tok_s"]
+    res["multi_adapter_ratio"] = round(many / one, 3) if one else None
+    res["batch1_tok_s"] = scen[0]["per_stream_decode_tok_s_p50"]
+    del lm, srv
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def cmd_gpu(a) -> int:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_random_model import make_random_model
+
+    if not torch.cuda.is_available():
+        print("gpu mode needs CUDA", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(a), "models": []}
+    models = []
+    for preset in a.models.split(","):
+        if preset == "smollm2-135m" and a.smollm2_dir:
+            models.append(("smollm2-135m", Path(a.smollm2_dir)))
+        else:
+            models.append((preset, make_random_model(work / f"random-{preset}", preset, device="cuda")))
+    for label, d in models:
+        try:
+            results["models"].append(bench_model(label, d, work, a))
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            results["models"].append({"model": label, "error": repr(e)})
+        (out / "serve_gpu.json").write_text(json.dumps(results, indent=2, default=str))
+    print("\n=== summary (" + results["device"] + ")")
+    print(f"{'model':>14} | {'batch-1 tok/s':>13} | {'floor tok/s':>11} | {'HF bf16 tok/s':>13} | "
+          f"{'64x1 tok/s':>10} | {'64x64 tok/s':>11} | {'ratio':>6}")
+    for r in results["models"]:
+        if "error" in r:
+            print(f"{r['model']:>14} | error: {r['error']}")
+            continue
+        s = r["scenarios"]
+        print(f"{r['model']:>14} | {str(r['batch1_tok_s']):>13} | {r['floor_batch1_tok_s']:>11} | "
+              f"{str(r.get('hf_bf16_batch1_tok_s')):>13} | {s[1]['throughput_tok_s']:>10} | "
+              f"{s[2]['throughput_tok_s']:>11} | {str(r['multi_adapter_ratio']):>6}")
+    print(f"wrote {out / 'serve_gpu.json'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lo = sub.add_parser("load", help="load generator against a running server")
+    lo.add_argument("--url", default="http://127.0.0.1:8000")
+    lo.add_argument("--concurrency", type=int, default=32)
+    lo.add_argument("--requests", type=int, default=128)
+    lo.add_argument("--adapters", default="1", help="comma list of T (0 = the base model)")
+    lo.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity")
+    lo.add_argument("--prompt-len", default="32:256", help="uniform range LO:HI of prompt tokens")
+    lo.add_argument("--output-len", default="32:256", help="uniform range LO:HI of generated tokens")
+    lo.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--json")
+    lo.add_argument("--plot", help="PNG of throughput vs T")
+    lo.set_defaults(func=cmd_load)
+    g = sub.add_parser("gpu", help="side-by-side GPU benchmark in one process")
+    g.add_argument("--out", default="out/bench-serve")
+    g.add_argument("--work", default="/tmp/scaleserve-bench", help="random models, adapters, store")
+    g.add_argument("--models", default="llama2-7b,smollm2-135m")
+    g.add_argument("--smollm2-dir", help="a converted SmolLM2 model dir (default: a random one of its shape)")
+    g.add_argument("--streams", type=int, default=64)
+    g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--output-len", type=int, default=256)
+    g.add_argument("--batch1-tokens", type=int, default=256)
+    g.add_argument("--kv-fraction", type=float, default=0.5)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--skip-hf", action="store_true")
+    g.set_defaults(func=cmd_gpu)
+    a = p.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
