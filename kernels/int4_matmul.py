@@ -26,10 +26,10 @@ of x itself and the float32 accumulation. 3-bit codes ride in the same 4-bit con
 planes j >= bits are simply not used).
 
 Layout (built once per weight by `repack`, kept in QuantLinear._kernel_state):
-  codes_t [Kh_pad, N_pad] uint8   byte kk of column n holds Q[n, 2kk] (low nibble) and Q[n, 2kk+1]
-                                  (high nibble): the original packing transposed so that a
-                                  [BLOCK_K/2, BLOCK_N] tile is BLOCK_K/2 rows of contiguous bytes;
-                                  zero padded so the hot loop needs no masks.
+  codes_t [N_pad, Kh_pad] uint8   the original packing (byte kk of row n holds Q[n, 2kk] in the low
+                                  nibble, Q[n, 2kk+1] in the high one), zero padded so the hot loop
+                                  needs no masks; a [BLOCK_N, BLOCK_K/2] tile of contiguous bytes is
+                                  transposed for the dot, so each thread's k pairs are adjacent bytes.
   zeros_t, scales_t [G, N_pad]    base zero points / base scales, float32, N contiguous.
 Slab tables are read in place through their strides; group-wise tables of the slab ([S, N, G],
 G contiguous) are gathered badly by a [rows, BLOCK_N] tile, so adapted_linear keeps an N-contiguous
@@ -192,7 +192,7 @@ def _accumulate_block(
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _adapted_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t [Kh_pad, N_pad] u8, zeros_t / scales_t [G, N_pad] f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t [N_pad, Kh_pad] u8, zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr, alpha_ptr, beta_ptr,  # slab tables (any float dtype, read through strides)
     chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # [M] int32
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, per-tile arrival counters (zero)
