@@ -190,3 +190,11 @@ def test_queue_full_gives_429(start_server, adapter_files):
             assert second.result().status_code == 200
     finally:
         engine.step = step
+
+
+@pytest.mark.slow
+def test_smollm2_chat_through_the_server(start_server, smollm2_dir):
+    s = start_server(model=str(smollm2_dir), served_model_name="smollm2", kv_cache_max_blocks=64)
+    r = client(s).chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
