@@ -201,13 +201,10 @@ def _uvicorn_server_class():
     return DrainingServer
 
 
-_FLAG_FIELDS = ("model", "host", "port", "device", "adapters", "adapter_store", "served_model_name", "max_num_seqs",
-                "max_waiting", "max_model_len", "api_keys_file", "data_dir", "log_level")
-
-
 def settings_from_args(args) -> Settings:
-    """CLI flags (those given) over SCALESERVE_* environment variables over defaults."""
-    over = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
+    """CLI flags (those given: not None) over SCALESERVE_* environment variables over defaults. Any
+    `serve` flag whose dest is a Settings field is picked up, so new flags need no change here."""
+    over = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**over)
 
 
