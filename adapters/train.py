@@ -4,7 +4,7 @@ Quantization as a module swap, for training too: every QuantLinear of the loaded
 swapped for a TrainableQuantLinear that holds this task's adapter tensors as nn.Parameters and
 computes y = x @ W^T with a custom autograd Function. W is re-dequantized from the frozen int4
 codes in the forward AND again in the backward, one layer at a time, so no dense copy of the
-model is ever kept: memory is the int4 model + activations + one layer's transient weight.
+model is ever kept: memory is the int4 model + activations + one layer's transient weight and code index.
 
 Per linear with N outputs, K inputs, G groups (g(k) = the group of column k), Q the codes, z the
 zero points, s0 the base scales, b the bits; gW = gy^T x [N, K] is the weight gradient:
@@ -13,8 +13,9 @@ zero points, s0 the base scales, b the bits; gW = gy^T x [N, K] is the weight gr
   alphatuning     W = sum_i a_i[n,g(k)] (2 bit_i(Q) - 1) + beta[n,g(k)]
                                                  dL/da_i[n,g] = sum_{k in g} gW[n,k] (2 bit_i(Q) - 1)
                                                  dL/dbeta[n,g] = sum_{k in g} gW[n,k]
-The forward applies exactly the operations of kernels.reference.adapted_linear_ref, so a trained
-adapter served on CPU reproduces the training-time logits bit for bit (tests/adapters/test_train.py).
+Each weight element is computed with exactly the float operations of kernels.reference.adapted_linear_ref
+(through a small per-(row, group, code) table, see levels()), so a trained adapter served on CPU
+reproduces the training-time logits bit for bit (tests/adapters/test_train.py).
 
 What the optimizer sees: each adapter tensor is an anchor (the base, or the --init adapter) times
 a trainable multiplier that starts at 1 (PEQA scales, AlphaTuning alphas), or, for AlphaTuning

@@ -31,6 +31,15 @@ CONFIGS = [("peqa", "channel"), ("peqa", "group"), ("alphatuning", "channel"), (
 WORDS = ["red", "green", "blue", "robot", "Bolt", "Paris", "count", "numbers", "colours", "task"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core CI box makes them thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     return load_model(tiny_model_dir)  # our own copy: the slab tests attach tables to it
