@@ -60,6 +60,12 @@ class _Slot:
     retired: bool = False  # a newer version replaced it / it was deleted: free at the last unpin
 
 
+def _n_major(S: int, N: int, G: int, device) -> torch.Tensor:
+    """An [S, N, G] float32 table stored with N contiguous: a kernel tile of [rows, BLOCK_N] gathers
+    one group's values for BLOCK_N outputs in one coalesced read, and needs no copy."""
+    return torch.empty(S, G, N, device=device).transpose(1, 2)
+
+
 class AdapterSlab:
     def __init__(self, model, chan_slots: int = 64, group_slots: int = 4, alpha_slots: int = 16,
                  host_slots: int = 0):
@@ -78,11 +84,11 @@ class AdapterSlab:
             if self.bcq_base:
                 m.slab_scales = None
             else:
-                m.slab_scales = torch.empty(self.capacity["group"], N, G, device=self.device)
+                m.slab_scales = _n_major(self.capacity["group"], N, G, self.device)
                 m.slab_scales[0] = m.scales.float()
             a, beta = m.base_alphas()
-            m.slab_alphas = torch.empty(self.capacity["alpha"], b, N, G, device=self.device)
-            m.slab_betas = torch.empty(self.capacity["alpha"], N, G, device=self.device)
+            m.slab_alphas = _n_major(self.capacity["alpha"] * b, N, G, self.device).unflatten(0, (-1, b))
+            m.slab_betas = _n_major(self.capacity["alpha"], N, G, self.device)
             m.slab_alphas[0], m.slab_betas[0] = a, beta
             m.invalidate_caches()
         self._free = {t: list(range(self.capacity[t] - 1, 0, -1)) for t in TABLES}
