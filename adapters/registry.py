@@ -115,7 +115,7 @@ class AdapterRegistry:
         if slab is None:
             slab = AdapterSlab(lm.model, chan_slots=settings.gpu_adapter_slots,
                                group_slots=settings.gpu_group_adapter_slots,
-                               alpha_slots=settings.gpu_group_adapter_slots,
+                               alpha_slots=settings.gpu_alpha_adapter_slots,
                                host_slots=settings.host_adapter_cache)
         if store is None:
             store = open_store(settings.store_url(), settings)

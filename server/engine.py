@@ -215,7 +215,6 @@ class Engine:
         self.eos = frozenset(eos_ids(lm))
         self.tokenizer = lm.tokenizer
         self.linears = list(model.quant_linears().values())
-        self._slab_versions = None
         self.graphs = None
         if self.device.type == "cuda" and settings.cuda_graphs:
             self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device)
@@ -313,7 +312,6 @@ class Engine:
                 time.sleep(0.001)  # waiting on an adapter slot / KV that nobody will free: avoid a hot spin
             return
         self.steps += 1
-        self._sync_adapter_copies()
         seqs = [s for s, _ in sched]
         logits = self._forward(sched)
         # rows whose last prompt token was computed (or decodes) sample; chunk-interior rows do not
@@ -401,33 +399,6 @@ class Engine:
         bt = take(B * W).view(B, W).int()
         return Batch(tokens, pos_t, slot_t, bt, seq_lens, qs, logits_index,
                      RowAdapters(r[0], r[1], r[2], mode), int(counts.max()))
-
-    def _sync_adapter_copies(self) -> None:
-        """The CUDA int4 kernel reads group/alpha slab tables through N-contiguous copies it caches
-        per layer (int4_matmul._n_major). A captured graph holds those copies' addresses, so when an
-        adapter is written into the slab, refresh the copies in place instead of letting the kernel
-        allocate new ones."""
-        if self.device.type != "cuda" or not self.linears:
-            return
-        first = self.linears[0]
-        versions = tuple(t._version for t in (first.slab_scales, first.slab_alphas, first.slab_betas)
-                         if t is not None)
-        if versions == self._slab_versions:
-            return
-        self._slab_versions = versions
-        for m in self.linears:
-            st = getattr(m, "_kernel_state", None)
-            cache = getattr(st, "n_major", None)
-            if not cache:
-                continue
-            for name, table in (("scales", m.slab_scales), ("alphas", m.slab_alphas), ("betas", m.slab_betas)):
-                hit = cache.get(name)
-                if hit is None or table is None:
-                    continue
-                key = (table.data_ptr(), tuple(table.shape), table._version)
-                if hit[0] != key and hit[1] is not table and hit[1].shape == table.shape:
-                    hit[1].copy_(table)
-                    cache[name] = (key, hit[1])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         B, dev = len(seqs), logits.device

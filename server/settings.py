@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
     store_sync_interval_s: float = Field(2.0, gt=0, description="how often replicas re-read the shared store")
-    gpu_adapter_slots: int = Field(256, ge=1, description="per-channel/alpha adapters resident on the device")
+    gpu_adapter_slots: int = Field(256, ge=1, description="per-channel PEQA adapters resident on the device")
     gpu_group_adapter_slots: int = Field(8, ge=1, description="group-wise PEQA adapters resident on the device")
+    gpu_alpha_adapter_slots: int = Field(8, ge=1, description="AlphaTuning adapters resident on the device")
     host_adapter_cache: int = Field(1024, ge=0, description="adapters kept in pinned host memory")
     max_adapter_bytes: int = Field(1 << 30, ge=1024)
 
