@@ -265,5 +265,6 @@ class AdapterSlab:
             idx.extend([self.row_indices(ref)] * n)
         if pad_to is not None:
             idx.extend([self.row_indices(BASE)] * (pad_to - len(idx)))
-        t = torch.tensor(idx, dtype=torch.int32).reshape(-1, 3).to(self.device)
-        return RowAdapters(t[:, 0], t[:, 1], t[:, 2], self.mode_for(refs))
+        # [3, M] so each index vector is contiguous (the kernels read them with unit stride)
+        t = torch.tensor(idx, dtype=torch.int32).reshape(-1, 3).T.contiguous().to(self.device)
+        return RowAdapters(t[0], t[1], t[2], self.mode_for(refs))

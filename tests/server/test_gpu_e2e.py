@@ -30,8 +30,33 @@ def _tokens_both_ways(lm, prompts, adapters, n):
     fast, _ = generate_ids(lm, prompts, adapters, max_new_tokens=n, stop_ids=set())
     lm.model.set_kernels(False)
     ref, _ = generate_ids(lm, prompts, adapters, max_new_tokens=n, stop_ids=set())
-    lm.model.set_kernels(True)
     return fast, ref
+
+
+def _reference_logits(lm, ids, adapter):
+    """Dense forward with the torch reference and `adapter`: logits [len(ids), V] (float32)."""
+    from scaleserve.adapters.format import BaseSpec, validate
+    from scaleserve.adapters.slab import BASE, AdapterSlab
+
+    slab = AdapterSlab(lm.model, 1, 1, 1)
+    ref = BASE if adapter is None else slab.write(validate(adapter, BaseSpec.from_model(lm)))
+    x = torch.tensor([ids], device="cuda")
+    return lm.model.forward_dense(x, slab.rows([ref], [len(ids)]))[0]
+
+
+def assert_same_greedy_tokens(lm, prompts, adapters, fast, ref, rel_margin=0.01):
+    """Kernel and reference tokens agree; where they part, the reference's own top two logits
+    were within `rel_margin` of the largest logit (a bf16 rounding tie, not a wrong result)."""
+    lm.model.set_kernels(False)
+    for p, a, f, r in zip(prompts, adapters, fast, ref):
+        j = next((j for j, (x, y) in enumerate(zip(f, r)) if x != y), None)
+        if j is None:
+            continue
+        logits = _reference_logits(lm, p + r[:j], a)[-1]
+        margin = float(logits[r[j]] - logits[f[j]])
+        limit = rel_margin * float(logits.abs().max())
+        assert 0 <= margin <= limit, f"row parts at token {j}: reference margin {margin:.4f} > {limit:.4f}"
+    lm.model.set_kernels(True)
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260K not present")
@@ -43,7 +68,8 @@ def test_stories260k_kernels_match_reference(tmp_path, method, group_size):
                ["Once upon a time", "The little dog", "One day, Lily", "Tom had a red ball", "The sun", "Mom said"]]
     adapters = _mixed_adapters(lm, len(prompts), method == "bcq")
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 24)
-    assert fast == ref
+    assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)
+    assert sum(f == r for f, r in zip(fast, ref)) >= len(ref) - 1  # ties are rare
 
 
 def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
@@ -56,6 +82,4 @@ def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
     prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (5, 17, 9, 33)]
     adapters = _mixed_adapters(lm, len(prompts), False)
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 8)
-    agree = sum(a == b for f, r in zip(fast, ref) for a, b in zip(f, r)) / sum(len(r) for r in ref)
-    # random weights leave near-ties; bf16 kernels vs the fp32 reference may flip one late token
-    assert fast[0][:4] == ref[0][:4] and agree >= 0.9, (fast, ref)
+    assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
+#   bash bench/gpu_session.sh [tests] [serve] [adapters] [quality]     results under $OUT
+# The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
+# downloads those wheels here, and this script installs them into /tmp/site.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT" /tmp/ns/scaleserve
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl
+for d in kernels server adapters; do ln -sfn "$PWD/$d" "/tmp/ns/scaleserve/$d"; done  # namespace package
+export PYTHONPATH=/tmp/ns:/tmp/site PYTHONUNBUFFERED=1 SCALESERVE_STORIES260K=$PWD/.carry/stories260K
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests serve adapters)
+for step in "${steps[@]}"; do
+  case $step in
+    tests) python3 -m pytest -q -x -p no:cacheprovider tests/server/test_gpu_e2e.py tests/kernels/test_attention.py \
+             2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    serve) python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -30 ;;
+    adapters) python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 | tee "$OUT/adapters.log" | tail -20 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
