@@ -289,6 +289,320 @@ def _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym,
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+
+# --- decode GEMV (M <= GEMV_MAX_M): CUDA cores, no tensor cores, no shared-memory operands -----
+#
+# codes_t viewed as int32 [N_pad, Kh_pad/4]: word w of row n holds Q[n, 8w + i] in nibble i (the
+# original little-endian packing), so a [BLOCK_N, BK/8] tile is 16-byte loads of contiguous words.
+# Nibble i is turned into a float without shifts or int->float converts: OR-ing the nibble, kept
+# in place at bit 4p, into the mantissa of 2**23 gives exactly 2**23 + Q * 16**p (p <= 4; nibbles
+# 5..7 come from the word shifted right by 12), and one FMA, * 16**-p - (2**(23-4p) + z), leaves
+# Q - z exactly: three instructions per code (LOP3, FFMA, and the FFMA with x).
+# Partial sums stay in the [BLOCK_N, BK/8] tile layout across groups (per-group scales multiply
+# the tile elementwise) and are reduced over K once, at the end.
+
+
+def _gcfg(bn, sk, warps=4):
+    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=warps, num_stages=1)
+
+
+GEMV_CONFIGS = [_gcfg(64, 4), _gcfg(64, 8), _gcfg(128, 4), _gcfg(128, 8), _gcfg(32, 8), _gcfg(64, 16)]
+GEMV_MAX_M = 4
+INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1}
+
+
+@triton.jit
+def _nibble_f32(w, w_hi, I: tl.constexpr):
+    """w, w_hi = w >> 12: [BN, BKW] int32 -> Q_i float32 (nibble I of each word), exact.
+
+    P = I for nibbles 0..4 (read in place from w), I - 3 for nibbles 5..7 (from w_hi): the bits
+    OR-ed into the mantissa of 2**23 make 2**23 + Q * 16**P, and one FMA by 16**-P (exact) minus
+    2**(23-4P) leaves Q (an integer: no rounding).
+    """
+    if I <= 4:
+        v = (w & (0xF << (4 * I))) | 0x4B000000
+        inv: tl.constexpr = 1.0 / (16 ** I)
+        off: tl.constexpr = 2.0 ** (23 - 4 * I)
+    else:
+        v = (w_hi & (0xF << (4 * (I - 3)))) | 0x4B000000
+        inv: tl.constexpr = 1.0 / (16 ** (I - 3))
+        off: tl.constexpr = 2.0 ** (23 - 4 * (I - 3))
+    return v.to(tl.float32, bitcast=True) * inv - off
+
+
+@triton.jit
+def _sign_bit_f32(w, BIT: tl.constexpr):
+    """w [BN, BKW] int32 -> +1.0 where bit BIT is set, -1.0 where clear (bit moved under the sign of -1.0)."""
+    if BIT == 31:
+        b = w & -2147483648
+    else:
+        b = (w << (31 - BIT)) & -2147483648
+    return (b ^ -1082130432).to(tl.float32, bitcast=True)  # 0xBF800000 = -1.0
+
+
+@triton.jit
+def _x_nibble(x_row, k0, offs_w, K, I: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k0 + 8w + I] for the tile's word columns w (0 past K), float32."""
+    offs_k = k0 + offs_w * 8 + I
+    if EVEN_K:
+        xv = tl.load(x_row + offs_k)
+    else:
+        xv = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
+    return xv.to(tl.float32)
+
+
+@triton.jit
+def _gemv_row_block(acc, corr, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok, x_row, K, g,
+                    sidx, is_alpha, arow, s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc,
+                    stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
+                    stride_bs, stride_bn, stride_bg,
+                    MODE: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                    CODE_MID: tl.constexpr, EVEN_K: tl.constexpr):
+    """One row, one K block (inside group g): acc [BN, BKW] and corr [BN] updated.
+
+    Modes 1/2: y = sum_g s_g (x_g . Q_g - z_g X_g): acc gathers s_g * (x . Q) per word column,
+    corr gathers s_g z_g X_g (X_g = sum of x over the block), so no per-column value is needed
+    in the tile's layout but the one group scale. Mode 3: bit planes, corr unused.
+    """
+    x0 = _x_nibble(x_row, k0, offs_w, K, 0, EVEN_K)
+    x1 = _x_nibble(x_row, k0, offs_w, K, 1, EVEN_K)
+    x2 = _x_nibble(x_row, k0, offs_w, K, 2, EVEN_K)
+    x3 = _x_nibble(x_row, k0, offs_w, K, 3, EVEN_K)
+    x4 = _x_nibble(x_row, k0, offs_w, K, 4, EVEN_K)
+    x5 = _x_nibble(x_row, k0, offs_w, K, 5, EVEN_K)
+    x6 = _x_nibble(x_row, k0, offs_w, K, 6, EVEN_K)
+    x7 = _x_nibble(x_row, k0, offs_w, K, 7, EVEN_K)
+    x_cols = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BKW]
+    if MODE != 3:
+        part = wq0 * x0[None, :]
+        part += wq1 * x1[None, :]
+        part += wq2 * x2[None, :]
+        part += wq3 * x3[None, :]
+        part += wq4 * x4[None, :]
+        part += wq5 * x5[None, :]
+        part += wq6 * x6[None, :]
+        part += wq7 * x7[None, :]
+        x_sum = tl.sum(x_cols, 0)
+        if ONE_GROUP:
+            acc += part
+            corr += zc * x_sum
+        else:
+            if MODE == 1:
+                s = tl.load(s0_ptr + g * stride_zg + offs_n)
+            else:
+                s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn + g * stride_sg, mask=n_ok,
+                            other=0.0).to(tl.float32)
+            acc += part * s[:, None]
+            corr += (s * zc) * x_sum
+    else:
+        # bit planes: S_j = sum_k x_k (2 bit_j(Q_k) - 1); X_g = sum_k x_k (kept per word column)
+        a_ok = n_ok & is_alpha
+        p_ok = n_ok & (~is_alpha)
+        if HAS_ZEROS:
+            s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn + g * stride_sg, mask=p_ok,
+                        other=0.0).to(tl.float32)
+            peqa_x = s * (CODE_MID - zc)
+        else:  # bcq base: every row is an alpha row
+            s = tl.zeros_like(zc)
+            peqa_x = s
+        beta = tl.load(beta_ptr + arow * stride_bs + offs_n * stride_bn + g * stride_bg, mask=a_ok,
+                       other=0.0).to(tl.float32)
+        acc += tl.where(is_alpha, beta, peqa_x)[:, None] * x_cols[None, :]
+        pow2 = 0.5  # 2**(j-1): a PEQA row's plane weight
+        for j in tl.static_range(BITS):
+            plane = _sign_bit_f32(w, j) * x0[None, :]
+            plane += _sign_bit_f32(w, 4 + j) * x1[None, :]
+            plane += _sign_bit_f32(w, 8 + j) * x2[None, :]
+            plane += _sign_bit_f32(w, 12 + j) * x3[None, :]
+            plane += _sign_bit_f32(w, 16 + j) * x4[None, :]
+            plane += _sign_bit_f32(w, 20 + j) * x5[None, :]
+            plane += _sign_bit_f32(w, 24 + j) * x6[None, :]
+            plane += _sign_bit_f32(w, 28 + j) * x7[None, :]
+            a = tl.load(alpha_ptr + arow * stride_as + j * stride_aj + offs_n * stride_an + g * stride_ag,
+                        mask=a_ok, other=0.0).to(tl.float32)
+            acc += plane * tl.where(is_alpha, a, s * pow2)[:, None]
+            pow2 = pow2 * 2.0
+    return acc, corr
+
+
+@triton.jit
+def _gemv_row_out(acc, corr, m, M, offs_n, n_ok, sidx, is_alpha, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr, chan_ptr,
+                  scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
+                  MODE: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Row m: reduce acc over K, apply the epilogue factors, store y (or park the split's partial)."""
+    row_ok = m < M
+    y_m = tl.sum(acc, 1) - corr  # [BN]
+    if ONE_GROUP and MODE == 1:
+        y_m *= tl.load(s0_ptr + offs_n)
+    if ONE_GROUP and MODE == 2:
+        s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn, mask=n_ok, other=0.0)
+        y_m *= s.to(tl.float32)
+    cidx = tl.load(chan_idx_ptr + m, mask=row_ok, other=0).to(tl.int64)
+    chan = tl.load(chan_ptr + cidx * stride_cs + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if MODE == 3:
+        chan = tl.where(is_alpha, 1.0, chan)
+    y_m *= chan
+    out_ok = n_ok & row_ok
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y_m += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, y_m.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, y_m, mask=out_ok)
+
+
+@triton.jit
+def _gemv_row_finish(m, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym,
+                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    out_ok = n_ok & (m < M)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for sk in tl.static_range(SPLIT_K):
+        total += tl.load(ws_ptr + (sk * M + m) * N + offs_n, mask=out_ok, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_int4_kernel(
+    x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, Kh_pad/4], zeros_t / scales_t [G, N_pad] f32
+    chan_ptr, scale_ptr, alpha_ptr, beta_ptr,
+    chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,
+    ws_ptr, cnt_ptr,
+    M, N, K, G,
+    stride_xm, stride_ym, stride_qn, stride_zg,
+    stride_cs,
+    stride_ss, stride_sn, stride_sg,
+    stride_as, stride_aj, stride_an, stride_ag,
+    stride_bs, stride_bn, stride_bg,
+    MODE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, CODE_MID: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """y[m, n] for every row m < M <= ROWS (1, 2 or 4) in one program per (column tile, K split)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BKW: tl.constexpr = BLOCK_K // 8
+    ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BKW)
+    n_ok = offs_n < N
+    q_rows = q_ptr + offs_n[:, None] * stride_qn + offs_w[None, :]  # [BN, BKW] (padded: unmasked)
+
+    num_kb = tl.cdiv(K, BLOCK_K)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+
+    # rows 0..3 (ROWS is 1, 2 or 4; a row m >= M reads row M-1's x and is never stored)
+    sidx0 = tl.load(scale_idx_ptr + 0).to(tl.int64)
+    aidx0 = tl.load(alpha_idx_ptr + 0)
+    sidx1 = tl.load(scale_idx_ptr + 1, mask=1 < M, other=0).to(tl.int64)
+    aidx1 = tl.load(alpha_idx_ptr + 1, mask=1 < M, other=-1)
+    sidx2 = tl.load(scale_idx_ptr + 2, mask=2 < M, other=0).to(tl.int64)
+    aidx2 = tl.load(alpha_idx_ptr + 2, mask=2 < M, other=-1)
+    sidx3 = tl.load(scale_idx_ptr + 3, mask=3 < M, other=0).to(tl.int64)
+    aidx3 = tl.load(alpha_idx_ptr + 3, mask=3 < M, other=-1)
+    acc0 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+    corr0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    corr1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    corr2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    corr3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    kb = kb_lo
+    while kb < kb_hi:  # (a while loop: the interpreter cannot range() over tensor bounds)
+        k0 = kb * BLOCK_K
+        if ONE_GROUP:
+            g = 0
+        else:
+            g = tl.minimum(k0 // GROUP_SIZE, G - 1)  # BLOCK_K == GROUP_SIZE
+        w = tl.load(q_rows + kb * BKW, eviction_policy="evict_first")  # [BN, BKW] int32
+        if HAS_ZEROS:
+            zc = tl.load(zero_ptr + g * stride_zg + offs_n)  # [BN] (padded)
+        else:
+            zc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if MODE != 3:  # the 8 nibble tiles Q (float32), shared by every row
+            w_hi = w >> 12
+            wq0 = _nibble_f32(w, w_hi, 0)
+            wq1 = _nibble_f32(w, w_hi, 1)
+            wq2 = _nibble_f32(w, w_hi, 2)
+            wq3 = _nibble_f32(w, w_hi, 3)
+            wq4 = _nibble_f32(w, w_hi, 4)
+            wq5 = _nibble_f32(w, w_hi, 5)
+            wq6 = _nibble_f32(w, w_hi, 6)
+            wq7 = _nibble_f32(w, w_hi, 7)
+        else:
+            wq0 = acc0  # unused: mode 3 works on the sign planes of w
+            wq1 = acc0
+            wq2 = acc0
+            wq3 = acc0
+            wq4 = acc0
+            wq5 = acc0
+            wq6 = acc0
+            wq7 = acc0
+        acc0, corr0 = _gemv_row_block(acc0, corr0, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
+                               x_ptr, K, g, sidx0, aidx0 >= 0, tl.maximum(aidx0, 0).to(tl.int64),
+                               s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
+                               stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
+                               stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+        if ROWS > 1:
+            acc1, corr1 = _gemv_row_block(acc1, corr1, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
+                                   x_ptr + tl.minimum(1, M - 1) * stride_xm, K, g, sidx1, aidx1 >= 0,
+                                   tl.maximum(aidx1, 0).to(tl.int64),
+                                   s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
+                                   stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
+                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+        if ROWS > 2:
+            acc2, corr2 = _gemv_row_block(acc2, corr2, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
+                                   x_ptr + tl.minimum(2, M - 1) * stride_xm, K, g, sidx2, aidx2 >= 0,
+                                   tl.maximum(aidx2, 0).to(tl.int64),
+                                   s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
+                                   stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
+                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+            acc3, corr3 = _gemv_row_block(acc3, corr3, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
+                                   x_ptr + tl.minimum(3, M - 1) * stride_xm, K, g, sidx3, aidx3 >= 0,
+                                   tl.maximum(aidx3, 0).to(tl.int64),
+                                   s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
+                                   stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
+                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+        kb += 1
+
+    _gemv_row_out(acc0, corr0, 0, M, offs_n, n_ok, sidx0, aidx0 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr, chan_ptr,
+                  scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
+                  MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
+    if ROWS > 1:
+        _gemv_row_out(acc1, corr1, 1, M, offs_n, n_ok, sidx1, aidx1 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr,
+                      chan_ptr, scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
+                      MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
+    if ROWS > 2:
+        _gemv_row_out(acc2, corr2, 2, M, offs_n, n_ok, sidx2, aidx2 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr,
+                      chan_ptr, scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
+                      MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
+        _gemv_row_out(acc3, corr3, 3, M, offs_n, n_ok, sidx3, aidx3 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr,
+                      chan_ptr, scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
+                      MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
+    if SPLIT_K > 1:
+        # the last split to arrive at this column tile sums the partials in fixed order and stores y
+        tl.debug_barrier()  # every thread's partial is written before the arrival is published
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            _gemv_row_finish(0, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K, BLOCK_N)
+            if ROWS > 1:
+                _gemv_row_finish(1, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K,
+                                 BLOCK_N)
+            if ROWS > 2:
+                _gemv_row_finish(2, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K,
+                                 BLOCK_N)
+                _gemv_row_finish(3, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K,
+                                 BLOCK_N)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch (and CUDA-graph replays)
+
+
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "FAST", "INTERPRET"]  # + x dtype (added by triton)
 
 
@@ -303,6 +617,9 @@ _decode_kernel = triton.autotune(configs=DECODE_CONFIGS, key=_AUTOTUNE_KEY, do_b
 _gemm_kernel = triton.autotune(configs=GEMM_CONFIGS, key=_AUTOTUNE_KEY, do_bench=_quick_bench, cache_results=True,
                                prune_configs_by={"early_config_prune": _prune_gemm})(_adapted_int4_kernel)
 DECODE_MAX_M = 16
+_GEMV_KEY = ["ROWS", "EVEN_K", "N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS"]  # + x dtype
+_gemv_kernel = triton.autotune(configs=GEMV_CONFIGS, key=_GEMV_KEY, do_bench=_quick_bench,
+                               cache_results=True)(_gemv_int4_kernel)
 
 
 # --- host side -------------------------------------------------------------------------------
@@ -430,6 +747,10 @@ def int4_matmul(
     else:
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
+    gemv = (config is None and M <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
+    if gemv:
+        return _launch_gemv(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
+                            has_zeros, interpret, s_args, a_args, b_args, dummy)
     max_split = MAX_SPLIT_K if M <= GEMM_SPLIT_MAX_M else 1
     if config is not None:
         max_split = config["SPLIT_K"]
@@ -468,6 +789,47 @@ def int4_matmul(
         _decode_kernel[grid](*args, **meta)
     else:
         _gemm_kernel[grid](*args, **meta)
+    return y
+
+
+def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
+                 has_zeros, interpret, s_args, a_args, b_args, dummy):
+    """The decode GEMV (every row in one program per column tile and K split): M <= 4."""
+    M, K = x.shape
+    N = w.N
+    if M > 4:
+        raise ValueError(f"the GEMV path takes at most 4 rows, got {M}")
+    rows = 1 if M == 1 else (2 if M == 2 else 4)
+    block_k = 128 if w.group_size in (-1, 128) else w.group_size
+    if config is None and interpret:
+        config = INTERPRET_GEMV_CONFIG
+    max_split = config["SPLIT_K"] if config is not None else max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
+    ws = torch.empty(max_split * M * N if max_split > 1 else 1, dtype=torch.float32, device=x.device)
+    q32 = w.codes_t.view(torch.int32)  # [N_pad, Kh_pad/4]: word w holds codes 8w..8w+7 (nibble i = code 8w+i)
+    args = (
+        x, y, bias if bias is not None else dummy,
+        q32, w.zeros_t if has_zeros else dummy, w.scales_t if has_zeros else dummy,
+        chan, s_args[0], a_args[0], b_args[0],
+        chan_idx, scale_idx, alpha_idx,
+        ws, _tile_counters(x.device),
+        M, N, K, w.num_groups,
+        x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0) if has_zeros else 0,
+        chan.stride(0),
+        *s_args[1:], *a_args[1:], *b_args[1:],
+    )
+    meta = dict(MODE=mode, BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
+                CODE_MID=((1 << w.bits) - 1) / 2, BLOCK_K=block_k, ROWS=rows, EVEN_K=K % block_k == 0,
+                INTERPRET=interpret)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if config is not None:
+        if config["SPLIT_K"] > 1 and triton.cdiv(N, config["BLOCK_N"]) > _COUNTER_SLOTS:
+            raise ValueError("too many tiles for the split-K counters")
+        _gemv_int4_kernel[grid](*args, **meta, **config)
+    else:
+        _gemv_kernel[grid](*args, **meta)
     return y
 
 

@@ -83,7 +83,8 @@ def make_case(M, N, K, group_size, bits, mode, dist, dtype, bcq=False, bias=Fals
         alphas = (torch.rand(SLOTS, bits, N, G, generator=g) + 0.1) * 0.02
         betas = torch.randn(SLOTS, N, G, generator=g) * 0.02
     else:
-        t["zeros"] = torch.randint(0, qmax + 1, (N, G), generator=g).float()
+        # rtn zero points are floats (kernels/quant.py: z = -min/s puts the group minimum on code 0)
+        t["zeros"] = torch.rand((N, G), generator=g) * qmax
         t["base_scales"] = (torch.rand(N, G, generator=g) + 0.5) * 0.02
         scales = t["base_scales"] * (0.7 + 0.6 * torch.rand(SLOTS, N, G, generator=g))
         scales[0] = t["base_scales"]
@@ -180,6 +181,44 @@ def test_bcq_base(gs):
     check(run_kernel(t, MODE_ALPHA, {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}), reference(t), torch.bfloat16)
 
 
+# --- decode GEMV path (M <= 4, configs without BLOCK_M) ----------------------------------------
+
+GEMV_SHAPE_FOR_GROUP = {-1: (80, 131), 32: (72, 200), 64: (40, 256), 128: (48, 300)}  # 64: K a multiple of BK
+
+
+def _gemv_cases():
+    """Every mode x group size, M in 1..4 rotating; dtype, distribution and split-K rotate too."""
+    out = []
+    for i, (mode, gs) in enumerate(itertools.product((1, 2, 3), (-1, 32, 64, 128))):
+        M = 1 + i % 4
+        dist = DISTS[i % len(DISTS)]
+        dtype = DTYPES[i % len(DTYPES)]
+        split = (1, 2, 3)[i % 3]
+        out.append(pytest.param(mode, M, gs, dist, dtype, split, id=f"m{mode}-M{M}-g{gs}-{dist}-{str(dtype)[6:]}-sk{split}"))
+    return out
+
+
+@pytest.mark.parametrize("mode,M,gs,dist,dtype,split", _gemv_cases())
+def test_gemv_small(mode, M, gs, dist, dtype, split):
+    N, K = GEMV_SHAPE_FOR_GROUP[gs]
+    t = make_case(M, N, K, gs, 4, mode, dist, dtype, bias=(M == 3))
+    check(run_kernel(t, mode, {"BLOCK_N": 16, "SPLIT_K": split}, n_major=(M != 2)), reference(t), dtype)
+
+
+@pytest.mark.parametrize("bcq", (False, True))
+def test_gemv_three_bit_and_bcq(bcq):
+    """3-bit codes in mode 3 (planes j < 3 only) and a bcq base, through the GEMV."""
+    bits = 4 if bcq else 3
+    t = make_case(3, 40, 259, 128, bits, MODE_ALPHA, "zipf", torch.bfloat16, bcq=bcq, bias=True)
+    check(run_kernel(t, MODE_ALPHA, {"BLOCK_N": 32, "SPLIT_K": 2}, n_major=True), reference(t), torch.bfloat16)
+
+
+def test_gemv_default_dispatch():
+    """M <= 4 with no config runs the GEMV (autotuned on CUDA, a fixed config under the interpreter)."""
+    t = make_case(2, 40, 256, 128, 4, MODE_GROUP, "distinct", torch.float16)
+    check(run_kernel(t, MODE_GROUP, n_major=True), reference(t), torch.float16)
+
+
 def _layer_from_case(t, K, N, gs, bits):
     layer = QuantLinear(K, N, bits, gs, "rtn", bias=t["bias"] is not None, device=t["x"].device)
     layer.packed.copy_(pack_int4(t["codes"]))
@@ -263,7 +302,20 @@ def test_llama7b_shapes(shape, M, mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("M", (1, 64))
+@pytest.mark.parametrize("shape", list(LLAMA7B))
+@pytest.mark.parametrize("M", (1, 3))
+@pytest.mark.parametrize("mode", (1, 2, 3))
+def test_llama7b_gemv(shape, M, mode):
+    """The decode GEMV on the real shapes, fixed config (per-channel and group 128 alternate)."""
+    K, N = LLAMA7B[shape]
+    gs = 128 if (M + mode) % 2 else -1
+    t = make_case(M, N, K, gs, 4, mode, "uniform", torch.bfloat16, bias=(shape == "qkv"))
+    check(run_kernel(t, mode, {"BLOCK_N": 128, "SPLIT_K": 8}, n_major=True), reference(t), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", (1, 4, 64))
 def test_autotuned_path(M):
     K, N = LLAMA7B["o"]
     for mode in (MODE_GROUP, MODE_ALPHA):
