@@ -15,7 +15,7 @@ DEST=.carry/wheels
 mkdir -p "$DEST"
 # fastapi + its server stack; the GPU image already has anyio, h11, httpx, click, prometheus-client.
 NAMES="fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv annotated-types
-typing-inspection typing_extensions annotated-doc python-multipart"
+typing-inspection typing_extensions annotated-doc python-multipart opentelemetry-api"
 SPECS=""
 for n in $NAMES; do
   v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$n")
