@@ -171,10 +171,19 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="1,2,3")
     ap.add_argument("--groups", default="-1,128")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--gemv-max-m", type=int, default=None,
+                    help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
+    ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
+    ap.add_argument("--merge", default=None,
+                    help="earlier JSON: its rows for points not measured in this run are kept (table, JSON, PNG)")
     args = ap.parse_args(argv)
     import triton
 
     torch.manual_seed(0)
+    if args.gemv_max_m is not None:
+        from scaleserve.kernels import int4_matmul as im
+
+        im.GEMV_MAX_M = args.gemv_max_m
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     bw = copy_bandwidth()
@@ -186,19 +195,39 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     t0 = time.time()
 
+    kept: list[dict] = []
+    if args.merge:
+        with open(args.merge) as f:
+            kept = json.load(f)["rows"]
+
+    def key(r):
+        return (r["shape"], r["group_size"], r["mode"], r["M"], r["T"])
+
+    def all_rows():
+        now = {key(r) for r in rows}
+        return [r for r in kept if key(r) not in now] + rows
+
     def dump():
         if args.json:
+            meta = {"device": dev, "torch": torch.__version__, "copy_bw": bw}
+            if args.merge:
+                meta["merged_from"] = args.merge
+                meta["measured_now"] = sorted({f"g{r['group_size']} mode {r['mode']} M {r['M']}" for r in rows})
             with open(args.json, "w") as f:
-                json.dump({"device": dev, "torch": torch.__version__, "copy_bw": bw, "rows": rows}, f, indent=1)
+                json.dump({**meta, "rows": all_rows()}, f, indent=1)
 
     for shape in shapes:
         K, N = SHAPES[shape]
         floor_us = (N * K / 2) / bw * 1e6
-        bf16 = {M: bench_bf16(K, N, M) for M in ms}
+        nan = float("nan")
+        bf16 = {M: nan if args.no_baselines else bench_bf16(K, N, M) for M in ms}
         tg = {}
         for gs in groups:
             for M in ms:
                 for T in sorted({1, min(M, 64)}):
+                    if args.no_baselines:
+                        tg[gs, M, T] = (nan, nan)
+                        continue
                     try:
                         tg[gs, M, T] = bench_tinygemm(K, N, M, gs, T)
                     except Exception as e:  # noqa: BLE001 - a baseline failing must not stop ours
@@ -220,9 +249,9 @@ def main(argv=None) -> int:
         cache.clear()
         torch.cuda.empty_cache()
     dump()
-    print_table(rows, shapes)
+    print_table(all_rows(), shapes)
     if args.png:
-        plot(rows, args.png)
+        plot(all_rows(), args.png)
     return 0
 
 

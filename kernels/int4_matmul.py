@@ -302,17 +302,34 @@ def _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym,
 # the tile elementwise) and are reduced over K once, at the end.
 
 
-def _gcfg(bn, sk, warps=4):
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=warps, num_stages=1)
+def _gcfg(bn, sk, warps=4, prefetch=1):
+    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "PREFETCH": prefetch}, num_warps=warps, num_stages=1)
 
 
-GEMV_CONFIGS = [_gcfg(64, 4), _gcfg(64, 8), _gcfg(128, 4), _gcfg(128, 8), _gcfg(32, 8), _gcfg(64, 16)]
-GEMV_MAX_M = 4
-INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1}
+# split-K so that even a 4096-wide output gives >= 256 programs (132 SMs)
+GEMV_CONFIGS = [
+    _gcfg(128, 8, prefetch=0),  # (v1 had no register prefetch)
+    _gcfg(64, 8), _gcfg(64, 16), _gcfg(128, 8), _gcfg(128, 16), _gcfg(256, 8), _gcfg(256, 16, warps=8),
+    _gcfg(128, 8, warps=8),
+]
+GEMV_MAX_M = 1  # measured: at M = 4 the per-row x loads and FMAs make the GEMV 2x slower than mma
+INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1}
 
 
 @triton.jit
-def _nibble_f32(w, w_hi, I: tl.constexpr):
+def _and_or(w, MASK: tl.constexpr, FAST: tl.constexpr):
+    """(w & MASK) | 0x4B000000 (the bits of 2**23): one LOP3 on the GPU (ptxas emits two for the plain ops)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+            [w, tl.full(w.shape, MASK, tl.int32), tl.full(w.shape, 0x4B000000, tl.int32)],
+            dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (w & MASK) | 0x4B000000
+
+
+@triton.jit
+def _nibble_f32(w, w_hi, I: tl.constexpr, FAST: tl.constexpr):
     """w, w_hi = w >> 12: [BN, BKW] int32 -> Q_i float32 (nibble I of each word), exact.
 
     P = I for nibbles 0..4 (read in place from w), I - 3 for nibbles 5..7 (from w_hi): the bits
@@ -320,24 +337,28 @@ def _nibble_f32(w, w_hi, I: tl.constexpr):
     2**(23-4P) leaves Q (an integer: no rounding).
     """
     if I <= 4:
-        v = (w & (0xF << (4 * I))) | 0x4B000000
+        v = _and_or(w, 0xF << (4 * I), FAST)
         inv: tl.constexpr = 1.0 / (16 ** I)
         off: tl.constexpr = 2.0 ** (23 - 4 * I)
     else:
-        v = (w_hi & (0xF << (4 * (I - 3)))) | 0x4B000000
+        v = _and_or(w_hi, 0xF << (4 * (I - 3)), FAST)
         inv: tl.constexpr = 1.0 / (16 ** (I - 3))
         off: tl.constexpr = 2.0 ** (23 - 4 * (I - 3))
     return v.to(tl.float32, bitcast=True) * inv - off
 
 
 @triton.jit
-def _sign_bit_f32(w, BIT: tl.constexpr):
-    """w [BN, BKW] int32 -> +1.0 where bit BIT is set, -1.0 where clear (bit moved under the sign of -1.0)."""
-    if BIT == 31:
-        b = w & -2147483648
+def _bit_f32(w, w_hi, POS: tl.constexpr, FAST: tl.constexpr):
+    """w, w_hi = w >> 12: [BN, BKW] int32 -> bit POS of each word as 0.0 / 1.0 (the nibble trick on one bit)."""
+    if POS <= 22:
+        v = _and_or(w, 1 << POS, FAST)
+        inv: tl.constexpr = 1.0 / (2 ** POS)
+        off: tl.constexpr = 2.0 ** (23 - POS)
     else:
-        b = (w << (31 - BIT)) & -2147483648
-    return (b ^ -1082130432).to(tl.float32, bitcast=True)  # 0xBF800000 = -1.0
+        v = _and_or(w_hi, 1 << (POS - 12), FAST)
+        inv: tl.constexpr = 1.0 / (2 ** (POS - 12))
+        off: tl.constexpr = 2.0 ** (23 - (POS - 12))
+    return v.to(tl.float32, bitcast=True) * inv - off
 
 
 @triton.jit
@@ -357,7 +378,7 @@ def _gemv_row_block(acc, corr, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, of
                     stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                     stride_bs, stride_bn, stride_bg,
                     MODE: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                    CODE_MID: tl.constexpr, EVEN_K: tl.constexpr):
+                    CODE_MID: tl.constexpr, EVEN_K: tl.constexpr, FAST: tl.constexpr):
     """One row, one K block (inside group g): acc [BN, BKW] and corr [BN] updated.
 
     Modes 1/2: y = sum_g s_g (x_g . Q_g - z_g X_g): acc gathers s_g * (x . Q) per word column,
@@ -395,33 +416,35 @@ def _gemv_row_block(acc, corr, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, of
             acc += part * s[:, None]
             corr += (s * zc) * x_sum
     else:
-        # bit planes: S_j = sum_k x_k (2 bit_j(Q_k) - 1); X_g = sum_k x_k (kept per word column)
+        # bit planes B_j = sum_k x_k bit_j(Q_k); with X_g = sum_k x_k (kept per word column):
+        #   alpha row: sum_j alpha_j (2 B_j - X) + beta X = sum_j 2 alpha_j B_j + (beta - sum_j alpha_j) X
+        #   PEQA row:  s (x . (Q - z))                  = sum_j 2**j s B_j    - s z X
         a_ok = n_ok & is_alpha
         p_ok = n_ok & (~is_alpha)
         if HAS_ZEROS:
             s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn + g * stride_sg, mask=p_ok,
                         other=0.0).to(tl.float32)
-            peqa_x = s * (CODE_MID - zc)
         else:  # bcq base: every row is an alpha row
             s = tl.zeros_like(zc)
-            peqa_x = s
-        beta = tl.load(beta_ptr + arow * stride_bs + offs_n * stride_bn + g * stride_bg, mask=a_ok,
-                       other=0.0).to(tl.float32)
-        acc += tl.where(is_alpha, beta, peqa_x)[:, None] * x_cols[None, :]
-        pow2 = 0.5  # 2**(j-1): a PEQA row's plane weight
+        x_coef = tl.load(beta_ptr + arow * stride_bs + offs_n * stride_bn + g * stride_bg, mask=a_ok,
+                         other=0.0).to(tl.float32)
+        w_hi = w >> 12
+        pow2 = 1.0  # 2**j: a PEQA row's plane weight
         for j in tl.static_range(BITS):
-            plane = _sign_bit_f32(w, j) * x0[None, :]
-            plane += _sign_bit_f32(w, 4 + j) * x1[None, :]
-            plane += _sign_bit_f32(w, 8 + j) * x2[None, :]
-            plane += _sign_bit_f32(w, 12 + j) * x3[None, :]
-            plane += _sign_bit_f32(w, 16 + j) * x4[None, :]
-            plane += _sign_bit_f32(w, 20 + j) * x5[None, :]
-            plane += _sign_bit_f32(w, 24 + j) * x6[None, :]
-            plane += _sign_bit_f32(w, 28 + j) * x7[None, :]
+            plane = _bit_f32(w, w_hi, j, FAST) * x0[None, :]
+            plane += _bit_f32(w, w_hi, 4 + j, FAST) * x1[None, :]
+            plane += _bit_f32(w, w_hi, 8 + j, FAST) * x2[None, :]
+            plane += _bit_f32(w, w_hi, 12 + j, FAST) * x3[None, :]
+            plane += _bit_f32(w, w_hi, 16 + j, FAST) * x4[None, :]
+            plane += _bit_f32(w, w_hi, 20 + j, FAST) * x5[None, :]
+            plane += _bit_f32(w, w_hi, 24 + j, FAST) * x6[None, :]
+            plane += _bit_f32(w, w_hi, 28 + j, FAST) * x7[None, :]
             a = tl.load(alpha_ptr + arow * stride_as + j * stride_aj + offs_n * stride_an + g * stride_ag,
                         mask=a_ok, other=0.0).to(tl.float32)
-            acc += plane * tl.where(is_alpha, a, s * pow2)[:, None]
+            x_coef -= a
+            acc += plane * tl.where(is_alpha, 2.0 * a, s * pow2)[:, None]
             pow2 = pow2 * 2.0
+        acc += tl.where(is_alpha, x_coef, -s * zc)[:, None] * x_cols[None, :]
     return acc, corr
 
 
@@ -478,8 +501,8 @@ def _gemv_int4_kernel(
     stride_bs, stride_bn, stride_bg,
     MODE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, CODE_MID: tl.constexpr,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """y[m, n] for every row m < M <= ROWS (1, 2 or 4) in one program per (column tile, K split)."""
     pid_n = tl.program_id(0)
@@ -514,6 +537,8 @@ def _gemv_int4_kernel(
     corr2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     corr3 = tl.zeros([BLOCK_N], dtype=tl.float32)
 
+    if PREFETCH:
+        w_next = tl.load(q_rows + tl.minimum(kb_lo, num_kb - 1) * BKW, eviction_policy="evict_first")
     kb = kb_lo
     while kb < kb_hi:  # (a while loop: the interpreter cannot range() over tensor bounds)
         k0 = kb * BLOCK_K
@@ -521,21 +546,25 @@ def _gemv_int4_kernel(
             g = 0
         else:
             g = tl.minimum(k0 // GROUP_SIZE, G - 1)  # BLOCK_K == GROUP_SIZE
-        w = tl.load(q_rows + kb * BKW, eviction_policy="evict_first")  # [BN, BKW] int32
+        if PREFETCH:  # registers double-buffer the code tile: the next block's load overlaps this math
+            w = w_next
+            w_next = tl.load(q_rows + tl.minimum(kb + 1, num_kb - 1) * BKW, eviction_policy="evict_first")
+        else:
+            w = tl.load(q_rows + kb * BKW, eviction_policy="evict_first")  # [BN, BKW] int32
         if HAS_ZEROS:
             zc = tl.load(zero_ptr + g * stride_zg + offs_n)  # [BN] (padded)
         else:
             zc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if MODE != 3:  # the 8 nibble tiles Q (float32), shared by every row
             w_hi = w >> 12
-            wq0 = _nibble_f32(w, w_hi, 0)
-            wq1 = _nibble_f32(w, w_hi, 1)
-            wq2 = _nibble_f32(w, w_hi, 2)
-            wq3 = _nibble_f32(w, w_hi, 3)
-            wq4 = _nibble_f32(w, w_hi, 4)
-            wq5 = _nibble_f32(w, w_hi, 5)
-            wq6 = _nibble_f32(w, w_hi, 6)
-            wq7 = _nibble_f32(w, w_hi, 7)
+            wq0 = _nibble_f32(w, w_hi, 0, FAST)
+            wq1 = _nibble_f32(w, w_hi, 1, FAST)
+            wq2 = _nibble_f32(w, w_hi, 2, FAST)
+            wq3 = _nibble_f32(w, w_hi, 3, FAST)
+            wq4 = _nibble_f32(w, w_hi, 4, FAST)
+            wq5 = _nibble_f32(w, w_hi, 5, FAST)
+            wq6 = _nibble_f32(w, w_hi, 6, FAST)
+            wq7 = _nibble_f32(w, w_hi, 7, FAST)
         else:
             wq0 = acc0  # unused: mode 3 works on the sign planes of w
             wq1 = acc0
@@ -549,27 +578,27 @@ def _gemv_int4_kernel(
                                x_ptr, K, g, sidx0, aidx0 >= 0, tl.maximum(aidx0, 0).to(tl.int64),
                                s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
                                stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                               stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+                               stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
         if ROWS > 1:
             acc1, corr1 = _gemv_row_block(acc1, corr1, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
                                    x_ptr + tl.minimum(1, M - 1) * stride_xm, K, g, sidx1, aidx1 >= 0,
                                    tl.maximum(aidx1, 0).to(tl.int64),
                                    s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
                                    stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
         if ROWS > 2:
             acc2, corr2 = _gemv_row_block(acc2, corr2, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
                                    x_ptr + tl.minimum(2, M - 1) * stride_xm, K, g, sidx2, aidx2 >= 0,
                                    tl.maximum(aidx2, 0).to(tl.int64),
                                    s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
                                    stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
             acc3, corr3 = _gemv_row_block(acc3, corr3, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
                                    x_ptr + tl.minimum(3, M - 1) * stride_xm, K, g, sidx3, aidx3 >= 0,
                                    tl.maximum(aidx3, 0).to(tl.int64),
                                    s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
                                    stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K)
+                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
         kb += 1
 
     _gemv_row_out(acc0, corr0, 0, M, offs_n, n_ok, sidx0, aidx0 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr, chan_ptr,
@@ -670,12 +699,15 @@ def repack(packed: torch.Tensor, K: int, zeros: torch.Tensor | None, scales: tor
 
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
-def _tile_counters(device: torch.device) -> torch.Tensor:
-    """Per-tile arrival counters for split-K, zero between launches (each launch resets its own)."""
-    key = torch.device(device)
+def _tile_counters(device: torch.device, path: str = "tc") -> torch.Tensor:
+    """Per-tile arrival counters for split-K, zero between launches (each launch resets its own).
+
+    One array per kernel family ("tc", "gemv"), so neither can ever see the other's counts.
+    """
+    key = (torch.device(device), path)
     if key not in _counters:
         _counters[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
     return _counters[key]
@@ -794,7 +826,7 @@ def int4_matmul(
 
 def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
                  has_zeros, interpret, s_args, a_args, b_args, dummy):
-    """The decode GEMV (every row in one program per column tile and K split): M <= 4."""
+    """The decode GEMV (every row in one program per column tile and K split): M <= 4 (default: M = 1)."""
     M, K = x.shape
     N = w.N
     if M > 4:
@@ -811,7 +843,7 @@ def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alph
         q32, w.zeros_t if has_zeros else dummy, w.scales_t if has_zeros else dummy,
         chan, s_args[0], a_args[0], b_args[0],
         chan_idx, scale_idx, alpha_idx,
-        ws, _tile_counters(x.device),
+        ws, _tile_counters(x.device, "gemv"),
         M, N, K, w.num_groups,
         x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0) if has_zeros else 0,
         chan.stride(0),
@@ -819,7 +851,7 @@ def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alph
     )
     meta = dict(MODE=mode, BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 CODE_MID=((1 << w.bits) - 1) / 2, BLOCK_K=block_k, ROWS=rows, EVEN_K=K % block_k == 0,
-                INTERPRET=interpret)
+                INTERPRET=interpret, FAST=not interpret)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -827,7 +859,7 @@ def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alph
     if config is not None:
         if config["SPLIT_K"] > 1 and triton.cdiv(N, config["BLOCK_N"]) > _COUNTER_SLOTS:
             raise ValueError("too many tiles for the split-K counters")
-        _gemv_int4_kernel[grid](*args, **meta, **config)
+        _gemv_int4_kernel[grid](*args, **meta, **{"PREFETCH": 1, **config})
     else:
         _gemv_kernel[grid](*args, **meta)
     return y
