@@ -8,7 +8,8 @@
            python bench/serve.py load --url http://127.0.0.1:8000 --concurrency 32 --requests 256 \\
                --adapters 1,4,16,64 --json load.json --plot load.png
 
-  gpu    one process on the GPU, side by side, for a random-init Llama-2-7B-shaped int4 model (group 128)
+  gpu    on the GPU, side by side (the server is a `scaleserve serve` subprocess, the load generator this
+         process; --in-process puts both in one process as before), for a random-init Llama-2-7B-shaped int4 model (group 128)
          and a SmolLM2-135M-shaped one: batch-1 decode tokens/s, 64 streams on one adapter vs 64 streams
          over 64 adapters (through the real HTTP server), HF transformers generate on the same weights
          dequantized to bf16, and the bandwidth floor of batch-1 decode (weight bytes / copy bandwidth).
@@ -229,6 +230,62 @@ class InProcessServer:
         self.thread.join(60)
 
 
+class SubprocessServer:
+    """`scaleserve serve` in a child process on a free loopback port, so the load generator in this process
+    does not share a GIL with the engine thread and uvicorn (the figures are the server's alone). Its log
+    goes to `log_path`; engine_info() reads the KV size and the captured CUDA graphs back from it."""
+
+    def __init__(self, model_dir: Path, flags: dict, env: dict, log_path: Path):
+        import socket
+        import subprocess
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "scaleserve.server.cli", "serve", "--model", str(model_dir),
+                    "--host", "127.0.0.1", "--port", str(port)]
+        for k, v in flags.items():
+            self.cmd += [f"--{k.replace('_', '-')}", str(v)]
+        self.env = {**__import__("os").environ, **env}
+        self.log_path = log_path
+        self.subprocess = subprocess
+        self.proc = None
+
+    def __enter__(self):
+        self.log = open(self.log_path, "w")
+        self.proc = self.subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=self.subprocess.STDOUT)
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {self.log_path}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > 900:
+                raise RuntimeError(f"server not ready after 900 s; log: {self.log_path}")
+            time.sleep(0.25)
+
+    def engine_info(self) -> dict:
+        import re
+
+        text = self.log_path.read_text(errors="replace")
+        kv = re.findall(r"KV cache: (\d+) blocks", text)
+        graphs = sorted({(int(b), int(m)) for b, m in re.findall(r"captured decode graph batch=(\d+) mode=(\d+)", text)})
+        return {"kv_blocks": int(kv[-1]) if kv else None, "graphs": [list(g) for g in graphs]}
+
+    def __exit__(self, *exc):
+        self.proc.terminate()  # SIGTERM: drains (nothing in flight) and exits
+        try:
+            self.proc.wait(60)
+        except self.subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
 # --- GPU side-by-side ---------------------------------------------------------------------------------
 
 
@@ -381,12 +438,23 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
             print(f"HF baseline failed: {e!r}", flush=True)
     names = make_adapters(lm, work / f"{label}-adapters", args.streams)
     vocab = lm.model.args.vocab_size
-    settings = Settings(model=str(model_dir), device="cuda", served_model_name=label, adapters=work / f"{label}-adapters",
-                        data_dir=work / "data", max_num_seqs=max(64, args.streams),
-                        gpu_adapter_slots=max(64, args.streams) + 8, kv_cache_memory_fraction=args.kv_fraction,
-                        max_num_batched_tokens=args.max_num_batched_tokens, log_level="warning")
+    flags = dict(device="cuda", served_model_name=label, adapters=work / f"{label}-adapters",
+                 max_num_seqs=max(64, args.streams), gpu_adapter_slots=max(64, args.streams) + 8,
+                 kv_cache_memory_fraction=args.kv_fraction, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.in_process:  # the old way: client and server share this process (and its GIL)
+        srv_cm = InProcessServer(Settings(model=str(model_dir), data_dir=work / "data", log_level="warning", **flags),
+                                 lm)
+    else:
+        del lm  # the server loads its own copy
+        gc.collect()
+        torch.cuda.empty_cache()
+        lm = None
+        srv_cm = SubprocessServer(model_dir, flags, {"SCALESERVE_DATA_DIR": str(work / "data"),
+                                                     "SCALESERVE_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"},
+                                  work / f"{label}-server.log")
+    res["server"] = "in-process" if args.in_process else "subprocess"
     scen = []
-    with InProcessServer(settings, lm) as srv:
+    with srv_cm as srv:
         def load(models, n, conc, plen, olen, assign="round_robin"):
             return asyncio.run(run_load(srv.url, models, n, conc, (plen, plen), (olen, olen), assign=assign,
                                         vocab=vocab))
@@ -404,9 +472,12 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
             r["scenario"] = scen_name
             scen.append(r)
             print_table([r], ["scenario"])
-        res["engine"] = {"kv_blocks": srv.app.state.engine.kv.num_blocks,
-                         "graphs": sorted(map(list, (srv.app.state.engine.graphs.graphs
-                                                      if srv.app.state.engine.graphs else {})))}
+        if args.in_process:
+            eng = srv.app.state.engine
+            res["engine"] = {"kv_blocks": eng.kv.num_blocks, "graphs": sorted(map(list, eng.graphs.graphs
+                                                                                  if eng.graphs else {}))}
+        else:
+            res["engine"] = srv.engine_info()
     res["scenarios"] = scen
     one, many = scen[1]["throughput_tok_s"], scen[2]["throughput_tok_s"]
     res["multi_adapter_ratio"] = round(many / one, 3) if one else None
@@ -489,6 +560,8 @@ def main(argv=None) -> int:
     g.add_argument("--kv-fraction", type=float, default=0.5)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--skip-hf", action="store_true")
+    g.add_argument("--in-process", action="store_true",
+                   help="run the server in a thread of this process (shares the GIL with the load generator)")
     g.set_defaults(func=cmd_gpu)
     a = p.parse_args(argv)
     return a.func(a)

@@ -69,10 +69,78 @@ def detokenize_step(tok, seq: Sequence, final: bool = False) -> str:
         return ""
     prefix = tok.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
     full = tok.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+    return window_delta(seq, prefix, full, final)
+
+
+class Detokenizer:
+    """decode_many(windows) == [tok.decode(w, skip_special_tokens=True) for w in windows], calling the Rust
+    tokenizer directly: transformers' per-call Python wrapper costs ~4x the decode itself. Falls back to
+    tok.decode for tokenizers without a Rust backend, with a custom decode, or whose fast path disagrees
+    with tok.decode on a probe."""
+
+    def __init__(self, tok, vocab_size: int | None = None):
+        self.tok = tok
+        self.backend = None
+        self.clean = False
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # another transformers layout: the plain path
+            return
+        cls = type(tok)
+        if not isinstance(tok, TokenizersBackend) or cls._decode is not TokenizersBackend._decode or \
+                cls.decode is not TokenizersBackend.decode:
+            return
+        backend = tok.backend_tokenizer
+        clean = bool(tok.clean_up_tokenization_spaces)
+        if clean and type(backend.model).__name__ == "BPE" and not getattr(
+                tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False):
+            clean = False
+        self.backend, self.clean = backend, clean
+        n = min(vocab_size or len(tok), len(tok))
+        probe = [list(range(i, min(n, i + 5))) for i in range(0, n, max(1, n // 64))]
+        if self.decode_many(probe) != [tok.decode(w, skip_special_tokens=True) for w in probe]:
+            log.warning("fast detokenization disagrees with tokenizer.decode: using the slow path")
+            self.backend = None
+
+    def decode_many(self, windows: list[list[int]]) -> list[str]:
+        if self.backend is None:
+            return [self.tok.decode(w, skip_special_tokens=True) for w in windows]
+        decode = self.backend.decode  # a loop beats decode_batch: its thread pool costs more than short windows
+        texts = [decode(w, skip_special_tokens=True) for w in windows]
+        if self.clean:
+            texts = [self.tok.clean_up_tokenization(t) for t in texts]
+        return texts
+
+
+def window_delta(seq: Sequence, prefix: str, full: str, final: bool) -> str:
+    """detokenize_step's second half: given the decoded prefix and full windows, advance the offsets."""
     if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output_ids)
         return full[len(prefix) :]
     return ""
+
+
+class LoopSink:
+    """A Sequence.sink that puts StepOutputs into an asyncio queue on `loop`. Called alone it hops threads
+    with one call_soon_threadsafe per output; inside an engine step the engine instead gathers every
+    LoopSink output of the step and delivers them with one call_soon_threadsafe per event loop."""
+
+    __slots__ = ("loop", "put")
+
+    def __init__(self, loop, put):
+        self.loop, self.put = loop, put
+
+    def __call__(self, out: "StepOutput") -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.put, out)
+        except RuntimeError:  # loop closed
+            pass
+
+
+def _deliver(items: list) -> None:
+    """Runs on the event loop: hand a step's outputs to their queues, in order."""
+    for put, out in items:
+        put(out)
 
 
 def cut_stop(seq: Sequence, delta: str, stops: list[str], final: bool) -> tuple[str, bool]:
@@ -214,6 +282,7 @@ class Engine:
                                    settings.max_num_batched_tokens, registry)
         self.eos = frozenset(eos_ids(lm))
         self.tokenizer = lm.tokenizer
+        self.detok = Detokenizer(lm.tokenizer, self.vocab)
         self.linears = list(model.quant_linears().values())
         self.graphs = None
         if self.device.type == "cuda" and settings.cuda_graphs:
@@ -225,6 +294,7 @@ class Engine:
         self._stop = False
         self.steps = 0
         self.last_step_at = time.monotonic()
+        self._outbox: dict | None = None  # during a step: event loop -> [(put, StepOutput)] (LoopSink batching)
 
     # --- thread-safe API (any thread) --------------------------------------------------------------
 
@@ -324,7 +394,11 @@ class Engine:
             logits = logits[torch.tensor(done, device=logits.device)]
             seqs = [seqs[i] for i in done]
         tokens, lps = self._sample(seqs, logits)
-        self._process(seqs, tokens, lps)
+        self._outbox = {}
+        try:
+            self._process(seqs, tokens, lps)
+        finally:
+            self._flush()
 
     def _forward(self, sched: list[tuple[Sequence, int]]) -> torch.Tensor:
         B = len(sched)
@@ -450,35 +524,61 @@ class Engine:
 
     def _process(self, seqs: list[Sequence], tokens: list[int], lps) -> None:
         now = time.monotonic()
-        m = self.metrics
+        # pass 1: append tokens, decide which sequences end on a token, gather every detokenization window
+        live = []  # (row, seq, token, ended on a stop token, final, has windows)
+        windows: list[list[int]] = []
+        first, itls, gen = [], [], 0
+        eos, max_len = self.eos, self.max_model_len
         for i, (seq, t) in enumerate(zip(seqs, tokens)):
             if seq.status != Status.RUNNING or seq.aborted:
                 continue
             p = seq.params
             if seq.first_token_at is None:
                 seq.first_token_at = now
-                if m:
-                    m.ttft.observe(now - seq.arrival)
-                    m.prompt_tokens.inc(len(seq.prompt_ids))
-            elif m:
-                m.itl.observe(now - seq.last_token_at)
+                first.append(seq)
+            else:
+                itls.append(now - seq.last_token_at)
             seq.last_token_at = now
-            if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
-                text, _ = cut_stop(seq, detokenize_step(self.tokenizer, seq, final=True), p.stop, final=True)
-                seq.text += text
+            ids = seq.output_ids
+            stop_tok = (t in eos and not p.ignore_eos) or t in p.stop_token_ids
+            if stop_tok:
+                final = True
+            else:
+                ids.append(t)
+                gen += 1
+                final = len(ids) >= p.max_tokens or seq.num_tokens >= max_len
+            decode = final or seq.read_offset != len(ids)
+            if decode:
+                windows.append(ids[seq.prefix_offset : seq.read_offset])
+                windows.append(ids[seq.prefix_offset :])
+            live.append((i, seq, t, stop_tok, final, decode))
+        m = self.metrics
+        if m:
+            for seq in first:
+                m.ttft.observe(now - seq.arrival)
+                m.prompt_tokens.inc(len(seq.prompt_ids))
+            if itls:
+                m.observe_many(m.itl, itls)
+            if gen:
+                m.generation_tokens.inc(gen)
+        texts = self.detok.decode_many(windows) if windows else ()
+        # pass 2: new text, stop strings, finish or emit
+        w = 0
+        for i, seq, t, stop_tok, final, decode in live:
+            delta = ""
+            if decode:
+                delta = window_delta(seq, texts[w], texts[w + 1], final)
+                w += 2
+            p = seq.params
+            text, hit = cut_stop(seq, delta, p.stop, final=final)
+            seq.text += text
+            if stop_tok:
                 self._finish(seq, "stop", text=text)
                 continue
-            seq.output_ids.append(t)
-            if m:
-                m.generation_tokens.inc()
-            length_done = len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
-            delta = detokenize_step(self.tokenizer, seq, final=length_done)
-            text, hit = cut_stop(seq, delta, p.stop, final=length_done)
-            seq.text += text
             lp = [lps[i]] if lps is not None and lps[i] is not None else None
             if hit:
                 self._finish(seq, "stop", text=text, token_ids=[t], logprobs=lp)
-            elif length_done:
+            elif final:
                 self._finish(seq, "length", text=text, token_ids=[t], logprobs=lp)
             else:
                 self._emit(seq, StepOutput([t], text, logprobs=lp))
@@ -493,8 +593,22 @@ class Engine:
                                    len(seq.prompt_ids), len(seq.output_ids), error))
 
     def _emit(self, seq: Sequence, out: StepOutput) -> None:
-        if seq.sink is not None:
+        sink = seq.sink
+        if sink is None:
+            return
+        if self._outbox is not None and type(sink) is LoopSink:
+            self._outbox.setdefault(sink.loop, []).append((sink.put, out))
+            return
+        try:
+            sink(out)
+        except Exception:  # a closed event loop must not kill the engine thread
+            log.debug("sink of %s failed", seq.request_id, exc_info=True)
+
+    def _flush(self) -> None:
+        """Deliver the step's LoopSink outputs: one thread hop per event loop, not one per sequence."""
+        outbox, self._outbox = self._outbox, None
+        for loop, items in (outbox or {}).items():
             try:
-                seq.sink(out)
-            except Exception:  # a closed event loop must not kill the engine thread
-                log.debug("sink of %s failed", seq.request_id, exc_info=True)
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # loop closed
+                pass

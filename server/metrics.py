@@ -7,6 +7,7 @@ Each app gets its own CollectorRegistry, so tests can run several servers in one
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -57,6 +58,24 @@ class Metrics:
 
     def count_adapter_request(self, name: str) -> None:
         self.adapter_requests.labels(adapter=self.adapter_label(name)).inc()
+
+    @staticmethod
+    def observe_many(hist: Histogram, values: list[float]) -> None:
+        """hist.observe(v) for each v, with one locked increment per touched bucket instead of two per value
+        (the engine observes a whole step's inter-token latencies at once). Same buckets, count and sum."""
+        bounds = getattr(hist, "_upper_bounds", None)
+        buckets = getattr(hist, "_buckets", None)
+        if len(values) < 3 or bounds is None or buckets is None or not hasattr(hist, "_sum"):
+            for v in values:
+                hist.observe(v)
+            return
+        counts: dict[int, int] = {}
+        for v in values:  # observe() picks the first bound >= v, i.e. bisect_left
+            i = bisect_left(bounds, v)
+            counts[i] = counts.get(i, 0) + 1
+        hist._sum.inc(sum(values))
+        for i, c in counts.items():
+            buckets[i].inc(c)
 
     def error(self, kind: str) -> None:
         self.errors.labels(type=kind).inc()

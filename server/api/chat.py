@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..auth import Tenant, get_tenant
 from ..schemas import ChatCompletionRequest, ErrorResponse
-from .common import (SSE_DONE, SSE_HEADERS, APIError, check_prompt, collect, finish_error, next_output, release,
-                     resolve_model, sampling_params, sse, submit, token_text, usage)
+from .common import (SSE_DONE, SSE_HEADERS, APIError, SSETemplate, check_prompt, collect, finish_error, next_outputs,
+                     release, resolve_model, sampling_params, sse, submit, token_text, usage)
 
 router = APIRouter(tags=["openai"])
 
@@ -112,25 +112,36 @@ async def _stream(request, sub, rid, created, model, include_usage, tok):
             c["usage"] = None
         return c
 
+    content_event = SSETemplate(chunk({"content": SSETemplate.SPLICE}))  # the common event: new text only
     try:
         yield sse(chunk({"role": "assistant", "content": ""}))
-        while True:
-            out = await next_output(sub)
-            err = finish_error(out)
-            if err is not None:
-                status = err.status
-                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
-                break
-            lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
-            if out.text or lp:
-                yield sse(chunk({"content": out.text}, lp=lp))
-            if out.finished:
-                yield sse(chunk({}, finish=out.finish_reason))
-                if include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "system_fingerprint": None, "choices": [], "usage": usage(out)})
-                break
-        yield SSE_DONE
+        done = False
+        while not done:
+            parts = []
+            for out in await next_outputs(sub):
+                err = finish_error(out)
+                if err is not None:
+                    status = err.status
+                    parts.append(sse({"error": {"message": err.message, "type": err.type, "param": None,
+                                                "code": err.code}}))
+                    done = True
+                    break
+                lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
+                if lp:
+                    parts.append(sse(chunk({"content": out.text}, lp=lp)))
+                elif out.text:
+                    parts.append(content_event(out.text))
+                if out.finished:
+                    parts.append(sse(chunk({}, finish=out.finish_reason)))
+                    if include_usage:
+                        parts.append(sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                          "model": model, "system_fingerprint": None, "choices": [],
+                                          "usage": usage(out)}))
+                    done = True
+                    break
+            if done:
+                parts.append(SSE_DONE)
+            yield b"".join(parts)
     except (asyncio.CancelledError, GeneratorExit):
         status = 499
         raise

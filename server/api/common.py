@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaleserve.adapters.registry import AdapterNotFound
 
-from ..engine import StepOutput
+from ..engine import LoopSink, StepOutput
 from ..scheduler import SamplingParams, Sequence
 
 request_log = logging.getLogger("scaleserve.requests")
@@ -173,15 +173,8 @@ def submit(request: Request, tenant, model: str, adapter, adapter_label: str, pr
     if per_tenant.get(tenant.name, 0) >= st.settings.tenant_max_concurrent:
         raise APIError(429, f"tenant {tenant.name!r} has {st.settings.tenant_max_concurrent} requests in flight; "
                        f"retry later", code="tenant_concurrency_limit", headers={"Retry-After": "1"})
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-
-    def sink(out: StepOutput, _put=queue.put_nowait):
-        try:
-            loop.call_soon_threadsafe(_put, out)
-        except RuntimeError:  # loop closed
-            pass
-
+    sink = LoopSink(asyncio.get_running_loop(), queue.put_nowait)  # the engine batches these per step
     rid = uuid.uuid4().hex[:24]
     seq = Sequence(rid, prompt_ids, params, adapter=adapter, adapter_name=adapter_label, tenant=tenant.name,
                    sink=sink)
@@ -223,6 +216,20 @@ async def next_output(sub: Submitted) -> StepOutput:
     return out
 
 
+async def next_outputs(sub: Submitted) -> list[StepOutput]:
+    """Wait for the next output, then take whatever else is already queued (a stream that fell behind
+    sends several steps' events in one write), stopping at the last one."""
+    q = sub.queue
+    out = await q.get()
+    outs = [out]
+    while not out.finished and not q.empty():
+        out = q.get_nowait()
+        outs.append(out)
+    if out.finished:
+        sub.finished = True
+    return outs
+
+
 async def collect(request: Request, sub: Submitted) -> tuple[list[StepOutput], StepOutput]:
     """Wait for the whole sequence (non-streaming); aborts it if the client goes away."""
     outs = []
@@ -248,6 +255,22 @@ def finish_error(out: StepOutput) -> APIError | None:
 
 def sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class SSETemplate:
+    """sse(obj) with one string field left open: built once per stream, then each event splices in just
+    its text (json.dumps of one string instead of the whole chunk). tpl(v) == sse(obj with SPLICE -> v)."""
+
+    SPLICE = "\x00splice\x00"
+
+    def __init__(self, obj):
+        marker = json.dumps(self.SPLICE).encode()
+        full = sse(obj)
+        assert full.count(marker) == 1, "the template needs exactly one SSETemplate.SPLICE field"
+        self.head, self.tail = full.split(marker)
+
+    def __call__(self, value: str) -> bytes:
+        return self.head + json.dumps(value, ensure_ascii=False).encode() + self.tail
 
 
 SSE_DONE = b"data: [DONE]\n\n"

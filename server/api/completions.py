@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..auth import Tenant, get_tenant
 from ..schemas import CompletionRequest, ErrorResponse
-from .common import (SSE_DONE, SSE_HEADERS, APIError, check_prompt, collect, finish_error, next_output, release,
-                     resolve_model, sampling_params, sse, submit, token_text, usage)
+from .common import (SSE_DONE, SSE_HEADERS, APIError, SSETemplate, check_prompt, collect, finish_error, next_outputs,
+                     release, resolve_model, sampling_params, sse, submit, token_text, usage)
 
 router = APIRouter(tags=["openai"])
 
@@ -88,31 +88,44 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
 async def _stream(request, sub, rid, created, model, include_usage, tok):
     status = 200
     offset = 0
+    want_lp = sub.seq.params.logprobs is not None
+
+    def chunk(text, lp=None, finish=None) -> dict:
+        c = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        if include_usage:
+            c["usage"] = None
+        return c
+
+    text_event = SSETemplate(chunk(SSETemplate.SPLICE))  # the common event: new text, no logprobs, not last
     try:
-        while True:
-            out = await next_output(sub)
-            err = finish_error(out)
-            if err is not None:
-                status = err.status
-                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
-                break
-            if out.text or out.finished or out.logprobs:
-                lp = None
-                if sub.seq.params.logprobs is not None:
-                    lp = logprobs_block(tok, [out], offset)
-                offset += len(out.text)
-                chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                         "choices": [{"index": 0, "text": out.text, "logprobs": lp,
-                                      "finish_reason": out.finish_reason if out.finished else None}]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-            if out.finished:
-                if include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [], "usage": usage(out)})
-                break
-        yield SSE_DONE
+        done = False
+        while not done:
+            parts = []
+            for out in await next_outputs(sub):
+                err = finish_error(out)
+                if err is not None:
+                    status = err.status
+                    parts.append(sse({"error": {"message": err.message, "type": err.type, "param": None,
+                                                "code": err.code}}))
+                    done = True
+                    break
+                if out.text or out.finished or out.logprobs:
+                    if not want_lp and not out.finished:
+                        parts.append(text_event(out.text))
+                    else:
+                        lp = logprobs_block(tok, [out], offset) if want_lp else None
+                        parts.append(sse(chunk(out.text, lp, out.finish_reason if out.finished else None)))
+                    offset += len(out.text)
+                if out.finished:
+                    if include_usage:
+                        parts.append(sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                          "choices": [], "usage": usage(out)}))
+                    done = True
+                    break
+            if done:
+                parts.append(SSE_DONE)
+            yield b"".join(parts)
     except (asyncio.CancelledError, GeneratorExit):
         status = 499
         raise

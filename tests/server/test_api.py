@@ -198,3 +198,15 @@ def test_smollm2_chat_through_the_server(start_server, smollm2_dir):
     r = client(s).chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in r.choices[0].message.content
+
+
+def test_sse_template_equals_sse():
+    from scaleserve.server.api.common import SSETemplate, sse
+
+    def chunk(text):
+        return {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": 'm"ü',
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}], "usage": None}
+
+    tpl = SSETemplate(chunk(SSETemplate.SPLICE))
+    for text in ["", "a", 'ü"\\\n\t\u2028 ✓', "\ufffd", "\x00", "</s>"]:
+        assert tpl(text) == sse(chunk(text))

@@ -1,0 +1,333 @@
+"""Host overhead of the serving path, on any machine (CPU is fine: the model is tiny, so the host work shows).
+
+  engine  the Engine stepped directly (no HTTP) over B concurrent greedy sequences, B = 1 and 64: host ms per
+          decode step split by phase (schedule, build tensors, forward, sample, process = stop checks +
+          detokenize + metrics + emit, detokenize alone, deliver = the hop to the asyncio loop). Outputs go
+          through the server's own sink (scaleserve.server.api.common: an asyncio queue per request on a loop
+          in another thread, drained by one coroutine per request), so the thread hop is part of the figure.
+          Phases are timed by wrapping the engine's methods from outside (works on any version of the engine).
+  http    one streamed /v1/completions request (and --http-streams concurrent ones) against (a) a real
+          `scaleserve serve` in a subprocess and (b) the same app in a thread of this process (as bench/serve.py
+          used to run it): ITL p50/p99, i.e. what GIL contention with an in-process client costs.
+
+    OMP_NUM_THREADS=1 python bench/engine_overhead.py --json out/engine_overhead.json
+    python bench/engine_overhead.py --tokenizer ~/.cache/scaleserve/models/SmolLM2-135M-Instruct-rtn4-g32  # a real BPE
+
+Prints a short table; --json writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pstats
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PHASES = ["schedule", "build", "forward", "sample", "process", "detokenize", "deliver"]
+
+
+# --- engine alone ------------------------------------------------------------------------------------
+
+
+class PhaseTimer:
+    """Accumulates wall time of wrapped callables per phase (nested phases are also counted by their parent)."""
+
+    def __init__(self):
+        self.acc = {p: 0.0 for p in PHASES}
+        self.on = False
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        fn = getattr(obj, name)
+        acc = self.acc
+
+        def timed(*a, **kw):
+            if not self.on:
+                return fn(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[phase] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+
+    def hook_module(self, module, phase: str) -> None:
+        start = [0.0]
+
+        def pre(*_):
+            start[0] = time.perf_counter()
+
+        def post(*_):
+            if self.on:
+                self.acc[phase] += time.perf_counter() - start[0]
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+
+def instrument(engine) -> PhaseTimer:
+    import scaleserve.server.engine as engine_mod
+
+    pt = PhaseTimer()
+    pt.wrap(engine.scheduler, "schedule", "schedule")
+    pt.wrap(engine, "_build_batch", "build")
+    pt.wrap(engine, "_pack_decode", "build")
+    pt.hook_module(engine.lm.model, "forward")
+    pt.wrap(engine, "_sample", "sample")
+    pt.wrap(engine, "_process", "process")
+    if hasattr(engine, "detok"):  # the batched detokenizer
+        pt.wrap(engine.detok, "decode_many", "detokenize")
+    else:
+        pt.wrap(engine_mod, "detokenize_step", "detokenize")
+    if hasattr(engine, "_flush"):  # per-step delivery to the event loops
+        pt.wrap(engine, "_flush", "deliver")
+    return pt
+
+
+class LoopThread:
+    """An asyncio loop in a thread, standing in for uvicorn's: one consumer task per request."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def sink_and_task(self):
+        """-> (a sink as the server makes it, a concurrent future that completes at the request's end)."""
+        made = threading.Event()
+        box = {}
+
+        async def setup():
+            q: asyncio.Queue = asyncio.Queue()
+            try:
+                from scaleserve.server.engine import LoopSink
+
+                box["sink"] = LoopSink(asyncio.get_running_loop(), q.put_nowait)
+            except ImportError:  # the engine before batched delivery: the old closure
+                loop = asyncio.get_running_loop()
+
+                def sink(out, _put=q.put_nowait):
+                    loop.call_soon_threadsafe(_put, out)
+
+                box["sink"] = sink
+            made.set()
+            n = 0
+            while True:
+                out = await q.get()
+                n += len(out.token_ids)
+                if out.finished:
+                    return n
+
+        fut = asyncio.run_coroutine_threadsafe(setup(), self.loop)
+        made.wait()
+        return box["sink"], fut
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def build_engine(model_dir: Path, max_num_seqs: int, tokenizer_dir: str | None):
+    from scaleserve.adapters.registry import AdapterRegistry
+    from scaleserve.server.engine import Engine
+    from scaleserve.server.loader import load_model
+    from scaleserve.server.metrics import Metrics
+    from scaleserve.server.settings import Settings
+
+    lm = load_model(model_dir, device="cpu")
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        lm.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    s = Settings(model=str(model_dir), device="cpu", kv_cache_max_blocks=max_num_seqs * 40, max_num_seqs=max_num_seqs,
+                 data_dir="/tmp/scaleserve-overhead-data", log_level="warning")
+    reg = AdapterRegistry.from_settings(lm, s)
+    return Engine(lm, reg.slab, reg, s, Metrics())
+
+
+def run_engine(engine, batch: int, steps: int, prompt_len: int, profile: bool) -> dict:
+    from scaleserve.server.scheduler import SamplingParams, Sequence
+
+    loop = LoopThread()
+    pt = instrument(engine)
+    futs = []
+    for b in range(batch):
+        sink, fut = loop.sink_and_task()
+        prompt = [3 + (7 * b + 13 * j) % 900 for j in range(prompt_len)]
+        engine.scheduler.add(Sequence(f"b{b}", prompt, SamplingParams(max_tokens=steps + 40, temperature=0.0,
+                                                                    ignore_eos=True), sink=sink))
+        futs.append(fut)
+    while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill
+    for _ in range(5):
+        engine.step()  # warm-up decode
+    prof = cProfile.Profile() if profile else None
+    pt.on = True
+    if prof:
+        prof.enable()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = time.perf_counter() - t0
+    if prof:
+        prof.disable()
+    pt.on = False
+    while engine.scheduler.has_work():
+        engine.step()
+    for f in futs:
+        f.result(30)
+    loop.close()
+    ms = {k: round(v / steps * 1e3, 4) for k, v in pt.acc.items()}
+    ms["step"] = round(wall / steps * 1e3, 4)
+    ms["host_excl_forward"] = round(ms["step"] - ms["forward"], 4)
+    res = {"batch": batch, "steps": steps, "ms_per_step": ms,
+           "tok_s": round(batch * steps / wall, 1)}
+    if prof:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        res["profile_top"] = s.getvalue()
+    return res
+
+
+# --- HTTP -----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_load(url: str, streams: int, max_tokens: int, prompt_len: int) -> dict:
+    from serve import run_load
+
+    return asyncio.run(run_load(url, ["tiny"], streams, streams, (prompt_len, prompt_len), (max_tokens, max_tokens),
+                                assign="round_robin"))
+
+
+def http_scenarios(url: str, a) -> list[dict]:
+    stream_load(url, 1, 16, a.prompt_len)  # warm-up
+    rows = []
+    for streams in sorted({1, a.http_streams}):
+        r = stream_load(url, streams, a.http_tokens, a.prompt_len)
+        rows.append({"streams": streams, "throughput_tok_s": r["throughput_tok_s"], "itl_ms_p50": r["itl_ms_p50"],
+                     "itl_ms_p99": r["itl_ms_p99"], "ok": r["ok"]})
+    return rows
+
+
+def http_subprocess(model_dir: Path, a) -> list[dict]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "SCALESERVE_DATA_DIR": "/tmp/scaleserve-overhead-data", "SCALESERVE_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, "-m", "scaleserve.server.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--device", "cpu", "--served-model-name", "tiny", "--max-num-seqs", str(max(64, a.http_streams)),
+           "--kv-cache-max-blocks", "4096"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited: " + proc.stderr.read().decode()[-2000:])
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > 300:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        return http_scenarios(url, a)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def http_inprocess(model_dir: Path, a) -> list[dict]:
+    from serve import InProcessServer
+
+    from scaleserve.server.loader import load_model
+    from scaleserve.server.settings import Settings
+
+    lm = load_model(model_dir, device="cpu")
+    s = Settings(model=str(model_dir), device="cpu", served_model_name="tiny", data_dir="/tmp/scaleserve-overhead-data",
+                 max_num_seqs=max(64, a.http_streams), kv_cache_max_blocks=4096, log_level="warning")
+    with InProcessServer(s, lm) as srv:
+        return http_scenarios(srv.url, a)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a scaleserve model dir (default: a random `tiny` one in --work)")
+    p.add_argument("--work", default="/tmp/scaleserve-overhead")
+    p.add_argument("--tokenizer", help="swap in this tokenizer (engine part only), e.g. a real BPE one")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="cProfile the timed steps; print the top functions")
+    p.add_argument("--no-http", action="store_true")
+    p.add_argument("--http-tokens", type=int, default=128)
+    p.add_argument("--http-streams", type=int, default=16)
+    p.add_argument("--label", default="", help="free text stored in the JSON (e.g. before / after)")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if a.model:
+        model_dir = Path(a.model)
+    else:
+        from make_random_model import make_random_model
+
+        model_dir = make_random_model(Path(a.work) / "random-tiny", "tiny")
+    out = {"label": a.label, "model": str(model_dir), "tokenizer": a.tokenizer, "machine": os.uname().nodename,
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "engine": [], "http": {}}
+    for B in [int(x) for x in a.batches.split(",")]:
+        engine = build_engine(model_dir, max(64, B), a.tokenizer)
+        r = run_engine(engine, B, a.steps, a.prompt_len, a.profile)
+        out["engine"].append(r)
+        if a.profile:
+            print(f"--- cProfile, batch {B}\n{r['profile_top']}")
+    cols = ["step", "host_excl_forward"] + PHASES
+    print("engine alone: ms per decode step (" + ("tokenizer " + a.tokenizer if a.tokenizer else "tiny tokenizer") + ")")
+    print(f"{'batch':>5} | " + " | ".join(f"{c:>10}" for c in cols) + " |   tok/s")
+    for r in out["engine"]:
+        print(f"{r['batch']:>5} | " + " | ".join(f"{r['ms_per_step'][c]:>10.3f}" for c in cols) + f" | {r['tok_s']:>7}")
+    if not a.no_http:
+        out["http"]["subprocess"] = http_subprocess(model_dir, a)
+        out["http"]["in_process"] = http_inprocess(model_dir, a)
+        print("HTTP, one /v1/completions stream per request, " + f"{a.http_tokens} tokens")
+        print(f"{'server':>10} | {'streams':>7} | {'tok/s':>8} | {'ITL p50 ms':>10} | {'ITL p99 ms':>10}")
+        for where, rows in out["http"].items():
+            for r in rows:
+                print(f"{where:>10} | {r['streams']:>7} | {r['throughput_tok_s']:>8} | {r['itl_ms_p50']:>10} | "
+                      f"{r['itl_ms_p99']:>10}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
