@@ -91,11 +91,11 @@ def _prune_gemm(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _codes_minus_zero(nib, zshift, DT: tl.constexpr, FAST: tl.constexpr):
-    """nib [HALF, BN] codes 0..15, zshift [BN] float32 -> (Q - z) [HALF, BN] in DT (exact integers).
+def _codes(nib, DT: tl.constexpr, FAST: tl.constexpr, MAGIC: tl.constexpr):
+    """nib [HALF, BN] codes 0..15 -> Q [HALF, BN] in DT (exact integers).
 
     FAST (16-bit DT on a GPU): OR the code into the mantissa of a magic float (1024 + Q in fp16,
-    128 + Q in bf16) and subtract (magic + z): no int->float conversion instructions, which run at
+    128 + Q in bf16) and subtract the magic: no int->float conversion instructions, which run at
     a quarter of the ALU rate and would cap the decode well under the memory bandwidth.
     """
     if FAST:
@@ -103,9 +103,9 @@ def _codes_minus_zero(nib, zshift, DT: tl.constexpr, FAST: tl.constexpr):
             v = (nib.to(tl.uint16) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
         else:
             v = (nib.to(tl.uint16) | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return v - zshift.to(DT)[None, :]
+        return (v - MAGIC).to(DT)
     else:
-        return (nib.to(tl.float32) - zshift[None, :]).to(DT)
+        return nib.to(tl.float32).to(DT)
 
 
 @triton.jit
@@ -147,11 +147,15 @@ def _accumulate_block(
     else:
         g = kb  # BLOCK_K == GROUP_SIZE
     if MODE != 3:
-        z = tl.load(zero_ptr + g * stride_zg + offs_n)  # [BN], padded
-        w_lo = _codes_minus_zero(byte & 0xF, z + MAGIC, DT, FAST)
-        w_hi = _codes_minus_zero(byte >> 4, z + MAGIC, DT, FAST)
+        # dots with the codes Q themselves (exact in any dtype); the zero point is a float (rtn puts
+        # the group minimum on code 0), so it enters in float32: x_g . (Q_g - z_g) = x_g . Q_g - z_g X_g
+        w_lo = _codes(byte & 0xF, DT, FAST, MAGIC)
+        w_hi = _codes(byte >> 4, DT, FAST, MAGIC)
         part = tl.dot(xe, w_lo, input_precision=PREC)
-        part = tl.dot(xo, w_hi, part, input_precision=PREC)  # [BM, BN] = x_g . (Q_g - z_g)
+        part = tl.dot(xo, w_hi, part, input_precision=PREC)  # [BM, BN] = x_g . Q_g
+        x_sum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)  # [BM] = X_g
+        z = tl.load(zero_ptr + g * stride_zg + offs_n)  # [BN], padded
+        part -= x_sum[:, None] * z[None, :]  # [BM, BN] = x_g . (Q_g - z_g)
         if ONE_GROUP:
             acc += part
         elif MODE == 1:
