@@ -11,7 +11,7 @@ adapter, so the kernel reads each weight tile once for all BLOCK_M rows and appl
 as per-row, per-group multipliers of those dots:
 
   mode 1 (MODE_CHANNEL: every row base or per-channel PEQA; scale_idx must be 0 on all rows)
-      D_g = x_g . (Q_g - z_g)          one dot per group, shared by all rows
+      D_g = x_g . Q_g - z_g X_g        one dot per group, shared by all rows (X_g = sum_{k in g} x_k)
       y   = chan[c_i, n] * sum_g s0[n, g] * D_g
   mode 2 (MODE_GROUP: PEQA rows with group-wise scales)
       y   = chan[c_i, n] * sum_g scales[s_i, n, g] * D_g      (scale gathered per row and group)
@@ -21,8 +21,9 @@ as per-row, per-group multipliers of those dots:
       PEQA row:  y = chan * sum_g scales[s_i, n, g] * [ sum_j 2**(j-1) S_jg + ((2**b - 1)/2 - z[n, g]) X_g ]
       (the PEQA line is rtn_to_alphas: the same bit-plane dots serve both kinds of row).
 
-Dots take the integers (Q - z) or +-1 as exact fp16/bf16 operands, so the only rounding is that
-of x itself and the float32 accumulation. 3-bit codes ride in the same 4-bit containers (the
+Zero points are floats (rtn puts the group minimum on code 0), so they never meet a 16-bit dtype:
+dots take the integers Q, +-1 or bit_j as exact fp16/bf16 operands and z enters in float32 as
+z * X_g; the only rounding is that of x itself and the float32 accumulation. 3-bit codes ride in the same 4-bit containers (the
 planes j >= bits are simply not used).
 
 Layout (built once per weight by `repack`, kept in QuantLinear._kernel_state):
@@ -31,11 +32,11 @@ Layout (built once per weight by `repack`, kept in QuantLinear._kernel_state):
                                   needs no masks; a [BLOCK_N, BLOCK_K/2] tile of contiguous bytes is
                                   transposed for the dot, so each thread's k pairs are adjacent bytes.
   zeros_t, scales_t [G, N_pad]    base zero points / base scales, float32, N contiguous.
-Slab tables are read in place through their strides; group-wise tables of the slab ([S, N, G],
-G contiguous) are gathered badly by a [rows, BLOCK_N] tile, so adapted_linear keeps an N-contiguous
-copy of them, refreshed whenever the slab tensor is written (torch's version counter).
+Slab tables are read in place through their strides (AdapterSlab allocates them N-contiguous);
+adapted_linear copies a G-contiguous [S, N, G] table to N-contiguous (refreshed on writes).
 
-Paths: small M (decode) uses BLOCK_M = 16 and split-K; the splits add their partial tiles in a
+Paths: M = 1 runs the decode GEMV below (CUDA cores, the codes viewed as int32 words). Other
+small M (decode) uses BLOCK_M = 16 and split-K; the splits add their partial tiles in a
 float32 workspace and the last split of a tile (a per-tile arrival counter, reset by that last
 split) finishes it, so one launch does all. Larger M uses larger tiles. Both are autotuned per
 (M bucket, N, K, mode, group size, bits, dtypes) by triton.autotune; the configs are below.
