@@ -287,15 +287,8 @@ def _init_tensors(init: Adapter, layers: dict[str, QuantLinear], granularity: st
 
 
 def hidden_dense(model, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
-    """Final hidden states [B, S, D] of Transformer.forward_dense (the same steps, minus the logits):
-    the loss needs logits only at target positions, and lm_head is a quarter of a small model's work."""
-    B, S = tokens.shape
-    x = model.embed(tokens)  # [B, S, D]
-    cos, sin = model.rope(torch.arange(S, device=tokens.device))
-    for layer in model.layers:
-        x = x + layer.attn.forward_dense(layer.input_norm(x), rows, cos, sin)
-        x = x + layer.mlp(layer.post_attn_norm(x), rows)
-    return x
+    """Final hidden states [B, S, D]: the loss needs logits only at target positions."""
+    return model.hidden_dense(tokens, rows)
 
 
 def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import socket
 import statistics
 import sys
@@ -37,66 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)
-
-
-def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose ids cover the whole vocab ('w123' <-> 123), so any id decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-
-
-@torch.no_grad()
-def random_int4_model(shape: dict, device: str, group_size: int = 128, seed: int = 0):
-    """A LoadedModel of the given Llama shape with random int4 (rtn) weights, built in device memory."""
-    import transformers as tf
-
-    from scaleserve.kernels.linear import QuantLinear
-    from scaleserve.server.loader import LoadedModel
-    from scaleserve.server.model import ModelArgs, Transformer
-
-    cfg = tf.LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    cfg.architectures = ["LlamaForCausalLM"]
-    a = ModelArgs.from_hf_config(cfg)
-    quant = {"bits": 4, "group_size": group_size, "method": "rtn"}
-    with torch.device("meta"):
-        model = Transformer(a, quant, cfg)
-    model = model.to_empty(device=device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    g = torch.Generator(device=device).manual_seed(seed)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.dtype == torch.uint8:
-            p.copy_(torch.randint(0, 256, p.shape, generator=g, device=device, dtype=torch.int32).to(torch.uint8))
-        elif name.endswith("zeros"):
-            p.fill_(7.5)
-        elif name.endswith("scales"):
-            p.copy_(0.02 / 7.5 * (1 + 0.1 * torch.rand(p.shape, generator=g, device=device)))
-        elif "norm" in name:
-            p.fill_(1.0)
-        elif p.is_floating_point() and name != "inv_freq":
-            p.copy_(0.02 * torch.randn(p.shape, generator=g, device=device))
-    for m in model.modules():
-        if not isinstance(m, QuantLinear):
-            for n, p in list(m.named_parameters(recurse=False)):
-                setattr(m, n, torch.nn.Parameter(p.to(dtype), requires_grad=False))
-    from scaleserve.server.model import rope_inv_freq
-
-    model.inv_freq = rope_inv_freq(cfg, a.head_dim)[0].to(device)
-    model.eval().requires_grad_(False)
-    meta = {"format": "scaleserve", "format_version": "1", "method": "rtn", "bits": 4, "group_size": group_size,
-            "quantize_lm_head": False, "base_fingerprint": secrets.token_hex(32)}
-    return LoadedModel(model, word_tokenizer(a.vocab_size), cfg, meta, Path("/dev/null"), "random-7b")
-
 
 def per_channel_adapter(lm, seed: int, dtype=torch.float16):
     from scaleserve.adapters.format import Adapter
@@ -244,6 +183,8 @@ async def bench_swap(url, lm, base: str, streams: int, n_swaps: int, max_tokens:
             async with c.stream("POST", "/v1/completions", json={
                     "model": base, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"stream refused: {r.status_code} {(await r.aread()).decode()[:200]}")
                 async for line in r.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         stamps.append(time.perf_counter())
@@ -252,6 +193,9 @@ async def bench_swap(url, lm, base: str, streams: int, n_swaps: int, max_tokens:
         tasks = [asyncio.create_task(one()) for _ in range(streams)]
         # steady state: wait until all streams decode, then a quiet period
         while len(stamps) < streams * 8:
+            if all(t.done() for t in tasks):  # every stream failed: say why instead of waiting forever
+                await tasks[0]
+                raise RuntimeError("all streams ended before reaching steady state")
             await asyncio.sleep(0.05)
         quiet_from = time.perf_counter()
         await asyncio.sleep(2.0)
@@ -308,7 +252,9 @@ def main(argv=None) -> int:
     from scaleserve.server.settings import Settings
 
     t0 = time.time()
-    lm = random_int4_model(TINY if args.tiny else LLAMA2_7B, args.device)
+    from scaleserve.server.random_model import random_model
+
+    lm = random_model("tiny" if args.tiny else "llama2-7b", args.device)
     print(f"model built on {args.device} in {time.time() - t0:.1f} s", file=sys.stderr)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-2-7b-shaped int4 rtn g128"}

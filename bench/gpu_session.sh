@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
 #   bash bench/gpu_session.sh [tests] [serve] [adapters] [quality]     results under $OUT
+#   (each step has its own time limit so that one call of the device tool fits them all)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
 # downloads those wheels here, and this script installs them into /tmp/site.
 set -uo pipefail
@@ -15,10 +16,13 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests serve adapters)
 for step in "${steps[@]}"; do
   case $step in
-    tests) python3 -m pytest -q -x -p no:cacheprovider tests/server/test_gpu_e2e.py tests/kernels/test_attention.py \
+    tests) timeout 170 python3 -m pytest -q -p no:cacheprovider tests/server/test_gpu_e2e.py \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    serve) python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -30 ;;
-    adapters) python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 | tee "$OUT/adapters.log" | tail -20 ;;
+    serve) timeout 220 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12 ;;
+    adapters) timeout 150 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
+                | tee "$OUT/adapters.log" | tail -12 ;;
+    kernels) timeout 200 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
+               --json "$OUT/kernels.json" --png "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -280,31 +280,37 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
 
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    st = load_file(model_dir / "model.safetensors", device=str(torch.device(device)))
+    model = build_model(cfg, meta, st, device, dtype, where=f"{model_dir}/model.safetensors")
+    return LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), cfg, meta, model_dir, name or model_dir.name)
+
+
+def build_model(cfg, meta: dict, tensors: dict[str, torch.Tensor], device, dtype: torch.dtype | None = None,
+                where: str = "tensors") -> Transformer:
+    """Our Transformer from an HF config, scaleserve.json and the format's tensors (no copies of the codes)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = AutoConfig.from_pretrained(model_dir)
     a = ModelArgs.from_hf_config(cfg)
     quant = {"bits": meta["bits"], "group_size": meta["group_size"], "method": meta["method"]}
     with torch.device("meta"):
         model = Transformer(a, quant, cfg, quantize_lm_head=meta["quantize_lm_head"])
-    st = load_file(model_dir / "model.safetensors", device=str(device))
     expected = set(model.state_dict().keys())
-    missing = sorted(expected - set(st))
+    missing = sorted(expected - set(tensors))
     if missing:
-        raise ModelFormatError(f"{model_dir}/model.safetensors is missing {missing[0]} ({len(missing)} missing)")
+        raise ModelFormatError(f"{where} is missing {missing[0]} ({len(missing)} missing)")
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ModelFormatError(f"{where} has unexpected tensor {extra[0]}")
     model = model.to_empty(device=device)
-    for k, v in st.items():
-        if k not in expected:
-            raise ModelFormatError(f"{model_dir}/model.safetensors has unexpected tensor {k}")
-    plain = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_buffer(k) else v) for k, v in st.items()}
+    plain = {k: (v.to(device, dtype) if v.is_floating_point() and not _is_quant_buffer(k) else v.to(device))
+             for k, v in tensors.items()}
     model.load_state_dict(plain, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg, a.head_dim)[0].to(device)  # non-persistent: rebuilt off meta
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.bias is not None:
             m.bias = m.bias.to(dtype)
-    model.eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return LoadedModel(model, tok, cfg, meta, model_dir, name or model_dir.name)
+    return model.eval().requires_grad_(False)
 
 
 def _is_quant_buffer(key: str) -> bool:
@@ -338,75 +344,3 @@ def ensure_default_model(data_dir: str | Path, progress: bool = True) -> Path:
     log.info("default model ready in %.1f s", time.time() - t0)
     return out
 
-
-# --- random models of real shapes (benchmarks and GPU tests) ------------------------------------
-
-
-def write_random_model(out: str | Path, hf_config, q: QuantConfig, tokenizer_dir: str | Path,
-                       seed: int = 0, device: str = "cpu") -> Path:
-    """Write a scaleserve model of `hf_config`'s shapes with random int4 weights, no quantization pass.
-
-    Codes are uniform, zero points mid-range, scales sized so each projection keeps unit variance
-    (std(W) ~ 1/sqrt(K)); embeddings N(0, 1); norms 1. The tokenizer files are copied from
-    `tokenizer_dir` (its vocabulary must not exceed hf_config.vocab_size).
-    """
-    from transformers import AutoTokenizer
-
-    out = Path(out)
-    a = ModelArgs.from_hf_config(hf_config)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    shapes = {"attn.qkv": ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim), "attn.o": (a.dim, a.n_heads * a.head_dim),
-              "mlp.gate_up": (2 * a.intermediate_size, a.dim), "mlp.down": (a.dim, a.intermediate_size)}
-    mid = 2 ** (q.bits - 1)
-    for i in tqdm(range(a.n_layers), desc="random layers", unit="layer"):
-        for suffix, (N, K) in shapes.items():
-            name = f"layers.{i}.{suffix}"
-            G = -(-K // (K if q.group_size == -1 else q.group_size))
-            codes = torch.randint(0, 2**q.bits, (N, K), generator=gen, device=device, dtype=torch.uint8)
-            scale = 1.0 / (((4**q.bits - 1) / 12) ** 0.5 * K**0.5)  # std of uniform codes, times sqrt(K)
-            scales = scale * (0.75 + 0.5 * torch.rand(N, G, generator=gen, device=device))
-            zeros = torch.full((N, G), float(mid), device=device)
-            if q.method == "rtn":
-                tensors.update({f"{name}.zeros": zeros, f"{name}.scales": scales})
-            else:
-                from scaleserve.kernels.quant import rtn_to_alphas
-
-                alphas, betas = rtn_to_alphas(zeros, scales, q.bits)
-                tensors.update({f"{name}.alphas": alphas, f"{name}.betas": betas})
-            tensors[f"{name}.packed"] = pack_int4(codes)
-            if a.qkv_bias and suffix == "attn.qkv":
-                tensors[f"{name}.bias"] = torch.zeros(N, dtype=torch.bfloat16, device=device)
-    tensors["embed.weight"] = torch.randn(a.vocab_size, a.dim, generator=gen, device=device).bfloat16()
-    tensors["norm.weight"] = torch.ones(a.dim, dtype=torch.bfloat16, device=device)
-    for i in range(a.n_layers):
-        for n in ("input_norm", "post_attn_norm"):
-            tensors[f"layers.{i}.{n}.weight"] = torch.ones(a.dim, dtype=torch.bfloat16, device=device)
-        if a.qk_norm:
-            for n in ("q_norm", "k_norm"):
-                tensors[f"layers.{i}.attn.{n}.weight"] = torch.ones(a.head_dim, dtype=torch.bfloat16, device=device)
-    if not a.tie_word_embeddings:
-        tensors["lm_head.weight"] = (torch.randn(a.vocab_size, a.dim, generator=gen, device=device)
-                                     / a.dim**0.5).bfloat16()
-    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".packed")})
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": q.method, "bits": q.bits,
-            "group_size": q.group_size, "quantize_lm_head": False, "quantized_modules": modules,
-            "base_fingerprint": base_fingerprint(tensors, modules), "source": f"random (seed {seed})",
-            "sqnr_db": {}, "sizes": {"total_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": FORMAT})
-    hf_config.architectures = hf_config.architectures or ["LlamaForCausalLM"]
-    hf_config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    (out / "scaleserve.json").write_text(json.dumps(meta, indent=2))
-    return out
-
-
-def llama2_7b_config(vocab_size: int = 32000):
-    """Llama-2-7B's shapes (hidden 4096, FFN 11008, 32 layers, 32 heads, MHA)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])

@@ -236,10 +236,15 @@ class Transformer(nn.Module):
 
     def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] float32; rows has one entry per token (B*S)."""
+        return self.logits(self.hidden_dense(tokens, rows), rows)
+
+    def hidden_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """tokens [B, S] -> final hidden states [B, S, D] (before the final norm); causal, no cache.
+        Training asks for logits only where the loss is, so it stops here."""
         B, S = tokens.shape
         x = self.embed(tokens)  # [B, S, D]
         cos, sin = self.rope(torch.arange(S, device=tokens.device))
         for layer in self.layers:
             x = x + layer.attn.forward_dense(layer.input_norm(x), rows, cos, sin)
             x = x + layer.mlp(layer.post_attn_norm(x), rows)
-        return self.logits(x, rows)
+        return x

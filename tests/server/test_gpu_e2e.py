@@ -10,7 +10,8 @@ from hf_reference import random_adapter
 
 from scaleserve.kernels.quant import QuantConfig
 from scaleserve.server.generate import generate_ids
-from scaleserve.server.loader import llama2_7b_config, load_model, quantize_checkpoint, write_random_model
+from scaleserve.server.loader import load_model, quantize_checkpoint
+from scaleserve.server.random_model import random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -73,11 +74,7 @@ def test_stories260k_kernels_match_reference(tmp_path, method, group_size):
 
 
 def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
-    cfg = llama2_7b_config(vocab_size=32000)
-    if not STORIES.exists():
-        pytest.skip("needs stories260K's tokenizer")
-    write_random_model(tmp_path / "m", cfg, QuantConfig("rtn", 4, 128), STORIES, device="cuda")
-    lm = load_model(tmp_path / "m", device="cuda")
+    lm = random_model("llama2-7b", device="cuda")  # group 128
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (5, 17, 9, 33)]
     adapters = _mixed_adapters(lm, len(prompts), False)
