@@ -265,6 +265,7 @@ def main(argv=None) -> int:
                             max_num_seqs=max(64, args.streams + 4), max_model_len=1024,
                             gpu_adapter_slots=256, gpu_group_adapter_slots=2, host_adapter_cache=512,
                             tenant_max_adapters=10_000, store_sync_interval_s=2.0,
+                            tenant_max_concurrent=args.streams + 16,  # the streams plus the swap probes
                             kv_cache_max_blocks=None if args.device == "cuda" else 2048)
         with LiveServer(settings, lm) as srv:
             reg = srv.app.state.registry
