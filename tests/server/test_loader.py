@@ -83,3 +83,21 @@ def test_wrong_format_version(tmp_path, tiny_model_dir):
     (d / "scaleserve.json").write_text(json.dumps(meta))
     with pytest.raises(ModelFormatError, match="v99"):
         load_model(d)
+
+
+def test_quantized_lm_head(tmp_path, make_hf_checkpoint):
+    """--quantize-lm-head: lm_head becomes a QuantLinear (it takes the rows' adapters too)."""
+    from scaleserve.adapters.format import identity_adapter
+    from scaleserve.kernels.linear import QuantLinear
+    from scaleserve.server.generate import generate_ids
+
+    src = make_hf_checkpoint(tmp_path / "hf")
+    meta = quantize_checkpoint(src, tmp_path / "q", QuantConfig("rtn", 4, 32), quantize_lm_head=True,
+                               progress=False)
+    assert "lm_head" in meta["quantized_modules"] and "lm_head" in meta["sqnr_db"]
+    lm = load_model(tmp_path / "q")
+    assert isinstance(lm.model.lm_head, QuantLinear)
+    ids = [[5, 17, 42, 7]]
+    base, _ = generate_ids(lm, ids, max_new_tokens=5, stop_ids=set())
+    same, _ = generate_ids(lm, ids, [identity_adapter(lm, "peqa")], max_new_tokens=5, stop_ids=set())
+    assert base == same and len(base[0]) == 5
