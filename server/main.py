@@ -30,10 +30,13 @@ log = logging.getLogger("scaleserve.server")
 
 
 def _load_model(settings: Settings):
-    from .loader import ensure_default_model, load_model
+    from .loader import DEFAULT_MODEL_NAME, ensure_default_model, load_model
 
-    model_dir = Path(settings.model) if settings.model else ensure_default_model(settings.data_dir)
-    return load_model(model_dir, device=settings.resolved_device())
+    if settings.model:
+        return load_model(Path(settings.model), device=settings.resolved_device())
+    # the embedded default answers to its own name, not to its cache directory's
+    return load_model(ensure_default_model(settings.data_dir), device=settings.resolved_device(),
+                      name=DEFAULT_MODEL_NAME)
 
 
 async def _maybe_await(x):
