@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import threading

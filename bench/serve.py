@@ -26,7 +26,6 @@ import asyncio
 import gc
 import json
 import random
-import statistics
 import sys
 import threading
 import time

@@ -284,3 +284,21 @@ def usage(out: StepOutput) -> dict:
 
 def token_text(tok, token_id: int) -> str:
     return tok.decode([token_id])
+
+
+async def complete(request: Request, sub: Submitted, render) -> JSONResponse:
+    """A non-streamed answer: wait for the whole output, `render(outs, last)` it into the response
+    body, and release the request's slot whatever happens (499 if the client went away)."""
+    status = 200
+    try:
+        outs, last = await collect(request, sub)
+        err = finish_error(last)
+        if err is not None:
+            status = err.status
+            raise err
+        return JSONResponse(render(outs, last))
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        release(request, sub, status)

@@ -6,11 +6,11 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ..auth import Tenant, get_tenant
 from ..schemas import CompletionRequest, ErrorResponse
-from .common import (SSE_DONE, SSE_HEADERS, APIError, SSETemplate, check_prompt, collect, finish_error, next_outputs,
+from .common import (SSE_DONE, SSE_HEADERS, APIError, SSETemplate, check_prompt, complete, finish_error, next_outputs,
                      release, resolve_model, sampling_params, sse, submit, token_text, usage)
 
 router = APIRouter(tags=["openai"])
@@ -64,25 +64,13 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(request, sub, rid, created, body.model, include_usage, tok),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    status = 200
-    try:
-        outs, last = await collect(request, sub)
-        err = finish_error(last)
-        if err is not None:
-            status = err.status
-            raise err
-        return JSONResponse({
-            "id": rid, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "text": "".join(o.text for o in outs),
-                         "logprobs": logprobs_block(tok, outs) if params.logprobs is not None else None,
-                         "finish_reason": last.finish_reason}],
-            "usage": usage(last),
-        })
-    except asyncio.CancelledError:
-        status = 499
-        raise
-    finally:
-        release(request, sub, status)
+    return await complete(request, sub, lambda outs, last: {
+        "id": rid, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "text": "".join(o.text for o in outs),
+                     "logprobs": logprobs_block(tok, outs) if params.logprobs is not None else None,
+                     "finish_reason": last.finish_reason}],
+        "usage": usage(last),
+    })
 
 
 async def _stream(request, sub, rid, created, model, include_usage, tok):

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from .k8s_render import (
-    CONTAINER,
     CRD_KINDS,
     DEPLOY,
     K8S_VERSIONS,
