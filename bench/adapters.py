@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -93,36 +91,6 @@ def bench_memory(lm, n_adapters: int) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return out
-
-
-# --- the live server ------------------------------------------------------------------------------------
-
-
-class LiveServer:
-    def __init__(self, settings, lm):
-        import uvicorn
-
-        from scaleserve.server.main import create_app
-
-        self.app = create_app(settings, lm=lm)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 1800
-        while not (self.server.started and getattr(self.app.state, "ready", False)):
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.1)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 async def stream_first_token(client, model: str, prompt: list[int], max_tokens: int = 4) -> float:
@@ -266,7 +234,9 @@ def main(argv=None) -> int:
                             tenant_max_adapters=10_000, store_sync_interval_s=2.0,
                             tenant_max_concurrent=args.streams + 16,  # the streams plus the swap probes
                             kv_cache_max_blocks=None if args.device == "cuda" else 2048)
-        with LiveServer(settings, lm) as srv:
+        from scaleserve.server.main import ThreadedServer, create_app
+
+        with ThreadedServer(create_app(settings, lm=lm)) as srv:
             reg = srv.app.state.registry
             load_times: list[float] = []
             prev = reg.on_load

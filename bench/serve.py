@@ -27,7 +27,6 @@ import gc
 import json
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -198,35 +197,11 @@ def print_table(rows: list[dict], keys: list[str]) -> None:
 # --- in-process server ------------------------------------------------------------------------------
 
 
-class InProcessServer:
+def InProcessServer(settings, lm):  # noqa: N802 - reads like the class it returns
     """uvicorn in a thread on a free loopback port, over an already loaded model."""
+    from scaleserve.server.main import ThreadedServer, create_app
 
-    def __init__(self, settings, lm):
-        import socket
-
-        import uvicorn
-
-        from scaleserve.server.main import create_app
-
-        self.app = create_app(settings, lm=lm)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() - t0 > 900:
-                raise RuntimeError("server failed to start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
+    return ThreadedServer(create_app(settings, lm=lm))
 
 
 class SubprocessServer:

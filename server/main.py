@@ -231,3 +231,53 @@ def serve(args) -> int:
     if not getattr(server, "started", False) and not server.should_exit:
         return 1
     return 0
+
+
+class ThreadedServer:
+    """The app under a real uvicorn on a free loopback port, in a daemon thread: for tests,
+    benchmarks and notebooks that need a live HTTP server beside them in one process.
+
+        with ThreadedServer(create_app(settings)) as srv:
+            httpx.get(srv.url + "/ready")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1"):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, timeout: float = 300.0, wait_ready: bool = True) -> "ThreadedServer":
+        """Start, and wait until uvicorn listens (and, by default, /ready would say true)."""
+        if self.thread.ident is not None:  # already started (e.g. start() then `with`)
+            return self
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not (self.server.started and (not wait_ready or getattr(self.app.state, "ready", False))):
+            if not self.thread.is_alive():
+                raise RuntimeError("server thread died during startup")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server did not start within {timeout:.0f} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
+
+    def __enter__(self) -> "ThreadedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -3,14 +3,13 @@ adapter files made from identity adapters with random perturbations."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+
+from scaleserve.server.main import ThreadedServer
 
 
 def make_adapters(lm, out_dir: Path, seed: int = 0) -> dict[str, Path]:
@@ -34,38 +33,16 @@ def make_adapters(lm, out_dir: Path, seed: int = 0) -> dict[str, Path]:
     return files
 
 
-class LiveServer:
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+class LiveServer(ThreadedServer):
+    """ThreadedServer plus the conveniences these tests use."""
 
     def start(self, timeout: float = 120.0) -> "LiveServer":
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("server thread died during startup")
-            if time.monotonic() - t0 > timeout:
-                raise TimeoutError("server did not start")
-            time.sleep(0.02)
+        super().start(timeout, wait_ready=False)
         return self
 
     @property
     def state(self):
         return self.app.state
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)

@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -74,25 +73,10 @@ def app_client(settings, lm):
 @contextmanager
 def live_server(settings, lm):
     """The app under a real uvicorn on a loopback port, in a thread."""
-    import uvicorn
+    from scaleserve.server.main import ThreadedServer
 
-    app = _create_app(settings, lm)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    deadline = time.time() + 120
-    while not (server.started and getattr(app.state, "ready", False)):
-        assert th.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        th.join(30)
-        sock.close()
+    with ThreadedServer(_create_app(settings, lm)).start(120) as srv:
+        yield srv.url, srv.app
 
 
 def reference(lm, adapter, n: int) -> list[str]:
