@@ -334,7 +334,7 @@ def ensure_default_model(data_dir: str | Path, progress: bool = True) -> Path:
     q = DEFAULT_QUANT
     # the quantizer's revision is part of the name: a cache made by an older quantizer (another
     # fingerprint, so other adapters) is never picked up by mistake
-    out = Path(data_dir) / "models" / f"{DEFAULT_MODEL_NAME}-{q.method}{q.bits}-g{q.group_size}-q{QUANTIZER_REVISION}"
+    out = Path(data_dir).expanduser() / "models" / f"{DEFAULT_MODEL_NAME}-{q.method}{q.bits}-g{q.group_size}-q{QUANTIZER_REVISION}"
     if (out / "scaleserve.json").exists():
         return out
     t0 = time.time()
