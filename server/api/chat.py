@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -10,8 +9,8 @@ from fastapi.responses import StreamingResponse
 
 from ..auth import Tenant, get_tenant
 from ..schemas import ChatCompletionRequest, ErrorResponse
-from .common import (SSE_DONE, SSE_HEADERS, APIError, SSETemplate, check_prompt, complete, finish_error, next_outputs,
-                     release, resolve_model, sampling_params, sse, submit, token_text, usage)
+from .common import (SSE_HEADERS, APIError, check_prompt, complete, resolve_model, sampling_params, sse,
+                     SSETemplate, stream_events, submit, token_text, usage)
 
 router = APIRouter(tags=["openai"])
 
@@ -88,8 +87,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     })
 
 
-async def _stream(request, sub, rid, created, model, include_usage, tok):
-    status = 200
+def _stream(request, sub, rid, created, model, include_usage, tok):
     want_lp = sub.seq.params.logprobs is not None
 
     def chunk(delta: dict, finish=None, lp=None) -> dict:
@@ -101,37 +99,20 @@ async def _stream(request, sub, rid, created, model, include_usage, tok):
         return c
 
     content_event = SSETemplate(chunk({"content": SSETemplate.SPLICE}))  # the common event: new text only
-    try:
-        yield sse(chunk({"role": "assistant", "content": ""}))
-        done = False
-        while not done:
-            parts = []
-            for out in await next_outputs(sub):
-                err = finish_error(out)
-                if err is not None:
-                    status = err.status
-                    parts.append(sse({"error": {"message": err.message, "type": err.type, "param": None,
-                                                "code": err.code}}))
-                    done = True
-                    break
-                lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
-                if lp:
-                    parts.append(sse(chunk({"content": out.text}, lp=lp)))
-                elif out.text:
-                    parts.append(content_event(out.text))
-                if out.finished:
-                    parts.append(sse(chunk({}, finish=out.finish_reason)))
-                    if include_usage:
-                        parts.append(sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                          "model": model, "system_fingerprint": None, "choices": [],
-                                          "usage": usage(out)}))
-                    done = True
-                    break
-            if done:
-                parts.append(SSE_DONE)
-            yield b"".join(parts)
-    except (asyncio.CancelledError, GeneratorExit):
-        status = 499
-        raise
-    finally:
-        release(request, sub, status, stream=True)
+
+    def render(out) -> list[bytes]:
+        parts = []
+        lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
+        if lp:
+            parts.append(sse(chunk({"content": out.text}, lp=lp)))
+        elif out.text:
+            parts.append(content_event(out.text))
+        if out.finished:
+            parts.append(sse(chunk({}, finish=out.finish_reason)))
+            if include_usage:
+                parts.append(sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                  "model": model, "system_fingerprint": None, "choices": [],
+                                  "usage": usage(out)}))
+        return parts
+
+    return stream_events(request, sub, render, first=sse(chunk({"role": "assistant", "content": ""})))

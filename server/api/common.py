@@ -302,3 +302,37 @@ async def complete(request: Request, sub: Submitted, render) -> JSONResponse:
         raise
     finally:
         release(request, sub, status)
+
+
+async def stream_events(request: Request, sub: Submitted, render, first: bytes = b""):
+    """The SSE body of one streamed request. Each step's outputs become `render(out)` (a list of
+    encoded events; for the last output, its finish and usage events too); an engine error becomes
+    an OpenAI error event; `data: [DONE]` closes the stream; the request's slot is released however
+    the stream ends (499 when the client went away)."""
+    status = 200
+    try:
+        if first:
+            yield first
+        done = False
+        while not done:
+            parts = []
+            for out in await next_outputs(sub):
+                err = finish_error(out)
+                if err is not None:
+                    status = err.status
+                    parts.append(sse({"error": {"message": err.message, "type": err.type, "param": None,
+                                                "code": err.code}}))
+                    done = True
+                    break
+                parts.extend(render(out))
+                if out.finished:
+                    done = True
+                    break
+            if done:
+                parts.append(SSE_DONE)
+            yield b"".join(parts)
+    except (asyncio.CancelledError, GeneratorExit):
+        status = 499
+        raise
+    finally:
+        release(request, sub, status, stream=True)

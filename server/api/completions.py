@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -10,8 +9,8 @@ from fastapi.responses import StreamingResponse
 
 from ..auth import Tenant, get_tenant
 from ..schemas import CompletionRequest, ErrorResponse
-from .common import (SSE_DONE, SSE_HEADERS, APIError, SSETemplate, check_prompt, complete, finish_error, next_outputs,
-                     release, resolve_model, sampling_params, sse, submit, token_text, usage)
+from .common import (SSE_HEADERS, APIError, check_prompt, complete, resolve_model, sampling_params, sse,
+                     SSETemplate, stream_events, submit, token_text, usage)
 
 router = APIRouter(tags=["openai"])
 
@@ -73,10 +72,9 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
     })
 
 
-async def _stream(request, sub, rid, created, model, include_usage, tok):
-    status = 200
-    offset = 0
+def _stream(request, sub, rid, created, model, include_usage, tok):
     want_lp = sub.seq.params.logprobs is not None
+    offset = 0  # characters streamed so far: logprobs' text_offset
 
     def chunk(text, lp=None, finish=None) -> dict:
         c = {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -86,36 +84,20 @@ async def _stream(request, sub, rid, created, model, include_usage, tok):
         return c
 
     text_event = SSETemplate(chunk(SSETemplate.SPLICE))  # the common event: new text, no logprobs, not last
-    try:
-        done = False
-        while not done:
-            parts = []
-            for out in await next_outputs(sub):
-                err = finish_error(out)
-                if err is not None:
-                    status = err.status
-                    parts.append(sse({"error": {"message": err.message, "type": err.type, "param": None,
-                                                "code": err.code}}))
-                    done = True
-                    break
-                if out.text or out.finished or out.logprobs:
-                    if not want_lp and not out.finished:
-                        parts.append(text_event(out.text))
-                    else:
-                        lp = logprobs_block(tok, [out], offset) if want_lp else None
-                        parts.append(sse(chunk(out.text, lp, out.finish_reason if out.finished else None)))
-                    offset += len(out.text)
-                if out.finished:
-                    if include_usage:
-                        parts.append(sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                          "choices": [], "usage": usage(out)}))
-                    done = True
-                    break
-            if done:
-                parts.append(SSE_DONE)
-            yield b"".join(parts)
-    except (asyncio.CancelledError, GeneratorExit):
-        status = 499
-        raise
-    finally:
-        release(request, sub, status, stream=True)
+
+    def render(out) -> list[bytes]:
+        nonlocal offset
+        parts = []
+        if out.text or out.finished or out.logprobs:
+            if not want_lp and not out.finished:
+                parts.append(text_event(out.text))
+            else:
+                lp = logprobs_block(tok, [out], offset) if want_lp else None
+                parts.append(sse(chunk(out.text, lp, out.finish_reason if out.finished else None)))
+            offset += len(out.text)
+        if out.finished and include_usage:
+            parts.append(sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                              "choices": [], "usage": usage(out)}))
+        return parts
+
+    return stream_events(request, sub, render)
