@@ -1,5 +1,8 @@
-"""Decode / prefill paged attention vs torch SDPA on contiguous tensors; prefill tile sweep.
-Prints tables, writes $OUT/attn_bench.json and $OUT/best_prefill.json."""
+"""Paged attention (ours) vs torch SDPA on contiguous tensors, decode and prefill, plus a sweep of the
+prefill tile configs. Prints tables; writes $OUT/attn_bench.json and $OUT/best_prefill.json.
+
+    OUT=out python bench/attention.py        # on a GPU
+"""
 import json, os
 import torch, triton
 import scaleserve.kernels.attention as A
@@ -7,7 +10,6 @@ import scaleserve.kernels.attention as A
 torch.manual_seed(0)
 dev, dt, BS = "cuda", torch.bfloat16, 16
 OUT = os.environ.get("OUT", ".")
-rows = []
 
 def paged_inputs(B, ctx, H, KVH, D, L):
     nb = B * ctx // BS
@@ -54,35 +56,40 @@ def table(rs, extra=""):
     for r in rs:
         print(f"{r['B']:>3} {r['ctx']:>5} {r['H']:>3} {r['KVH']:>3} {r['D']:>3} {r['L']:>5} {r['impl']:<22} {r['ms']:>8.4f} {r['ms_graph']:>9.4f} {r['kv_GBps']:>8.0f} {r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e}")
 
-# prefill tile sweep (BLOCK_M rows, BLOCK_N keys, warps, stages)
-configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3)]
-sweep = []
-for cfg in configs:
-    A.PREFILL_BLOCK_M, A.PREFILL_BLOCK_N, A.PREFILL_NUM_WARPS, A.PREFILL_NUM_STAGES = cfg
-    tot = 0.0
-    for shape in [(4, 1024, 32, 8, 128, 1024), (8, 2048, 32, 8, 128, 256), (4, 1024, 9, 3, 64, 1024)]:
-        try:
-            r = case(*shape, with_sdpa=False)[0]
-        except Exception as e:  # out of shared memory etc.
-            print("config", cfg, "failed:", type(e).__name__, str(e)[:100]); tot = float("inf"); break
-        r["impl"] = f"paged {cfg}"
-        sweep.append(r); tot += r["ms_graph"]
-    print("config", cfg, "sum ms_graph", round(tot, 4), flush=True)
-    sweep.append(dict(cfg=cfg, tot=tot))
-best = min((s for s in sweep if "tot" in s), key=lambda s: s["tot"])["cfg"]
-json.dump(dict(best=best), open(os.path.join(OUT, "best_prefill.json"), "w"))
-print("best prefill config", best)
-A.PREFILL_BLOCK_M, A.PREFILL_BLOCK_N, A.PREFILL_NUM_WARPS, A.PREFILL_NUM_STAGES = best
+def main() -> None:
+    # prefill tile sweep (BLOCK_M rows, BLOCK_N keys, warps, stages)
+    configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3)]
+    sweep = []
+    for cfg in configs:
+        A.PREFILL_BLOCK_M, A.PREFILL_BLOCK_N, A.PREFILL_NUM_WARPS, A.PREFILL_NUM_STAGES = cfg
+        tot = 0.0
+        for shape in [(4, 1024, 32, 8, 128, 1024), (8, 2048, 32, 8, 128, 256), (4, 1024, 9, 3, 64, 1024)]:
+            try:
+                r = case(*shape, with_sdpa=False)[0]
+            except Exception as e:  # out of shared memory etc.
+                print("config", cfg, "failed:", type(e).__name__, str(e)[:100]); tot = float("inf"); break
+            r["impl"] = f"paged {cfg}"
+            sweep.append(r); tot += r["ms_graph"]
+        print("config", cfg, "sum ms_graph", round(tot, 4), flush=True)
+        sweep.append(dict(cfg=cfg, tot=tot))
+    best = min((s for s in sweep if "tot" in s), key=lambda s: s["tot"])["cfg"]
+    json.dump(dict(best=best), open(os.path.join(OUT, "best_prefill.json"), "w"))
+    print("best prefill config", best)
+    A.PREFILL_BLOCK_M, A.PREFILL_BLOCK_N, A.PREFILL_NUM_WARPS, A.PREFILL_NUM_STAGES = best
 
-rows = []
-rows += case(64, 1024, 32, 32, 128, 1, [("paged splits=1", 1)])
-rows += case(64, 1024, 32, 8, 128, 1, [("paged splits=1", 1)])
-rows += case(8, 4096, 32, 8, 128, 1, [("paged splits=1", 1)])
-rows += case(64, 1024, 9, 3, 64, 1)
-rows += case(4, 1024, 32, 8, 128, 1024)
-rows += case(4, 1024, 9, 3, 64, 1024)
-table([r for r in sweep if "impl" in r])
-print()
-table(rows)
-json.dump(dict(device=torch.cuda.get_device_name(), best_prefill=best, rows=rows,
-               sweep=[r for r in sweep if "impl" in r]), open(os.path.join(OUT, "attn_bench.json"), "w"), indent=1)
+    rows = []
+    rows += case(64, 1024, 32, 32, 128, 1, [("paged splits=1", 1)])
+    rows += case(64, 1024, 32, 8, 128, 1, [("paged splits=1", 1)])
+    rows += case(8, 4096, 32, 8, 128, 1, [("paged splits=1", 1)])
+    rows += case(64, 1024, 9, 3, 64, 1)
+    rows += case(4, 1024, 32, 8, 128, 1024)
+    rows += case(4, 1024, 9, 3, 64, 1024)
+    table([r for r in sweep if "impl" in r])
+    print()
+    table(rows)
+    json.dump(dict(device=torch.cuda.get_device_name(), best_prefill=best, rows=rows,
+                   sweep=[r for r in sweep if "impl" in r]), open(os.path.join(OUT, "attn_bench.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
