@@ -109,5 +109,17 @@ def smollm2_dir() -> Path:
     return ensure_default_model(cache, progress=False)
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3-compatible server (moto's server mode) on a loopback port, for the S3 store tests."""
+    pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()

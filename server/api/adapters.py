@@ -166,28 +166,26 @@ async def list_adapters(request: Request, tenant: Tenant = Depends(get_tenant)):
     return {"object": "list", "data": [av.describe() for av in items]}
 
 
-@router.get("/v1/adapters/{name}")
-async def get_adapter(name: str, request: Request, tenant: Tenant = Depends(get_tenant)):
-    reg = _registry(request)
+async def _on_adapter(request: Request, tenant: Tenant, name: str, op: str):
+    """registry.<op>(target tenant, name) off the event loop -> (target, result); 404 when the caller
+    can't see such an adapter (a bad name included: names never leak across tenants)."""
     target = _target(tenant, request.query_params.get("tenant"))
     if not valid_name(name):
         raise _not_found(name)
     try:
-        av = await run_in_threadpool(reg.resolve, target, name)
+        return target, await run_in_threadpool(getattr(_registry(request), op), target, name)
     except AdapterNotFound:
         raise _not_found(name) from None
+
+
+@router.get("/v1/adapters/{name}")
+async def get_adapter(name: str, request: Request, tenant: Tenant = Depends(get_tenant)):
+    _, av = await _on_adapter(request, tenant, name, "resolve")
     return av.describe()
 
 
 @router.delete("/v1/adapters/{name}")
 async def delete_adapter(name: str, request: Request, tenant: Tenant = Depends(get_tenant)):
-    reg = _registry(request)
-    target = _target(tenant, request.query_params.get("tenant"))
-    if not valid_name(name):
-        raise _not_found(name)
-    try:
-        version = await run_in_threadpool(reg.remove, target, name)
-    except AdapterNotFound:
-        raise _not_found(name) from None
+    target, version = await _on_adapter(request, tenant, name, "remove")
     log.info("adapter %s/%s deleted (was v%d)", target, name, version)
     return {"object": "adapter.deleted", "name": name, "tenant": target, "version": version, "deleted": True}

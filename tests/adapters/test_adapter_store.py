@@ -11,17 +11,6 @@ from scaleserve.adapters.store import (FileStore, S3Store, StoreError, StoreReco
                                        valid_name)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def s3_store(endpoint: str, bucket: str, prefix: str = "adapters/base-a") -> S3Store:
     import boto3
 

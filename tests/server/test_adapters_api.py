@@ -305,17 +305,6 @@ def test_restart_keeps_everything(lms, settings_for):
         assert put(c, "gone", a.to_bytes()).json()["version"] == 3  # after v1 and the tombstone
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def test_s3_store_through_the_app(lms, settings_for, moto_endpoint):
     import boto3
 
