@@ -59,6 +59,17 @@ def bench_memory(lm, n_adapters: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
+        # the same slab with one per-channel slot: what does not grow with the adapter count (slot 0 =
+        # the base in every table, the one group / alpha slot)
+        one = AdapterSlab(lm.model, chan_slots=1, group_slots=1, alpha_slots=1, host_slots=0)
+        torch.cuda.synchronize()
+        fixed = torch.cuda.memory_allocated() - before
+        del one
+        for m in lm.model.quant_linears().values():
+            m.slab_chan = m.slab_scales = m.slab_alphas = m.slab_betas = None
+            m.invalidate_caches()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
     slab = AdapterSlab(lm.model, chan_slots=n_adapters, group_slots=1, alpha_slots=1, host_slots=0)
     chan_bytes = sum(m.slab_chan.numel() * m.slab_chan.element_size() for m in slab.layers.values())
     if cuda:
@@ -85,7 +96,10 @@ def bench_memory(lm, n_adapters: int) -> dict:
            "chan_dtype": str(slab.chan_dtype), "load_ms_p50": 1e3 * pct(loads, 0.5),
            "load_ms_p90": 1e3 * pct(loads, 0.9), "adapter_params": sum(t.numel() for t in proto.tensors.values())}
     if cuda:
-        out["device_bytes_per_adapter"] = (after_load - before) / n_adapters
+        # per resident adapter: what the n-slot slab holds beyond the 1-slot one, per extra slot
+        out["device_bytes_per_adapter"] = (after_load - before - fixed) / (n_adapters - 1)
+        out["device_bytes_fixed"] = fixed
+        out["device_bytes_total"] = after_load - before
         out["device_bytes_loads_added"] = after_load - after_alloc
     del slab
     if cuda:
@@ -257,6 +271,7 @@ def main(argv=None) -> int:
         ("resident adapters", f"{m['adapters']}"),
         ("device bytes / adapter", f"{m.get('device_bytes_per_adapter', m['chan_table_bytes_per_adapter']) / 2**20:.2f} MiB"
                                    f" (table {m['chan_table_bytes_per_adapter'] / 2**20:.2f} MiB, {m['chan_dtype']})"),
+        ("  + fixed (base slot of every table)", f"{m.get('device_bytes_fixed', 0) / 2**20:.0f} MiB"),
         ("slab load p50 / p90", f"{m['load_ms_p50']:.2f} / {m['load_ms_p90']:.2f} ms"),
         ("upload -> first token p50 / p90", f"{u['upload_to_first_token_ms_p50']:.1f} / "
                                             f"{u['upload_to_first_token_ms_p90']:.1f} ms"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
-#   bash bench/gpu_session.sh [tests] [serve] [adapters] [quality]     results under $OUT
+#   bash bench/gpu_session.sh [tests] [train] [serve] [adapters] [kernels] [profile]     results under $OUT
 #   (each step has its own time limit so that one call of the device tool fits them all)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
 # downloads those wheels here, and this script installs them into /tmp/site.
@@ -16,13 +16,17 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests serve adapters)
 for step in "${steps[@]}"; do
   case $step in
-    tests) timeout 170 python3 -m pytest -q -p no:cacheprovider tests/server/test_gpu_e2e.py \
+    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused.py tests/server/test_gpu_e2e.py \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     serve) timeout 220 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12 ;;
     adapters) timeout 150 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
     kernels) timeout 200 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
                --json "$OUT/kernels.json" --png "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
+    train) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/adapters/test_train.py \
+             2>&1 | tee "$OUT/train_tests.log" | tail -8 ;;
+    profile) timeout 200 python3 bench/decode_profile.py --json "$OUT/decode_profile.json" 2>&1 \
+               | tee "$OUT/decode_profile.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

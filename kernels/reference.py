@@ -117,3 +117,27 @@ def paged_attention_ref(
         att = att.masked_fill(kpos > qpos, float("-inf"))
         out[qs:qe] = torch.einsum("hln,nhd->lhd", att.softmax(-1), v).to(q.dtype)
     return out
+
+
+# --- row-wise layer ops (kernels/fused.py) -------------------------------------------------------
+
+
+def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (y, h): h = x + delta (x when delta is None), y = weight * h / rms(h) in x's dtype."""
+    h = x if delta is None else x + delta
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * hf).to(x.dtype), h
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, H, D]; cos/sin [..., T, 1, D] float32 (rotate-half convention of HF Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2I] -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

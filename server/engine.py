@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from scaleserve.adapters.slab import BASE
-from scaleserve.kernels.linear import RowAdapters
+from scaleserve.kernels.linear import MODE_ALPHA, MODE_CHANNEL, MODE_GROUP, RowAdapters
 
 from .batch import Batch
 from .generate import eos_ids
@@ -323,8 +323,48 @@ class Engine:
             self._lock.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="scaleserve-engine", daemon=True)
+        def run():
+            if self.device.type == "cuda" and self.settings.cuda_warmup:
+                self.warm_up()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="scaleserve-engine", daemon=True)
         self._thread.start()
+
+    def warm_up(self) -> None:
+        """Compile and tune every kernel shape serving can meet, and capture every decode graph, before
+        the first request: a batch size or adapter kind seen for the first time mid-serving would
+        otherwise stall every running stream for the tuning and capture (seconds on a 7B model).
+        Shapes: prefill chunks of each power-of-two token count (the kernels' tuning buckets) up to the
+        step's token budget, and each decode bucket; each for every adapter mode the slab can produce."""
+        t0 = time.perf_counter()
+        modes = (MODE_ALPHA,) if self.slab.bcq_base else (MODE_CHANNEL, MODE_GROUP, MODE_ALPHA)
+        budget = min(self.settings.max_num_batched_tokens, self.max_model_len)
+        counts = sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)})
+        with torch.inference_mode():
+            for mode in modes:
+                for T in counts:
+                    self.lm.model(self._warm_batch(T, mode), self.kv.k, self.kv.v)
+                if self.graphs is not None:
+                    for b in self.graphs.buckets:
+                        self.graphs.run(b, mode)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("warm-up: %d prefill sizes and %d decode graphs for modes %s in %.1f s", len(counts),
+                 len(self.graphs.graphs) if self.graphs else 0, list(modes), time.perf_counter() - t0)
+
+    def _warm_batch(self, T: int, mode: int) -> Batch:
+        """One sequence prefilling T tokens on base rows with a given kernel mode; writes no KV (slots
+        -1) and reads block 0 for its context: only the shapes matter."""
+        dev = self.device
+        rows = torch.tensor(self.slab.row_indices(BASE), dtype=torch.int32, device=dev)[:, None].repeat(1, T)
+        return Batch(torch.zeros(T, dtype=torch.int64, device=dev), torch.arange(T, device=dev),
+                     torch.full((T,), -1, dtype=torch.int64, device=dev),
+                     torch.zeros(1, self.width, dtype=torch.int32, device=dev),
+                     torch.tensor([T], dtype=torch.int32, device=dev),
+                     torch.tensor([0, T], dtype=torch.int32, device=dev),
+                     torch.tensor([T - 1], dtype=torch.int64, device=dev),
+                     RowAdapters(rows[0], rows[1], rows[2], mode), T)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:

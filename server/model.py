@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleserve.kernels.linear import QuantLinear, RowAdapters
-from scaleserve.kernels.reference import paged_attention_ref
+from scaleserve.kernels.reference import add_rms_norm_ref, paged_attention_ref, rope_ref, silu_mul_ref
 
 from .batch import Batch
 
@@ -93,10 +93,10 @@ def rope_inv_freq(cfg, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [..., T, H, D]; cos/sin: [..., T, 1, D]  (rotate-half convention of HF Llama)
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+def fused_ok(x: torch.Tensor, module: nn.Module) -> bool:
+    """The fused Triton kernels (kernels/fused.py) run for CUDA inference; autograd (training) and
+    CPU take the torch reference ops."""
+    return x.is_cuda and module.use_kernels and not torch.is_grad_enabled()
 
 
 class RMSNorm(nn.Module):
@@ -104,11 +104,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.use_kernels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+        return self.add_forward(x)[0]
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(x + delta), x + delta): the residual add and the norm in one kernel on CUDA."""
+        if fused_ok(x, self):
+            from scaleserve.kernels.fused import add_rms_norm
+
+            return add_rms_norm(x, delta, self.weight, self.eps)
+        return add_rms_norm_ref(x, delta, self.weight, self.eps)
 
 
 def make_linear(args_q: dict, in_f: int, out_f: int, bias: bool = False) -> QuantLinear:
@@ -126,21 +133,29 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.use_kernels = True  # False: torch reference attention on CUDA too
 
-    def project(self, x, rows, cos, sin):
-        # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied
+    def project(self, x, rows, cos, sin, flat: bool = False):
+        # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied.
+        # flat: x is [T, D] and cos/sin [T, 1, hd] row for row (the cache path), so rope may run in place
         a = self.a
         qkv = self.qkv(x, rows)
+        fused = flat and not a.qk_norm and fused_ok(qkv, self)
+        if fused:
+            from scaleserve.kernels.fused import rope_qk_
+
+            rope_qk_(qkv, cos, sin, a.n_heads, a.n_kv_heads, a.head_dim)
         q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         q = q.unflatten(-1, (a.n_heads, a.head_dim))
         k = k.unflatten(-1, (a.n_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.n_kv_heads, a.head_dim))
+        if fused:
+            return q, k, v
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return rope_ref(q, cos, sin), rope_ref(k, cos, sin), v
 
     def forward(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache):
         # x: [T, D]; k_cache/v_cache: [num_blocks, block_size, KVH, hd]
-        q, k, v = self.project(x, rows, cos, sin)
+        q, k, v = self.project(x, rows, cos, sin, flat=True)
         if x.is_cuda and self.use_kernels:
             from scaleserve.kernels.attention import paged_attention, write_kv
 
@@ -168,10 +183,15 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gate_up = make_linear(q, a.dim, 2 * a.intermediate_size)
         self.down = make_linear(q, a.intermediate_size, a.dim)
+        self.use_kernels = True
 
     def forward(self, x, rows):
-        gate, up = self.gate_up(x, rows).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up, rows)
+        gate_up = self.gate_up(x, rows)
+        if fused_ok(gate_up, self):
+            from scaleserve.kernels.fused import silu_mul
+
+            return self.down(silu_mul(gate_up), rows)
+        return self.down(silu_mul_ref(gate_up), rows)
 
 
 class Block(nn.Module):
@@ -229,10 +249,14 @@ class Transformer(nn.Module):
         x = self.embed(batch.tokens)  # [T, D]
         cos, sin = self.rope(batch.positions)
         rows = batch.rows
+        delta = None  # the last sublayer's output, added to the residual stream x by the next norm
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
-            x = x + layer.attn(layer.input_norm(x), rows, cos, sin, batch, kc, vc)
-            x = x + layer.mlp(layer.post_attn_norm(x), rows)
-        return self.logits(x[batch.logits_index], rows.select(batch.logits_index))
+            h, x = layer.input_norm.add_forward(x, delta)
+            delta = layer.attn(h, rows, cos, sin, batch, kc, vc)
+            h, x = layer.post_attn_norm.add_forward(x, delta)
+            delta = layer.mlp(h, rows)
+        idx = batch.logits_index
+        return self.logits(x[idx] + delta[idx], rows.select(idx))
 
     def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] float32; rows has one entry per token (B*S)."""

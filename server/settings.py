@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     kv_cache_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="share of free device memory for KV")
     kv_cache_max_blocks: int | None = Field(None, ge=1, description="hard cap on KV blocks (CPU default 2048)")
     cuda_graphs: bool = True
+    cuda_warmup: bool = Field(True, description="tune kernels and capture all decode graphs before ready "
+                                                "(slower start; no stall when a new batch shape first appears)")
     drain_grace_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
     # adapters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 
@@ -357,6 +358,28 @@ def test_cuda_bf16_loss_falls(tiny_model_dir, completion_data):
                                                      schedule="constant"), progress=False)
         assert sum(res.losses[-5:]) / 5 < 0.8 * res.losses[0]
         assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in res.adapter.tensors.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_memory_is_int4_plus_activations(tmp_path):
+    """A SmolLM2-shaped int4 model trains on the GPU without a dense copy of its weights: the peak
+    memory above the loaded model stays below the bf16 size of its linear weights."""
+    from scaleserve.server.random_model import random_model
+
+    lm = random_model("smollm2-135m", device="cuda")
+    rows = [{"text": " ".join(f"w{3 + (13 * i + 7 * j) % 4000}" for j in range(48))} for i in range(24)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    dense_bf16 = sum(m.in_features * m.out_features * 2 for m in lm.model.quant_linears().values())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    res = train(lm, tmp_path / "d.jsonl", TrainConfig(kind="peqa", granularity="group", max_steps=3, batch_size=2,
+                                                       max_seq_len=64, eval_split=0.0), progress=False)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert len(res.losses) == 3 and all(math.isfinite(x) for x in res.losses)
+    assert peak < dense_bf16, f"training peaked {peak / 2**20:.0f} MiB above the model; dense bf16 is " \
+                              f"{dense_bf16 / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("K,group_size", [(172, 32), (65, 32), (65, -1), (64, 64)])

@@ -253,3 +253,26 @@ def test_loop_sinks_batched_per_step_in_order(engine_lm, tmp_path):
     assert [[t for o in outs for t in o.token_ids] for outs in got] == expected
     assert all(outs[-1].finished and not any(o.finished for o in outs[:-1]) for outs in got)
     assert hops[0] <= steps < sum(len(outs) for outs in got)
+
+
+def test_warm_up_touches_no_state(engine_lm, adapter_files, tmp_path):
+    """warm_up runs every prefill size and adapter mode through the model (on CPU too; on CUDA it also
+    captures the decode graphs) without writing the KV cache or changing any output."""
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=64)
+    seqs = [new_seq(p, avs[n]) for p, n in zip(PROMPTS[:3], sorted(avs))]
+    before = run(engine, seqs)
+    kv_before = [t.clone() for t in engine.kv.k + engine.kv.v]
+    free_before = engine.kv.allocator.num_free
+    calls = []
+    forward = engine.lm.model.forward
+    engine.lm.model.forward = lambda batch, *a: calls.append((batch.tokens.numel(), batch.rows.mode)) or \
+        forward(batch, *a)
+    try:
+        engine.warm_up()
+    finally:
+        del engine.lm.model.forward
+    assert set(calls) == {(t, m) for m in (1, 2, 3) for t in (1, 2, 4, 8, 16, 32, 64)}
+    assert all(torch.equal(a, b) for a, b in zip(engine.kv.k + engine.kv.v, kv_before))
+    assert engine.kv.allocator.num_free == free_before
+    again = [new_seq(p, avs[n]) for p, n in zip(PROMPTS[:3], sorted(avs))]
+    assert run(engine, again) == before

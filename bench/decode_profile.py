@@ -1,0 +1,154 @@
+"""Where a decode step's time goes on the GPU: engine step wall vs. the CUDA graph's GPU time vs. kernels.
+
+    python bench/decode_profile.py --presets llama2-7b,smollm2-135m --json out/decode_profile.json
+
+For each preset (a random int4 model built in device memory) and batch size:
+  step_ms     wall time of Engine.step() (one greedy decode step: pack inputs, replay the graph, argmax,
+              detokenize, deliver), median over --steps steps
+  replay_ms   GPU time of the captured decode graph alone (CUDA events around replay), median
+  host_ms     step_ms - replay_ms: what the host adds on top of the GPU work
+  kernels     torch.profiler over eager decode forwards: per kernel family, GPU µs per step and count
+
+Prints a short table per preset and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def build_engine(preset: str, max_num_seqs: int):
+    from scaleserve.adapters.registry import AdapterRegistry
+    from scaleserve.server.engine import Engine
+    from scaleserve.server.random_model import random_model
+    from scaleserve.server.settings import Settings
+
+    lm = random_model(preset, device="cuda")
+    s = Settings(device="cuda", max_num_seqs=max_num_seqs, kv_cache_max_blocks=max_num_seqs * 64,
+                 data_dir=tempfile.mkdtemp(prefix="scaleserve-prof-"), log_level="warning")
+    reg = AdapterRegistry.from_settings(lm, s)
+    return Engine(lm, reg.slab, reg, s)
+
+
+def family(name: str) -> str:
+    """Group kernel names into the families a reader cares about."""
+    n = name.lower()
+    for key, fam in (("gemv", "int4 gemv"), ("int4", "int4 matmul"), ("adapted", "int4 matmul"),
+                     ("paged", "attention"), ("attn", "attention"), ("write_kv", "write kv"),
+                     ("gemm", "cublas (lm_head)"), ("cutlass", "cublas (lm_head)"), ("nvjet", "cublas (lm_head)"),
+                     ("argmax", "sample"), ("reduce", "reduce"), ("elementwise", "elementwise"),
+                     ("copy", "copy")):
+        if key in n:
+            return fam
+    return name[:60]
+
+
+def profile_kernels(engine, b: int, mode: int, reps: int = 5) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = engine.graphs.batch(b, mode)
+    model, kv = engine.lm.model, engine.kv
+    with torch.inference_mode():
+        for _ in range(2):
+            model(batch, kv.k, kv.v)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                model(batch, kv.k, kv.v)
+            torch.cuda.synchronize()
+    fams: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0 or e.count == 0:
+            continue
+        f = fams.setdefault(family(e.key), [0.0, 0])
+        f[0] += us / reps
+        f[1] += e.count / reps
+    rows = sorted(({"family": k, "us_per_step": round(v[0], 1), "launches_per_step": round(v[1], 1)}
+                   for k, v in fams.items()), key=lambda r: -r["us_per_step"])
+    return {"kernels": rows, "kernel_us_total": round(sum(r["us_per_step"] for r in rows), 1),
+            "launches_total": round(sum(r["launches_per_step"] for r in rows), 1)}
+
+
+def run(preset: str, batch: int, steps: int) -> dict:
+    from scaleserve.server.scheduler import SamplingParams, Sequence
+
+    engine = build_engine(preset, max(8, batch))
+    for i in range(batch):
+        prompt = [3 + (7 * i + 13 * j) % 900 for j in range(16)]
+        engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=steps + 64, temperature=0.0,
+                                                                     ignore_eos=True)))
+    while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(5):
+        engine.step()  # captures the graph
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t0)
+    b = engine.graphs.bucket(batch)
+    (graph, _), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
+    gpu = []
+    for _ in range(steps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        gpu.append(e0.elapsed_time(e1) / 1e3)
+    # back-to-back replays: the GPU time without the per-step sync bubble
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    back_to_back = (time.perf_counter() - t0) / steps
+    step_ms, replay_ms = statistics.median(walls) * 1e3, statistics.median(gpu) * 1e3
+    res = {"preset": preset, "batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3),
+           "replay_back_to_back_ms": round(back_to_back * 1e3, 3), "host_ms": round(step_ms - replay_ms, 3),
+           "tok_s": round(batch / statistics.median(walls), 1)}
+    res.update(profile_kernels(engine, b, mode))
+    del engine
+    torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="llama2-7b,smollm2-135m")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for preset in a.presets.split(","):
+        for B in (int(x) for x in a.batches.split(",")):
+            r = run(preset, B, a.steps)
+            out["runs"].append(r)
+            print(f"\n{preset} batch {B}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+                  f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; kernels "
+                  f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")
+            print(f"  {'kernel family':<40} {'µs/step':>9} {'launches':>9}")
+            for k in r["kernels"][:14]:
+                print(f"  {k['family']:<40} {k['us_per_step']:>9} {k['launches_per_step']:>9}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Fused row-wise kernels of the decoder layer: residual add + RMSNorm, RoPE on q/k, SiLU-gate.
+
+Why: in eager torch each of these is 5-16 small kernels; a 7B decode step launched ~30 of them per
+layer (1.8 ms of a 5.2 ms step on an H100, bench/decode_profile.py) — more than all the weights'
+bytes take at the memory floor. Each function here is one launch.
+
+Semantics (kernels/reference.py has the torch versions, and the model runs those on CPU):
+  add_rms_norm(x, delta, w, eps) -> (y, h):  h = x + delta  (in x's dtype, as torch rounds it)
+                                              y[t] = w * h[t] / sqrt(mean(h[t]^2) + eps)   (fp32 math)
+  rope_qk_(qkv, cos, sin, H, KVH, hd):        in place on the q and k heads of qkv [T, (H + 2 KVH) hd]:
+                                              x' = x * cos + rotate_half(x) * sin   (HF Llama convention)
+  silu_mul(gate_up) -> y:                     y[t, j] = silu(gate_up[t, j]) * gate_up[t, I + j]
+
+CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, y_ptr, h_ptr, D, eps,
+                         HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    h = tl.load(x_ptr + t * D + offs, mask=ok, other=0.0)
+    if HAS_DELTA:
+        # round the sum to the activation dtype first: the residual stream is stored in it
+        h = (h.to(tl.float32) + tl.load(delta_ptr + t * D + offs, mask=ok, other=0.0).to(tl.float32))
+        h = h.to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + t * D + offs, h, mask=ok)
+    hf = h.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * D + offs, (w * (hf * inv)).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, delta: [..., D] (same shape and dtype); weight [D] -> (y, h), both [..., D] in x's dtype.
+    With delta None, h is x itself."""
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"weight must be [{D}], got {list(weight.shape)}")
+    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
+        raise ValueError(f"delta {list(delta.shape)} {delta.dtype} must match x {list(x.shape)} {x.dtype}")
+    x2 = x.reshape(-1, D).contiguous()
+    T = x2.shape[0]
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if delta is not None else x2
+    d2 = delta.reshape(-1, D).contiguous() if delta is not None else x2
+    if T:
+        _add_rms_norm_kernel[(T,)](x2, d2, weight, y, h, D, eps, HAS_DELTA=delta is not None,
+                                   BLOCK_D=triton.next_power_of_2(D), num_warps=4 if D >= 2048 else 1)
+    return y.view(x.shape), (h.view(x.shape) if delta is not None else x)
+
+
+@triton.jit
+def _rope_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_rot_heads,
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_HALF)
+    ok = (heads[:, None] < n_rot_heads) & (j[None, :] < HALF)
+    # cos/sin: [T, 2 * HALF] with the two halves equal (cat(freqs, freqs)); read both as torch does
+    c1 = tl.load(cos_ptr + t * stride_c + j, mask=j < HALF, other=0.0)[None, :]
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + j, mask=j < HALF, other=0.0)[None, :]
+    s1 = tl.load(sin_ptr + t * stride_c + j, mask=j < HALF, other=0.0)[None, :]
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + j, mask=j < HALF, other=0.0)[None, :]
+    p1 = qkv_ptr + t * stride_t + heads[:, None] * (2 * HALF) + j[None, :]
+    x1 = tl.load(p1, mask=ok, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=ok, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (x1f * c1 - x2f * s1).to(x1.dtype), mask=ok)
+    tl.store(p1 + HALF, (x2f * c2 + x1f * s2).to(x1.dtype), mask=ok)
+
+
+def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+             head_dim: int) -> torch.Tensor:
+    """qkv [T, (H + 2 KVH) * hd] (rows contiguous); cos/sin [T, hd] float32 (any view that flattens
+    to it). Rotates q and k heads in place; v is untouched. Returns qkv."""
+    T, W = qkv.shape
+    if W != (n_heads + 2 * n_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"qkv width {W} != (H {n_heads} + 2 KVH {n_kv_heads}) x head_dim {head_dim} (even)")
+    if qkv.stride(1) != 1:
+        raise ValueError("qkv rows must be contiguous")
+    cos2, sin2 = cos.reshape(T, head_dim), sin.reshape(T, head_dim)
+    if cos2.stride(1) != 1 or sin2.stride() != cos2.stride():
+        cos2, sin2 = cos2.contiguous(), sin2.contiguous()
+    n_rot = n_heads + n_kv_heads
+    half = head_dim // 2
+    block_h = min(triton.next_power_of_2(n_rot), 16)
+    if T:
+        _rope_qk_kernel[(T, triton.cdiv(n_rot, block_h))](
+            qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), n_rot, HALF=half, BLOCK_H=block_h,
+            BLOCK_HALF=triton.next_power_of_2(half), num_warps=2)
+    return qkv
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, y_ptr, I, stride_t, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < I
+    g = tl.load(gu_ptr + t * stride_t + j, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * stride_t + I + j, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * I + j, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2I] -> silu(gate) * up, [..., I] in gate_up's dtype."""
+    W = gate_up.shape[-1]
+    if W % 2:
+        raise ValueError(f"gate_up width must be even, got {W}")
+    I = W // 2
+    gu = gate_up.reshape(-1, W)
+    if gu.stride(1) != 1:
+        gu = gu.contiguous()
+    T = gu.shape[0]
+    y = torch.empty(T, I, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(triton.next_power_of_2(I), 1024)
+    if T:
+        _silu_mul_kernel[(T, triton.cdiv(I, block))](gu, y, I, gu.stride(0), BLOCK=block, num_warps=4)
+    return y.view(*gate_up.shape[:-1], I)

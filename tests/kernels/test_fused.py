@@ -1,0 +1,133 @@
+"""kernels.fused (residual add + RMSNorm, in-place RoPE on q/k, SiLU-gate) against kernels.reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 on small shapes; with CUDA the same cases run
+natively, plus real model widths. Outputs are poisoned (NaN) before each run so unwritten elements show.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from scaleserve.kernels.fused import add_rms_norm, rope_qk_, silu_mul  # noqa: E402
+from scaleserve.kernels.reference import add_rms_norm_ref, rope_ref, silu_mul_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# one rounding of the result in the activation dtype apart (the reference rounds some products twice)
+TOL = {torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.float32: dict(atol=1e-5, rtol=1e-5)}
+_seed = [4321]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an element a kernel skips shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def _gen() -> torch.Generator:
+    _seed[0] += 1
+    return torch.Generator().manual_seed(_seed[0])
+
+
+def randn(*shape, dtype, scale=1.0):
+    return (scale * torch.randn(*shape, generator=_gen())).to(dtype).to(DEVICE)
+
+
+def _rope_tables(T: int, hd: int, theta: float = 10000.0):
+    pos = torch.randint(0, 4096, (T,), generator=_gen()).float()
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
+    emb = torch.cat([pos[:, None] * inv] * 2, -1)
+    return emb.cos().to(DEVICE)[:, None, :], emb.sin().to(DEVICE)[:, None, :]  # [T, 1, hd]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,D", [(1, 64), (5, 576), (3, 100)])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm(dtype, T, D, with_delta):
+    x = randn(T, D, dtype=dtype, scale=3.0)
+    delta = randn(T, D, dtype=dtype) if with_delta else None
+    w = randn(D, dtype=dtype, scale=0.5) + 1
+    y, h = add_rms_norm(x, delta, w, 1e-5)
+    y_ref, h_ref = add_rms_norm_ref(x, delta, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    if CUDA or dtype != torch.bfloat16:
+        assert torch.equal(h, h_ref)  # the residual stream: exactly torch's add in the activation dtype
+    else:  # the interpreter converts fp32 -> bf16 by truncation, not round-to-nearest: one ulp apart
+        torch.testing.assert_close(h.float(), h_ref.float(), atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(y.float(), y_ref.float(), **TOL[dtype])
+
+
+def test_add_rms_norm_keeps_leading_dims_and_inputs():
+    x = randn(2, 3, 48, dtype=torch.bfloat16)
+    delta = randn(2, 3, 48, dtype=torch.bfloat16)
+    x0, d0 = x.clone(), delta.clone()
+    y, h = add_rms_norm(x, delta, randn(48, dtype=torch.bfloat16), 1e-6)
+    assert y.shape == h.shape == (2, 3, 48)
+    assert torch.equal(x, x0) and torch.equal(delta, d0)  # inputs untouched
+    with pytest.raises(ValueError, match="weight must be"):
+        add_rms_norm(x, delta, randn(47, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="must match x"):
+        add_rms_norm(x, delta.float(), randn(48, dtype=torch.bfloat16), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,KVH,hd", [(1, 4, 2, 16), (7, 9, 3, 64), (2, 3, 3, 10)])
+def test_rope_qk_in_place(dtype, T, H, KVH, hd):
+    qkv = randn(T, (H + 2 * KVH) * hd, dtype=dtype)
+    cos, sin = _rope_tables(T, hd)
+    q, k, v = qkv.split([H * hd, KVH * hd, KVH * hd], -1)
+    want_q = rope_ref(q.unflatten(-1, (H, hd)), cos, sin)
+    want_k = rope_ref(k.unflatten(-1, (KVH, hd)), cos, sin)
+    v_before = v.clone()
+    out = rope_qk_(qkv, cos, sin, H, KVH, hd)
+    assert out.data_ptr() == qkv.data_ptr()
+    q, k, v = qkv.split([H * hd, KVH * hd, KVH * hd], -1)
+    torch.testing.assert_close(q.unflatten(-1, (H, hd)).float(), want_q.float(), **TOL[dtype])
+    torch.testing.assert_close(k.unflatten(-1, (KVH, hd)).float(), want_k.float(), **TOL[dtype])
+    assert torch.equal(v, v_before)
+
+
+def test_rope_qk_checks_shapes():
+    cos, sin = _rope_tables(2, 16)
+    with pytest.raises(ValueError, match="qkv width"):
+        rope_qk_(randn(2, 100, dtype=torch.float32), cos, sin, 4, 2, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I", [(1, 352), (6, 1536), (3, 37)])
+def test_silu_mul(dtype, T, I):
+    gu = randn(T, 2 * I, dtype=dtype, scale=2.0)
+    y = silu_mul(gu)
+    assert y.shape == (T, I) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), silu_mul_ref(gu).float(), **TOL[dtype])
+    with pytest.raises(ValueError, match="even"):
+        silu_mul(gu[:, :-1])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("D,I,H,KVH,hd", [(4096, 11008, 32, 32, 128), (576, 1536, 9, 3, 64)])
+def test_real_widths_cuda(D, I, H, KVH, hd):
+    dt = torch.bfloat16
+    x, delta, w = randn(64, D, dtype=dt), randn(64, D, dtype=dt), randn(D, dtype=dt) + 1
+    y, _ = add_rms_norm(x, delta, w, 1e-5)
+    torch.testing.assert_close(y.float(), add_rms_norm_ref(x, delta, w, 1e-5)[0].float(), **TOL[dt])
+    gu = randn(64, 2 * I, dtype=dt)
+    torch.testing.assert_close(silu_mul(gu).float(), silu_mul_ref(gu).float(), **TOL[dt])
+    qkv = randn(64, (H + 2 * KVH) * hd, dtype=dt)
+    cos, sin = _rope_tables(64, hd)
+    want = rope_ref(qkv[:, : H * hd].unflatten(-1, (H, hd)), cos, sin)
+    rope_qk_(qkv, cos, sin, H, KVH, hd)
+    torch.testing.assert_close(qkv[:, : H * hd].unflatten(-1, (H, hd)).float(), want.float(), **TOL[dt])
