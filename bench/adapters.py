@@ -159,6 +159,8 @@ async def bench_swap(url, lm, base: str, streams: int, n_swaps: int, max_tokens:
     stamps: list[float] = []
     prompt = list(range(30, 46))
     limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    # made before any timing: building them holds the GIL, which this client shares with the server
+    blobs = [per_channel_adapter(lm, 5000 + i).to_bytes() for i in range(n_swaps)]
     async with httpx.AsyncClient(base_url=url, timeout=1200, limits=limits) as c:
         async def one():
             async with c.stream("POST", "/v1/completions", json={
@@ -181,7 +183,6 @@ async def bench_swap(url, lm, base: str, streams: int, n_swaps: int, max_tokens:
         quiet_from = time.perf_counter()
         await asyncio.sleep(2.0)
         swap_from = time.perf_counter()
-        blobs = [per_channel_adapter(lm, 5000 + i).to_bytes() for i in range(n_swaps)]
         swap_lat = []
         for i in range(n_swaps):
             t0 = time.perf_counter()

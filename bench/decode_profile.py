@@ -81,6 +81,39 @@ def profile_kernels(engine, b: int, mode: int, reps: int = 5) -> dict:
             "launches_total": round(sum(r["launches_per_step"] for r in rows), 1)}
 
 
+def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
+    """An eager prefill forward of T tokens: wall (host launches included) vs GPU time, and the host
+    functions that cost most (cProfile), since time to first token is this step."""
+    import cProfile
+    import io
+    import pstats
+
+    batch = engine._warm_batch(T, mode)
+    model, kv = engine.lm.model, engine.kv
+    walls, gpus = [], []
+    with torch.inference_mode():
+        model(batch, kv.k, kv.v)
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            e0.record()
+            model(batch, kv.k, kv.v)
+            e1.record()
+            e1.synchronize()
+            walls.append(time.perf_counter() - t0)
+            gpus.append(e0.elapsed_time(e1) / 1e3)
+        prof = cProfile.Profile()
+        prof.enable()
+        model(batch, kv.k, kv.v)
+        torch.cuda.synchronize()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+    return {"tokens": T, "wall_ms": round(statistics.median(walls) * 1e3, 3),
+            "gpu_ms": round(statistics.median(gpus) * 1e3, 3), "host_top": text.getvalue()}
+
+
 def run(preset: str, batch: int, steps: int) -> dict:
     from scaleserve.server.scheduler import SamplingParams, Sequence
 
@@ -121,6 +154,7 @@ def run(preset: str, batch: int, steps: int) -> dict:
            "replay_back_to_back_ms": round(back_to_back * 1e3, 3), "host_ms": round(step_ms - replay_ms, 3),
            "tok_s": round(batch / statistics.median(walls), 1)}
     res.update(profile_kernels(engine, b, mode))
+    res["prefill16"] = time_prefill(engine, 16, mode)
     del engine
     torch.cuda.empty_cache()
     return res
@@ -141,9 +175,13 @@ def main(argv=None) -> int:
             print(f"\n{preset} batch {B}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")
+            pf = r["prefill16"]
+            print(f"  prefill of {pf['tokens']} tokens (eager): wall {pf['wall_ms']} ms, GPU {pf['gpu_ms']} ms")
             print(f"  {'kernel family':<40} {'µs/step':>9} {'launches':>9}")
             for k in r["kernels"][:14]:
                 print(f"  {k['family']:<40} {k['us_per_step']:>9} {k['launches_per_step']:>9}")
+    for r in out["runs"]:
+        print(f"--- host top functions, prefill {r['preset']}\n" + "\n".join(r["prefill16"]["host_top"].splitlines()[:30]))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=2))

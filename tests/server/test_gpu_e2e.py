@@ -61,7 +61,9 @@ def assert_same_greedy_tokens(lm, prompts, adapters, fast, ref, rel_margin=0.01)
         top = float(logits.abs().max())
         # bf16 logits of size ~top are 2**(floor(log2 top) - 7) apart: allow a few such steps
         limit = max(rel_margin * top, 4 * 2.0 ** (math.floor(math.log2(top)) - 7))
-        assert 0 <= margin <= limit, f"row parts at token {j}: reference margin {margin:.4f} > {limit:.4f}"
+        # |margin|: the dense reference may even prefer the kernels' token (the paged and the dense
+        # reference paths round differently); either way the two were within a few bf16 steps
+        assert abs(margin) <= limit, f"row parts at token {j}: reference margin {margin:.4f} > {limit:.4f}"
     lm.model.set_kernels(True)
 
 
