@@ -54,10 +54,9 @@ def family(name: str) -> str:
     return name[:60]
 
 
-def profile_kernels(engine, b: int, mode: int, reps: int = 5) -> dict:
+def profile_kernels(engine, batch, reps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    batch = engine.graphs.batch(b, mode)
     model, kv = engine.lm.model, engine.kv
     with torch.inference_mode():
         for _ in range(2):
@@ -110,8 +109,22 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
         prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
-    return {"tokens": T, "wall_ms": round(statistics.median(walls) * 1e3, 3),
-            "gpu_ms": round(statistics.median(gpus) * 1e3, 3), "host_top": text.getvalue()}
+    res = {"tokens": T, "wall_ms": round(statistics.median(walls) * 1e3, 3),
+           "gpu_ms": round(statistics.median(gpus) * 1e3, 3), "host_top": text.getvalue()}
+    pg = engine.prefill_graphs
+    if pg is not None:  # the same chunk as the engine runs it when the sequence is alone: a padded graph
+        Tb = pg.bucket(T)
+        pg.run(Tb, mode)
+        torch.cuda.synchronize()
+        graph_walls = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pg.run(Tb, mode)
+            torch.cuda.synchronize()
+            graph_walls.append(time.perf_counter() - t0)
+        res["graph_bucket"] = Tb
+        res["graph_wall_ms"] = round(statistics.median(graph_walls) * 1e3, 3)
+    return res
 
 
 def run(preset: str, batch: int, steps: int) -> dict:
@@ -153,8 +166,9 @@ def run(preset: str, batch: int, steps: int) -> dict:
     res = {"preset": preset, "batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3),
            "replay_back_to_back_ms": round(back_to_back * 1e3, 3), "host_ms": round(step_ms - replay_ms, 3),
            "tok_s": round(batch / statistics.median(walls), 1)}
-    res.update(profile_kernels(engine, b, mode))
+    res.update(profile_kernels(engine, engine.graphs.batch(b, mode)))
     res["prefill16"] = time_prefill(engine, 16, mode)
+    res["prefill16"].update(profile_kernels(engine, engine._warm_batch(16, mode), reps=3))
     del engine
     torch.cuda.empty_cache()
     return res
@@ -176,7 +190,10 @@ def main(argv=None) -> int:
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")
             pf = r["prefill16"]
-            print(f"  prefill of {pf['tokens']} tokens (eager): wall {pf['wall_ms']} ms, GPU {pf['gpu_ms']} ms")
+            print(f"  prefill of {pf['tokens']} tokens: graph (bucket {pf.get('graph_bucket')}) {pf.get('graph_wall_ms')} ms;"
+                  f" eager: wall {pf['wall_ms']} ms, GPU {pf['gpu_ms']} ms; top "
+                  "kernels: " + ", ".join(f"{k['family']} {k['us_per_step']} µs x{k['launches_per_step']}"
+                                          for k in pf["kernels"][:5]))
             print(f"  {'kernel family':<40} {'µs/step':>9} {'launches':>9}")
             for k in r["kernels"][:14]:
                 print(f"  {k['family']:<40} {k['us_per_step']:>9} {k['launches_per_step']:>9}")

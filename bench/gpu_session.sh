@@ -27,8 +27,10 @@ for step in "${steps[@]}"; do
              2>&1 | tee "$OUT/train_tests.log" | tail -8 ;;
     profile) timeout 200 python3 bench/decode_profile.py --json "$OUT/decode_profile.json" 2>&1 \
                | tee "$OUT/decode_profile.log" | tail -40 ;;
-    e2e) timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -x tests/server/test_gpu_e2e.py \
+    e2e) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
+    engine) timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -x tests/server/test_engine.py \
+              tests/kernels/test_fused.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
     *) echo "unknown step $step" ;;
   esac
 done

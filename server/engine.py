@@ -182,13 +182,46 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     return sorted({x for x in b if x < max_num_seqs} | {max_num_seqs})
 
 
-class DecodeGraphs:
-    """Static input buffers and lazily captured graphs of the model's decode step, keyed by
-    (batch bucket, rows.mode). Padded rows: token 0, slot -1 (writes nothing), block 0, context 0,
-    base adapter row."""
+class _StepGraphs:
+    """Captured CUDA graphs of one kind of step, keyed by (bucket, rows.mode), captured lazily (or all
+    at warm-up) into a memory pool shared by every graph of the engine: a step consumes its logits
+    before the next replay, so the graphs may reuse each other's activations."""
 
-    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device):
-        self.model, self.kv = model, kv
+    def __init__(self, model, kv: KVCache, pool):
+        self.model, self.kv, self.pool = model, kv, pool
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def run(self, b: int, mode: int) -> torch.Tensor:
+        key = (b, mode)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(b, mode)
+            self.graphs[key] = entry
+        entry[0].replay()
+        return entry[1]
+
+    def _capture(self, b: int, mode: int):
+        t0 = time.perf_counter()
+        batch = self.batch(b, mode)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: Triton compiles and autotunes outside the capture
+            for _ in range(2):
+                self.model(batch, self.kv.k, self.kv.v)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            logits = self.model(batch, self.kv.k, self.kv.v)
+        log.debug("captured %s graph %d mode %d in %.2f s", type(self).__name__, b, mode, time.perf_counter() - t0)
+        return g, logits
+
+
+class DecodeGraphs(_StepGraphs):
+    """Static input buffers and graphs of the model's decode step, keyed by (batch bucket, rows.mode).
+    Padded rows: token 0, slot -1 (writes nothing), block 0, context 0, base adapter row."""
+
+    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool):
+        super().__init__(model, kv, pool)
         self.buckets = graph_buckets(max_bs)
         self.max_bs, self.width = self.buckets[-1], width
         B, dev = self.max_bs, device
@@ -200,8 +233,6 @@ class DecodeGraphs:
         self.rows = torch.zeros(3, B, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.logits_index = torch.arange(B, dtype=torch.int64, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
 
     def bucket(self, n: int) -> int | None:
         for b in self.buckets:
@@ -226,30 +257,59 @@ class DecodeGraphs:
         o += 3 * b
         self.block_tables[:b].copy_(staged[o : o + b * self.width].view(b, self.width))
 
-    def run(self, b: int, mode: int) -> torch.Tensor:
-        key = (b, mode)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(b, mode)
-            self.graphs[key] = entry
-        entry[0].replay()
-        return entry[1]
 
-    def _capture(self, b: int, mode: int):
-        t0 = time.perf_counter()
-        batch = self.batch(b, mode)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: Triton compiles and autotunes outside the capture
-            for _ in range(2):
-                self.model(batch, self.kv.k, self.kv.v)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            logits = self.model(batch, self.kv.k, self.kv.v)
-        self.pool = g.pool()
-        log.info("captured decode graph batch=%d mode=%d in %.2f s", b, mode, time.perf_counter() - t0)
-        return g, logits
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token-count buckets of the prefill graphs: powers of two from 16, the last one >= max_tokens + 1
+    (a chunk of n tokens runs in the first bucket > n: the padding sequence is never empty)."""
+    b = [16]
+    while b[-1] <= max_tokens:
+        b.append(2 * b[-1])
+    return b
+
+
+class PrefillGraphs(_StepGraphs):
+    """Graphs of a step that prefills one sequence alone — a lone request's time to first token, which
+    eagerly is all Python launch overhead (~0.1 ms per kernel on a slow host, ~50 ms on a 7B model).
+    Keyed by (token bucket Tb, rows.mode). The chunk's n tokens are sequence 0; the Tb - n padding tokens
+    are a second sequence (slots -1: writes no KV; block 0; its rows are dropped), so sequence 0's
+    positions, context and causal mask are exactly those of the eager step."""
+
+    def __init__(self, model, kv: KVCache, max_tokens: int, width: int, device, pool):
+        super().__init__(model, kv, pool)
+        self.buckets = prefill_buckets(max_tokens)
+        self.width = width
+        T, dev = self.buckets[-1], device
+        self.tokens = torch.zeros(T, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(T, dtype=torch.int64, device=dev)
+        self.slots = torch.full((T,), -1, dtype=torch.int64, device=dev)
+        self.rows = torch.zeros(3, T, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(2, width, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(2, dtype=torch.int32, device=dev)
+        self.query_start = torch.tensor([0, 1, 2], dtype=torch.int32, device=dev)
+        self.logits_index = torch.tensor([0, 1], dtype=torch.int64, device=dev)
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b > n), None)
+
+    def batch(self, Tb: int, mode: int) -> Batch:
+        rows = RowAdapters(self.rows[0, :Tb], self.rows[1, :Tb], self.rows[2, :Tb], mode)
+        return Batch(self.tokens[:Tb], self.positions[:Tb], self.slots[:Tb], self.block_tables, self.seq_lens,
+                     self.query_start, self.logits_index, rows, Tb)
+
+    def load(self, Tb: int, staged: torch.Tensor) -> None:
+        """staged: int64 [6 Tb + 2 width + 7] on the device, laid out as Engine._pack_prefill writes it."""
+        o = 0
+        for dst in (self.tokens, self.positions, self.slots):
+            dst[:Tb].copy_(staged[o : o + Tb])
+            o += Tb
+        self.rows[:, :Tb].copy_(staged[o : o + 3 * Tb].view(3, Tb))
+        o += 3 * Tb
+        self.block_tables.copy_(staged[o : o + 2 * self.width].view(2, self.width))
+        o += 2 * self.width
+        self.seq_lens.copy_(staged[o : o + 2])
+        self.query_start.copy_(staged[o + 2 : o + 5])
+        self.logits_index.copy_(staged[o + 5 : o + 7])
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -284,9 +344,14 @@ class Engine:
         self.tokenizer = lm.tokenizer
         self.detok = Detokenizer(lm.tokenizer, self.vocab)
         self.linears = list(model.quant_linears().values())
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and settings.cuda_graphs:
-            self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device)
+            pool = torch.cuda.graph_pool_handle()
+            self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device, pool)
+            # chunks above 512 tokens run eagerly: there the GPU work outweighs the launch overhead
+            self.prefill_graphs = PrefillGraphs(model, self.kv, min(settings.max_num_batched_tokens,
+                                                                    self.max_model_len, 511), self.width,
+                                                self.device, pool)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[Sequence] = []
@@ -345,13 +410,14 @@ class Engine:
             for mode in modes:
                 for T in counts:
                     self.lm.model(self._warm_batch(T, mode), self.kv.k, self.kv.v)
-                if self.graphs is not None:
-                    for b in self.graphs.buckets:
-                        self.graphs.run(b, mode)
+                for graphs in (self.graphs, self.prefill_graphs):
+                    for b in graphs.buckets if graphs is not None else ():
+                        graphs.run(b, mode)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("warm-up: %d prefill sizes and %d decode graphs for modes %s in %.1f s", len(counts),
-                 len(self.graphs.graphs) if self.graphs else 0, list(modes), time.perf_counter() - t0)
+        n_graphs = sum(len(g.graphs) for g in (self.graphs, self.prefill_graphs) if g is not None)
+        log.info("warm-up: %d prefill sizes, %d graphs, modes %s, in %.1f s", len(counts), n_graphs, list(modes),
+                 time.perf_counter() - t0)
 
     def _warm_batch(self, T: int, mode: int) -> Batch:
         """One sequence prefilling T tokens on base rows with a given kernel mode; writes no KV (slots
@@ -450,6 +516,13 @@ class Engine:
                 staged = self._pack_decode(sched, b).to(self.device, non_blocking=True)
                 self.graphs.load(b, staged)
                 return self.graphs.run(b, mode)[:B]
+        if B == 1 and not decode and self.prefill_graphs is not None:
+            seq, n = sched[0]
+            Tb = self.prefill_graphs.bucket(n)
+            if Tb is not None:
+                staged = self._pack_prefill(seq, n, Tb).to(self.device, non_blocking=True)
+                self.prefill_graphs.load(Tb, staged)
+                return self.prefill_graphs.run(Tb, mode)[:1]
         return self.lm.model(self._build_batch(sched, mode), self.kv.k, self.kv.v)
 
     def _row_indices(self, seq: Sequence) -> tuple[int, int, int]:
@@ -473,6 +546,30 @@ class Engine:
         tables = buf[7 * b :].reshape(b, W)
         for i, (s, _) in enumerate(sched):
             tables[i, : len(s.blocks)] = s.blocks
+        t = torch.from_numpy(buf)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _pack_prefill(self, seq: Sequence, n: int, Tb: int) -> torch.Tensor:
+        """int64 [6 Tb + 2 width + 7]: tokens, positions, slots, rows (3 x Tb) of the chunk's n tokens then
+        the padding sequence's Tb - n; block tables [2, width]; seq_lens [2]; query_start [3];
+        logits_index [2]."""
+        bs, W = self.block_size, self.width
+        buf = np.zeros(6 * Tb + 2 * W + 7, dtype=np.int64)
+        start = seq.num_computed
+        buf[:n] = seq.token_slice(start, start + n)
+        pos = np.arange(start, start + n, dtype=np.int64)
+        buf[Tb : Tb + n] = pos
+        buf[Tb + n : 2 * Tb] = np.arange(Tb - n)
+        blocks = np.asarray(seq.blocks, dtype=np.int64)
+        buf[2 * Tb : 2 * Tb + n] = blocks[pos // bs] * bs + pos % bs
+        buf[2 * Tb + n : 3 * Tb] = -1
+        r = buf[3 * Tb : 6 * Tb].reshape(3, Tb)
+        r[:, :n] = np.array(self._row_indices(seq), dtype=np.int64)[:, None]
+        r[:, n:] = np.array(self.slab.row_indices(BASE), dtype=np.int64)[:, None]
+        o = 6 * Tb
+        buf[o : o + len(blocks)] = blocks  # row 1 (the padding sequence) stays block 0
+        o += 2 * W
+        buf[o : o + 7] = [start + n, Tb - n, 0, n, Tb, n - 1, Tb - 1]
         t = torch.from_numpy(buf)
         return t.pin_memory() if self.device.type == "cuda" else t
 

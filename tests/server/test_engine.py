@@ -276,3 +276,49 @@ def test_warm_up_touches_no_state(engine_lm, adapter_files, tmp_path):
     assert engine.kv.allocator.num_free == free_before
     again = [new_seq(p, avs[n]) for p, n in zip(PROMPTS[:3], sorted(avs))]
     assert run(engine, again) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
+    """On CUDA, decode steps replay graphs and a lone sequence's prefill chunk replays a padded prefill
+    graph; in float32 both give the eager steps' tokens (lone prompts, chunked prefill, mixed batches)."""
+    outs = {}
+    for graphs in (False, True):
+        lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
+        engine, avs = make_engine(lm, tmp_path / str(graphs), adapter_files, device="cuda", cuda_graphs=graphs,
+                                  max_num_batched_tokens=32)
+        names = sorted(avs)
+        lone = [run(engine, [new_seq(p, avs[names[i % len(names)]])]) for i, p in enumerate(PROMPTS)]
+        together = run(engine, [new_seq(p, avs[n] if i % 3 else None) for i, (p, n) in
+                                enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
+        outs[graphs] = (lone, together)
+        if graphs:
+            assert engine.prefill_graphs.graphs and engine.graphs.graphs  # both kinds of graph were used
+    assert outs[True] == outs[False]
+
+
+def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
+    """The prefill graphs' batch (the chunk, then a padding sequence up to the bucket) gives the chunk's
+    logits of the plain batch: checked eagerly on CPU, where the graphs themselves do not run."""
+    from scaleserve.server.engine import PrefillGraphs
+
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=24)
+    for prompt, name in ((PROMPTS[1], sorted(avs)[0]), (PROMPTS[0], None)):
+        seq = new_seq(prompt, avs[name] if name else None)
+        engine.scheduler.add(seq)
+        for _chunk in range(2):  # 37 tokens: chunks of 24 and 13 (the second with a cached context)
+            sched = engine.scheduler.schedule()
+            (s, n), = sched
+            mode = engine.slab.mode_for([s.slot])
+            graphs = PrefillGraphs(engine.lm.model, engine.kv, 24, engine.width, engine.device, pool=None)
+            Tb = graphs.bucket(n)
+            assert Tb > n
+            graphs.load(Tb, engine._pack_prefill(s, n, Tb))
+            padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)[0]
+            eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)[0]
+            torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+            s.num_computed += n
+            if s.num_computed == s.num_tokens:
+                break
+        engine.scheduler.finish(seq, "abort")
