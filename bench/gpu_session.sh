@@ -29,8 +29,8 @@ for step in "${steps[@]}"; do
                | tee "$OUT/decode_profile.log" | tail -40 ;;
     e2e) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
-    engine) timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -x tests/server/test_engine.py \
-              tests/kernels/test_fused.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
+    engine) timeout 260 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
+              tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
     *) echo "unknown step $step" ;;
   esac
 done
