@@ -39,6 +39,9 @@ class Metrics:
                                         ["adapter"], registry=r)
         self.adapter_load = Histogram("scaleserve_adapter_load_seconds", "adapter copy into a device slab slot",
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.engine_steps = Counter("scaleserve_engine_steps_total", "engine steps by how the model ran: "
+                                    "decode_graph, prefill_graph, split_graphs (decode + one prefill chunk), eager",
+                                    ["kind"], registry=r)
         self.errors = Counter("scaleserve_errors_total", "error responses and failed requests by type", ["type"],
                               registry=r)
         # bounded label cardinality: the first `max_adapter_labels` adapter names seen get their own
