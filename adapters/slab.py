@@ -78,9 +78,19 @@ class AdapterSlab:
         chan_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.capacity = {"chan": chan_slots + 1, "group": 0 if self.bcq_base else group_slots + 1,
                          "alpha": alpha_slots + 1}
+        # Every layer's per-channel table is a column range of one [Sc, sum N] table, in the order a staged
+        # adapter lists its tensors (sorted names): a per-channel adapter then loads as one host->device
+        # copy straight into its row. The kernels read the ranges through their row stride.
+        self._chan_keys = sorted(f"{name}.scales" for name in self.layers)
+        total = sum(m.out_features for m in self.layers.values())
+        self.chan_table = torch.ones(self.capacity["chan"], total, dtype=chan_dtype, device=self.device)
+        off = 0
+        for key in self._chan_keys:
+            m = self.layers[key.rpartition(".")[0]]
+            m.slab_chan = self.chan_table[:, off : off + m.out_features]
+            off += m.out_features
         for m in self.layers.values():
             N, G, b = m.out_features, m.num_groups, m.bits
-            m.slab_chan = torch.ones(self.capacity["chan"], N, dtype=chan_dtype, device=self.device)
             if self.bcq_base:
                 m.slab_scales = None
             else:
@@ -141,8 +151,11 @@ class AdapterSlab:
     def copy_into(self, ref: SlotRef, adapter: Adapter, key=None) -> None:
         # One staged host->device transfer: every layer's tensors in one (pinned) buffer.
         host = self.stage(adapter, key)
-        dev = host.to(self.device, non_blocking=True)
         self.loads += 1
+        if ref.table == "chan" and sorted(adapter.tensors) == self._chan_keys:
+            self.chan_table[ref.index].copy_(host, non_blocking=True)
+            return
+        dev = host.to(self.device, non_blocking=True)
         off = 0
         for key, t in sorted(adapter.tensors.items()):
             mod, _, suf = key.rpartition(".")

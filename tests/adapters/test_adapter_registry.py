@@ -206,6 +206,22 @@ def test_slab_lru_pins_and_host_tier(lm, make_registry):
     reg.release(new)
 
 
+def test_per_channel_load_fills_every_layer_of_its_row_only(lm):
+    """Per-channel tables of all layers are column ranges of one table; an adapter loads as one copy into
+    its row: every layer's slice gets that layer's scales, other rows (base = 1, free, other adapters)
+    are untouched."""
+    slab = AdapterSlab(lm.model, chan_slots=3, group_slots=1, alpha_slots=1)
+    a, b = rand_adapter(lm, seed=5), rand_adapter(lm, seed=6)
+    ra, rb = slab.write(a), slab.write(b)
+    free = ({1, 2, 3} - {ra.index, rb.index}).pop()
+    for name, m in slab.layers.items():
+        assert m.slab_chan.untyped_storage().data_ptr() == slab.chan_table.untyped_storage().data_ptr()
+        assert torch.equal(m.slab_chan[ra.index], a.tensors[f"{name}.scales"].to(m.slab_chan.dtype))
+        assert torch.equal(m.slab_chan[rb.index], b.tensors[f"{name}.scales"].to(m.slab_chan.dtype))
+        assert torch.equal(m.slab_chan[0], torch.ones_like(m.slab_chan[0]))
+        assert torch.equal(m.slab_chan[free], torch.ones_like(m.slab_chan[0]))
+
+
 def test_slab_group_and_alpha_tables(lm, make_tiny_model, make_registry):
     reg = make_registry(slab=AdapterSlab(lm.model, chan_slots=1, group_slots=1, alpha_slots=1, host_slots=0))
     g = reg.upload("acme", "g", rand_adapter(lm, per_channel=False, seed=1).to_bytes())
