@@ -80,6 +80,21 @@ def profile_kernels(engine, batch, reps: int = 5) -> dict:
             "launches_total": round(sum(r["launches_per_step"] for r in rows), 1)}
 
 
+def timed(fn, reps: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of fn, each synchronized: (host wall, GPU time between CUDA events)."""
+    walls, gpus = [], []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        walls.append(time.perf_counter() - t0)
+        gpus.append(e0.elapsed_time(e1) / 1e3)
+    return walls, gpus
+
+
 def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
     """An eager prefill forward of T tokens: wall (host launches included) vs GPU time, and the host
     functions that cost most (cProfile), since time to first token is this step."""
@@ -89,19 +104,10 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
 
     batch = engine._warm_batch(T, mode)
     model, kv = engine.lm.model, engine.kv
-    walls, gpus = [], []
     with torch.inference_mode():
         model(batch, kv.k, kv.v)
         torch.cuda.synchronize()
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter()
-            e0.record()
-            model(batch, kv.k, kv.v)
-            e1.record()
-            e1.synchronize()
-            walls.append(time.perf_counter() - t0)
-            gpus.append(e0.elapsed_time(e1) / 1e3)
+        walls, gpus = timed(lambda: model(batch, kv.k, kv.v), reps)
         prof = cProfile.Profile()
         prof.enable()
         model(batch, kv.k, kv.v)
@@ -116,12 +122,7 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
         Tb = pg.bucket(T)
         pg.run(Tb, mode)
         torch.cuda.synchronize()
-        graph_walls = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            pg.run(Tb, mode)
-            torch.cuda.synchronize()
-            graph_walls.append(time.perf_counter() - t0)
+        graph_walls, _ = timed(lambda: pg.run(Tb, mode), reps)
         res["graph_bucket"] = Tb
         res["graph_wall_ms"] = round(statistics.median(graph_walls) * 1e3, 3)
     return res
@@ -147,14 +148,7 @@ def run(preset: str, batch: int, steps: int) -> dict:
         walls.append(time.perf_counter() - t0)
     b = engine.graphs.bucket(batch)
     (graph, _), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
-    gpu = []
-    for _ in range(steps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        gpu.append(e0.elapsed_time(e1) / 1e3)
+    _, gpu = timed(graph.replay, steps)
     # back-to-back replays: the GPU time without the per-step sync bubble
     torch.cuda.synchronize()
     t0 = time.perf_counter()
