@@ -97,7 +97,7 @@ def make_rows(M: int, T: int, mode: int):
     return zero, zero, slot
 
 
-def bench_ours(K, N, gs, mode, M, T, copies_cache):
+def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
     from scaleserve.kernels.int4_matmul import int4_matmul, repack
 
     G = 1 if gs == -1 else math.ceil(K / gs)
@@ -124,7 +124,7 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache):
         alphas = n_major(torch.rand(S, 4, N, G, device="cuda") * 0.01) if mode == 3 else None
         betas = n_major(torch.rand(S, N, G, device="cuda") * 0.01) if mode == 3 else None
         calls.append(lambda w=w, c=chan, s=scales, a=alphas, b=betas:
-                     int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode))
+                     int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode, config=config))
     return graph_us(calls)
 
 
@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
+    ap.add_argument("--gemv-sweep", action="store_true",
+                    help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
     ap.add_argument("--merge", default=None,
                     help="earlier JSON: its rows for points not measured in this run are kept (table, JSON, PNG)")
     args = ap.parse_args(argv)
@@ -194,6 +196,9 @@ def main(argv=None) -> int:
     shapes = args.shapes.split(",")
     rows: list[dict] = []
     t0 = time.time()
+
+    if args.gemv_sweep:
+        return gemv_sweep(args, shapes, modes, groups, bw)
 
     kept: list[dict] = []
     if args.merge:
@@ -252,6 +257,47 @@ def main(argv=None) -> int:
     print_table(all_rows(), shapes)
     if args.png:
         plot(all_rows(), args.png)
+    return 0
+
+
+SWEEP_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, STAGES=st, num_warps=4)
+                 for bn in (16, 32) for bk in (256, 512, 1024) for sk in (1, 2, 4) for st in (1, 3)]
+
+
+def sweep_configs(mode):
+    """Mode 3 (slow to compile): a subset."""
+    if mode == 3:
+        return [c for c in SWEEP_CONFIGS if c["BLOCK_N"] == 16 and c["STAGES"] in (1, 3) and c["SPLIT_K"] < 4]
+    return SWEEP_CONFIGS
+
+
+def gemv_sweep(args, shapes, modes, groups, bw) -> int:
+    """Per shape, mode and group size: µs of each GEMV config at M = 1 (T = 1), best first."""
+    out = []
+    for shape in shapes:
+        K, N = SHAPES[shape]
+        floor_us = (N * K / 2) / bw * 1e6
+        cache: dict = {}
+        for gs in groups:
+            for mode in modes:
+                res = []
+                for cfg in sweep_configs(mode):
+                    try:
+                        us = bench_ours(K, N, gs, mode, 1, 1, cache, config=cfg)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of registers / resources
+                        print(f"{shape} {cfg}: {e!r}"[:200], flush=True)
+                        continue
+                    res.append((us, cfg))
+                    out.append(dict(shape=shape, K=K, N=N, group_size=gs, mode=mode, us=us, floor_us=floor_us, **cfg))
+                res.sort(key=lambda r: r[0])
+                top = "  ".join(f"{us:.1f}:{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
+                                for us, c in res[:6])
+                print(f"{shape:8s} g{gs:4d} mode {mode} floor {floor_us:5.1f}  best {top}", flush=True)
+        cache.clear()
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": out}, f, indent=1)
     return 0
 
 

@@ -35,12 +35,13 @@ Layout (built once per weight by `repack`, kept in QuantLinear._kernel_state):
 Slab tables are read in place through their strides (AdapterSlab allocates them N-contiguous);
 adapted_linear copies a G-contiguous [S, N, G] table to N-contiguous (refreshed on writes).
 
-Paths: M = 1 runs the decode GEMV below (CUDA cores, the codes viewed as int32 words). Other
-small M (decode) uses BLOCK_M = 16 and split-K; the splits add their partial tiles in a
-float32 workspace and the last split of a tile (a per-tile arrival counter, reset by that last
-split) finishes it, so one launch does all. Larger M uses larger tiles. Both are autotuned per
-(M bucket, N, K, mode, group size, bits, dtypes) by triton.autotune; the configs are below.
-The group size fixes BLOCK_K (= group size, or 128 for per-channel) so every K block lies in one group.
+Paths: M = 1 runs the decode GEMV below (CUDA cores, the codes viewed as int32 words, K blocks of
+whole groups). Other small M (decode) uses BLOCK_M = 16 and split-K; the splits add their partial
+tiles in a float32 workspace and the last split of a tile (a per-tile arrival counter, reset by
+that last split) finishes it, so one launch does all. Larger M uses larger tiles. All are
+autotuned per (M bucket, N, K, mode, group size, bits, dtypes) by triton.autotune; the configs are
+below. In the tensor-core kernel the group size fixes BLOCK_K (= group size, or 128 for
+per-channel) so every K block lies in one group.
 """
 
 from __future__ import annotations
@@ -295,345 +296,475 @@ def _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym,
 
 
 
-# --- decode GEMV (M <= GEMV_MAX_M): CUDA cores, no tensor cores, no shared-memory operands -----
+# --- decode GEMV (M = 1): CUDA cores, no tensor cores ---------------------------------------------
 #
-# codes_t viewed as int32 [N_pad, Kh_pad/4]: word w of row n holds Q[n, 8w + i] in nibble i (the
-# original little-endian packing), so a [BLOCK_N, BK/8] tile is 16-byte loads of contiguous words.
-# Nibble i is turned into a float without shifts or int->float converts: OR-ing the nibble, kept
-# in place at bit 4p, into the mantissa of 2**23 gives exactly 2**23 + Q * 16**p (p <= 4; nibbles
-# 5..7 come from the word shifted right by 12), and one FMA, * 16**-p - (2**(23-4p) + z), leaves
-# Q - z exactly: three instructions per code (LOP3, FFMA, and the FFMA with x).
-# Partial sums stay in the [BLOCK_N, BK/8] tile layout across groups (per-group scales multiply
-# the tile elementwise) and are reduced over K once, at the end.
+# codes_t viewed as int32 [N_pad, KW = Kh_pad/4]: word w of row n holds Q[n, 8w + i] in nibble i
+# (the original little-endian packing). A program owns BLOCK_N rows and one of SPLIT_K K ranges and
+# walks it in K blocks of BLOCK_K codes (GPI whole groups of GW words): the [BLOCK_N, BLOCK_K/8]
+# word tile is loaded with the lanes of a warp along K (up to 512 contiguous bytes of a row per
+# load instruction: DRAM sees long runs, not 64-byte pieces of 128 rows) and viewed as
+# [BLOCK_N, GPI, GW] so each group's scale / zero point multiplies its own words. The next tile
+# and its groups' scales / zero points are in flight while the current one is multiplied:
+# registers one block ahead (STAGES 1, PREFETCH), or the compiler's cp.async pipeline (STAGES > 1).
+#
+# Nibble -> float32 with one LOP3 and nothing else: the word is shifted so that the nibble sits at
+# bits p..p+3 with p = 15 (odd nibbles) or 19 (even ones); (w' & 0xF << p) | bits(2**(23-p)) is
+# the float 2**(23-p) + Q, exactly (the nibble becomes the top of the mantissa of a small power of
+# two). The offsets leave through the FFMA chain's initial value: per word
+#   x . (Q - z) = sum_i x_i (off_i + Q_i) - (z X_w + c_w),  X_w = sum_i x_i,  c_w = sum_i off_i x_i
+# (X_w, c_w depend on x only and are shared by every row), so a code costs one LOP3 and one FFMA,
+# plus four shifts per word (w << 3: nibbles 3, 4; w << 11: 1, 2; w >> 5: 5, 6; rotate 19: 7, 0).
+# Small offsets (256, 16) keep the float32 chain accurate (~3e-6 relative; the classic 2**23
+# magic would leave nothing of the code without a subtraction per code). x for a word (8 values)
+# is one 16-byte load. Mode 3 moves each nibble to bits 19..22 and reads bit j alone: 2**(4-j) + bit_j.
+# Partial sums stay in the tile layout across K blocks and are reduced over K once, at the end.
 
 
-def _gcfg(bn, sk, warps=4, prefetch=1):
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "PREFETCH": prefetch}, num_warps=warps, num_stages=1)
+def _gcfg(bn, bk, sk, stages=1, warps=4, prefetch=1):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "PREFETCH": prefetch, "STAGES": stages},
+                         num_warps=warps, num_stages=1)
 
 
-# split-K so that even a 4096-wide output gives >= 256 programs (132 SMs)
+# measured on the H100 (bench/kernels.py --gemv-sweep, M = 1, g128): the register-prefetched long-K
+# configs win for modes 1/2; mode 3 (more registers) prefers the compiler-pipelined code tile (STAGES 3)
 GEMV_CONFIGS = [
-    _gcfg(128, 8, prefetch=0),  # (v1 had no register prefetch)
-    _gcfg(64, 8), _gcfg(64, 16), _gcfg(128, 8), _gcfg(128, 16), _gcfg(256, 8), _gcfg(256, 16, warps=8),
-    _gcfg(128, 8, warps=8),
+    _gcfg(32, 512, 1), _gcfg(16, 1024, 1), _gcfg(16, 512, 1), _gcfg(32, 512, 2), _gcfg(32, 1024, 2),
+    _gcfg(32, 256, 4), _gcfg(16, 256, 2), _gcfg(32, 512, 1, stages=4), _gcfg(16, 1024, 1, stages=4),
 ]
-GEMV_MAX_M = 1  # measured: at M = 4 the per-row x loads and FMAs make the GEMV 2x slower than mma
-INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1}
+GEMV_ALPHA_CONFIGS = [  # mode 3
+    _gcfg(16, 512, 1, stages=3), _gcfg(16, 1024, 1, stages=3), _gcfg(16, 512, 1, stages=3, warps=8),
+    _gcfg(16, 256, 2), _gcfg(16, 512, 1),
+]
+GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
+INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1}
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """The mode's list; K blocks that tile K exactly (x loads are 16-byte vectors only then), if any do."""
+    mode = kwargs.get("MODE", named_args.get("MODE"))
+    mine = GEMV_ALPHA_CONFIGS if mode == MODE_ALPHA else GEMV_CONFIGS
+    configs = [c for c in configs if any(c is m for m in mine)]
+    even = [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+    return even or configs
+
+
+_F256 = 0x43800000  # bits of 256.0: mantissa bit 15 weighs 1
+_F16 = 0x41800000  # bits of 16.0: mantissa bit 19 weighs 1
 
 
 @triton.jit
-def _and_or(w, MASK: tl.constexpr, FAST: tl.constexpr):
-    """(w & MASK) | 0x4B000000 (the bits of 2**23): one LOP3 on the GPU (ptxas emits two for the plain ops)."""
+def _lop3_f32(v, MASK: tl.constexpr, MAGIC: tl.constexpr, FAST: tl.constexpr):
+    """(v & MASK) | MAGIC as float32 bits: one LOP3 on the GPU (ptxas emits two for the plain ops)."""
     if FAST:
-        return tl.inline_asm_elementwise(
+        r = tl.inline_asm_elementwise(
             "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-            [w, tl.full(w.shape, MASK, tl.int32), tl.full(w.shape, 0x4B000000, tl.int32)],
+            [v, tl.full(v.shape, MASK, tl.int32), tl.full(v.shape, MAGIC, tl.int32)],
             dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return (w & MASK) | 0x4B000000
+        r = (v & MASK) | MAGIC
+    return r.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _nibble_f32(w, w_hi, I: tl.constexpr, FAST: tl.constexpr):
-    """w, w_hi = w >> 12: [BN, BKW] int32 -> Q_i float32 (nibble I of each word), exact.
+def _load_f32(ptrs, FAST: tl.constexpr):
+    """float32 values of a pointer tensor (fp32 / fp16 / bf16 table), always in bounds.
 
-    P = I for nibbles 0..4 (read in place from w), I - 3 for nibbles 5..7 (from w_hi): the bits
-    OR-ed into the mantissa of 2**23 make 2**23 + Q * 16**P, and one FMA by 16**-P (exact) minus
-    2**(23-4P) leaves Q (an integer: no rounding).
+    On the GPU an inline-asm load keeps the result in the pointer tensor's layout (the row layout
+    of the tile): a plain [BLOCK_N] load gets a coalesced layout of its own, and converting a
+    prefetched vector back costs a shared-memory round trip and two barriers per K block.
     """
-    if I <= 4:
-        v = _and_or(w, 0xF << (4 * I), FAST)
-        inv: tl.constexpr = 1.0 / (16 ** I)
-        off: tl.constexpr = 2.0 ** (23 - 4 * I)
+    DT: tl.constexpr = ptrs.dtype.element_ty
+    if FAST:
+        if DT == tl.float32:
+            v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+            return v.to(tl.float32, bitcast=True)
+        else:
+            v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs], dtype=tl.int16,
+                                          is_pure=True, pack=1)
+            return v.to(DT, bitcast=True).to(tl.float32)
     else:
-        v = _and_or(w_hi, 0xF << (4 * (I - 3)), FAST)
-        inv: tl.constexpr = 1.0 / (16 ** (I - 3))
-        off: tl.constexpr = 2.0 ** (23 - 4 * (I - 3))
-    return v.to(tl.float32, bitcast=True) * inv - off
+        return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
-def _bit_f32(w, w_hi, POS: tl.constexpr, FAST: tl.constexpr):
-    """w, w_hi = w >> 12: [BN, BKW] int32 -> bit POS of each word as 0.0 / 1.0 (the nibble trick on one bit)."""
-    if POS <= 22:
-        v = _and_or(w, 1 << POS, FAST)
-        inv: tl.constexpr = 1.0 / (2 ** POS)
-        off: tl.constexpr = 2.0 ** (23 - POS)
-    else:
-        v = _and_or(w_hi, 1 << (POS - 12), FAST)
-        inv: tl.constexpr = 1.0 / (2 ** (POS - 12))
-        off: tl.constexpr = 2.0 ** (23 - (POS - 12))
-    return v.to(tl.float32, bitcast=True) * inv - off
+def _nibbles_offset(w, FAST: tl.constexpr):
+    """w [BN, BKW] int32 -> v_i = off_i + Q_i (float32, exact), off = 16 (even i) / 256 (odd i)."""
+    w3 = w << 3
+    w11 = w << 11
+    w5 = w >> 5
+    rot = (w << 19) | (w.to(tl.uint32, bitcast=True) >> 13).to(tl.int32, bitcast=True)
+    v0 = _lop3_f32(rot, 0xF << 19, 0x41800000, FAST)
+    v1 = _lop3_f32(w11, 0xF << 15, 0x43800000, FAST)
+    v2 = _lop3_f32(w11, 0xF << 19, 0x41800000, FAST)
+    v3 = _lop3_f32(w3, 0xF << 15, 0x43800000, FAST)
+    v4 = _lop3_f32(w3, 0xF << 19, 0x41800000, FAST)
+    v5 = _lop3_f32(w5, 0xF << 15, 0x43800000, FAST)
+    v6 = _lop3_f32(w5, 0xF << 19, 0x41800000, FAST)
+    v7 = _lop3_f32(rot, 0xF << 15, 0x43800000, FAST)
+    return v0, v1, v2, v3, v4, v5, v6, v7
 
 
 @triton.jit
-def _x_nibble(x_row, k0, offs_w, K, I: tl.constexpr, EVEN_K: tl.constexpr):
-    """x[k0 + 8w + I] for the tile's word columns w (0 past K), float32."""
-    offs_k = k0 + offs_w * 8 + I
+def _bit_f32(u, J: tl.constexpr, FAST: tl.constexpr):
+    """2**(4-J) + bit 19+J of u (float32, exact): the bit is the top of the mantissa of 2**(4-J)."""
+    return _lop3_f32(u, 1 << (19 + J), (127 + 4 - J) << 23, FAST)
+
+
+@triton.jit
+def _x_words(x_ptr, k0, offs_w, K, EVEN_K: tl.constexpr, X_VEC: tl.constexpr):
+    """x[k0 + 8w + i] for the tile's word indices w (any shape), i = 0..7 (float32, 0 past K).
+
+    X_VEC (GPU, 16-byte aligned x, K a multiple of the block): the 8 values of a word are one
+    16-byte load per word column (two for float32 x) instead of eight 2-byte gathers.
+    """
+    p = x_ptr + k0 + offs_w * 8
+    if X_VEC:
+        if x_ptr.dtype.element_ty == tl.float32:
+            a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(
+                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p + 4],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+            return (a0.to(tl.float32, bitcast=True), a1.to(tl.float32, bitcast=True),
+                    a2.to(tl.float32, bitcast=True), a3.to(tl.float32, bitcast=True),
+                    b0.to(tl.float32, bitcast=True), b1.to(tl.float32, bitcast=True),
+                    b2.to(tl.float32, bitcast=True), b3.to(tl.float32, bitcast=True))
+        else:
+            h0, h1, h2, h3 = tl.inline_asm_elementwise(
+                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+            return (_half_f32(h0, 0, x_ptr.dtype.element_ty), _half_f32(h0, 1, x_ptr.dtype.element_ty),
+                    _half_f32(h1, 0, x_ptr.dtype.element_ty), _half_f32(h1, 1, x_ptr.dtype.element_ty),
+                    _half_f32(h2, 0, x_ptr.dtype.element_ty), _half_f32(h2, 1, x_ptr.dtype.element_ty),
+                    _half_f32(h3, 0, x_ptr.dtype.element_ty), _half_f32(h3, 1, x_ptr.dtype.element_ty))
+    else:
+        return (_x_gather(p, k0, offs_w, K, 0, EVEN_K), _x_gather(p, k0, offs_w, K, 1, EVEN_K),
+                _x_gather(p, k0, offs_w, K, 2, EVEN_K), _x_gather(p, k0, offs_w, K, 3, EVEN_K),
+                _x_gather(p, k0, offs_w, K, 4, EVEN_K), _x_gather(p, k0, offs_w, K, 5, EVEN_K),
+                _x_gather(p, k0, offs_w, K, 6, EVEN_K), _x_gather(p, k0, offs_w, K, 7, EVEN_K))
+
+
+@triton.jit
+def _half_f32(h, HI: tl.constexpr, DT: tl.constexpr):
+    """16-bit value HI (0: low half, 1: high half) of the int32 h -> float32."""
+    if DT == tl.bfloat16:  # bf16 is the top half of a float32
+        if HI:
+            return (h & -65536).to(tl.float32, bitcast=True)
+        else:
+            return (h << 16).to(tl.float32, bitcast=True)
+    else:
+        if HI:
+            b = (h >> 16).to(tl.int16)
+        else:
+            b = h.to(tl.int16)
+        return b.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _x_gather(p, k0, offs_w, K, I: tl.constexpr, EVEN_K: tl.constexpr):
     if EVEN_K:
-        xv = tl.load(x_row + offs_k)
+        xv = tl.load(p + I)
     else:
-        xv = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
+        xv = tl.load(p + I, mask=k0 + offs_w * 8 + I < K, other=0.0)
     return xv.to(tl.float32)
 
 
 @triton.jit
-def _gemv_row_block(acc, corr, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok, x_row, K, g,
-                    sidx, is_alpha, arow, s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc,
-                    stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                    stride_bs, stride_bn, stride_bg,
-                    MODE: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                    CODE_MID: tl.constexpr, EVEN_K: tl.constexpr, FAST: tl.constexpr):
-    """One row, one K block (inside group g): acc [BN, BKW] and corr [BN] updated.
+def _nibble_step(acc, kb, w_nx, z_nx, s_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, z_rows, stride_zg,
+                 s_rows, stride_s_g,
+                 GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr, EVEN_K: tl.constexpr,
+                 X_VEC: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr, PIPE: tl.constexpr):
+    """K block kb (GPI whole groups): acc [BN, GPI, GW] += s_g * x . (Q - z_g) per word.
 
-    Modes 1/2: y = sum_g s_g (x_g . Q_g - z_g X_g): acc gathers s_g * (x . Q) per word column,
-    corr gathers s_g z_g X_g (X_g = sum of x over the block), so no per-column value is needed
-    in the tile's layout but the one group scale. Mode 3: bit planes, corr unused.
+    w_nx / z_nx / s_nx: block kb's code tile and its groups' zero points / scales ([BN, GPI, 1]),
+    loaded one block ahead (PREFETCH); returned for block kb + 1. PIPE: the compiler pipelines
+    the code tile (w_nx is then unused).
     """
-    x0 = _x_nibble(x_row, k0, offs_w, K, 0, EVEN_K)
-    x1 = _x_nibble(x_row, k0, offs_w, K, 1, EVEN_K)
-    x2 = _x_nibble(x_row, k0, offs_w, K, 2, EVEN_K)
-    x3 = _x_nibble(x_row, k0, offs_w, K, 3, EVEN_K)
-    x4 = _x_nibble(x_row, k0, offs_w, K, 4, EVEN_K)
-    x5 = _x_nibble(x_row, k0, offs_w, K, 5, EVEN_K)
-    x6 = _x_nibble(x_row, k0, offs_w, K, 6, EVEN_K)
-    x7 = _x_nibble(x_row, k0, offs_w, K, 7, EVEN_K)
-    x_cols = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BKW]
-    if MODE != 3:
-        part = wq0 * x0[None, :]
-        part += wq1 * x1[None, :]
-        part += wq2 * x2[None, :]
-        part += wq3 * x3[None, :]
-        part += wq4 * x4[None, :]
-        part += wq5 * x5[None, :]
-        part += wq6 * x6[None, :]
-        part += wq7 * x7[None, :]
-        x_sum = tl.sum(x_cols, 0)
-        if ONE_GROUP:
-            acc += part
-            corr += zc * x_sum
-        else:
-            if MODE == 1:
-                s = tl.load(s0_ptr + g * stride_zg + offs_n)
-            else:
-                s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn + g * stride_sg, mask=n_ok,
-                            other=0.0).to(tl.float32)
-            acc += part * s[:, None]
-            corr += (s * zc) * x_sum
+    BKW: tl.constexpr = BLOCK_K // 8
+    ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
+    k0 = kb * BLOCK_K
+    z = z_nx  # (one group: loaded once, before the loop)
+    s = s_nx
+    if PIPE:  # the code tile: a plain load, software-pipelined by the compiler (cp.async into shared
+        # memory); zero points / scales: registers, one block ahead (as plain loads they would pull
+        # the tile's arithmetic into their own, row-major layout)
+        w = _code_tile(q_tile, kb, words, KW, BKW, EVEN_K)
+        if not ONE_GROUP:
+            g = (tl.minimum(tl.minimum(kb + 1, num_kb - 1) * GPI + g_offs, G - 1))[None, :, None]
+            z_nx = _load_f32(z_rows + g * stride_zg, FAST)
+            s_nx = _load_f32(s_rows + g * stride_s_g, FAST)
+    elif PREFETCH:  # registers double-buffer the code tile and its groups' scales / zero points
+        w = w_nx
+        nxt = tl.minimum(kb + 1, num_kb - 1)
+        w_nx = _code_tile(q_tile, nxt, words, KW, BKW, EVEN_K)
+        if not ONE_GROUP:
+            g = (tl.minimum(nxt * GPI + g_offs, G - 1))[None, :, None]
+            z_nx = _load_f32(z_rows + g * stride_zg, FAST)
+            s_nx = _load_f32(s_rows + g * stride_s_g, FAST)
     else:
-        # bit planes B_j = sum_k x_k bit_j(Q_k); with X_g = sum_k x_k (kept per word column):
-        #   alpha row: sum_j alpha_j (2 B_j - X) + beta X = sum_j 2 alpha_j B_j + (beta - sum_j alpha_j) X
-        #   PEQA row:  s (x . (Q - z))                  = sum_j 2**j s B_j    - s z X
-        a_ok = n_ok & is_alpha
-        p_ok = n_ok & (~is_alpha)
-        if HAS_ZEROS:
-            s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn + g * stride_sg, mask=p_ok,
-                        other=0.0).to(tl.float32)
-        else:  # bcq base: every row is an alpha row
-            s = tl.zeros_like(zc)
-        x_coef = tl.load(beta_ptr + arow * stride_bs + offs_n * stride_bn + g * stride_bg, mask=a_ok,
-                         other=0.0).to(tl.float32)
-        w_hi = w >> 12
-        pow2 = 1.0  # 2**j: a PEQA row's plane weight
-        for j in tl.static_range(BITS):
-            plane = _bit_f32(w, w_hi, j, FAST) * x0[None, :]
-            plane += _bit_f32(w, w_hi, 4 + j, FAST) * x1[None, :]
-            plane += _bit_f32(w, w_hi, 8 + j, FAST) * x2[None, :]
-            plane += _bit_f32(w, w_hi, 12 + j, FAST) * x3[None, :]
-            plane += _bit_f32(w, w_hi, 16 + j, FAST) * x4[None, :]
-            plane += _bit_f32(w, w_hi, 20 + j, FAST) * x5[None, :]
-            plane += _bit_f32(w, w_hi, 24 + j, FAST) * x6[None, :]
-            plane += _bit_f32(w, w_hi, 28 + j, FAST) * x7[None, :]
-            a = tl.load(alpha_ptr + arow * stride_as + j * stride_aj + offs_n * stride_an + g * stride_ag,
-                        mask=a_ok, other=0.0).to(tl.float32)
-            x_coef -= a
-            acc += plane * tl.where(is_alpha, 2.0 * a, s * pow2)[:, None]
-            pow2 = pow2 * 2.0
-        acc += tl.where(is_alpha, x_coef, -s * zc)[:, None] * x_cols[None, :]
-    return acc, corr
+        w = _code_tile(q_tile, kb, words, KW, BKW, EVEN_K)
+        if not ONE_GROUP:
+            g = (tl.minimum(kb * GPI + g_offs, G - 1))[None, :, None]
+            z = _load_f32(z_rows + g * stride_zg, FAST)
+            s = _load_f32(s_rows + g * stride_s_g, FAST)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_words(x_ptr, k0, words, K, EVEN_K, X_VEC)  # [GPI, GW] each
+    odd = (x1 + x3) + (x5 + x7)
+    even = (x0 + x2) + (x4 + x6)
+    x_sum = odd + even  # X_w
+    c = odd * 256.0 + even * 16.0  # the offsets' share of x . v
+    v0, v1, v2, v3, v4, v5, v6, v7 = _nibbles_offset(w, FAST)
+    part = (-z) * x_sum[None, :, :] - c[None, :, :]  # [BN, GPI, GW]
+    part += v0 * x0[None, :, :]
+    part += v1 * x1[None, :, :]
+    part += v2 * x2[None, :, :]
+    part += v3 * x3[None, :, :]
+    part += v4 * x4[None, :, :]
+    part += v5 * x5[None, :, :]
+    part += v6 * x6[None, :, :]
+    part += v7 * x7[None, :, :]  # = x_w . (Q_w - z)
+    if ONE_GROUP:
+        acc += part
+    else:
+        acc += part * s
+    return acc, w_nx, z_nx, s_nx
 
 
 @triton.jit
-def _gemv_row_out(acc, corr, m, M, offs_n, n_ok, sidx, is_alpha, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr, chan_ptr,
-                  scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
-                  MODE: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Row m: reduce acc over K, apply the epilogue factors, store y (or park the split's partial)."""
-    row_ok = m < M
-    y_m = tl.sum(acc, 1) - corr  # [BN]
-    if ONE_GROUP and MODE == 1:
-        y_m *= tl.load(s0_ptr + offs_n)
-    if ONE_GROUP and MODE == 2:
-        s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn, mask=n_ok, other=0.0)
-        y_m *= s.to(tl.float32)
-    cidx = tl.load(chan_idx_ptr + m, mask=row_ok, other=0).to(tl.int64)
-    chan = tl.load(chan_ptr + cidx * stride_cs + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if MODE == 3:
-        chan = tl.where(is_alpha, 1.0, chan)
-    y_m *= chan
-    out_ok = n_ok & row_ok
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y_m += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, y_m.to(y_ptr.dtype.element_ty), mask=out_ok)
+def _code_tile(q_tile, kb, words, KW, BKW: tl.constexpr, EVEN_K: tl.constexpr):
+    """The [BN, GPI, GW] int32 code tile of K block kb (masked past the padded row when K is ragged).
+
+    Loaded as [BN, BKW] (the lanes of a warp run along K: up to 512 contiguous bytes of a row per
+    load instruction) and viewed as [BN, GPI, GW] in registers.
+    """
+    BN: tl.constexpr = q_tile.shape[0]
+    GPI: tl.constexpr = words.shape[0]
+    GW: tl.constexpr = words.shape[1]
+    if EVEN_K:
+        w = tl.load(q_tile + kb * BKW, eviction_policy="evict_first")
     else:
-        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, y_m, mask=out_ok)
+        w = tl.load(q_tile + kb * BKW, mask=(kb * BKW + tl.arange(0, BKW) < KW)[None, :], other=0,
+                    eviction_policy="evict_first")
+    return tl.reshape(w, [BN, GPI, GW])
 
 
 @triton.jit
-def _gemv_row_finish(m, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym,
-                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    out_ok = n_ok & (m < M)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for sk in tl.static_range(SPLIT_K):
-        total += tl.load(ws_ptr + (sk * M + m) * N + offs_n, mask=out_ok, other=0.0, cache_modifier=".cg")
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+def _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, offs_n, zero_ptr, stride_zg,
+                      s_rows, stride_s_g,
+                      GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr, EVEN_K: tl.constexpr,
+                      X_VEC: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+    """acc [BN, GPI, GW] += s_g * x_g . (Q_g - z_g) per word over K blocks [kb_lo, kb_hi).
+
+    s_rows [BN, 1, 1]: the rows' scales of group 0 (group g at + g * stride_s_g; rows clamped into
+    the table); unused for one group.
+    """
+    BKW: tl.constexpr = BLOCK_K // 8
+    kb_first = tl.minimum(kb_lo, num_kb - 1)
+    z_rows = zero_ptr + offs_n[:, None, None]  # [BN, 1, 1] (padded)
+    if GROUP_SIZE <= 0:
+        g = 0
+    else:
+        g = (tl.minimum(kb_first * GPI + g_offs, G - 1))[None, :, None]
+    z_nx = _load_f32(z_rows + g * stride_zg, FAST)
+    s_nx = _load_f32(s_rows + g * stride_s_g, FAST)
+    if FAST and STAGES > 1:  # the compiler pipelines the loads, STAGES - 1 blocks ahead
+        for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+            acc, _, z_nx, s_nx = _nibble_step(acc, kb, z_nx, z_nx, s_nx, num_kb, q_tile, x_ptr, K, G, KW, words,
+                                              g_offs, z_rows, stride_zg, s_rows, stride_s_g,
+                                              GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, True)
+        return acc
+    w_nx = _code_tile(q_tile, kb_first, words, KW, BKW, EVEN_K)
+    if FAST:  # a for loop: the compiler keeps the prefetched vectors in the tile's row layout
+        for kb in range(kb_lo, kb_hi):
+            acc, w_nx, z_nx, s_nx = _nibble_step(acc, kb, w_nx, z_nx, s_nx, num_kb, q_tile, x_ptr, K, G, KW, words,
+                                                 g_offs, z_rows, stride_zg, s_rows, stride_s_g,
+                                                 GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, False)
+    else:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
+        kb = kb_lo
+        while kb < kb_hi:
+            acc, w_nx, z_nx, s_nx = _nibble_step(acc, kb, w_nx, z_nx, s_nx, num_kb, q_tile, x_ptr, K, G, KW, words,
+                                                 g_offs, z_rows, stride_zg, s_rows, stride_s_g,
+                                                 GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, False)
+            kb += 1
+    return acc
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
+def _plane_step(acc, kb, w_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, a_rows, b_rows,
+                stride_aj, stride_ag, stride_bg,
+                BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr,
+                EVEN_K: tl.constexpr, X_VEC: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr):
+    """K block kb, AlphaTuning row: acc [BN, GPI, GW] += sum_j 2 alpha_j B_j + (beta - sum_j alpha_j) X_w.
+
+    B_j = x . bit_j(Q) per word: each nibble moved to bits 19..22, where bit j alone is the
+    float 2**(4-j) + bit_j(Q) (exact); the offsets leave through the chain's initial value.
+    """
+    BKW: tl.constexpr = BLOCK_K // 8
+    k0 = kb * BLOCK_K
+    if GROUP_SIZE <= 0:
+        g = 0
+    else:
+        g = (tl.minimum(kb * GPI + g_offs, G - 1))[None, :, None]
+    if PREFETCH:
+        w = w_nx
+        w_nx = _code_tile(q_tile, tl.minimum(kb + 1, num_kb - 1), words, KW, BKW, EVEN_K)
+    else:
+        w = _code_tile(q_tile, kb, words, KW, BKW, EVEN_K)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_words(x_ptr, k0, words, K, EVEN_K, X_VEC)
+    x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    coef = _load_f32(b_rows + g * stride_bg, FAST)  # [BN, GPI, 1] -> beta - sum_j alpha_j
+    u0 = w << 19  # nibble i at bits 19..22
+    u1 = w << 15
+    u2 = w << 11
+    u3 = w << 7
+    u4 = w << 3
+    u5 = w >> 1
+    u6 = w >> 5
+    u7 = w >> 9
+    for j in tl.static_range(BITS):  # bit 19+j of u_i, or-ed into 2**(4-j) (where that bit weighs 1)
+        plane = _bit_f32(u0, j, FAST) * x0[None, :, :] - (x_sum * (2.0 ** (4 - j)))[None, :, :]
+        plane += _bit_f32(u1, j, FAST) * x1[None, :, :]
+        plane += _bit_f32(u2, j, FAST) * x2[None, :, :]
+        plane += _bit_f32(u3, j, FAST) * x3[None, :, :]
+        plane += _bit_f32(u4, j, FAST) * x4[None, :, :]
+        plane += _bit_f32(u5, j, FAST) * x5[None, :, :]
+        plane += _bit_f32(u6, j, FAST) * x6[None, :, :]
+        plane += _bit_f32(u7, j, FAST) * x7[None, :, :]  # [BN, GPI, GW] = B_j per word
+        a = _load_f32(a_rows + j * stride_aj + g * stride_ag, FAST)  # [BN, GPI, 1]
+        coef -= a
+        acc += plane * (2.0 * a)
+    acc += coef * x_sum[None, :, :]
+    return acc, w_nx
+
+
+@triton.jit
+def _gemv_plane_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, N, K, G, KW, words, g_offs, offs_n, arow,
+                     alpha_ptr, beta_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg,
+                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr,
+                     EVEN_K: tl.constexpr, X_VEC: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
+                     STAGES: tl.constexpr):
+    """AlphaTuning row over K blocks [kb_lo, kb_hi) (see _plane_step)."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    rows = tl.minimum(offs_n, N - 1)[:, None, None]  # rows past N read row N-1 (never stored): no masks
+    a_rows = alpha_ptr + arow * stride_as + rows * stride_an  # [BN, 1, 1], plane 0, group 0
+    b_rows = beta_ptr + arow * stride_bs + rows * stride_bn
+    w_nx = _code_tile(q_tile, tl.minimum(kb_lo, num_kb - 1), words, KW, BKW, EVEN_K)
+    if FAST and STAGES > 1:  # (no register prefetch: the compiler pipelines the code tile)
+        for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+            acc, _ = _plane_step(acc, kb, w_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, a_rows, b_rows,
+                                 stride_aj, stride_ag, stride_bg, BITS, GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC,
+                                 FAST, False)
+    elif FAST:
+        for kb in range(kb_lo, kb_hi):
+            acc, w_nx = _plane_step(acc, kb, w_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, a_rows, b_rows,
+                                    stride_aj, stride_ag, stride_bg, BITS, GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC,
+                                    FAST, PREFETCH)
+    else:
+        kb = kb_lo
+        while kb < kb_hi:
+            acc, w_nx = _plane_step(acc, kb, w_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, a_rows, b_rows,
+                                    stride_aj, stride_ag, stride_bg, BITS, GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC,
+                                    FAST, PREFETCH)
+            kb += 1
+    return acc
+
+
+@triton.jit
 def _gemv_int4_kernel(
-    x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, Kh_pad/4], zeros_t / scales_t [G, N_pad] f32
+    x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW = Kh_pad/4], zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr, alpha_ptr, beta_ptr,
-    chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,
-    ws_ptr, cnt_ptr,
-    M, N, K, G,
-    stride_xm, stride_ym, stride_qn, stride_zg,
-    stride_cs,
+    chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # the row's slots (one element each)
+    ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, N] f32, per-column-tile arrival counters (zero)
+    N, K, G,
+    stride_qn, stride_zg, stride_cs,
     stride_ss, stride_sn, stride_sg,
     stride_as, stride_aj, stride_an, stride_ag,
     stride_bs, stride_bn, stride_bg,
     MODE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, CODE_MID: tl.constexpr,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, X_ALIGNED: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """y[m, n] for every row m < M <= ROWS (1, 2 or 4) in one program per (column tile, K split)."""
+    """y[n] for the one row, one program per (column tile, K split); K blocks of GPI whole groups.
+
+    EVEN_K (K % BLOCK_K == 0, set by the heuristic below) drops every mask; X_ALIGNED (16-byte
+    aligned x) allows the x loads as 16-byte vectors where K is even too.
+    """
+    X_VEC: tl.constexpr = X_ALIGNED and EVEN_K
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    BKW: tl.constexpr = BLOCK_K // 8
+    GW: tl.constexpr = (GROUP_SIZE if GROUP_SIZE > 0 else 128) // 8  # words per group (per 128 codes for -1)
+    GPI: tl.constexpr = BLOCK_K // (GW * 8)  # groups per K block
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BKW)
+    g_offs = tl.arange(0, GPI)
+    words = g_offs[:, None] * GW + tl.arange(0, GW)[None, :]  # [GPI, GW] word index inside the block
     n_ok = offs_n < N
-    q_rows = q_ptr + offs_n[:, None] * stride_qn + offs_w[None, :]  # [BN, BKW] (padded: unmasked)
+    q_tile = q_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // 8)[None, :]  # [BN, BKW] (rows padded)
 
     num_kb = tl.cdiv(K, BLOCK_K)
     kb_per_split = tl.cdiv(num_kb, SPLIT_K)
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
 
-    # rows 0..3 (ROWS is 1, 2 or 4; a row m >= M reads row M-1's x and is never stored)
-    sidx0 = tl.load(scale_idx_ptr + 0).to(tl.int64)
-    aidx0 = tl.load(alpha_idx_ptr + 0)
-    sidx1 = tl.load(scale_idx_ptr + 1, mask=1 < M, other=0).to(tl.int64)
-    aidx1 = tl.load(alpha_idx_ptr + 1, mask=1 < M, other=-1)
-    sidx2 = tl.load(scale_idx_ptr + 2, mask=2 < M, other=0).to(tl.int64)
-    aidx2 = tl.load(alpha_idx_ptr + 2, mask=2 < M, other=-1)
-    sidx3 = tl.load(scale_idx_ptr + 3, mask=3 < M, other=0).to(tl.int64)
-    aidx3 = tl.load(alpha_idx_ptr + 3, mask=3 < M, other=-1)
-    acc0 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
-    corr0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    corr1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    corr2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    corr3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cidx = tl.load(chan_idx_ptr).to(tl.int64)
+    sidx = tl.load(scale_idx_ptr).to(tl.int64)
+    aidx = tl.load(alpha_idx_ptr)
+    is_alpha = aidx >= 0
+    acc = tl.zeros([BLOCK_N, GPI, GW], dtype=tl.float32)
+    if MODE == 1:
+        s_rows = s0_ptr + offs_n[:, None, None]  # [BN, 1, 1] (padded)
+        stride_s_g = stride_zg
+    else:
+        s_rows = scale_ptr + sidx * stride_ss + tl.minimum(offs_n, N - 1)[:, None, None] * stride_sn
+        stride_s_g = stride_sg
+    if MODE == 3:
+        if is_alpha:
+            acc = _gemv_plane_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, N, K, G, stride_qn, words, g_offs,
+                                   offs_n, tl.maximum(aidx, 0).to(tl.int64), alpha_ptr, beta_ptr,
+                                   stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg,
+                                   BITS, GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, STAGES)
+        elif HAS_ZEROS:  # a PEQA row in a mode-3 batch: the group-scale (mode 2) math
+            acc = _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, stride_qn, words, g_offs, offs_n,
+                                    zero_ptr, stride_zg, s_rows, stride_s_g,
+                                    GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, STAGES)
+    else:
+        acc = _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, stride_qn, words, g_offs, offs_n,
+                                zero_ptr, stride_zg, s_rows, stride_s_g,
+                                GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, STAGES)
 
-    if PREFETCH:
-        w_next = tl.load(q_rows + tl.minimum(kb_lo, num_kb - 1) * BKW, eviction_policy="evict_first")
-    kb = kb_lo
-    while kb < kb_hi:  # (a while loop: the interpreter cannot range() over tensor bounds)
-        k0 = kb * BLOCK_K
-        if ONE_GROUP:
-            g = 0
+    # reduce over K, then the linear epilogue factors (they commute with the split-K sum)
+    y = tl.sum(tl.sum(acc, 2), 1)  # [BN]
+    if MODE == 3:
+        peqa_ok = n_ok & (aidx < 0)  # alpha rows take neither the group scale nor chan
+    else:
+        peqa_ok = n_ok
+    if ONE_GROUP:
+        if MODE == 1:
+            y *= tl.load(s0_ptr + offs_n)
         else:
-            g = tl.minimum(k0 // GROUP_SIZE, G - 1)  # BLOCK_K == GROUP_SIZE
-        if PREFETCH:  # registers double-buffer the code tile: the next block's load overlaps this math
-            w = w_next
-            w_next = tl.load(q_rows + tl.minimum(kb + 1, num_kb - 1) * BKW, eviction_policy="evict_first")
-        else:
-            w = tl.load(q_rows + kb * BKW, eviction_policy="evict_first")  # [BN, BKW] int32
-        if HAS_ZEROS:
-            zc = tl.load(zero_ptr + g * stride_zg + offs_n)  # [BN] (padded)
-        else:
-            zc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if MODE != 3:  # the 8 nibble tiles Q (float32), shared by every row
-            w_hi = w >> 12
-            wq0 = _nibble_f32(w, w_hi, 0, FAST)
-            wq1 = _nibble_f32(w, w_hi, 1, FAST)
-            wq2 = _nibble_f32(w, w_hi, 2, FAST)
-            wq3 = _nibble_f32(w, w_hi, 3, FAST)
-            wq4 = _nibble_f32(w, w_hi, 4, FAST)
-            wq5 = _nibble_f32(w, w_hi, 5, FAST)
-            wq6 = _nibble_f32(w, w_hi, 6, FAST)
-            wq7 = _nibble_f32(w, w_hi, 7, FAST)
-        else:
-            wq0 = acc0  # unused: mode 3 works on the sign planes of w
-            wq1 = acc0
-            wq2 = acc0
-            wq3 = acc0
-            wq4 = acc0
-            wq5 = acc0
-            wq6 = acc0
-            wq7 = acc0
-        acc0, corr0 = _gemv_row_block(acc0, corr0, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
-                               x_ptr, K, g, sidx0, aidx0 >= 0, tl.maximum(aidx0, 0).to(tl.int64),
-                               s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
-                               stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                               stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
-        if ROWS > 1:
-            acc1, corr1 = _gemv_row_block(acc1, corr1, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
-                                   x_ptr + tl.minimum(1, M - 1) * stride_xm, K, g, sidx1, aidx1 >= 0,
-                                   tl.maximum(aidx1, 0).to(tl.int64),
-                                   s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
-                                   stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
-        if ROWS > 2:
-            acc2, corr2 = _gemv_row_block(acc2, corr2, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
-                                   x_ptr + tl.minimum(2, M - 1) * stride_xm, K, g, sidx2, aidx2 >= 0,
-                                   tl.maximum(aidx2, 0).to(tl.int64),
-                                   s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
-                                   stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
-            acc3, corr3 = _gemv_row_block(acc3, corr3, w, wq0, wq1, wq2, wq3, wq4, wq5, wq6, wq7, k0, offs_w, offs_n, n_ok,
-                                   x_ptr + tl.minimum(3, M - 1) * stride_xm, K, g, sidx3, aidx3 >= 0,
-                                   tl.maximum(aidx3, 0).to(tl.int64),
-                                   s0_ptr, scale_ptr, alpha_ptr, beta_ptr, zc, stride_zg,
-                                   stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-                                   stride_bs, stride_bn, stride_bg, MODE, BITS, ONE_GROUP, HAS_ZEROS, CODE_MID, EVEN_K, FAST)
-        kb += 1
-
-    _gemv_row_out(acc0, corr0, 0, M, offs_n, n_ok, sidx0, aidx0 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr, chan_ptr,
-                  scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
-                  MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
-    if ROWS > 1:
-        _gemv_row_out(acc1, corr1, 1, M, offs_n, n_ok, sidx1, aidx1 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr,
-                      chan_ptr, scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
-                      MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
-    if ROWS > 2:
-        _gemv_row_out(acc2, corr2, 2, M, offs_n, n_ok, sidx2, aidx2 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr,
-                      chan_ptr, scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
-                      MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
-        _gemv_row_out(acc3, corr3, 3, M, offs_n, n_ok, sidx3, aidx3 >= 0, pid_k, y_ptr, bias_ptr, ws_ptr, s0_ptr,
-                      chan_ptr, scale_ptr, chan_idx_ptr, N, stride_ym, stride_cs, stride_ss, stride_sn,
-                      MODE, ONE_GROUP, HAS_BIAS, SPLIT_K)
-    if SPLIT_K > 1:
-        # the last split to arrive at this column tile sums the partials in fixed order and stores y
+            s = tl.load(scale_ptr + sidx * stride_ss + offs_n * stride_sn, mask=peqa_ok, other=1.0)
+            y *= s.to(tl.float32)
+    chan = tl.load(chan_ptr + cidx * stride_cs + offs_n, mask=peqa_ok, other=1.0).to(tl.float32)
+    y *= chan
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        # park the partial; the last split to arrive at this column tile sums them in fixed order
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=n_ok)
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            _gemv_row_finish(0, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K, BLOCK_N)
-            if ROWS > 1:
-                _gemv_row_finish(1, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K,
-                                 BLOCK_N)
-            if ROWS > 2:
-                _gemv_row_finish(2, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K,
-                                 BLOCK_N)
-                _gemv_row_finish(3, M, offs_n, n_ok, y_ptr, bias_ptr, ws_ptr, N, stride_ym, HAS_BIAS, SPLIT_K,
-                                 BLOCK_N)
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + sk * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
@@ -651,9 +782,11 @@ _decode_kernel = triton.autotune(configs=DECODE_CONFIGS, key=_AUTOTUNE_KEY, do_b
 _gemm_kernel = triton.autotune(configs=GEMM_CONFIGS, key=_AUTOTUNE_KEY, do_bench=_quick_bench, cache_results=True,
                                prune_configs_by={"early_config_prune": _prune_gemm})(_adapted_int4_kernel)
 DECODE_MAX_M = 16
-_GEMV_KEY = ["ROWS", "EVEN_K", "N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS"]  # + x dtype
-_gemv_kernel = triton.autotune(configs=GEMV_CONFIGS, key=_GEMV_KEY, do_bench=_quick_bench,
-                               cache_results=True)(_gemv_int4_kernel)
+_GEMV_KEY = ["N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "X_ALIGNED"]  # + x dtype
+_gemv_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemv_int4_kernel)
+_gemv_kernel = triton.autotune(configs=GEMV_CONFIGS + GEMV_ALPHA_CONFIGS, key=_GEMV_KEY, do_bench=_quick_bench,
+                               cache_results=True,
+                               prune_configs_by={"early_config_prune": _prune_gemv})(_gemv_even_k)
 
 
 # --- host side -------------------------------------------------------------------------------
@@ -760,6 +893,8 @@ def int4_matmul(
     for idx in (chan_idx, scale_idx, alpha_idx):
         if idx.shape != (M,) or idx.dtype != torch.int32:
             raise ValueError("row indices must be int32 [M]")
+    # the kernels index the row slots as dense vectors (older callers may hand strided views)
+    chan_idx, scale_idx, alpha_idx = chan_idx.contiguous(), scale_idx.contiguous(), alpha_idx.contiguous()
     x = x.contiguous()
     if out is not None:
         if out.shape != (M, N) or out.dtype != x.dtype or out.stride(1) != 1:
@@ -831,42 +966,45 @@ def int4_matmul(
 
 def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
                  has_zeros, interpret, s_args, a_args, b_args, dummy):
-    """The decode GEMV (every row in one program per column tile and K split): M <= 4 (default: M = 1)."""
+    """The decode GEMV: M = 1 by default; up to 4 rows (one launch each) when a GEMV config is forced."""
     M, K = x.shape
     N = w.N
     if M > 4:
         raise ValueError(f"the GEMV path takes at most 4 rows, got {M}")
-    rows = 1 if M == 1 else (2 if M == 2 else 4)
-    block_k = 128 if w.group_size in (-1, 128) else w.group_size
     if config is None and interpret:
         config = INTERPRET_GEMV_CONFIG
-    max_split = config["SPLIT_K"] if config is not None else max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
-    ws = torch.empty(max_split * M * N if max_split > 1 else 1, dtype=torch.float32, device=x.device)
+    if config is not None and "BLOCK_K" not in config:  # two groups (or 256 codes) per K block
+        config = {**config, "BLOCK_K": 2 * (w.group_size if w.group_size > 0 else 128)}
+    max_split = config["SPLIT_K"] if config is not None else max(
+        c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS + GEMV_ALPHA_CONFIGS)
+    if config is not None and config["SPLIT_K"] > 1 and triton.cdiv(N, config["BLOCK_N"]) > _COUNTER_SLOTS:
+        raise ValueError("too many tiles for the split-K counters")
+    ws = torch.empty(max_split * N if max_split > 1 else 1, dtype=torch.float32, device=x.device)
+    cnt = _tile_counters(x.device, "gemv")
     q32 = w.codes_t.view(torch.int32)  # [N_pad, Kh_pad/4]: word w holds codes 8w..8w+7 (nibble i = code 8w+i)
-    args = (
-        x, y, bias if bias is not None else dummy,
-        q32, w.zeros_t if has_zeros else dummy, w.scales_t if has_zeros else dummy,
-        chan, s_args[0], a_args[0], b_args[0],
-        chan_idx, scale_idx, alpha_idx,
-        ws, _tile_counters(x.device, "gemv"),
-        M, N, K, w.num_groups,
-        x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0) if has_zeros else 0,
-        chan.stride(0),
-        *s_args[1:], *a_args[1:], *b_args[1:],
-    )
     meta = dict(MODE=mode, BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
-                CODE_MID=((1 << w.bits) - 1) / 2, BLOCK_K=block_k, ROWS=rows, EVEN_K=K % block_k == 0,
-                INTERPRET=interpret, FAST=not interpret)
+                FAST=not interpret)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if config is not None:
-        if config["SPLIT_K"] > 1 and triton.cdiv(N, config["BLOCK_N"]) > _COUNTER_SLOTS:
-            raise ValueError("too many tiles for the split-K counters")
-        _gemv_int4_kernel[grid](*args, **meta, **{"PREFETCH": 1, **config})
-    else:
-        _gemv_kernel[grid](*args, **meta)
+    for m in range(M):  # rows run one after the other (stream order): ws and the counters are reused
+        xm, ym = x[m], y[m]
+        meta["X_ALIGNED"] = (not interpret) and xm.data_ptr() % 16 == 0  # for the 16-byte x loads
+        args = (
+            xm, ym, bias if bias is not None else dummy,
+            q32, w.zeros_t if has_zeros else dummy, w.scales_t if has_zeros else dummy,
+            chan, s_args[0], a_args[0], b_args[0],
+            chan_idx[m:m + 1], scale_idx[m:m + 1], alpha_idx[m:m + 1],
+            ws, cnt,
+            N, K, w.num_groups,
+            q32.stride(0), w.zeros_t.stride(0) if has_zeros else 0, chan.stride(0),
+            *s_args[1:], *a_args[1:], *b_args[1:],
+        )
+        if config is not None:
+            _gemv_even_k[grid](*args, **meta, **{"PREFETCH": 1, "STAGES": 1, **config})
+        else:
+            _gemv_kernel[grid](*args, **meta)
     return y
 
 

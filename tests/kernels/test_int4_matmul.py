@@ -312,6 +312,9 @@ def test_llama7b_gemv(shape, M, mode):
     gs = 128 if (M + mode) % 2 else -1
     t = make_case(M, N, K, gs, 4, mode, "uniform", torch.bfloat16, bias=(shape == "qkv"))
     check(run_kernel(t, mode, {"BLOCK_N": 128, "SPLIT_K": 8}, n_major=True), reference(t), torch.bfloat16)
+    # long K blocks through the compiler-pipelined code tile (ragged for down: K = 11008 = 21.5 * 512)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 2, "STAGES": 3}
+    check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
 
 
 @pytest.mark.gpu
