@@ -261,7 +261,12 @@ def main(argv=None) -> int:
 
 
 SWEEP_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, STAGES=st, num_warps=4)
-                 for bn in (16, 32) for bk in (256, 512, 1024) for sk in (1, 2, 4) for st in (1, 3)]
+                 for bn in (16, 32) for bk in (256, 512, 1024) for sk in (1, 2, 4) for st in (1, 3)] + [
+    # not measured yet (session 3 ran out of device time): 128 registers -> 4 programs per SM, and
+    # a deeper cp.async pipeline
+    dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, STAGES=1, num_warps=4, maxnreg=128)
+    for bn, bk, sk in ((32, 512, 1), (16, 1024, 1), (32, 256, 4))] + [
+    dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, STAGES=4, num_warps=4) for bn, bk in ((32, 512), (16, 1024))]
 
 
 def sweep_configs(mode):
@@ -291,7 +296,7 @@ def gemv_sweep(args, shapes, modes, groups, bw) -> int:
                     out.append(dict(shape=shape, K=K, N=N, group_size=gs, mode=mode, us=us, floor_us=floor_us, **cfg))
                 res.sort(key=lambda r: r[0])
                 top = "  ".join(f"{us:.1f}:{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
-                                for us, c in res[:6])
+                                + (f"/r{c['maxnreg']}" if "maxnreg" in c else "") for us, c in res[:6])
                 print(f"{shape:8s} g{gs:4d} mode {mode} floor {floor_us:5.1f}  best {top}", flush=True)
         cache.clear()
         torch.cuda.empty_cache()
