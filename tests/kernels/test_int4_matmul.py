@@ -214,6 +214,19 @@ def test_gemv_three_bit_and_bcq(bcq):
     check(run_kernel(t, MODE_ALPHA, {"BLOCK_N": 32, "SPLIT_K": 2}, n_major=True), reference(t), torch.bfloat16)
 
 
+@pytest.mark.parametrize("M", (1, 16))
+def test_chan_table_as_a_column_range(M):
+    """AdapterSlab keeps every layer's per-channel table as a column range of one [S, sum N] table: the
+    kernels read a layer's columns through the row stride (NaN in the other columns shows a wrong read)."""
+    N, K = GEMV_SHAPE_FOR_GROUP[32]
+    t = make_case(M, N, K, 32, 4, MODE_CHANNEL, "distinct", torch.bfloat16)
+    chan = t["chan"]
+    wide = torch.full((chan.shape[0], 3 * N + 5), float("nan"), dtype=chan.dtype, device=chan.device)
+    wide[:, N + 5 : 2 * N + 5] = chan
+    cfg = {"BLOCK_N": 16, "SPLIT_K": 2, "PREFETCH": 1} if M == 1 else {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}
+    check(run_kernel(dict(t, chan=wide[:, N + 5 : 2 * N + 5]), MODE_CHANNEL, cfg), reference(t), torch.bfloat16)
+
+
 def test_gemv_default_dispatch():
     """M = 1 with no config runs the GEMV (autotuned on CUDA, a fixed config under the interpreter)."""
     t = make_case(1, 40, 256, 128, 4, MODE_GROUP, "distinct", torch.float16)
