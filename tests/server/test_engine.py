@@ -303,7 +303,7 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
 def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
     """The prefill graphs' batch (the chunk, then a padding sequence up to the bucket) gives the chunk's
     logits of the plain batch: checked eagerly on CPU, where the graphs themselves do not run."""
-    from scaleserve.server.engine import PrefillGraphs
+    from scaleserve.server.graphs import PrefillGraphs
 
     engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=24)
     for prompt, name in ((PROMPTS[1], sorted(avs)[0]), (PROMPTS[0], None)):
