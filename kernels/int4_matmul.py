@@ -348,10 +348,6 @@ def _prune_gemv(configs, named_args, **kwargs):
     return even or configs
 
 
-_F256 = 0x43800000  # bits of 256.0: mantissa bit 15 weighs 1
-_F16 = 0x41800000  # bits of 16.0: mantissa bit 19 weighs 1
-
-
 @triton.jit
 def _lop3_f32(v, MASK: tl.constexpr, MAGIC: tl.constexpr, FAST: tl.constexpr):
     """(v & MASK) | MAGIC as float32 bits: one LOP3 on the GPU (ptxas emits two for the plain ops)."""
@@ -394,6 +390,7 @@ def _nibbles_offset(w, FAST: tl.constexpr):
     w11 = w << 11
     w5 = w >> 5
     rot = (w << 19) | (w.to(tl.uint32, bitcast=True) >> 13).to(tl.int32, bitcast=True)
+    # 0x41800000 = bits of 16.0 (mantissa bit 19 weighs 1), 0x43800000 = bits of 256.0 (bit 15 weighs 1)
     v0 = _lop3_f32(rot, 0xF << 19, 0x41800000, FAST)
     v1 = _lop3_f32(w11, 0xF << 15, 0x43800000, FAST)
     v2 = _lop3_f32(w11, 0xF << 19, 0x41800000, FAST)
@@ -472,6 +469,14 @@ def _x_gather(p, k0, offs_w, K, I: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _group_params(kb, num_kb, GPI: tl.constexpr, g_offs, G, z_rows, stride_zg, s_rows, stride_s_g,
+                  FAST: tl.constexpr):
+    """Zero points and scales [BN, GPI, 1] of K block kb's groups (kb clamped to the last block)."""
+    g = (tl.minimum(tl.minimum(kb, num_kb - 1) * GPI + g_offs, G - 1))[None, :, None]
+    return _load_f32(z_rows + g * stride_zg, FAST), _load_f32(s_rows + g * stride_s_g, FAST)
+
+
+@triton.jit
 def _nibble_step(acc, kb, w_nx, z_nx, s_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, z_rows, stride_zg,
                  s_rows, stride_s_g,
                  GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr, EVEN_K: tl.constexpr,
@@ -492,23 +497,17 @@ def _nibble_step(acc, kb, w_nx, z_nx, s_nx, num_kb, q_tile, x_ptr, K, G, KW, wor
         # the tile's arithmetic into their own, row-major layout)
         w = _code_tile(q_tile, kb, words, KW, BKW, EVEN_K)
         if not ONE_GROUP:
-            g = (tl.minimum(tl.minimum(kb + 1, num_kb - 1) * GPI + g_offs, G - 1))[None, :, None]
-            z_nx = _load_f32(z_rows + g * stride_zg, FAST)
-            s_nx = _load_f32(s_rows + g * stride_s_g, FAST)
+            z_nx, s_nx = _group_params(kb + 1, num_kb, GPI, g_offs, G, z_rows, stride_zg, s_rows, stride_s_g, FAST)
     elif PREFETCH:  # registers double-buffer the code tile and its groups' scales / zero points
         w = w_nx
         nxt = tl.minimum(kb + 1, num_kb - 1)
         w_nx = _code_tile(q_tile, nxt, words, KW, BKW, EVEN_K)
         if not ONE_GROUP:
-            g = (tl.minimum(nxt * GPI + g_offs, G - 1))[None, :, None]
-            z_nx = _load_f32(z_rows + g * stride_zg, FAST)
-            s_nx = _load_f32(s_rows + g * stride_s_g, FAST)
+            z_nx, s_nx = _group_params(nxt, num_kb, GPI, g_offs, G, z_rows, stride_zg, s_rows, stride_s_g, FAST)
     else:
         w = _code_tile(q_tile, kb, words, KW, BKW, EVEN_K)
         if not ONE_GROUP:
-            g = (tl.minimum(kb * GPI + g_offs, G - 1))[None, :, None]
-            z = _load_f32(z_rows + g * stride_zg, FAST)
-            s = _load_f32(s_rows + g * stride_s_g, FAST)
+            z, s = _group_params(kb, num_kb, GPI, g_offs, G, z_rows, stride_zg, s_rows, stride_s_g, FAST)
     x0, x1, x2, x3, x4, x5, x6, x7 = _x_words(x_ptr, k0, words, K, EVEN_K, X_VEC)  # [GPI, GW] each
     odd = (x1 + x3) + (x5 + x7)
     even = (x0 + x2) + (x4 + x6)
