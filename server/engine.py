@@ -405,20 +405,25 @@ class Engine:
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
-        self.graphs.load(b, self._pack_decode(sched, b).to(self.device, non_blocking=True))
+        self.graphs.load(b, self._upload(self._pack_decode(sched, b)))
         return self.graphs.run(b, mode)[: len(sched)]
 
     def _prefill_graph(self, seq: Sequence, n: int) -> torch.Tensor:
         """Logits [1, V] at the last of the chunk's n tokens, by a padded prefill graph."""
         Tb = self.prefill_graphs.bucket(n)
         mode = self.slab.mode_for([seq.slot])
-        self.prefill_graphs.load(Tb, self._pack_prefill(seq, n, Tb).to(self.device, non_blocking=True))
+        self.prefill_graphs.load(Tb, self._upload(self._pack_prefill(seq, n, Tb)))
         return self.prefill_graphs.run(Tb, mode)[:1]
 
     def _row_indices(self, seq: Sequence) -> tuple[int, int, int]:
         return self.slab.row_indices(seq.slot or BASE)
 
-    def _pack_decode(self, sched, b: int) -> torch.Tensor:
+    def _upload(self, buf: np.ndarray) -> torch.Tensor:
+        """A step's packed int64 inputs on the device: one (pinned, asynchronous) host->device copy."""
+        t = torch.from_numpy(buf)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _pack_decode(self, sched, b: int) -> np.ndarray:
         """int64 [b * (7 + width)]: tokens, positions, slots, seq_lens, rows (3 x b), block tables [b, width]."""
         B, bs, W = len(sched), self.block_size, self.width
         buf = np.zeros(b * (7 + W), dtype=np.int64)
@@ -436,10 +441,9 @@ class Engine:
         tables = buf[7 * b :].reshape(b, W)
         for i, (s, _) in enumerate(sched):
             tables[i, : len(s.blocks)] = s.blocks
-        t = torch.from_numpy(buf)
-        return t.pin_memory() if self.device.type == "cuda" else t
+        return buf
 
-    def _pack_prefill(self, seq: Sequence, n: int, Tb: int) -> torch.Tensor:
+    def _pack_prefill(self, seq: Sequence, n: int, Tb: int) -> np.ndarray:
         """int64 [6 Tb + 2 width + 7]: tokens, positions, slots, rows (3 x Tb) of the chunk's n tokens then
         the padding sequence's Tb - n; block tables [2, width]; seq_lens [2]; query_start [3];
         logits_index [2]."""
@@ -460,8 +464,7 @@ class Engine:
         buf[o : o + len(blocks)] = blocks  # row 1 (the padding sequence) stays block 0
         o += 2 * W
         buf[o : o + 7] = [start + n, Tb - n, 0, n, Tb, n - 1, Tb - 1]
-        t = torch.from_numpy(buf)
-        return t.pin_memory() if self.device.type == "cuda" else t
+        return buf
 
     def _build_batch(self, sched, mode: int) -> Batch:
         """A general (prefill and/or decode) Batch, from numpy arrays and one host->device copy."""
@@ -483,8 +486,7 @@ class Engine:
         slots = tables[seg, positions // bs] * bs + positions % bs
         rows = np.repeat(np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3), counts, 0)
         parts = [tok, positions, slots, starts + counts, qstart, qstart[1:] - 1, rows.T.reshape(-1), tables.reshape(-1)]
-        host = torch.from_numpy(np.concatenate(parts))
-        dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        dev = self._upload(np.concatenate(parts))
         o = [0]
 
         def take(n):

@@ -22,6 +22,16 @@ from .kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 
+def scatter(staged: torch.Tensor, dsts: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of staged (int64 [sum of sizes], on the device) into each destination
+    view in order, casting to its dtype: how a step's one packed upload reaches the static buffers."""
+    o = 0
+    for d in dsts:
+        n = d.numel()
+        d.copy_(staged[o : o + n].view(d.shape))
+        o += n
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     b = [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))
     return sorted({x for x in b if x < max_num_seqs} | {max_num_seqs})
@@ -92,16 +102,8 @@ class DecodeGraphs(_StepGraphs):
 
     def load(self, b: int, staged: torch.Tensor) -> None:
         """staged: int64 [b * (7 + width)] on the device, laid out as Engine._pack_decode writes it."""
-        o = 0
-        for dst in (self.tokens, self.positions, self.slots):
-            dst[:b].copy_(staged[o : o + b])
-            o += b
-        self.seq_lens[:b].copy_(staged[o : o + b])
-        o += b
-        self.rows[:, :b].copy_(staged[o : o + 3 * b].view(3, b))
-        o += 3 * b
-        self.block_tables[:b].copy_(staged[o : o + b * self.width].view(b, self.width))
-
+        scatter(staged, [self.tokens[:b], self.positions[:b], self.slots[:b], self.seq_lens[:b], self.rows[:, :b],
+                         self.block_tables[:b]])
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -144,14 +146,5 @@ class PrefillGraphs(_StepGraphs):
 
     def load(self, Tb: int, staged: torch.Tensor) -> None:
         """staged: int64 [6 Tb + 2 width + 7] on the device, laid out as Engine._pack_prefill writes it."""
-        o = 0
-        for dst in (self.tokens, self.positions, self.slots):
-            dst[:Tb].copy_(staged[o : o + Tb])
-            o += Tb
-        self.rows[:, :Tb].copy_(staged[o : o + 3 * Tb].view(3, Tb))
-        o += 3 * Tb
-        self.block_tables.copy_(staged[o : o + 2 * self.width].view(2, self.width))
-        o += 2 * self.width
-        self.seq_lens.copy_(staged[o : o + 2])
-        self.query_start.copy_(staged[o + 2 : o + 5])
-        self.logits_index.copy_(staged[o + 5 : o + 7])
+        scatter(staged, [self.tokens[:Tb], self.positions[:Tb], self.slots[:Tb], self.rows[:, :Tb], self.block_tables,
+                         self.seq_lens, self.query_start, self.logits_index])

@@ -316,7 +316,7 @@ def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
             graphs = PrefillGraphs(engine.lm.model, engine.kv, 24, engine.width, engine.device, pool=None)
             Tb = graphs.bucket(n)
             assert Tb > n
-            graphs.load(Tb, engine._pack_prefill(s, n, Tb))
+            graphs.load(Tb, engine._upload(engine._pack_prefill(s, n, Tb)))
             padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)[0]
             eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)[0]
             torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
@@ -324,3 +324,26 @@ def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
             if s.num_computed == s.num_tokens:
                 break
         engine.scheduler.finish(seq, "abort")
+
+
+def test_padded_decode_batch_equals_eager(engine_lm, adapter_files, tmp_path):
+    """The decode graphs' batch (rows padded up to the bucket with KV-less base rows) gives the decode
+    rows' logits of the plain batch: checked eagerly on CPU, where the graphs themselves do not run."""
+    from scaleserve.server.graphs import DecodeGraphs
+
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files)
+    seqs = [new_seq(p, avs[n]) for p, n in zip(PROMPTS[:3], sorted(avs))]
+    for s in seqs:
+        engine.scheduler.add(s)
+    while any(s.num_computed < s.num_tokens - 1 for s in seqs):
+        engine.step()
+    sched = engine.scheduler.schedule()
+    assert len(sched) == 3 and all(n == 1 for _, n in sched)
+    mode = engine.slab.mode_for([s.slot for s, _ in sched])
+    graphs = DecodeGraphs(engine.lm.model, engine.kv, 8, engine.width, engine.device, pool=None)
+    b = graphs.bucket(len(sched))
+    assert b == 4
+    graphs.load(b, engine._upload(engine._pack_decode(sched, b)))
+    padded = engine.lm.model(graphs.batch(b, mode), engine.kv.k, engine.kv.v)[:3]
+    eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
