@@ -18,6 +18,14 @@ Deleting writes a tombstone record ({"deleted": true}) as the next version, so a
 uploaded again keeps counting up. Older records and their blobs are pruned after each commit
 (the newest KEEP_VERSIONS stay). A crash between steps 1 and 2 leaves an orphan blob, never a
 visible record.
+
+Pruning must not hand a version number out twice. A claimer computes n+1 from a listing; if record
+n+1 were pruned before its create-if-absent, a slow claimer would win a number that was already
+used (seen in CI: six concurrent uploads got versions 1, 1, 2, 3, 4, 5). So a record is pruned only
+once it is PRUNE_AFTER_S old, and a claim that took longer than CLAIM_DEADLINE_S from its listing
+withdraws its record and starts again: every record a claimer did not see in its listing was
+created after that listing, and is still there when the claimer's create-if-absent runs.
+(This tolerates clock skew between replicas of up to PRUNE_AFTER_S - CLAIM_DEADLINE_S.)
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _RECORD_RE = re.compile(r"^v(\d{10})\.json$")
 KEEP_VERSIONS = 2  # records kept per name after a commit (the newest and the one before)
+PRUNE_AFTER_S = 600.0  # an older record is pruned only once it is this old (see the module docstring)
+CLAIM_DEADLINE_S = 60.0  # a claim slower than this from its listing is withdrawn and retried
 _CLAIM_ATTEMPTS = 64
 
 
@@ -84,6 +94,8 @@ class AdapterStore:
     """Versioned, atomic adapter storage. Subclasses provide five primitives on keys (str, '/'-separated)."""
 
     url: str
+    prune_after_s: float = PRUNE_AFTER_S
+    claim_deadline_s: float = CLAIM_DEADLINE_S
 
     # --- backend primitives -------------------------------------------------------------------
 
@@ -175,17 +187,27 @@ class AdapterStore:
         return rec
 
     def _claim(self, tenant: str, name: str, min_version: int, fields: dict) -> StoreRecord:
+        listed_at = time.monotonic()  # of the first listing this claim relies on
+        v = min_version
         for _ in range(_CLAIM_ATTEMPTS):
-            existing = self._name_versions(tenant, name)
-            v = max([min_version, *existing]) + 1
+            v = max([v, *self._name_versions(tenant, name)]) + 1
             rec = StoreRecord(tenant=tenant, name=name, version=v, created_at=time.time(), **fields)
-            if self._put_exclusive(record_key(tenant, name, v), rec.to_json()):
+            key = record_key(tenant, name, v)
+            if not self._put_exclusive(key, rec.to_json()):
+                continue  # someone else committed v: go past it
+            if time.monotonic() - listed_at <= self.claim_deadline_s:
                 return rec
-            min_version = v  # someone else committed v: go past it
+            # Too slow: v may have been pruned and is now handed out a second time. Take it back and
+            # claim again from a fresh listing.
+            log.warning("claim of %s/%s v%d took over %.0f s; withdrawing it and claiming again",
+                        tenant, name, v, self.claim_deadline_s)
+            self._delete(key)
+            listed_at = time.monotonic()
         raise StoreError(f"could not claim a version of {tenant}/{name} after {_CLAIM_ATTEMPTS} attempts")
 
     def _prune(self, tenant: str, name: str, newest: int) -> None:
-        """Drop records older than the KEEP_VERSIONS newest, and blobs no kept record points at."""
+        """Drop records older than the KEEP_VERSIONS newest once they are prune_after_s old, and the
+        blobs no kept record points at."""
         try:
             versions = [v for v in self._name_versions(tenant, name) if v <= newest]
             old = versions[:-KEEP_VERSIONS] if len(versions) > KEEP_VERSIONS else []
@@ -195,14 +217,16 @@ class AdapterStore:
                     kept_blobs.add(self.read_record(tenant, name, v).blob)
                 except (KeyError, StoreError, ValueError):
                     pass
+            now = time.time()
             for v in old:
-                key = record_key(tenant, name, v)
                 try:
                     rec = self.read_record(tenant, name, v)
                 except (KeyError, StoreError, ValueError):
-                    rec = None
-                self._delete(key)
-                if rec is not None and rec.blob and rec.blob not in kept_blobs:
+                    continue  # gone already, or unreadable: its number stays taken
+                if now - rec.created_at < self.prune_after_s:
+                    continue  # young: a slow claimer may still be about to try this number
+                self._delete(record_key(tenant, name, v))
+                if rec.blob and rec.blob not in kept_blobs:
                     self._delete(rec.blob)
         except Exception as e:  # pruning is housekeeping: never fail a commit for it
             log.warning("pruning old versions of %s/%s failed: %s", tenant, name, e)

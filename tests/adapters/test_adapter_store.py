@@ -4,9 +4,11 @@ directory backend and the S3 backend against moto's S3 server on loopback."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
+from scaleserve.adapters import store as store_module
 from scaleserve.adapters.store import (FileStore, S3Store, StoreError, StoreRecord, open_store, record_key,
                                        valid_name)
 
@@ -44,31 +46,84 @@ def test_names():
         assert not valid_name(bad), bad
 
 
+def records(store, tenant, name) -> list[str]:
+    return sorted(k for k in store._list(f"{tenant}/{name}/") if k.endswith(".json"))
+
+
 def test_commit_versions_tombstone_prune(store):
     r1 = commit(store, "acme", "task", b"one")
     r2 = commit(store, "acme", "task", b"two")
     assert (r1.version, r2.version) == (1, 2)
     assert store.read_blob(store.latest("acme", "task")) == b"two"
     assert store.versions() == {("acme", "task"): 2}
-    r3 = commit(store, "acme", "task", b"three")
-    # pruned to the newest KEEP_VERSIONS records; v1's blob is gone too
-    assert sorted(k for k in store._list("acme/task/") if k.endswith(".json")) == [
-        record_key("acme", "task", 2), record_key("acme", "task", 3)]
+    commit(store, "acme", "task", b"three")
+    # v1 is young: a slow claimer may still be about to try its number, so its record stays
+    assert records(store, "acme", "task") == [record_key("acme", "task", v) for v in (1, 2, 3)]
+    store.prune_after_s = 0.0
+    r4 = commit(store, "acme", "task", b"four")
+    # now pruned to the newest KEEP_VERSIONS records; the blobs of v1 and v2 are gone too
+    assert records(store, "acme", "task") == [record_key("acme", "task", 3), record_key("acme", "task", 4)]
     with pytest.raises(KeyError):
         store.read_blob(r1)
+    with pytest.raises(KeyError):
+        store.read_blob(r2)
     t = store.tombstone("acme", "task")
-    assert t.deleted and t.version == 4
+    assert t.deleted and t.version == 5
     assert store.latest("acme", "task").deleted
     assert store.tombstone("acme", "task") is None  # already deleted
     assert store.tombstone("acme", "never") is None
-    r5 = commit(store, "acme", "task", b"again")  # versions keep counting after a delete
-    assert r5.version == 5 and store.read_blob(r5) == b"again"
-    assert r3.sha256 != r5.sha256
+    r6 = commit(store, "acme", "task", b"again")  # versions keep counting after a delete
+    assert r6.version == 6 and store.read_blob(r6) == b"again"
+    assert r4.sha256 != r6.sha256
     # records round-trip
-    assert StoreRecord.from_json(r5.to_json()) == r5
+    assert StoreRecord.from_json(r6.to_json()) == r6
     # other tenants / names are independent
     assert commit(store, "other", "task", b"x").version == 1
-    assert store.versions() == {("acme", "task"): 5, ("other", "task"): 1}
+    assert store.versions() == {("acme", "task"): 6, ("other", "task"): 1}
+
+
+def stale_first_listing(store, monkeypatch):
+    """The next claim lists nothing (as if it listed before any commit), then sees the truth."""
+    real = store._name_versions
+    calls = []
+
+    def listing(tenant, name):
+        calls.append(name)
+        return [] if len(calls) == 1 else real(tenant, name)
+
+    monkeypatch.setattr(store, "_name_versions", listing)
+
+
+def test_a_slow_claimer_never_gets_a_number_already_handed_out(store, monkeypatch):
+    # CI once saw six concurrent uploads get versions 1, 1, 2, 3, 4, 5: a claimer listed before v1
+    # existed, v1 was pruned by the third commit, and the slow claimer's create-if-absent of v1 won.
+    for data in (b"one", b"two", b"three"):
+        commit(store, "acme", "task", data)
+    stale_first_listing(store, monkeypatch)
+    assert commit(store, "acme", "task", b"slow").version == 4  # v1 was young, so still taken
+
+
+def test_a_claim_past_its_deadline_is_withdrawn_and_claimed_again(store, monkeypatch):
+    store.prune_after_s = 0.0  # prune at once: v1 is gone after the third commit
+    for data in (b"one", b"two", b"three"):
+        commit(store, "acme", "task", data)
+    assert record_key("acme", "task", 1) not in records(store, "acme", "task")
+
+    class SlowClock:  # the first create-if-absent finishes 2 minutes after its listing; then all is quick
+        def __init__(self):
+            self.readings = iter([0.0, 120.0])
+
+        def monotonic(self):
+            return next(self.readings, 120.0)
+
+        time = staticmethod(time.time)
+
+    monkeypatch.setattr(store_module, "time", SlowClock())
+    stale_first_listing(store, monkeypatch)
+    rec = commit(store, "acme", "task", b"slow")
+    assert rec.version == 4 and store.read_blob(store.latest("acme", "task")) == b"slow"
+    # the withdrawn claim of v1 left nothing behind
+    assert record_key("acme", "task", 1) not in records(store, "acme", "task")
 
 
 def test_min_version_and_bad_names(store):
