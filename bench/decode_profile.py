@@ -4,7 +4,9 @@
 
 For each preset (a random int4 model built in device memory) and batch size:
   step_ms     wall time of Engine.step() (one greedy decode step: pack inputs, replay the graph, argmax,
-              detokenize, deliver), median over --steps steps
+              detokenize, deliver), median over --steps steps, one step at a time (overlap off)
+  step_ms_overlap  the same with Engine.overlap on: the host's work for one step runs while the GPU
+              computes the next, so a step costs max(host, GPU) instead of their sum
   replay_ms   GPU time of the captured decode graph alone (CUDA events around replay), median
   host_ms     step_ms - replay_ms: what the host adds on top of the GPU work
   kernels     torch.profiler over eager decode forwards: per kernel family, GPU µs per step and count
@@ -134,18 +136,29 @@ def run(preset: str, batch: int, steps: int) -> dict:
     engine = build_engine(preset, max(8, batch))
     for i in range(batch):
         prompt = [3 + (7 * i + 13 * j) % 900 for j in range(16)]
-        engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=steps + 64, temperature=0.0,
+        engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=2 * steps + 64, temperature=0.0,
                                                                      ignore_eos=True)))
     while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     for _ in range(5):
         engine.step()  # captures the graph
     torch.cuda.synchronize()
-    walls = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        walls.append(time.perf_counter() - t0)
+
+    def step_walls(overlap: bool) -> list[float]:
+        engine.overlap = overlap
+        for _ in range(3):
+            engine.step()  # settle into the mode
+        walls = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            walls.append(time.perf_counter() - t0)
+        return walls
+
+    walls = step_walls(False)
+    walls_overlap = step_walls(True)
+    engine.overlap = False
+    engine.step()
     b = engine.graphs.bucket(batch)
     (graph, _), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
     _, gpu = timed(graph.replay, steps)
@@ -159,7 +172,9 @@ def run(preset: str, batch: int, steps: int) -> dict:
     step_ms, replay_ms = statistics.median(walls) * 1e3, statistics.median(gpu) * 1e3
     res = {"preset": preset, "batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3),
            "replay_back_to_back_ms": round(back_to_back * 1e3, 3), "host_ms": round(step_ms - replay_ms, 3),
-           "tok_s": round(batch / statistics.median(walls), 1)}
+           "tok_s": round(batch / statistics.median(walls), 1),
+           "step_ms_overlap": round(statistics.median(walls_overlap) * 1e3, 3),
+           "tok_s_overlap": round(batch / statistics.median(walls_overlap), 1)}
     res.update(profile_kernels(engine, engine.graphs.batch(b, mode)))
     res["prefill16"] = time_prefill(engine, 16, mode)
     res["prefill16"].update(profile_kernels(engine, engine._warm_batch(16, mode), reps=3))
@@ -181,7 +196,8 @@ def main(argv=None) -> int:
             r = run(preset, B, a.steps)
             out["runs"].append(r)
             print(f"\n{preset} batch {B}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
-                  f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; kernels "
+                  f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
+                  f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")
             pf = r["prefill16"]
             print(f"  prefill of {pf['tokens']} tokens: graph (bucket {pf.get('graph_bucket')}) {pf.get('graph_wall_ms')} ms;"

@@ -11,6 +11,14 @@ The engine thread owns the scheduler, the KV cache and the adapter slab: each st
      depend on the batch), moves the tokens to the host once,
   6. appends tokens, detokenizes incrementally, applies stop conditions, and hands each
      sequence's StepOutput to its sink (main.py: loop.call_soon_threadsafe into an asyncio queue).
+
+Overlap (settings.overlap_steps, on by default with CUDA): when the next step can only be the same
+sequences decoding again, the engine dispatches it before step 6 of the last one: the sampled tokens
+go from the sampler's output straight into the next step's inputs on the device, and the host does
+step 6 (and the next step's 1-4) while the GPU computes. A sequence that turns out to have stopped
+wastes its row of the step in flight; its output is dropped. Steps whose next batch changes (a
+request joins, a known last token, logprobs or penalties that need the host's token history) run
+one at a time as before.
 """
 
 from __future__ import annotations
@@ -43,6 +51,17 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Sampled:
+    """A step's sampled tokens on their way to the host (Engine overlap)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor | list[int]  # [B] on the device, or already host ids
+    host: torch.Tensor | None = None  # pinned copy, valid once `ready` has happened
+    ready: torch.cuda.Event | None = None
+    lps: list | None = None
 
 
 @dataclass
@@ -224,6 +243,13 @@ class Engine:
         self.step_kinds: dict[str, int] = {}  # how the model ran, per step kind (see _forward)
         self.last_step_at = time.monotonic()
         self._outbox: dict | None = None  # during a step: event loop -> [(put, StepOutput)] (LoopSink batching)
+        overlap = settings.overlap_steps
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _Sampled | None = None  # the last step's tokens, not processed yet (overlap)
+        self.overlapped_steps = 0
+        self._pinned = None
+        if self.device.type == "cuda":  # two: the step in flight and the one being processed
+            self._pinned = [torch.empty(settings.max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
 
     # --- thread-safe API (any thread) --------------------------------------------------------------
 
@@ -346,6 +372,11 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        prev = self._inflight
+        if prev is not None and not self._can_overlap(prev):
+            self._inflight = None
+            self._complete(prev)
+            prev = None
         sched = self.scheduler.schedule()
         if not sched:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -353,32 +384,87 @@ class Engine:
             return
         self.steps += 1
         seqs = [s for s, _ in sched]
-        logits = self._forward(sched)
+        logits = self._forward(sched, prev)
         # rows whose last prompt token was computed (or decodes) sample; chunk-interior rows do not
         done = [i for i, (s, n) in enumerate(sched) if s.num_computed + n == s.num_tokens]
         for s, n in sched:
             s.num_computed += n
-        if not done:
-            return
-        if len(done) < len(seqs):
-            logits = logits[torch.tensor(done, device=logits.device)]
-            seqs = [seqs[i] for i in done]
-        tokens, lps = self._sample(seqs, logits)
+        cur = None
+        if done:
+            if len(done) < len(seqs):
+                logits = logits[torch.tensor(done, device=logits.device)]
+                seqs = [seqs[i] for i in done]
+            cur = self._dispatch(seqs, *self._sample(seqs, logits))
+        if prev is not None:  # the GPU runs this step while the host finishes the last one
+            self.overlapped_steps += 1
+            if self.metrics:
+                self.metrics.overlapped_steps.inc()
+            self._inflight = None
+            self._complete(prev)
+        if cur is not None:
+            if self.overlap and cur.lps is None:
+                self._inflight = cur
+            else:
+                self._complete(cur)
+
+    def _can_overlap(self, prev: _Sampled) -> bool:
+        """Whether the next step is exactly prev's (still running) sequences decoding one more token each,
+        with nothing that needs prev's tokens on the host first."""
+        sch = self.scheduler
+        if prev.lps is not None or sch.waiting or not sch.running or len(sch.running) > sch.max_num_batched_tokens:
+            return False
+        ids = {id(s) for s in prev.seqs}
+        new_blocks = 0
+        for s in sch.running:
+            p = s.params
+            if id(s) not in ids or s.inflight != 1 or s.aborted or p.logprobs is not None \
+                    or p.presence_penalty or p.frequency_penalty:
+                return False
+            if len(s.output_ids) + 1 >= p.max_tokens or s.num_tokens >= self.max_model_len:
+                return False  # the token in flight is its last: the step after it would be wasted
+            new_blocks += sch.blocks_needed(s, 1)
+        return new_blocks <= sch.allocator.num_free  # so scheduling cannot preempt
+
+    def _dispatch(self, seqs: list[Sequence], tokens, lps) -> _Sampled:
+        """Start moving a step's sampled tokens to the host; they count in num_tokens from now on."""
+        for s in seqs:
+            s.inflight += 1
+        f = _Sampled(seqs, tokens, lps=lps)
+        if isinstance(tokens, torch.Tensor) and tokens.device.type == "cuda":
+            self._pinned.reverse()
+            f.host = self._pinned[0][: len(seqs)]
+            f.host.copy_(tokens, non_blocking=True)
+            f.ready = torch.cuda.Event()
+            f.ready.record()
+        return f
+
+    def _complete(self, f: _Sampled) -> None:
+        """Step 6 for a dispatched step: its tokens on the host, appended, detokenized, stopped, emitted."""
+        if f.ready is not None:
+            f.ready.synchronize()
+            tokens = f.host.tolist()
+        else:
+            tokens = f.tokens.tolist() if isinstance(f.tokens, torch.Tensor) else f.tokens
+        for s in f.seqs:
+            s.inflight -= 1
         self._outbox = {}
         try:
-            self._process(seqs, tokens, lps)
+            self._process(f.seqs, tokens, f.lps)
         finally:
             self._flush()
 
-    def _forward(self, sched: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _forward(self, sched: list[tuple[Sequence, int]], prev: _Sampled | None = None) -> torch.Tensor:
         """Logits [len(sched), V]. On CUDA, graphs wherever the step allows: all decode rows -> a decode
         graph; one sequence prefilling alone -> a prefill graph; decode rows plus one short prefill
         chunk (a request joining a running batch) -> both graphs, one after the other, instead of one
-        eager step (which on a slow host costs ~0.1 ms of Python per kernel launch)."""
+        eager step (which on a slow host costs ~0.1 ms of Python per kernel launch).
+        prev: an overlapped step (all rows decode prev's sequences): the input tokens are prev's
+        sampled tokens, taken on the device."""
         prefill = [i for i, (_, n) in enumerate(sched) if n > 1]
         logits, kind = None, "eager"
+        tokens = None if prev is None else self._tokens_from(prev, sched)
         if not prefill:
-            logits, kind = self._decode_graph(sched), "decode_graph"
+            logits, kind = self._decode_graph(sched, tokens), "decode_graph"
         elif len(prefill) == 1 and self.prefill_graphs is not None and \
                 self.prefill_graphs.bucket(sched[prefill[0]][1]) is not None:
             i = prefill[0]
@@ -393,20 +479,34 @@ class Engine:
         if logits is None:
             kind = "eager"
             mode = self.slab.mode_for([s.slot for s, _ in sched])
-            logits = self.lm.model(self._build_batch(sched, mode), self.kv.k, self.kv.v)
+            batch = self._build_batch(sched, mode)
+            if tokens is not None:
+                batch.tokens.copy_(tokens)
+            logits = self.lm.model(batch, self.kv.k, self.kv.v)
         self.step_kinds[kind] = self.step_kinds.get(kind, 0) + 1
         if self.metrics:
             self.metrics.engine_steps.labels(kind).inc()
         return logits
 
-    def _decode_graph(self, sched) -> torch.Tensor | None:
-        """Logits [B, V] of decode rows by graph replay, or None (no graphs, or B above every bucket)."""
+    def _decode_graph(self, sched, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits [B, V] of decode rows by graph replay, or None (no graphs, or B above every bucket).
+        tokens: [B] input tokens already on the device (overlap), instead of the packed ones."""
         b = self.graphs.bucket(len(sched)) if self.graphs is not None else None
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
         self.graphs.load(b, self._upload(self._pack_decode(sched, b)))
+        if tokens is not None:
+            self.graphs.tokens[: len(sched)].copy_(tokens)
         return self.graphs.run(b, mode)[: len(sched)]
+
+    def _tokens_from(self, prev: _Sampled, sched) -> torch.Tensor:
+        """[B] prev's sampled tokens in sched's row order (rows of sequences that stopped are gone)."""
+        if len(sched) == len(prev.seqs) and all(s is t for (s, _), t in zip(sched, prev.seqs)):
+            return prev.tokens
+        row = {id(s): i for i, s in enumerate(prev.seqs)}
+        idx = np.fromiter((row[id(s)] for s, _ in sched), np.int64, len(sched))
+        return prev.tokens.index_select(0, self._upload(idx))
 
     def _prefill_graph(self, seq: Sequence, n: int) -> torch.Tensor:
         """Logits [1, V] at the last of the chunk's n tokens, by a padded prefill graph."""
@@ -428,7 +528,7 @@ class Engine:
         B, bs, W = len(sched), self.block_size, self.width
         buf = np.zeros(b * (7 + W), dtype=np.int64)
         pos = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
-        buf[0:B] = [s.token_slice(s.num_computed, s.num_computed + 1)[0] for s, _ in sched]
+        buf[0:B] = [0 if s.inflight else s.token_slice(s.num_computed, s.num_computed + 1)[0] for s, _ in sched]
         buf[b : b + B] = pos
         buf[2 * b : 2 * b + B] = [s.blocks[p // bs] * bs + p % bs for (s, _), p in zip(sched, pos.tolist())]
         buf[2 * b + B : 3 * b] = -1
@@ -475,7 +575,8 @@ class Engine:
         W = max(len(s.blocks) for s, _ in sched)
         qstart = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(counts, out=qstart[1:])
-        tok = np.fromiter((t for s, n in sched for t in s.token_slice(s.num_computed, s.num_computed + n)),
+        tok = np.fromiter((t for s, n in sched for t in ([0] if s.inflight else  # its token is on the device
+                                                          s.token_slice(s.num_computed, s.num_computed + n))),
                           np.int64, T)
         # positions: start of each sequence + offset inside its chunk
         seg = np.repeat(np.arange(B), counts)
@@ -508,10 +609,12 @@ class Engine:
         ps = [s.params for s in seqs]
         if all(p.temperature <= 0 and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty)
                for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
-            return logits.argmax(-1).tolist(), None
+            return logits.argmax(-1), None
         floats = torch.tensor([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty] for p in ps],
                               dtype=torch.float32)
-        ints = torch.tensor([[p.top_k, p.seed, len(s.output_ids)] for p, s in zip(ps, seqs)], dtype=torch.int64)
+        # the noise counter: tokens generated so far, the one still in flight included
+        ints = torch.tensor([[p.top_k, p.seed, len(s.output_ids) + s.inflight] for p, s in zip(ps, seqs)],
+                            dtype=torch.int64)
         if dev.type == "cuda":
             floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
         penal = any(p.presence_penalty or p.frequency_penalty for p in ps)
@@ -532,7 +635,7 @@ class Engine:
         tokens, _ = sample(logits, st, counts)
         want = [p.logprobs for p in ps if p.logprobs is not None]
         if not want:
-            return tokens.tolist(), None
+            return tokens, None
         base = logits if counts is None else logits - st.frequency_penalty[:, None] * counts \
             - st.presence_penalty[:, None] * (counts > 0).float()
         lp = torch.log_softmax(base.float(), -1)

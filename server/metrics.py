@@ -42,6 +42,9 @@ class Metrics:
         self.engine_steps = Counter("scaleserve_engine_steps_total", "engine steps by how the model ran: "
                                     "decode_graph, prefill_graph, split_graphs (decode + one prefill chunk), eager",
                                     ["kind"], registry=r)
+        self.overlapped_steps = Counter("scaleserve_engine_overlapped_steps_total",
+                                        "engine steps dispatched while the host still processed the step before "
+                                        "(settings.overlap_steps)", registry=r)
         self.errors = Counter("scaleserve_errors_total", "error responses and failed requests by type", ["type"],
                               registry=r)
         # bounded label cardinality: the first `max_adapter_labels` adapter names seen get their own

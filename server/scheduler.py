@@ -70,6 +70,10 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     num_preemptions: int = 0
+    # sampled tokens still on their way to the host (Engine overlap: up to 2, the last step's and the
+    # one being computed); they count in num_tokens, so the scheduler sees a decode row, but are not in
+    # output_ids yet
+    inflight: int = 0
     # incremental detokenization (engine.Detokenizer)
     text: str = ""  # emitted text (stop strings removed)
     prefix_offset: int = 0
@@ -78,7 +82,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.inflight
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole list."""
@@ -108,7 +112,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+    def blocks_needed(self, seq: Sequence, n: int) -> int:
         want = -(-(seq.num_computed + n) // self.block_size)
         return max(0, want - len(seq.blocks))
 
@@ -156,7 +160,7 @@ class Scheduler:
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self._blocks_needed(seq, n)
+            need = self.blocks_needed(seq, n)
             while need > self.allocator.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -173,7 +177,7 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self._blocks_needed(seq, n)
+            need = self.blocks_needed(seq, n)
             if need > self.allocator.num_free:
                 break
             if self.registry is not None:

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     cuda_warmup: bool = Field(True, description="tune kernels and capture all decode graphs before ready "
                                                 "(slower start; no stall when a new batch shape first appears)")
+    overlap_steps: bool | None = Field(None, description="dispatch the next decode step before the host has "
+                                       "processed the last one's tokens (hides host time behind the GPU); "
+                                       "default: on with CUDA")
     drain_grace_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
     # adapters

@@ -18,6 +18,12 @@ from scaleserve.server.scheduler import SamplingParams, Sequence, Status
 from scaleserve.server.settings import Settings
 
 
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def overlap(request):
+    """Engine.overlap: the next decode step dispatched before the host processed the last one's tokens."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def engine_lm(tiny_model_dir):
     return load_model(tiny_model_dir)  # its own copy: the engine's slab attaches tables to the model
@@ -65,14 +71,17 @@ def run(engine, seqs, arrivals=None):
 PROMPTS = [[5, 17, 42, 99, 7], list(range(30, 67)), [200, 3], list(range(100, 121)), [11] * 9, [250, 251, 252]]
 
 
-def test_batched_equals_alone_and_generate_ids(engine_lm, tiny_lm, adapter_files, tmp_path):
+def test_batched_equals_alone_and_generate_ids(engine_lm, tiny_lm, adapter_files, tmp_path, overlap):
     names = [None, "chan-a", "group-a", "alpha-a", "chan-b", "chan-a"]
-    engine, avs = make_engine(engine_lm, tmp_path, adapter_files)
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, overlap_steps=overlap)
     alone = [run(engine, [new_seq(p, avs.get(n))])[0] for p, n in zip(PROMPTS, names)]
     together = run(engine, [new_seq(p, avs.get(n)) for p, n in zip(PROMPTS, names)])
     staggered = run(engine, [new_seq(p, avs.get(n)) for p, n in zip(PROMPTS, names)], arrivals=[0, 3, 0, 5, 1, 8])
     assert together == alone
     assert staggered == alone
+    assert (engine.overlapped_steps > 0) == overlap
+    assert engine.metrics.registry.get_sample_value("scaleserve_engine_overlapped_steps_total") == engine.overlapped_steps
+    assert engine.kv.allocator.num_free == engine.kv.allocator.usable
     assert any(len(set(map(tuple, alone[i:i + 1] + alone[5:6]))) for i in range(5))
     for p, n, got in zip(PROMPTS, names, alone):
         adapter = None if n is None else load_adapter(adapter_files[n])
@@ -83,8 +92,8 @@ def test_batched_equals_alone_and_generate_ids(engine_lm, tiny_lm, adapter_files
     assert alone[1] != run(engine, [new_seq(PROMPTS[1])])[0]
 
 
-def test_seeded_sampling_is_batch_invariant(engine_lm, adapter_files, tmp_path):
-    engine, avs = make_engine(engine_lm, tmp_path, adapter_files)
+def test_seeded_sampling_is_batch_invariant(engine_lm, adapter_files, tmp_path, overlap):
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, overlap_steps=overlap)
     kw = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=10)
     alone = [run(engine, [new_seq(p, avs["chan-b"], **kw)])[0] for p in PROMPTS[:4]]
     together = run(engine, [new_seq(p, avs["chan-b"], **kw) for p in PROMPTS[:4]])
@@ -93,25 +102,25 @@ def test_seeded_sampling_is_batch_invariant(engine_lm, adapter_files, tmp_path):
     assert other_seed != alone[0]
 
 
-def test_chunked_prefill_and_preemption(engine_lm, adapter_files, tmp_path):
+def test_chunked_prefill_and_preemption(engine_lm, adapter_files, tmp_path, overlap):
     long_prompts = [list(range(1, 90)), list(range(40, 140)), list(range(7, 60))]
     engine, avs = make_engine(engine_lm, tmp_path, adapter_files)
     ref = [run(engine, [new_seq(p, avs["chan-a"], max_tokens=20)])[0] for p in long_prompts]
     # token budget 16: every prompt is prefilled in chunks, mixed with the others' decodes
-    chunked, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=16)
+    chunked, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=16, overlap_steps=overlap)
     assert run(chunked, [new_seq(p, avs["chan-a"], max_tokens=20) for p in long_prompts]) == ref
     # 3 x (20 + 60) tokens need 15 blocks; with 10, all three start and the newest get preempted and recomputed
     prompts = [list(range(1, 21)), list(range(50, 70)), list(range(90, 110))]
     ref = [run(engine, [new_seq(p, avs["chan-a"], max_tokens=60, ignore_eos=True)])[0] for p in prompts]
-    small, avs = make_engine(engine_lm, tmp_path, adapter_files, kv_cache_max_blocks=10)
+    small, avs = make_engine(engine_lm, tmp_path, adapter_files, kv_cache_max_blocks=10, overlap_steps=overlap)
     seqs = [new_seq(p, avs["chan-a"], max_tokens=60, ignore_eos=True) for p in prompts]
     assert run(small, seqs) == ref
     assert small.scheduler.num_preemptions > 0
     assert small.kv.allocator.num_free == small.kv.allocator.usable
 
 
-def test_stop_conditions(engine_lm, tmp_path):
-    engine, _ = make_engine(engine_lm, tmp_path)
+def test_stop_conditions(engine_lm, tmp_path, overlap):
+    engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=overlap)
     (full,) = run(engine, [new_seq(PROMPTS[0], max_tokens=12)])
     # stop token id: ends before it, reason stop
     s = new_seq(PROMPTS[0], max_tokens=12, stop_token_ids=frozenset({full[4]}))
@@ -135,8 +144,8 @@ def test_stop_conditions(engine_lm, tmp_path):
     assert s2.output_ids == full[:3] and s2.finish_reason == "length"
 
 
-def test_penalties_and_logprobs(engine_lm, tmp_path):
-    engine, _ = make_engine(engine_lm, tmp_path)
+def test_penalties_and_logprobs(engine_lm, tmp_path, overlap):
+    engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=overlap)
     (plain,) = run(engine, [new_seq(PROMPTS[2], max_tokens=16)])
     s = new_seq(PROMPTS[2], max_tokens=16, frequency_penalty=2.0, presence_penalty=2.0, logprobs=3)
     run(engine, [s])
@@ -212,7 +221,7 @@ def test_observe_many_equals_observe():
     assert sa == pytest.approx(sb, rel=1e-12)
 
 
-def test_loop_sinks_batched_per_step_in_order(engine_lm, tmp_path):
+def test_loop_sinks_batched_per_step_in_order(engine_lm, tmp_path, overlap):
     """LoopSink outputs of one step reach their asyncio queues with one thread hop per step, in order,
     and the tokens are the same as with plain sinks."""
     import asyncio
@@ -220,7 +229,7 @@ def test_loop_sinks_batched_per_step_in_order(engine_lm, tmp_path):
 
     from scaleserve.server.engine import LoopSink
 
-    engine, _ = make_engine(engine_lm, tmp_path)
+    engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=overlap)
     expected = run(engine, [new_seq(p) for p in PROMPTS[:3]])
     loop = asyncio.new_event_loop()
     th = threading.Thread(target=loop.run_forever, daemon=True)
@@ -347,3 +356,62 @@ def test_padded_decode_batch_equals_eager(engine_lm, adapter_files, tmp_path):
     padded = engine.lm.model(graphs.batch(b, mode), engine.kv.k, engine.kv.v)[:3]
     eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_overlap_drops_the_row_of_a_sequence_that_stopped_in_flight(engine_lm, tmp_path):
+    """With overlap, a sequence that ends on a stop token is only known to have ended after the next
+    step was dispatched: that row's output is dropped, the next overlapped step takes the remaining
+    rows' tokens by a gather, and everything equals the serial engine."""
+    serial, _ = make_engine(engine_lm, tmp_path)
+    full = run(serial, [new_seq(PROMPTS[0], max_tokens=12)])[0]
+    at = next(i for i in range(2, len(full)) if full.index(full[i]) == i)  # its first time, mid-stream
+    seqs_kw = [dict(stop_token_ids=frozenset({full[at]})), {}, dict(max_tokens=9)]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    want = run(serial, [new_seq(p, **kw) for p, kw in zip(prompts, seqs_kw)])
+    engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=True)
+    gathers = []
+    tokens_from = engine._tokens_from
+    engine._tokens_from = lambda prev, sched: gathers.append((len(prev.seqs), len(sched))) or tokens_from(prev, sched)
+    seqs = [new_seq(p, **kw) for p, kw in zip(prompts, seqs_kw)]
+    assert run(engine, seqs) == want
+    assert want[0] == full[:at] and seqs[0].finish_reason == "stop"
+    assert (3, 2) in gathers  # the stopped row was dropped from the step after the one in flight
+    assert [o.completion_tokens for o in (s.outs[-1] for s in seqs)] == [len(w) for w in want]
+    assert engine.kv.allocator.num_free == engine.kv.allocator.usable
+
+
+def test_overlap_abort_in_flight_through_the_engine_thread(engine_lm, tmp_path):
+    """Engine.abort of a sequence whose token is in flight (engine thread running, overlap on): it ends
+    with 'abort', the other sequence's tokens are unchanged, and every KV block comes back."""
+    import threading
+
+    serial, _ = make_engine(engine_lm, tmp_path)
+    want = run(serial, [new_seq(PROMPTS[3], max_tokens=40, ignore_eos=True)])[0]
+    engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=True)
+    done = {0: threading.Event(), 1: threading.Event()}
+    outs = {0: [], 1: []}
+
+    def sink(i):
+        def put(out):
+            outs[i].append(out)
+            if i == 0 and len(outs[0]) == 5:
+                engine.abort(victim)  # from the engine thread, mid-stream, like a disconnect
+            if out.finished:
+                done[i].set()
+        return put
+
+    victim = Sequence("victim", list(PROMPTS[1]), SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+                      sink=sink(0))
+    other = Sequence("other", list(PROMPTS[3]), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                     sink=sink(1))
+    engine.start()
+    try:
+        engine.add(victim)
+        engine.add(other)
+        assert done[0].wait(60) and done[1].wait(60)
+    finally:
+        engine.stop()
+    assert outs[0][-1].finish_reason == "abort" and len(victim.output_ids) < 200
+    assert [t for o in outs[1] for t in o.token_ids] == want and outs[1][-1].finish_reason == "length"
+    assert engine.overlapped_steps > 0
+    assert engine.kv.allocator.num_free == engine.kv.allocator.usable
