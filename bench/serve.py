@@ -133,6 +133,21 @@ def _r(x, scale=1.0):
     return None if x is None else round(x * scale, 4)
 
 
+def engine_steps(url: str) -> dict[str, float]:
+    """The server's engine step counters from /metrics: steps by kind, and overlapped steps."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "scaleserve_engine_steps_total":
+                out[smp.labels["kind"]] = smp.value
+            elif smp.name == "scaleserve_engine_overlapped_steps_total":
+                out["overlapped"] = smp.value
+    return out
+
+
 def list_adapters(url: str) -> tuple[str, list[str]]:
     data = httpx.get(url + "/v1/models", timeout=30).json()["data"]
     base = next(m["id"] for m in data if not m.get("parent"))
@@ -243,12 +258,18 @@ class SubprocessServer:
             time.sleep(0.25)
 
     def engine_info(self) -> dict:
+        """The KV size and the warm-up (graphs captured, seconds) from the server's log."""
         import re
 
         text = self.log_path.read_text(errors="replace")
         kv = re.findall(r"KV cache: (\d+) blocks", text)
-        graphs = sorted({(int(b), int(m)) for b, m in re.findall(r"captured decode graph batch=(\d+) mode=(\d+)", text)})
-        return {"kv_blocks": int(kv[-1]) if kv else None, "graphs": [list(g) for g in graphs]}
+        warm = re.findall(r"warm-up: (\d+) prefill sizes, (\d+) graphs, modes \[([\d, ]*)\], in ([\d.]+) s", text)
+        out = {"kv_blocks": int(kv[-1]) if kv else None}
+        if warm:
+            sizes, graphs, modes, secs = warm[-1]
+            out["warmup"] = {"prefill_sizes": int(sizes), "graphs": int(graphs),
+                             "modes": [int(m) for m in modes.split(",") if m.strip()], "seconds": float(secs)}
+        return out
 
     def __exit__(self, *exc):
         self.proc.terminate()  # SIGTERM: drains (nothing in flight) and exits
@@ -430,8 +451,12 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
     scen = []
     with srv_cm as srv:
         def load(models, n, conc, plen, olen, assign="round_robin"):
-            return asyncio.run(run_load(srv.url, models, n, conc, (plen, plen), (olen, olen), assign=assign,
-                                        vocab=vocab))
+            before = engine_steps(srv.url)
+            r = asyncio.run(run_load(srv.url, models, n, conc, (plen, plen), (olen, olen), assign=assign,
+                                     vocab=vocab))
+            after = engine_steps(srv.url)  # how the engine ran these requests: steps by kind, overlapped
+            r["engine_steps"] = {k: int(v - before.get(k, 0)) for k, v in after.items() if v - before.get(k, 0)}
+            return r
 
         # batch-1 decode
         load([label], 1, 1, 16, 32)  # warm-up: compiles, captures the batch-1 graph
@@ -448,8 +473,7 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
             print_table([r], ["scenario"])
         if args.in_process:
             eng = srv.app.state.engine
-            res["engine"] = {"kv_blocks": eng.kv.num_blocks, "graphs": sorted(map(list, eng.graphs.graphs
-                                                                                  if eng.graphs else {}))}
+            res["engine"] = {"kv_blocks": eng.kv.num_blocks, "graphs": len(eng.graphs.graphs) if eng.graphs else 0}
         else:
             res["engine"] = srv.engine_info()
     res["scenarios"] = scen
