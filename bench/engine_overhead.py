@@ -80,7 +80,6 @@ class PhaseTimer:
 
 
 def instrument(engine) -> PhaseTimer:
-    import scaleserve.server.engine as engine_mod
 
     pt = PhaseTimer()
     pt.wrap(engine.scheduler, "schedule", "schedule")
@@ -89,10 +88,7 @@ def instrument(engine) -> PhaseTimer:
     pt.hook_module(engine.lm.model, "forward")
     pt.wrap(engine, "_sample", "sample")
     pt.wrap(engine, "_process", "process")
-    if hasattr(engine, "detok"):  # the batched detokenizer
-        pt.wrap(engine.detok, "decode_many", "detokenize")
-    else:
-        pt.wrap(engine_mod, "detokenize_step", "detokenize")
+    pt.wrap(engine.detok, "decode_many", "detokenize")
     if hasattr(engine, "_flush"):  # per-step delivery to the event loops
         pt.wrap(engine, "_flush", "deliver")
     return pt

@@ -74,7 +74,7 @@ class Sequence:
     # one being computed); they count in num_tokens, so the scheduler sees a decode row, but are not in
     # output_ids yet
     inflight: int = 0
-    # incremental detokenization (engine.Detokenizer)
+    # incremental detokenization (detokenizer.py)
     text: str = ""  # emitted text (stop strings removed)
     prefix_offset: int = 0
     read_offset: int = 0

@@ -10,7 +10,8 @@ from scaleserve.adapters.format import load_adapter
 from scaleserve.adapters.registry import AdapterRegistry
 from scaleserve.adapters.format import BaseSpec
 from scaleserve.adapters.slab import AdapterSlab
-from scaleserve.server.engine import Engine, cut_stop
+from scaleserve.server.detokenizer import cut_stop
+from scaleserve.server.engine import Engine
 from scaleserve.server.generate import generate_ids
 from scaleserve.server.loader import load_model
 from scaleserve.server.metrics import Metrics
@@ -189,7 +190,7 @@ def test_cut_stop(text, stops, expect):
 
 
 def test_fast_detokenizer_equals_tokenizer_decode(engine_lm):
-    from scaleserve.server.engine import Detokenizer
+    from scaleserve.server.detokenizer import Detokenizer
 
     tok = engine_lm.tokenizer
     det = Detokenizer(tok, engine_lm.model.args.vocab_size)
