@@ -80,7 +80,6 @@ class PhaseTimer:
 
 
 def instrument(engine) -> PhaseTimer:
-
     pt = PhaseTimer()
     pt.wrap(engine.scheduler, "schedule", "schedule")
     pt.wrap(engine, "_build_batch", "build")
