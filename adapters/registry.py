@@ -117,6 +117,11 @@ class AdapterRegistry:
                                group_slots=settings.gpu_group_adapter_slots,
                                alpha_slots=settings.gpu_alpha_adapter_slots,
                                host_slots=settings.host_adapter_cache)
+            sizes = slab.table_bytes()
+            log.info("adapter slab (%s): per-channel %d slots %.0f MiB, group-wise %d slots %.0f MiB, "
+                     "AlphaTuning %d slots %.0f MiB (slot 0 of each is the base)", str(slab.table_dtype).split(".")[-1],
+                     slab.capacity["chan"], sizes["chan"] / 2**20, slab.capacity["group"], sizes["group"] / 2**20,
+                     slab.capacity["alpha"], sizes["alpha"] / 2**20)
         if store is None:
             store = open_store(settings.store_url(), settings)
         reserved = {n for n in (getattr(lm, "name", None), settings.served_model_name) if n}

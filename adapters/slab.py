@@ -60,10 +60,10 @@ class _Slot:
     retired: bool = False  # a newer version replaced it / it was deleted: free at the last unpin
 
 
-def _n_major(S: int, N: int, G: int, device) -> torch.Tensor:
-    """An [S, N, G] float32 table stored with N contiguous: a kernel tile of [rows, BLOCK_N] gathers
-    one group's values for BLOCK_N outputs in one coalesced read, and needs no copy."""
-    return torch.empty(S, G, N, device=device).transpose(1, 2)
+def _n_major(S: int, N: int, G: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An [S, N, G] table stored with N contiguous: a kernel tile of [rows, BLOCK_N] gathers one group's
+    values for BLOCK_N outputs in one coalesced read, and needs no copy."""
+    return torch.empty(S, G, N, dtype=dtype, device=device).transpose(1, 2)
 
 
 class AdapterSlab:
@@ -74,8 +74,10 @@ class AdapterSlab:
         first = next(iter(self.layers.values()))
         self.device = first.packed.device
         self.bcq_base = first.method == "bcq"
-        # fp16 multipliers on the GPU keep a 7B per-channel adapter under 3 MB; fp32 elsewhere
-        chan_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # fp16 tables on the GPU (the kernels read any float dtype and compute in fp32): a 7B per-channel
+        # adapter stays under 3 MB, and the fixed group / alpha tables take half the memory of fp32
+        # (Llama-2-7B g128: 101 MB per group slot, 506 MB per alpha slot). fp32 elsewhere.
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.capacity = {"chan": chan_slots + 1, "group": 0 if self.bcq_base else group_slots + 1,
                          "alpha": alpha_slots + 1}
         # Every layer's per-channel table is a column range of one [Sc, sum N] table, in the order a staged
@@ -83,7 +85,7 @@ class AdapterSlab:
         # copy straight into its row. The kernels read the ranges through their row stride.
         self._chan_keys = sorted(f"{name}.scales" for name in self.layers)
         total = sum(m.out_features for m in self.layers.values())
-        self.chan_table = torch.ones(self.capacity["chan"], total, dtype=chan_dtype, device=self.device)
+        self.chan_table = torch.ones(self.capacity["chan"], total, dtype=dtype, device=self.device)
         off = 0
         for key in self._chan_keys:
             m = self.layers[key.rpartition(".")[0]]
@@ -94,15 +96,15 @@ class AdapterSlab:
             if self.bcq_base:
                 m.slab_scales = None
             else:
-                m.slab_scales = _n_major(self.capacity["group"], N, G, self.device)
-                m.slab_scales[0] = m.scales.float()
+                m.slab_scales = _n_major(self.capacity["group"], N, G, dtype, self.device)
+                m.slab_scales[0] = m.scales
             a, beta = m.base_alphas()
-            m.slab_alphas = _n_major(self.capacity["alpha"] * b, N, G, self.device).unflatten(0, (-1, b))
-            m.slab_betas = _n_major(self.capacity["alpha"], N, G, self.device)
+            m.slab_alphas = _n_major(self.capacity["alpha"] * b, N, G, dtype, self.device).unflatten(0, (-1, b))
+            m.slab_betas = _n_major(self.capacity["alpha"], N, G, dtype, self.device)
             m.slab_alphas[0], m.slab_betas[0] = a, beta
             m.invalidate_caches()
         self._free = {t: list(range(self.capacity[t] - 1, 0, -1)) for t in TABLES}
-        self.chan_dtype = chan_dtype
+        self.table_dtype = dtype
         self.host_slots = host_slots
         self._lock = threading.RLock()
         self._slots: OrderedDict = OrderedDict()  # key -> _Slot, least recently used first
@@ -112,6 +114,15 @@ class AdapterSlab:
 
     def table_for(self, adapter: Adapter) -> str:
         return _TABLE_OF[adapter.granularity]
+
+    def table_bytes(self) -> dict[str, int]:
+        """Device bytes of each table, all slots (base slot included)."""
+        out = {"chan": self.chan_table.numel() * self.chan_table.element_size(), "group": 0, "alpha": 0}
+        for m in self.layers.values():
+            if m.slab_scales is not None:
+                out["group"] += m.slab_scales.numel() * m.slab_scales.element_size()
+            out["alpha"] += (m.slab_alphas.numel() + m.slab_betas.numel()) * m.slab_alphas.element_size()
+        return out
 
     def free_slots(self, table: str) -> int:
         return len(self._free[table])
@@ -136,9 +147,8 @@ class AdapterSlab:
                     self._host.move_to_end(key)
                     self.host_hits += 1
                     return buf
-        # per-channel multipliers travel in the chan table's dtype (fp16 on CUDA): half the bytes
-        dtype = self.chan_dtype if self.table_for(adapter) == "chan" else torch.float32
-        buf = torch.cat([t.reshape(-1).to(dtype) for _, t in sorted(adapter.tensors.items())])
+        # the tensors travel in the tables' dtype (fp16 on CUDA): half the bytes
+        buf = torch.cat([t.reshape(-1).to(self.table_dtype) for _, t in sorted(adapter.tensors.items())])
         if self.device.type == "cuda":
             buf = buf.pin_memory()
         if key is not None and self.host_slots > 0:

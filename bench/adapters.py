@@ -93,7 +93,7 @@ def bench_memory(lm, n_adapters: int) -> dict:
         torch.cuda.synchronize()
         after_load = torch.cuda.memory_allocated()
     out = {"adapters": n_adapters, "chan_table_bytes_per_adapter": chan_bytes / (n_adapters + 1),
-           "chan_dtype": str(slab.chan_dtype), "load_ms_p50": 1e3 * pct(loads, 0.5),
+           "chan_dtype": str(slab.table_dtype), "load_ms_p50": 1e3 * pct(loads, 0.5),
            "load_ms_p90": 1e3 * pct(loads, 0.9), "adapter_params": sum(t.numel() for t in proto.tensors.values())}
     if cuda:
         # per resident adapter: what the n-slot slab holds beyond the 1-slot one, per extra slot

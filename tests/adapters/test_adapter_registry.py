@@ -233,3 +233,14 @@ def test_slab_group_and_alpha_tables(lm, make_tiny_model, make_registry):
     assert torch.allclose(m.slab_scales[rg.index], g.adapter.tensors[f"{layer}.scales"])
     assert torch.allclose(m.slab_alphas[ra.index], al.adapter.tensors[f"{layer}.alphas"])
     assert torch.allclose(m.slab_betas[ra.index], al.adapter.tensors[f"{layer}.betas"])
+
+
+def test_slab_table_bytes(lm):
+    """table_bytes (what the server logs at start) counts every slot of every layer's tables."""
+    slab = AdapterSlab(lm.model, chan_slots=3, group_slots=2, alpha_slots=1)
+    layers = slab.layers.values()
+    n = sum(m.out_features for m in layers)
+    ng = sum(m.out_features * m.num_groups for m in layers)
+    bits = next(iter(layers)).bits
+    size = torch.empty(0, dtype=slab.table_dtype).element_size()
+    assert slab.table_bytes() == {"chan": 4 * n * size, "group": 3 * ng * size, "alpha": 2 * (bits + 1) * ng * size}

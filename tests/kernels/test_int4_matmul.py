@@ -227,6 +227,18 @@ def test_chan_table_as_a_column_range(M):
     check(run_kernel(dict(t, chan=wide[:, N + 5 : 2 * N + 5]), MODE_CHANNEL, cfg), reference(t), torch.bfloat16)
 
 
+@pytest.mark.parametrize("mode,M", [(MODE_GROUP, 1), (MODE_GROUP, 16), (MODE_ALPHA, 1), (MODE_ALPHA, 16)])
+def test_half_precision_slab_tables(mode, M):
+    """On CUDA the AdapterSlab keeps every table in fp16 (N-contiguous): the kernels read them in any float
+    dtype and compute in fp32, so the result is the reference over the same (fp16-rounded) values."""
+    N, K = GEMV_SHAPE_FOR_GROUP[32]
+    t = make_case(M, N, K, 32, 4, mode, "zipf", torch.bfloat16)
+    half = {k: t[k].half() for k in ("chan", "scales", "alphas", "betas")}
+    cfg = {"BLOCK_N": 16, "SPLIT_K": 2, "PREFETCH": 1} if M == 1 else {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}
+    y = run_kernel(dict(t, **half), mode, cfg, n_major=True)
+    check(y, reference(dict(t, **{k: v.float() for k, v in half.items()})), torch.bfloat16)
+
+
 def test_gemv_default_dispatch():
     """M = 1 with no config runs the GEMV (autotuned on CUDA, a fixed config under the interpreter)."""
     t = make_case(1, 40, 256, 128, 4, MODE_GROUP, "distinct", torch.float16)
