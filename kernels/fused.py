@@ -9,6 +9,9 @@ Semantics (kernels/reference.py has the torch versions, and the model runs those
                                               y[t] = w * h[t] / sqrt(mean(h[t]^2) + eps)   (fp32 math)
   rope_qk_(qkv, cos, sin, H, KVH, hd):        in place on the q and k heads of qkv [T, (H + 2 KVH) hd]:
                                               x' = x * cos + rotate_half(x) * sin   (HF Llama convention)
+  rope_qk_(..., kv_cache=(kc, vc, slots)):    also, for each t with s = slots[t] >= 0, writes the rotated
+                                              k[t] and v[t] to kc / vc [blocks, bs, KVH, hd] at
+                                              (s // bs, s % bs): attention.write_kv in the same launch
   silu_mul(gate_up) -> y:                     y[t, j] = silu(gate_up[t, j]) * gate_up[t, I + j]
 
 CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (tests).
@@ -61,10 +64,25 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 @triton.jit
 def _rope_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_rot_heads,
-                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                    k_cache_ptr, v_cache_ptr, slot_ptr, n_heads, n_kv_heads, stride_kb, stride_ks, stride_vb,
+                    stride_vs, BLOCK_SIZE,
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, WRITE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
+    if WRITE_KV:  # the grid also covers the v heads: they go to the cache as they are
+        slot = tl.load(slot_ptr + t)
+        blk = slot // BLOCK_SIZE
+        pos = slot % BLOCK_SIZE
+        kv_head = heads[:, None] - n_heads  # [BH, 1]: k heads 0..KVH-1, then v heads KVH..2KVH-1
+        is_k = (kv_head >= 0) & (kv_head < n_kv_heads) & (j[None, :] < HALF) & (slot >= 0)
+        is_v = (kv_head >= n_kv_heads) & (kv_head < 2 * n_kv_heads) & (j[None, :] < HALF) & (slot >= 0)
+        pv = qkv_ptr + t * stride_t + heads[:, None] * (2 * HALF) + j[None, :]
+        v1 = tl.load(pv, mask=is_v, other=0.0)
+        v2 = tl.load(pv + HALF, mask=is_v, other=0.0)
+        cv = v_cache_ptr + blk * stride_vb + pos * stride_vs + (kv_head - n_kv_heads) * (2 * HALF) + j[None, :]
+        tl.store(cv, v1.to(v_cache_ptr.dtype.element_ty), mask=is_v)
+        tl.store(cv + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=is_v)
     ok = (heads[:, None] < n_rot_heads) & (j[None, :] < HALF)
     # cos/sin: [T, 2 * HALF] with the two halves equal (cat(freqs, freqs)); read both as torch does
     c1 = tl.load(cos_ptr + t * stride_c + j, mask=j < HALF, other=0.0)[None, :]
@@ -75,14 +93,22 @@ def _rope_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_rot_heads,
     x1 = tl.load(p1, mask=ok, other=0.0)
     x2 = tl.load(p1 + HALF, mask=ok, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (x1f * c1 - x2f * s1).to(x1.dtype), mask=ok)
-    tl.store(p1 + HALF, (x2f * c2 + x1f * s2).to(x1.dtype), mask=ok)
+    r1 = (x1f * c1 - x2f * s1).to(x1.dtype)
+    r2 = (x2f * c2 + x1f * s2).to(x1.dtype)
+    tl.store(p1, r1, mask=ok)
+    tl.store(p1 + HALF, r2, mask=ok)
+    if WRITE_KV:
+        ck = k_cache_ptr + blk * stride_kb + pos * stride_ks + kv_head * (2 * HALF) + j[None, :]
+        tl.store(ck, r1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+        tl.store(ck + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
 
 
 def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
-             head_dim: int) -> torch.Tensor:
+             head_dim: int, kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """qkv [T, (H + 2 KVH) * hd] (rows contiguous); cos/sin [T, hd] float32 (any view that flattens
-    to it). Rotates q and k heads in place; v is untouched. Returns qkv."""
+    to it). Rotates q and k heads in place; v is untouched. Returns qkv.
+    kv_cache = (k_cache, v_cache, slot_mapping): caches [blocks, block_size, KVH, hd] with contiguous
+    [KVH, hd] rows, slot_mapping [T] int64 (-1 = skip); the rotated k and v rows are written there too."""
     T, W = qkv.shape
     if W != (n_heads + 2 * n_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qkv width {W} != (H {n_heads} + 2 KVH {n_kv_heads}) x head_dim {head_dim} (even)")
@@ -93,11 +119,26 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
         cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     n_rot = n_heads + n_kv_heads
     half = head_dim // 2
-    block_h = min(triton.next_power_of_2(n_rot), 16)
+    n_grid = n_rot
+    kc = vc = slots = qkv  # unused pointers when no cache is written
+    strides, block_size = (0, 0, 0, 0), 1
+    if kv_cache is not None:
+        kc, vc, slots = kv_cache
+        want = (kc.shape[0], kc.shape[1], n_kv_heads, head_dim)
+        if tuple(kc.shape) != want or vc.shape != kc.shape or slots.shape != (T,):
+            raise ValueError(f"caches {tuple(kc.shape)} / {tuple(vc.shape)} and slots {tuple(slots.shape)} do not "
+                             f"fit T={T}, KVH={n_kv_heads}, hd={head_dim}")
+        for name, c in (("k_cache", kc), ("v_cache", vc)):
+            if c.stride(2) != head_dim or c.stride(3) != 1:
+                raise ValueError(f"{name} must have contiguous [KVH, hd] rows")
+        strides, block_size, n_grid = (kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1)), kc.shape[1], \
+            n_rot + n_kv_heads
+    block_h = min(triton.next_power_of_2(n_grid), 16)
     if T:
-        _rope_qk_kernel[(T, triton.cdiv(n_rot, block_h))](
-            qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), n_rot, HALF=half, BLOCK_H=block_h,
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=2)
+        _rope_qk_kernel[(T, triton.cdiv(n_grid, block_h))](
+            qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), n_rot, kc, vc, slots, n_heads, n_kv_heads, *strides,
+            block_size, HALF=half, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half),
+            WRITE_KV=kv_cache is not None, num_warps=2)
     return qkv
 
 

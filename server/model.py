@@ -133,33 +133,33 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.use_kernels = True  # False: torch reference attention on CUDA too
 
-    def project(self, x, rows, cos, sin, flat: bool = False):
+    def project(self, x, rows, cos, sin, cache=None):
         # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied.
-        # flat: x is [T, D] and cos/sin [T, 1, hd] row for row (the cache path), so rope may run in place
+        # cache = (k_cache, v_cache, slot_mapping) on the cache path (x [T, D], cos/sin [T, 1, hd] row for
+        # row): on CUDA one kernel rotates q and k in place and writes k and v to the cache -> (q, None, None)
         a = self.a
         qkv = self.qkv(x, rows)
-        fused = flat and not a.qk_norm and fused_ok(qkv, self)
-        if fused:
+        if cache is not None and not a.qk_norm and fused_ok(qkv, self):
             from scaleserve.kernels.fused import rope_qk_
 
-            rope_qk_(qkv, cos, sin, a.n_heads, a.n_kv_heads, a.head_dim)
+            rope_qk_(qkv, cos, sin, a.n_heads, a.n_kv_heads, a.head_dim, kv_cache=cache)
+            return qkv[:, : a.n_heads * a.head_dim].unflatten(-1, (a.n_heads, a.head_dim)), None, None
         q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         q = q.unflatten(-1, (a.n_heads, a.head_dim))
         k = k.unflatten(-1, (a.n_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.n_kv_heads, a.head_dim))
-        if fused:
-            return q, k, v
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return rope_ref(q, cos, sin), rope_ref(k, cos, sin), v
 
     def forward(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache):
         # x: [T, D]; k_cache/v_cache: [num_blocks, block_size, KVH, hd]
-        q, k, v = self.project(x, rows, cos, sin, flat=True)
+        q, k, v = self.project(x, rows, cos, sin, cache=(k_cache, v_cache, batch.slot_mapping))
         if x.is_cuda and self.use_kernels:
             from scaleserve.kernels.attention import paged_attention, write_kv
 
-            write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+            if k is not None:  # not written by the RoPE kernel (q/k-norm models)
+                write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
             o = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
                                 self.a.head_dim ** -0.5, batch.max_query_len)
         else:

@@ -100,10 +100,44 @@ def test_rope_qk_in_place(dtype, T, H, KVH, hd):
     assert torch.equal(v, v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,KVH,hd,bs", [(1, 4, 2, 16, 16), (7, 9, 3, 64, 4), (5, 3, 3, 10, 2)])
+def test_rope_qk_writes_kv_cache(dtype, T, H, KVH, hd, bs):
+    """With kv_cache, the same launch writes the rotated k and the v rows to their cache slots: rows with
+    slot -1 (CUDA-graph padding) and every other slot stay as they were (NaN)."""
+    qkv = randn(T, (H + 2 * KVH) * hd, dtype=dtype)
+    cos, sin = _rope_tables(T, hd)
+    q, k, v = qkv.split([H * hd, KVH * hd, KVH * hd], -1)
+    want_q = rope_ref(q.unflatten(-1, (H, hd)), cos, sin)
+    want_k = rope_ref(k.unflatten(-1, (KVH, hd)), cos, sin)
+    want_v = v.unflatten(-1, (KVH, hd)).clone()
+    blocks = T + 3
+    kc = torch.full((blocks, bs, KVH, hd), float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    perm = torch.randperm(blocks * bs, generator=_gen())[:T]
+    slots = perm.clone()
+    if T > 1:
+        slots[T // 2] = -1  # a padded row writes nothing
+    slots = slots.to(DEVICE)
+    rope_qk_(qkv, cos, sin, H, KVH, hd, kv_cache=(kc, vc, slots))
+    torch.testing.assert_close(qkv[:, : H * hd].unflatten(-1, (H, hd)).float(), want_q.float(), **TOL[dtype])
+    flat_k, flat_v = kc.view(-1, KVH, hd), vc.view(-1, KVH, hd)
+    written = slots >= 0
+    torch.testing.assert_close(flat_k[slots[written]].float(), want_k[written].float(), **TOL[dtype])
+    assert torch.equal(flat_v[slots[written]], want_v[written])
+    untouched = torch.ones(blocks * bs, dtype=torch.bool, device=DEVICE)
+    untouched[slots[written]] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
 def test_rope_qk_checks_shapes():
     cos, sin = _rope_tables(2, 16)
     with pytest.raises(ValueError, match="qkv width"):
         rope_qk_(randn(2, 100, dtype=torch.float32), cos, sin, 4, 2, 16)
+    kc = torch.zeros(4, 16, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="do not fit"):
+        rope_qk_(randn(2, 128, dtype=torch.float32), cos, sin, 4, 2, 16,
+                 kv_cache=(kc, kc, torch.zeros(3, dtype=torch.int64, device=DEVICE)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
