@@ -420,3 +420,37 @@ def test_overlap_abort_in_flight_through_the_engine_thread(engine_lm, tmp_path):
     assert [t for o in outs[1] for t in o.token_ids] == want and outs[1][-1].finish_reason == "length"
     assert engine.overlapped_steps > 0
     assert engine.kv.allocator.num_free == engine.kv.allocator.usable
+
+
+def with_eager_graphs(engine):
+    """Give a CPU engine the graph paths of a CUDA one: DecodeGraphs / PrefillGraphs objects (their static
+    buffers, packing and padding) whose run() executes the padded batch eagerly instead of a captured
+    graph. The engine's graph logic (which rows go to which graph, logits merging, overlapped tokens
+    handed to the decode graph's inputs) then runs in CI."""
+    from scaleserve.server.graphs import DecodeGraphs, PrefillGraphs
+
+    def eager_run(graphs):
+        return lambda b, mode: graphs.model(graphs.batch(b, mode), graphs.kv.k, graphs.kv.v)
+
+    s = engine.settings
+    engine.graphs = DecodeGraphs(engine.lm.model, engine.kv, s.max_num_seqs, engine.width, engine.device, None)
+    engine.prefill_graphs = PrefillGraphs(engine.lm.model, engine.kv, min(s.max_num_batched_tokens, 511),
+                                          engine.width, engine.device, None)
+    for g in (engine.graphs, engine.prefill_graphs):
+        g.run = eager_run(g)
+    return engine
+
+
+def test_graph_paths_equal_eager_on_cpu(engine_lm, adapter_files, tmp_path, overlap):
+    names = [None, "chan-a", "group-a", "alpha-a", "chan-b", "chan-a"]
+    plain, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=32)
+    want = run(plain, [new_seq(p, avs.get(n)) for p, n in zip(PROMPTS, names)], arrivals=[0, 3, 0, 5, 1, 8])
+    alone = [run(plain, [new_seq(p, avs.get(n))])[0] for p, n in zip(PROMPTS, names)]
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=32, overlap_steps=overlap)
+    with_eager_graphs(engine)
+    got = run(engine, [new_seq(p, avs.get(n)) for p, n in zip(PROMPTS, names)], arrivals=[0, 3, 0, 5, 1, 8])
+    assert got == want == alone
+    assert [run(engine, [new_seq(p, avs.get(n))])[0] for p, n in zip(PROMPTS, names)] == alone
+    assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
+    assert (engine.overlapped_steps > 0) == overlap
+    assert engine.kv.allocator.num_free == engine.kv.allocator.usable
