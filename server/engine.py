@@ -363,8 +363,8 @@ class Engine:
 
     def _forward(self, sched: list[tuple[Sequence, int]], prev: _Sampled | None = None) -> torch.Tensor:
         """Logits [len(sched), V]. On CUDA, graphs wherever the step allows: all decode rows -> a decode
-        graph; one sequence prefilling alone -> a prefill graph; decode rows plus one short prefill
-        chunk (a request joining a running batch) -> both graphs, one after the other, instead of one
+        graph; up to PREFILL_GRAPH_SEQS short prefill chunks alone -> a prefill graph; decode rows plus
+        such chunks (requests joining a running batch) -> both graphs, one after the other, instead of one
         eager step (which on a slow host costs ~0.1 ms of Python per kernel launch).
         prev: an overlapped step (all rows decode prev's sequences): the input tokens are prev's
         sampled tokens, taken on the device."""
@@ -373,16 +373,15 @@ class Engine:
         tokens = None if prev is None else self._tokens_from(prev, sched)
         if not prefill:
             logits, kind = self._decode_graph(sched, tokens), "decode_graph"
-        elif len(prefill) == 1 and self.prefill_graphs is not None and \
-                self.prefill_graphs.bucket(sched[prefill[0]][1]) is not None:
-            i = prefill[0]
-            rest = sched[:i] + sched[i + 1 :]
-            dec = self._decode_graph(rest) if rest else None
-            if dec is not None or not rest:
+        elif self.prefill_graphs is not None and len(prefill) <= self.prefill_graphs.max_seqs and \
+                self.prefill_graphs.bucket(sum(sched[i][1] for i in prefill)) is not None:
+            chunks = [sched[i] for i in prefill]
+            decode = [i for i, (_, n) in enumerate(sched) if n == 1]
+            dec = self._decode_graph([sched[i] for i in decode]) if decode else None
+            if dec is not None or not decode:
                 # the graphs share one memory pool: keep the decode logits before the next replay
-                dec = dec.clone() if dec is not None else None
-                pre = self._prefill_graph(*sched[i])
-                logits = pre if dec is None else torch.cat([dec[:i], pre, dec[i:]])
+                pre = self._prefill_graph(chunks)
+                logits = pre if dec is None else self._in_order(torch.cat([dec.clone(), pre]), decode + prefill)
                 kind = "prefill_graph" if dec is None else "split_graphs"
         if logits is None:
             kind = "eager"
@@ -416,12 +415,20 @@ class Engine:
         idx = np.fromiter((row[id(s)] for s, _ in sched), np.int64, len(sched))
         return prev.tokens.index_select(0, self._upload(idx))
 
-    def _prefill_graph(self, seq: Sequence, n: int) -> torch.Tensor:
-        """Logits [1, V] at the last of the chunk's n tokens, by a padded prefill graph."""
-        Tb = self.prefill_graphs.bucket(n)
-        mode = self.slab.mode_for([seq.slot])
-        self.prefill_graphs.load(Tb, self._upload(self._pack_prefill(seq, n, Tb)))
-        return self.prefill_graphs.run(Tb, mode)[:1]
+    def _prefill_graph(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits [len(chunks), V], each at the last token of its chunk, by a padded prefill graph."""
+        Tb = self.prefill_graphs.bucket(sum(n for _, n in chunks))
+        mode = self.slab.mode_for([s.slot for s, _ in chunks])
+        self.prefill_graphs.load(Tb, self._upload(self._pack_prefill(chunks, Tb)))
+        return self.prefill_graphs.run(Tb, mode)[: len(chunks)]
+
+    def _in_order(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits [B, V] of sched rows `rows` (in that order) -> logits in sched order."""
+        if rows == list(range(len(rows))):
+            return logits
+        where = np.empty(len(rows), dtype=np.int64)
+        where[rows] = np.arange(len(rows))
+        return logits.index_select(0, self._upload(where))
 
     def _row_indices(self, seq: Sequence) -> tuple[int, int, int]:
         return self.slab.row_indices(seq.slot or BASE)
@@ -451,27 +458,37 @@ class Engine:
             tables[i, : len(s.blocks)] = s.blocks
         return buf
 
-    def _pack_prefill(self, seq: Sequence, n: int, Tb: int) -> np.ndarray:
-        """int64 [6 Tb + 2 width + 7]: tokens, positions, slots, rows (3 x Tb) of the chunk's n tokens then
-        the padding sequence's Tb - n; block tables [2, width]; seq_lens [2]; query_start [3];
-        logits_index [2]."""
-        bs, W = self.block_size, self.width
-        buf = np.zeros(6 * Tb + 2 * W + 7, dtype=np.int64)
-        start = seq.num_computed
-        buf[:n] = seq.token_slice(start, start + n)
-        pos = np.arange(start, start + n, dtype=np.int64)
-        buf[Tb : Tb + n] = pos
-        buf[Tb + n : 2 * Tb] = np.arange(Tb - n)
-        blocks = np.asarray(seq.blocks, dtype=np.int64)
-        buf[2 * Tb : 2 * Tb + n] = blocks[pos // bs] * bs + pos % bs
-        buf[2 * Tb + n : 3 * Tb] = -1
+    def _pack_prefill(self, chunks: list[tuple[Sequence, int]], Tb: int) -> np.ndarray:
+        """int64 [6 Tb + S width + 3 S + 1], S = PrefillGraphs.max_seqs + 1: tokens, positions, slots, rows
+        (3 x Tb) of the chunks' tokens one after the other, then the padding sequence's leftover tokens;
+        block tables [S, width]; seq_lens [S]; query_start [S + 1]; logits_index [S]. Sequence slots
+        past the chunks are empty; the last one is the padding sequence."""
+        bs, W, S = self.block_size, self.width, self.prefill_graphs.max_seqs + 1
+        buf = np.zeros(6 * Tb + S * W + 3 * S + 1, dtype=np.int64)
         r = buf[3 * Tb : 6 * Tb].reshape(3, Tb)
-        r[:, :n] = np.array(self._row_indices(seq), dtype=np.int64)[:, None]
-        r[:, n:] = np.array(self.slab.row_indices(BASE), dtype=np.int64)[:, None]
-        o = 6 * Tb
-        buf[o : o + len(blocks)] = blocks  # row 1 (the padding sequence) stays block 0
-        o += 2 * W
-        buf[o : o + 7] = [start + n, Tb - n, 0, n, Tb, n - 1, Tb - 1]
+        tables = buf[6 * Tb : 6 * Tb + S * W].reshape(S, W)
+        seq_lens, query_start, logits_index = np.split(buf[6 * Tb + S * W :], [S, 2 * S + 1])
+        o = 0
+        for i, (seq, n) in enumerate(chunks):
+            start = seq.num_computed
+            buf[o : o + n] = seq.token_slice(start, start + n)
+            pos = np.arange(start, start + n, dtype=np.int64)
+            buf[Tb + o : Tb + o + n] = pos
+            blocks = np.asarray(seq.blocks, dtype=np.int64)
+            buf[2 * Tb + o : 2 * Tb + o + n] = blocks[pos // bs] * bs + pos % bs
+            r[:, o : o + n] = np.array(self._row_indices(seq), dtype=np.int64)[:, None]
+            tables[i, : len(blocks)] = blocks
+            seq_lens[i] = start + n
+            o += n
+            query_start[i + 1] = o
+            logits_index[i] = o - 1
+        query_start[len(chunks) + 1 :] = o  # empty sequences, then the padding one ends at Tb
+        query_start[S] = Tb
+        buf[Tb + o : 2 * Tb] = np.arange(Tb - o)  # padding: its own positions 0.., no KV writes, block 0
+        buf[2 * Tb + o : 3 * Tb] = -1
+        r[:, o:] = np.array(self.slab.row_indices(BASE), dtype=np.int64)[:, None]
+        seq_lens[S - 1] = Tb - o
+        logits_index[S - 1] = Tb - 1
         return buf
 
     def _build_batch(self, sched, mode: int) -> Batch:

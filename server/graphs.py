@@ -3,8 +3,8 @@ host that is ~0.1 ms per launch, more than the GPU work of a decode step. A grap
 with one launch. The engine packs each step's inputs into the static buffers here, then replays.
 
   DecodeGraphs   every row decodes one token: keyed by (batch bucket, RowAdapters.mode)
-  PrefillGraphs  one sequence prefills a chunk alone: keyed by (token bucket, mode), padded by a
-                 second, KV-less sequence
+  PrefillGraphs  up to PREFILL_GRAPH_SEQS sequences prefill a chunk each: keyed by (token bucket, mode),
+                 padded by empty sequences and a last, KV-less one that takes the leftover tokens
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def scatter(staged: torch.Tensor, dsts: list[torch.Tensor]) -> None:
         n = d.numel()
         d.copy_(staged[o : o + n].view(d.shape))
         o += n
+
+
+PREFILL_GRAPH_SEQS = 8  # sequences one prefill graph takes (requests joining in the same step)
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -116,25 +119,30 @@ def prefill_buckets(max_tokens: int) -> list[int]:
 
 
 class PrefillGraphs(_StepGraphs):
-    """Graphs of a step that prefills one sequence alone — a lone request's time to first token, which
-    eagerly is all Python launch overhead (~0.1 ms per kernel on a slow host, ~50 ms on a 7B model).
-    Keyed by (token bucket Tb, rows.mode). The chunk's n tokens are sequence 0; the Tb - n padding tokens
-    are a second sequence (slots -1: writes no KV; block 0; its rows are dropped), so sequence 0's
-    positions, context and causal mask are exactly those of the eager step."""
+    """Graphs of a step that prefills up to PREFILL_GRAPH_SEQS chunks (requests joining a running batch
+    together, or one alone — a lone request's time to first token), which eagerly is all Python launch
+    overhead (~0.1 ms per kernel on a slow host, ~50 ms on a 7B model). Keyed by (token bucket Tb, mode).
+    The chunks' tokens come first, sequence after sequence; unused sequence slots are empty (no query
+    tokens: the attention programs of an empty sequence return at once); the last slot is a padding
+    sequence holding the Tb - n leftover tokens (slots -1: writes no KV; block 0; its rows are dropped).
+    So each real sequence's positions, context and causal mask are exactly those of the eager step."""
 
-    def __init__(self, model, kv: KVCache, max_tokens: int, width: int, device, pool):
+    def __init__(self, model, kv: KVCache, max_tokens: int, width: int, device, pool,
+                 max_seqs: int = PREFILL_GRAPH_SEQS):
         super().__init__(model, kv, pool)
         self.buckets = prefill_buckets(max_tokens)
-        self.width = width
-        T, dev = self.buckets[-1], device
+        self.width, self.max_seqs = width, max_seqs
+        T, S, dev = self.buckets[-1], max_seqs + 1, device
         self.tokens = torch.zeros(T, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(T, dtype=torch.int64, device=dev)
         self.slots = torch.full((T,), -1, dtype=torch.int64, device=dev)
         self.rows = torch.zeros(3, T, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(2, width, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(2, dtype=torch.int32, device=dev)
-        self.query_start = torch.tensor([0, 1, 2], dtype=torch.int32, device=dev)
-        self.logits_index = torch.tensor([0, 1], dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(S, width, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.seq_lens[-1] = 1
+        self.query_start = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+        self.query_start[-1] = 1
+        self.logits_index = torch.zeros(S, dtype=torch.int64, device=dev)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b > n), None)
@@ -145,6 +153,7 @@ class PrefillGraphs(_StepGraphs):
                      self.query_start, self.logits_index, rows, Tb)
 
     def load(self, Tb: int, staged: torch.Tensor) -> None:
-        """staged: int64 [6 Tb + 2 width + 7] on the device, laid out as Engine._pack_prefill writes it."""
+        """staged: int64 [6 Tb + S width + 3 S + 1] (S = max_seqs + 1) on the device, laid out as
+        Engine._pack_prefill writes it."""
         scatter(staged, [self.tokens[:Tb], self.positions[:Tb], self.slots[:Tb], self.rows[:, :Tb], self.block_tables,
                          self.seq_lens, self.query_start, self.logits_index])

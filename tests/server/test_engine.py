@@ -327,10 +327,11 @@ def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
             sched = engine.scheduler.schedule()
             (s, n), = sched
             mode = engine.slab.mode_for([s.slot])
-            graphs = PrefillGraphs(engine.lm.model, engine.kv, 24, engine.width, engine.device, pool=None)
+            graphs = engine.prefill_graphs = PrefillGraphs(engine.lm.model, engine.kv, 24, engine.width,
+                                                           engine.device, pool=None)
             Tb = graphs.bucket(n)
             assert Tb > n
-            graphs.load(Tb, engine._upload(engine._pack_prefill(s, n, Tb)))
+            graphs.load(Tb, engine._upload(engine._pack_prefill([(s, n)], Tb)))
             padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)[0]
             eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)[0]
             torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
@@ -338,6 +339,34 @@ def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
             if s.num_computed == s.num_tokens:
                 break
         engine.scheduler.finish(seq, "abort")
+
+
+def test_padded_prefill_batch_of_several_chunks_equals_eager(engine_lm, adapter_files, tmp_path):
+    """Several requests joining in one step: their chunks (different adapters; one with a cached context,
+    one cut by the token budget) in one prefill-graph batch, the empty sequence slots and the padding
+    sequence after them, give the chunks' logits of the plain batch."""
+    from scaleserve.server.graphs import PrefillGraphs
+
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=32)
+    names = sorted(avs)
+    seqs = [new_seq(p, avs[n]) for p, n in zip([PROMPTS[1], PROMPTS[3], PROMPTS[4]], names)]
+    engine.scheduler.add(seqs[0])
+    first = engine.scheduler.schedule()  # 32 of its 37 tokens, into the KV cache
+    engine.lm.model(engine._build_batch(first, engine.slab.mode_for([seqs[0].slot])), engine.kv.k, engine.kv.v)
+    seqs[0].num_computed += 32
+    for q in seqs[1:]:
+        engine.scheduler.add(q)
+    sched = engine.scheduler.schedule()
+    assert [q for q, _ in sched] == seqs and [k for _, k in sched] == [5, 21, 6]
+    graphs = engine.prefill_graphs = PrefillGraphs(engine.lm.model, engine.kv, 32, engine.width, engine.device,
+                                                   pool=None, max_seqs=4)
+    mode = engine.slab.mode_for([q.slot for q, _ in sched])
+    Tb = graphs.bucket(32)
+    graphs.load(Tb, engine._upload(engine._pack_prefill(sched, Tb)))
+    padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)
+    eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
+    assert padded.shape[0] == 5  # 4 sequence slots (3 used) + the padding sequence
+    torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_decode_batch_equals_eager(engine_lm, adapter_files, tmp_path):
@@ -448,9 +477,13 @@ def test_graph_paths_equal_eager_on_cpu(engine_lm, adapter_files, tmp_path, over
     alone = [run(plain, [new_seq(p, avs.get(n))])[0] for p, n in zip(PROMPTS, names)]
     engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=32, overlap_steps=overlap)
     with_eager_graphs(engine)
+    chunks_per_prefill_graph = []
+    prefill_graph = engine._prefill_graph
+    engine._prefill_graph = lambda chunks: chunks_per_prefill_graph.append(len(chunks)) or prefill_graph(chunks)
     got = run(engine, [new_seq(p, avs.get(n)) for p, n in zip(PROMPTS, names)], arrivals=[0, 3, 0, 5, 1, 8])
     assert got == want == alone
     assert [run(engine, [new_seq(p, avs.get(n))])[0] for p, n in zip(PROMPTS, names)] == alone
     assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
+    assert max(chunks_per_prefill_graph) >= 2  # requests that joined together shared one prefill graph
     assert (engine.overlapped_steps > 0) == overlap
     assert engine.kv.allocator.num_free == engine.kv.allocator.usable
