@@ -125,8 +125,10 @@ PREFILL_SPECS = [
     (3 * BS + 3, 7),  # chunked prefill: 7 new tokens after 44 cached ones
     (BS + 2, 1),  # a decode row inside a mixed batch
     (20, 0),  # a sequence with no queries this step
+    (0, 0),  # an empty sequence slot of a prefill graph (no context, no queries)
     (150, 40),  # long chunk: mask-free key tiles before the diagonal ones
     (130, 130),
+    (0, 0),
 ]
 
 
