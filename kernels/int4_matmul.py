@@ -258,20 +258,10 @@ def _adapted_int4_kernel(
                 stride_bs, stride_bn, stride_bg,
                 MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N)
 
-    # linear epilogue factors (they commute with the split-K sum)
-    if ONE_GROUP and MODE == 1:
-        acc *= tl.load(s0_ptr + offs_n)[None, :]
-    if ONE_GROUP and MODE == 2:
-        s = tl.load(scale_ptr + sidx[:, None] * stride_ss + offs_n[None, :] * stride_sn, mask=n_ok[None, :], other=0.0)
-        acc *= s.to(tl.float32)
-    chan = tl.load(chan_ptr + cidx[:, None] * stride_cs + offs_n[None, :], mask=n_ok[None, :], other=0.0)
-    chan = chan.to(tl.float32)
-    if MODE == 3:
-        chan = tl.where(is_alpha[:, None], 1.0, chan)
-    acc *= chan
-
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
+        acc = _row_factors(acc, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs,
+                           stride_ss, stride_sn, MODE, ONE_GROUP)
         _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
     else:
         # park the partial tile; the last split to arrive sums them (fixed order) and finishes the tile
@@ -285,7 +275,28 @@ def _adapted_int4_kernel(
             for sk in tl.static_range(SPLIT_K):
                 total += tl.load(ws_tile + sk * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replays)
+            total = _row_factors(total, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs,
+                                 stride_ss, stride_sn, MODE, ONE_GROUP)
             _store_rows(total, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _row_factors(acc, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs, stride_ss,
+                 stride_sn, MODE: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """acc [BM, BN] times its linear epilogue factors: the base or row's scale when there is one group,
+    and each row's per-channel multiplier. They commute with the split-K sum, so they are applied once,
+    to the finished tile: per split they would be read again, and with many distinct adapters they are
+    BM x BN scattered loads (comparable to the weight tile itself when K is small)."""
+    if ONE_GROUP and MODE == 1:
+        acc *= tl.load(s0_ptr + offs_n)[None, :]
+    if ONE_GROUP and MODE == 2:
+        s = tl.load(scale_ptr + sidx[:, None] * stride_ss + offs_n[None, :] * stride_sn, mask=n_ok[None, :], other=0.0)
+        acc *= s.to(tl.float32)
+    chan = tl.load(chan_ptr + cidx[:, None] * stride_cs + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+    chan = chan.to(tl.float32)
+    if MODE == 3:
+        chan = tl.where(is_alpha[:, None], 1.0, chan)
+    return acc * chan
 
 
 @triton.jit
