@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
-#   bash bench/gpu_session.sh [tests] [train] [serve] [adapters] [kernels] [profile]     results under $OUT
+#   bash bench/gpu_session.sh [tests] [e2e] [engine] [train] [serve] [adapters] [kernels] [kernels_smollm2]
+#                             [profile]     results under $OUT
 #   (each step has its own time limit so that one call of the device tool fits them all)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
 # downloads those wheels here, and this script installs them into /tmp/site.
@@ -23,6 +24,9 @@ for step in "${steps[@]}"; do
                 | tee "$OUT/adapters.log" | tail -12 ;;
     kernels) timeout 200 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
                --json "$OUT/kernels.json" --png "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
+    kernels_smollm2) timeout 150 python3 bench/kernels.py --shapes sm_qkv,sm_o,sm_gate_up,sm_down --groups 32 \
+                       --modes 1,2 --ms 1,16,64 --json "$OUT/kernels-smollm2.json" 2>&1 \
+                       | tee "$OUT/kernels_smollm2.log" | tail -20 ;;
     train) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/adapters/test_train.py \
              2>&1 | tee "$OUT/train_tests.log" | tail -8 ;;
     profile) timeout 200 python3 bench/decode_profile.py --json "$OUT/decode_profile.json" 2>&1 \

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+# SmolLM2-135M's four linears (K -> N), for `--shapes sm_qkv,sm_o,sm_gate_up,sm_down --groups 32`: small K,
+# where each row's adapter factors weigh as much as the weight tile (the 64-adapter serving ratio)
+SHAPES.update({"sm_qkv": (576, 960), "sm_o": (576, 576), "sm_gate_up": (576, 3072), "sm_down": (1536, 576)})
+LLAMA_SHAPES = ("qkv", "o", "gate_up", "down")
 MS = (1, 4, 16, 64, 256)
 L2_BYTES = 50 * 2**20
 MIN_FOOTPRINT = 4 * L2_BYTES  # bytes a timed graph cycles through
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--modes", default="1,2,3")
     ap.add_argument("--groups", default="-1,128")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
@@ -322,7 +326,8 @@ def layer_sums(rows, shapes):
 
 def print_table(rows, shapes) -> None:
     sums = layer_sums(rows, shapes)
-    print(f"\nper Llama-2-7B layer ({'+'.join(shapes)}), µs per call, CUDA-graph replay median")
+    model = "SmolLM2-135M" if all(sh.startswith("sm_") for sh in shapes) else "Llama-2-7B"
+    print(f"\nper {model} layer ({'+'.join(shapes)}), µs per call, CUDA-graph replay median")
     print(f"{'gs':>4} {'mode':>4} {'M':>4} {'T':>3} {'ours':>8} {'xfloor':>6} {'T/T1':>5} {'bf16':>8} "
           f"{'tinygemm':>9} {'tg_loop':>8} {'floor':>7}")
     for (gs, mode, M, T), s in sorted(sums.items()):
