@@ -50,12 +50,14 @@ def adapted_linear_ref(
         else:
             if scales is None or zeros is None:
                 raise ValueError("a PEQA row needs an rtn base (scales and zero points)")
-            shift = cache.get("q_minus_z")
-            if shift is None:  # frozen and shared by every task: computed once per weight
-                shift = codes.float() - expand_groups(zeros.float(), K, group_size)
-                if dequant_cache is not None:
-                    cache["q_minus_z"] = shift
-            w = expand_groups(scales[s].float(), K, group_size) * shift
+            if s == 0:  # the base scales (slot 0 never changes): the dense base weight, once per weight
+                w = cache.get("base")
+                if w is None:
+                    w = expand_groups(scales[0].float(), K, group_size) * _q_minus_z(codes, zeros, group_size)
+                    if dequant_cache is not None:
+                        cache["base"] = w
+            else:
+                w = expand_groups(scales[s].float(), K, group_size) * _q_minus_z(codes, zeros, group_size)
             if c != 0:
                 w = w * chan[c].float()[:, None]
         idx = torch.tensor(rows, device=x.device)
@@ -63,6 +65,10 @@ def adapted_linear_ref(
     if bias is not None:
         y += bias.float()
     return y
+
+
+def _q_minus_z(codes, zeros, group_size):
+    return codes.float() - expand_groups(zeros.float(), codes.shape[-1], group_size)
 
 
 def _alpha_weight(codes, alphas, betas, group_size, cache):
