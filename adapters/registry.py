@@ -163,7 +163,10 @@ class AdapterRegistry:
                                 granularity=checked.granularity, base_fingerprint=checked.base_fingerprint,
                                 min_version=self._known_version(tenant, name))
         av = AdapterVersion(tenant, name, rec.version, checked, sha, len(data), rec.created_at)
-        self._install(av)
+        if self._install(av) and self.slab.host_slots > 0:
+            # flatten (and pin) it now, in this worker thread: the engine thread's load at its first
+            # request is then one host->device copy, not a pause of every running stream
+            self.slab.stage(av.adapter, av.key)
         return av
 
     def put(self, tenant: str, name: str, adapter: Adapter, sha256: str = "", size_bytes: int = 0,

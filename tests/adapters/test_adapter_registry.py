@@ -244,3 +244,20 @@ def test_slab_table_bytes(lm):
     bits = next(iter(layers)).bits
     size = torch.empty(0, dtype=slab.table_dtype).element_size()
     assert slab.table_bytes() == {"chan": 4 * n * size, "group": 3 * ng * size, "alpha": 2 * (bits + 1) * ng * size}
+
+
+def test_upload_stages_the_adapter_for_its_first_load(lm, make_registry):
+    """An upload flattens the adapter into the host tier in the uploading thread: the engine thread's load
+    at its first request is a host hit (one copy), and what it copies is the uploaded adapter."""
+    slab = AdapterSlab(lm.model, chan_slots=2, group_slots=1, alpha_slots=1, host_slots=4)
+    reg = make_registry(slab=slab)
+    av = reg.upload("acme", "fresh", rand_adapter(lm, seed=41).to_bytes())
+    assert slab.in_host_cache(av.key) and slab.host_hits == 0
+    ref = reg.acquire(av)
+    assert slab.host_hits == 1 and slab.loads == 1
+    for name, m in slab.layers.items():
+        assert torch.equal(m.slab_chan[ref.index], av.adapter.tensors[f"{name}.scales"].to(m.slab_chan.dtype))
+    reg.release(av)
+    no_tier = AdapterSlab(lm.model, chan_slots=2, group_slots=1, alpha_slots=1, host_slots=0)
+    av = make_registry(slab=no_tier).upload("acme", "fresh", rand_adapter(lm, seed=42).to_bytes())
+    assert not no_tier.in_host_cache(av.key)  # no host tier: nothing is kept
