@@ -6,15 +6,18 @@ One GPU, one command (the lead runs it at the end):
   python bench/adapters.py --tiny                        # 2-layer smoke run (CPU works), same code path
 
 The model is random (int4 rtn, group 128, Llama-2-7B shapes: 32 layers, 4096/11008, 32000 vocab),
-built directly in device memory (no checkpoint): the timings do not depend on the weights' values.
-The server is the real app (create_app) under uvicorn on a loopback port, with a file:// store.
+written once to --work (bench/make_random_model.py; bench/serve.py shares it): the timings do not depend
+on the weights' values. The server is `scaleserve serve` in a child process with a file:// store, so the
+load generator here does not share its GIL (--in-process: the app under uvicorn in this process, as
+before).
 
 1. memory: a slab of 1,000 per-channel slots; 1,000 random per-channel adapters loaded into it.
    Reports device bytes per resident adapter (target <= 3 MB for 7B) and the per-load time.
 2. upload -> first token: for 20 fresh per-channel adapters, one at a time: PUT the file, then a
    streaming completion (16-token prompt) with model=<that adapter>; the time from sending the PUT
    to the first streamed token (p50/p90; target p50 <= 100 ms), split into the PUT and the TTFT,
-   next to the TTFT of an adapter already resident. The slab load itself (registry on_load) too.
+   next to the TTFT of an adapter already resident. The slab load itself (mean, from the server's
+   scaleserve_adapter_load_seconds) too.
 3. swap cost: 64 greedy streams of the base model decode; after a steady period 16 new adapters are
    uploaded and each used by one short request while the 64 run. Decode throughput (tokens/s of the
    64 streams, 250 ms windows) before vs. during the swaps: the dip.
@@ -122,7 +125,22 @@ async def stream_first_token(client, model: str, prompt: list[int], max_tokens: 
     return first
 
 
-async def bench_upload_to_first_token(url, lm, n: int, base: str, load_times: list) -> dict:
+def adapter_loads(url: str) -> tuple[float, float]:
+    """(seconds, count) so far of the server's slab loads, from /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = count = 0.0
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for smp in fam.samples:
+            if smp.name == "scaleserve_adapter_load_seconds_sum":
+                total = smp.value
+            elif smp.name == "scaleserve_adapter_load_seconds_count":
+                count = smp.value
+    return total, count
+
+
+async def bench_upload_to_first_token(url, lm, n: int, base: str) -> dict:
     import httpx
 
     prompt = list(range(10, 26))
@@ -135,7 +153,7 @@ async def bench_upload_to_first_token(url, lm, n: int, base: str, load_times: li
         resident = [await stream_first_token(c, "warm0", prompt) for _ in range(5)]
         base_ttft = [await stream_first_token(c, base, prompt) for _ in range(5)]
         total, put_s, ttft = [], [], []
-        load_times.clear()
+        loads0 = adapter_loads(url)
         for i in range(n):
             t0 = time.perf_counter()
             r = await c.put(f"/v1/adapters/fresh{i}", content=blobs[i])
@@ -145,12 +163,15 @@ async def bench_upload_to_first_token(url, lm, n: int, base: str, load_times: li
             total.append(t1 - t0 + first)
             put_s.append(t1 - t0)
             ttft.append(first)
+        loads1 = adapter_loads(url)
     ms = lambda xs, q: 1e3 * pct(xs, q)  # noqa: E731
+    n_loads = loads1[1] - loads0[1]
     return {"n": n, "adapter_file_bytes": len(blobs[0]),
             "upload_to_first_token_ms_p50": ms(total, 0.5), "upload_to_first_token_ms_p90": ms(total, 0.9),
             "put_ms_p50": ms(put_s, 0.5), "ttft_fresh_ms_p50": ms(ttft, 0.5),
             "ttft_resident_ms_p50": ms(resident, 0.5), "ttft_base_ms_p50": ms(base_ttft, 0.5),
-            "slab_load_ms_p50": ms(load_times, 0.5) if load_times else None}
+            "slab_load_ms_mean": 1e3 * (loads1[0] - loads0[0]) / n_loads if n_loads else None,
+            "slab_loads": n_loads}
 
 
 async def bench_swap(url, lm, base: str, streams: int, n_swaps: int, max_tokens: int) -> dict:
@@ -226,44 +247,53 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--swaps", type=int, default=16)
     ap.add_argument("--json", default="bench/results/adapters.json")
+    ap.add_argument("--work", default="/tmp/scaleserve-bench", help="the random model (shared with bench/serve.py)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the server in this process (it then shares a GIL with the load generator)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.adapters, args.uploads, args.streams, args.swaps = min(args.adapters, 50), min(args.uploads, 5), \
             min(args.streams, 8), min(args.swaps, 3)
 
+    from make_random_model import make_random_model
+    from serve import SubprocessServer, list_adapters
+
+    from scaleserve.server.loader import load_model
     from scaleserve.server.settings import Settings
 
+    preset = "tiny" if args.tiny else "llama2-7b"
+    model_dir = make_random_model(Path(args.work) / f"random-{preset}", preset, device=args.device)
     t0 = time.time()
-    from scaleserve.server.random_model import random_model
-
-    lm = random_model("tiny" if args.tiny else "llama2-7b", args.device)
-    print(f"model built on {args.device} in {time.time() - t0:.1f} s", file=sys.stderr)
+    lm = load_model(model_dir, device=args.device)
+    print(f"model loaded on {args.device} in {time.time() - t0:.1f} s", file=sys.stderr)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-2-7b-shaped int4 rtn g128"}
+               "torch": torch.__version__, "model": "tiny" if args.tiny else "llama-2-7b-shaped int4 rtn g128",
+               "server": "in-process" if args.in_process else "subprocess"}
     results["memory"] = bench_memory(lm, args.adapters)
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(device=args.device, data_dir=Path(tmp), adapter_store=Path(tmp, "store").as_uri(),
-                            max_num_seqs=max(64, args.streams + 4), max_model_len=1024,
-                            gpu_adapter_slots=256, gpu_group_adapter_slots=2, host_adapter_cache=512,
-                            tenant_max_adapters=10_000, store_sync_interval_s=2.0,
-                            tenant_max_concurrent=args.streams + 16,  # the streams plus the swap probes
-                            kv_cache_max_blocks=None if args.device == "cuda" else 2048)
-        from scaleserve.server.main import ThreadedServer, create_app
+        env = {"SCALESERVE_DEVICE": args.device, "SCALESERVE_DATA_DIR": tmp,
+               "SCALESERVE_ADAPTER_STORE": Path(tmp, "store").as_uri(), "SCALESERVE_MAX_NUM_SEQS": max(64, args.streams + 4),
+               "SCALESERVE_MAX_MODEL_LEN": 1024, "SCALESERVE_GPU_ADAPTER_SLOTS": 256,
+               "SCALESERVE_GPU_GROUP_ADAPTER_SLOTS": 2, "SCALESERVE_HOST_ADAPTER_CACHE": 512,
+               "SCALESERVE_TENANT_MAX_ADAPTERS": 10_000, "SCALESERVE_STORE_SYNC_INTERVAL_S": 2.0,
+               "SCALESERVE_TENANT_MAX_CONCURRENT": args.streams + 16,  # the streams plus the swap probes
+               "SCALESERVE_KV_CACHE_MAX_BLOCKS": "" if args.device == "cuda" else 2048}
+        env = {k: str(v) for k, v in env.items() if v != ""}
+        if args.in_process:
+            from scaleserve.server.main import ThreadedServer, create_app
 
-        with ThreadedServer(create_app(settings, lm=lm)) as srv:
-            reg = srv.app.state.registry
-            load_times: list[float] = []
-            prev = reg.on_load
-
-            def on_load(s):
-                load_times.append(s)
-                if prev is not None:
-                    prev(s)
-
-            reg.on_load = on_load
-            base = srv.app.state.served_model_name
-            results["upload"] = asyncio.run(bench_upload_to_first_token(srv.url, lm, args.uploads, base, load_times))
+            server = ThreadedServer(create_app(Settings(**{k[len("SCALESERVE_"):].lower(): v for k, v in env.items()}),
+                                               lm=lm))
+        else:
+            lm.model.to("cpu")  # the adapters are built from its shapes; the server loads its own copy
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            server = SubprocessServer(model_dir, {}, {**env, "SCALESERVE_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"},
+                                      Path(tmp) / "server.log")
+        with server as srv:
+            base, _ = list_adapters(srv.url)
+            results["upload"] = asyncio.run(bench_upload_to_first_token(srv.url, lm, args.uploads, base))
             results["swap"] = asyncio.run(bench_swap(srv.url, lm, base, args.streams, args.swaps,
                                                      max_tokens=960))
 

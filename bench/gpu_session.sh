@@ -20,7 +20,7 @@ for step in "${steps[@]}"; do
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused.py tests/server/test_gpu_e2e.py \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     serve) timeout 300 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12 ;;
-    adapters) timeout 280 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
+    adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
     kernels) timeout 200 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
                --json "$OUT/kernels.json" --png "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
