@@ -2,14 +2,16 @@
 
 Field bounds are part of the OpenAPI spec, so schema fuzzing only sends what a client may send;
 anything outside them is a 400 in OpenAI's error shape (main.py maps validation errors).
-Unknown fields are ignored, as the OpenAI API does for most of them.
+Unknown fields are ignored, as the OpenAI API does for most of them. OpenAI fields that would change
+the output and that scaleserve does not implement (logit_bias, response_format other than text, tools,
+function calling, best_of > 1) are a 400 naming the field, not silently dropped.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # --- requests -----------------------------------------------------------------------------------
 
@@ -38,6 +40,34 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS (benchmarks)")
+    # not implemented: accepted only at values that change nothing
+    logit_bias: dict[str, float] | None = Field(None, description="not supported; must be empty")
+    response_format: dict | None = Field(None, description='not supported beyond {"type": "text"}')
+    tools: list[dict] | None = Field(None, description="not supported; must be empty")
+    tool_choice: Union[str, dict, None] = Field(None, description='not supported beyond "none" / "auto"')
+    functions: list[dict] | None = Field(None, description="not supported; must be empty")
+    function_call: Union[str, dict, None] = Field(None, description='not supported beyond "none" / "auto"')
+
+    @field_validator("logit_bias", "tools", "functions")
+    @classmethod
+    def _empty(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_call(cls, v, info):
+        if v not in (None, "none", "auto"):
+            raise ValueError(f"{info.field_name} is not supported by this server (tools cannot be called)")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"response_format {v.get('type')!r} is not supported by this server (text only)")
+        return v
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -50,6 +80,14 @@ class CompletionRequest(_SamplingRequest):
         ..., description="one prompt: text or token ids (a one-element list of either also works)")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="not supported; must be false")
+    best_of: int | None = Field(None, ge=1, description="only 1 is supported")
+
+    @field_validator("best_of")
+    @classmethod
+    def _one(cls, v):
+        if v is not None and v > 1:
+            raise ValueError("best_of > 1 is not supported by this server")
+        return v
     suffix: str | None = Field(None, description="not supported; must be null")
 
 

@@ -65,7 +65,8 @@ def install_error_handlers(app: FastAPI) -> None:
         errs = e.errors()
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
-        msg = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid request')}"
+        detail = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # our validators' text
+        msg = f"{'.'.join(loc) or 'request'}: {detail}"
         m = _metrics(request)
         if m:
             m.error("invalid_request")

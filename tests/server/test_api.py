@@ -131,6 +131,25 @@ def test_errors_in_openai_shape(server):
             assert r.status_code == status, (body, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
+        # OpenAI features this server does not implement: a 400 that names them, never silently ignored
+        unsupported = [
+            ("logit_bias", {"50": 100}), ("response_format", {"type": "json_object"}),
+            ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+            ("functions", [{"name": "f"}]), ("function_call", {"name": "f"}), ("best_of", 2)]
+        for field, value in unsupported:
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", field: value})
+            assert r.status_code == 400, (field, r.text)
+            err = r.json()["error"]
+            assert err["param"] == field and err["message"].startswith(f"{field}: ") and \
+                "not supported by this server" in err["message"], err
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = h.post("/v1/chat/completions", json={**chat, "response_format": {"type": "json_schema"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        # ... while their no-op values are accepted, as clients send them
+        for extra in ({"logit_bias": {}}, {"response_format": {"type": "text"}}, {"tools": []},
+                      {"tool_choice": "none"}, {"tool_choice": "auto"}, {"best_of": 1}):
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **extra})
+            assert r.status_code == 200, (extra, r.text)
         r = h.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "error" in r.json()
         assert h.get("/health").json() == {"status": "ok"}
