@@ -33,7 +33,7 @@ for step in "${steps[@]}"; do
                | tee "$OUT/decode_profile.log" | tail -40 ;;
     e2e) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
-    engine) timeout 260 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
+    engine) timeout 420 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
               tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
     *) echo "unknown step $step" ;;
   esac
