@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
-#   bash bench/gpu_session.sh [tests] [e2e] [engine] [train] [serve] [adapters] [kernels] [kernels_smollm2]
+#   bash bench/gpu_session.sh [tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
+#                             [kernels_smollm2]
 #                             [profile]     results under $OUT
 #   (each step has its own time limit so that one call of the device tool fits them all)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -19,6 +20,8 @@ for step in "${steps[@]}"; do
   case $step in
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused.py tests/server/test_gpu_e2e.py \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    kernel_tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels \
+                    2>&1 | tee "$OUT/kernel_tests.log" | tail -15 ;;
     serve) timeout 300 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12 ;;
     adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
