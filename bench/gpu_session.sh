@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
 #   bash bench/gpu_session.sh [tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2]
-#                             [profile]     results under $OUT
-#   (each step has its own time limit so that one call of the device tool fits them all)
+#                             [kernels_smollm2] [profile]        results under $OUT
+#   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
 # downloads those wheels here, and this script installs them into /tmp/site.
 set -uo pipefail
