@@ -77,7 +77,7 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        ..., description="one prompt: text or token ids (a one-element list of either also works)")
+        ..., description="a prompt (text or token ids) or a batch of up to 64 of them: one choice each")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="not supported; must be false")
     best_of: int | None = Field(None, ge=1, description="only 1 is supported")

@@ -76,14 +76,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(request, sub, rid, created, body.model, include_usage, tok),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    return await complete(request, sub, lambda outs, last: {
+    return await complete(request, [sub], lambda results: {
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "system_fingerprint": None,
         "choices": [{"index": 0,
                      "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
                      "logprobs": {"content": logprobs_content(tok, outs)} if logprobs is not None else None,
-                     "finish_reason": last.finish_reason}],
-        "usage": usage(last),
+                     "finish_reason": last.finish_reason} for outs, last in results],
+        "usage": usage([last for _, last in results]),
     })
 
 
@@ -100,7 +100,7 @@ def _stream(request, sub, rid, created, model, include_usage, tok):
 
     content_event = SSETemplate(chunk({"content": SSETemplate.SPLICE}))  # the common event: new text only
 
-    def render(out) -> list[bytes]:
+    def render(_i, out) -> list[bytes]:
         parts = []
         lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
         if lp:
@@ -109,10 +109,12 @@ def _stream(request, sub, rid, created, model, include_usage, tok):
             parts.append(content_event(out.text))
         if out.finished:
             parts.append(sse(chunk({}, finish=out.finish_reason)))
-            if include_usage:
-                parts.append(sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                  "model": model, "system_fingerprint": None, "choices": [],
-                                  "usage": usage(out)}))
         return parts
 
-    return stream_events(request, sub, render, first=sse(chunk({"role": "assistant", "content": ""})))
+    def final(lasts) -> list[bytes]:
+        if not include_usage:
+            return []
+        return [sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "system_fingerprint": None, "choices": [], "usage": usage(lasts)})]
+
+    return stream_events(request, [sub], render, final, first=sse(chunk({"role": "assistant", "content": ""})))

@@ -162,29 +162,39 @@ class Submitted:
 def submit(request: Request, tenant, model: str, adapter, adapter_label: str, prompt_ids: list[int],
            params: SamplingParams) -> Submitted:
     """Admission control, then hand the sequence to the engine. 429 / 503 as OpenAI clients expect."""
+    return submit_many(request, tenant, model, adapter, adapter_label, [prompt_ids], [params])[0]
+
+
+def submit_many(request: Request, tenant, model: str, adapter, adapter_label: str, prompts: list[list[int]],
+                params: list[SamplingParams]) -> list[Submitted]:
+    """submit() for a batch of prompts: admitted all together or not at all (each is one sequence, one
+    queue place and one of the tenant's in-flight requests)."""
     st = request.app.state
     if st.draining or not st.ready:
         raise APIError(503, "the server is shutting down" if st.draining else "the server is starting up",
                        code="unavailable", headers={"Retry-After": "1"})
-    engine = st.engine
-    if engine.num_waiting >= st.settings.max_waiting:
+    engine, k = st.engine, len(prompts)
+    if engine.num_waiting + k > st.settings.max_waiting:
         raise APIError(429, f"the request queue is full ({st.settings.max_waiting} waiting); retry later",
                        code="queue_full", headers={"Retry-After": "1"})
     per_tenant = st.tenant_inflight
-    if per_tenant.get(tenant.name, 0) >= st.settings.tenant_max_concurrent:
-        raise APIError(429, f"tenant {tenant.name!r} has {st.settings.tenant_max_concurrent} requests in flight; "
-                       f"retry later", code="tenant_concurrency_limit", headers={"Retry-After": "1"})
-    queue: asyncio.Queue = asyncio.Queue()
-    sink = LoopSink(asyncio.get_running_loop(), queue.put_nowait)  # the engine batches these per step
-    rid = uuid.uuid4().hex[:24]
-    seq = Sequence(rid, prompt_ids, params, adapter=adapter, adapter_name=adapter_label, tenant=tenant.name,
-                   sink=sink)
-    per_tenant[tenant.name] = per_tenant.get(tenant.name, 0) + 1
-    st.inflight += 1
-    if st.metrics:
-        st.metrics.count_adapter_request(adapter_label)
-    engine.add(seq)
-    return Submitted(seq, queue, model, tenant.name)
+    if per_tenant.get(tenant.name, 0) + k > st.settings.tenant_max_concurrent:
+        raise APIError(429, f"tenant {tenant.name!r} may have {st.settings.tenant_max_concurrent} requests in "
+                       f"flight ({per_tenant.get(tenant.name, 0)} now, {k} asked); retry later",
+                       code="tenant_concurrency_limit", headers={"Retry-After": "1"})
+    subs = []
+    for ids, p in zip(prompts, params):
+        queue: asyncio.Queue = asyncio.Queue()
+        sink = LoopSink(asyncio.get_running_loop(), queue.put_nowait)  # the engine batches these per step
+        seq = Sequence(uuid.uuid4().hex[:24], ids, p, adapter=adapter, adapter_name=adapter_label,
+                       tenant=tenant.name, sink=sink)
+        per_tenant[tenant.name] = per_tenant.get(tenant.name, 0) + 1
+        st.inflight += 1
+        if st.metrics:
+            st.metrics.count_adapter_request(adapter_label)
+        engine.add(seq)
+        subs.append(Submitted(seq, queue, model, tenant.name))
+    return subs
 
 
 def release(request: Request, sub: Submitted, status: int = 200, stream: bool = False) -> None:
@@ -278,46 +288,72 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def usage(out: StepOutput) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+def usage(lasts: list[StepOutput]) -> dict:
+    """The usage block of a request from its sequences' last outputs (summed over a batch of prompts)."""
+    prompt = sum(o.prompt_tokens for o in lasts)
+    completion = sum(o.completion_tokens for o in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def token_text(tok, token_id: int) -> str:
     return tok.decode([token_id])
 
 
-async def complete(request: Request, sub: Submitted, render) -> JSONResponse:
-    """A non-streamed answer: wait for the whole output, `render(outs, last)` it into the response
-    body, and release the request's slot whatever happens (499 if the client went away)."""
+async def complete(request: Request, subs: list[Submitted], render) -> JSONResponse:
+    """A non-streamed answer: wait for every sequence's whole output, `render([(outs, last), ...])` them
+    (in prompt order) into the response body, and release the slots whatever happens (499 if the
+    client went away)."""
     status = 200
     try:
-        outs, last = await collect(request, sub)
-        err = finish_error(last)
-        if err is not None:
-            status = err.status
-            raise err
-        return JSONResponse(render(outs, last))
+        results = await asyncio.gather(*(collect(request, sub) for sub in subs))
+        for _, last in results:
+            err = finish_error(last)
+            if err is not None:
+                status = err.status
+                raise err
+        return JSONResponse(render(results))
     except asyncio.CancelledError:
         status = 499
         raise
     finally:
-        release(request, sub, status)
+        for sub in subs:
+            release(request, sub, status)
 
 
-async def stream_events(request: Request, sub: Submitted, render, first: bytes = b""):
-    """The SSE body of one streamed request. Each step's outputs become `render(out)` (a list of
-    encoded events; for the last output, its finish and usage events too); an engine error becomes
-    an OpenAI error event; `data: [DONE]` closes the stream; the request's slot is released however
-    the stream ends (499 when the client went away)."""
+async def _merged_outputs(subs: list[Submitted]):
+    """(i, outputs) of several sequences as they come: one reader task per sequence into one queue."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def read(i, sub):
+        while not sub.finished:
+            merged.put_nowait((i, await next_outputs(sub)))
+
+    tasks = [asyncio.create_task(read(i, sub)) for i, sub in enumerate(subs)]
+    try:
+        while True:
+            yield await merged.get()
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def stream_events(request: Request, subs: list[Submitted], render, final=None, first: bytes = b""):
+    """The SSE body of one streamed request (one or several sequences). Each output of sequence i
+    becomes `render(i, out)` (a list of encoded events); once every sequence finished, `final(lasts)`
+    adds the closing events (usage); an engine error becomes an OpenAI error event; `data: [DONE]`
+    closes the stream; the slots are released however the stream ends (499 when the client went away)."""
     status = 200
+    single = len(subs) == 1
+    merged = None if single else _merged_outputs(subs)
+    lasts: dict[int, StepOutput] = {}
     try:
         if first:
             yield first
         done = False
         while not done:
+            i, outs = (0, await next_outputs(subs[0])) if single else await merged.__anext__()
             parts = []
-            for out in await next_outputs(sub):
+            for out in outs:
                 err = finish_error(out)
                 if err is not None:
                     status = err.status
@@ -325,9 +361,13 @@ async def stream_events(request: Request, sub: Submitted, render, first: bytes =
                                                 "code": err.code}}))
                     done = True
                     break
-                parts.extend(render(out))
+                parts.extend(render(i, out))
                 if out.finished:
-                    done = True
+                    lasts[i] = out
+                    if len(lasts) == len(subs):
+                        done = True
+                        if final is not None:
+                            parts.extend(final([lasts[j] for j in range(len(subs))]))
                     break
             if done:
                 parts.append(SSE_DONE)
@@ -336,4 +376,7 @@ async def stream_events(request: Request, sub: Submitted, render, first: bytes =
         status = 499
         raise
     finally:
-        release(request, sub, status, stream=True)
+        if merged is not None:
+            await merged.aclose()
+        for sub in subs:
+            release(request, sub, status, stream=True)

@@ -1,4 +1,6 @@
-"""POST /v1/completions (OpenAI legacy completions: one prompt, text or token ids; n = 1)."""
+"""POST /v1/completions (OpenAI legacy completions: a prompt or a batch of prompts, text or token ids;
+n = 1). A batch of k prompts is k sequences in the engine (admitted together or not at all) and k choices,
+index i for prompt i; streamed, their chunks interleave as they are produced."""
 
 from __future__ import annotations
 
@@ -10,25 +12,25 @@ from fastapi.responses import StreamingResponse
 from ..auth import Tenant, get_tenant
 from ..schemas import CompletionRequest, ErrorResponse
 from .common import (SSE_HEADERS, APIError, check_prompt, complete, resolve_model, sampling_params, sse,
-                     SSETemplate, stream_events, submit, token_text, usage)
+                     SSETemplate, stream_events, submit_many, token_text, usage)
 
 router = APIRouter(tags=["openai"])
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 429, 503)}
 
 
-def prompt_ids(tok, prompt) -> list[int]:
-    if isinstance(prompt, list):
-        if len(prompt) == 0:
-            raise APIError(400, "prompt: must not be empty", "prompt", "invalid_value")
-        if isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: batched prompts are not supported; send one prompt per request",
-                               "prompt", "invalid_value")
-            prompt = prompt[0]
-    if isinstance(prompt, str):
-        return tok.encode(prompt)
-    return [int(t) for t in prompt]
+MAX_BATCH_PROMPTS = 64
+
+
+def prompt_batch(tok, prompt) -> list[list[int]]:
+    """The request's prompts as token ids: a string or a token list is one prompt, a list of either a batch."""
+    if isinstance(prompt, list) and len(prompt) == 0:
+        raise APIError(400, "prompt: must not be empty", "prompt", "invalid_value")
+    batch = prompt if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else [prompt]
+    if len(batch) > MAX_BATCH_PROMPTS:
+        raise APIError(400, f"prompt: at most {MAX_BATCH_PROMPTS} prompts in one request, got {len(batch)}",
+                       "prompt", "invalid_value")
+    return [tok.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
 
 
 def logprobs_block(tok, outs, start_offset: int = 0) -> dict:
@@ -54,50 +56,53 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
         raise APIError(400, "suffix is not supported", "suffix", "unsupported")
     adapter, label = resolve_model(request, tenant, body.model)
     tok = st.lm.tokenizer
-    ids = prompt_ids(tok, body.prompt)
-    max_tokens = check_prompt(request, ids, body.max_tokens, "prompt")
-    params = sampling_params(body, max_tokens, body.logprobs)
-    sub = submit(request, tenant, body.model, adapter, label, ids, params)
-    rid, created = f"cmpl-{sub.seq.request_id}", int(time.time())
+    batch = prompt_batch(tok, body.prompt)
+    max_tokens = [check_prompt(request, ids, body.max_tokens, "prompt") for ids in batch]
+    params = [sampling_params(body, m, body.logprobs) for m in max_tokens]
+    subs = submit_many(request, tenant, body.model, adapter, label, batch, params)
+    rid, created = f"cmpl-{subs[0].seq.request_id}", int(time.time())
+    want_lp = body.logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(request, sub, rid, created, body.model, include_usage, tok),
+        return StreamingResponse(_stream(request, subs, rid, created, body.model, include_usage, want_lp, tok),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    return await complete(request, sub, lambda outs, last: {
+    return await complete(request, subs, lambda results: {
         "id": rid, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "text": "".join(o.text for o in outs),
-                     "logprobs": logprobs_block(tok, outs) if params.logprobs is not None else None,
-                     "finish_reason": last.finish_reason}],
-        "usage": usage(last),
+        "choices": [{"index": i, "text": "".join(o.text for o in outs),
+                     "logprobs": logprobs_block(tok, outs) if want_lp else None,
+                     "finish_reason": last.finish_reason} for i, (outs, last) in enumerate(results)],
+        "usage": usage([last for _, last in results]),
     })
 
 
-def _stream(request, sub, rid, created, model, include_usage, tok):
-    want_lp = sub.seq.params.logprobs is not None
-    offset = 0  # characters streamed so far: logprobs' text_offset
+def _stream(request, subs, rid, created, model, include_usage, want_lp, tok):
+    offsets = [0] * len(subs)  # characters streamed so far per choice: logprobs' text_offset
 
-    def chunk(text, lp=None, finish=None) -> dict:
+    def chunk(i, text, lp=None, finish=None) -> dict:
         c = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
+             "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
             c["usage"] = None
         return c
 
-    text_event = SSETemplate(chunk(SSETemplate.SPLICE))  # the common event: new text, no logprobs, not last
+    # the common event per choice: new text, no logprobs, not last
+    text_events = [SSETemplate(chunk(i, SSETemplate.SPLICE)) for i in range(len(subs))]
 
-    def render(out) -> list[bytes]:
-        nonlocal offset
-        parts = []
-        if out.text or out.finished or out.logprobs:
-            if not want_lp and not out.finished:
-                parts.append(text_event(out.text))
-            else:
-                lp = logprobs_block(tok, [out], offset) if want_lp else None
-                parts.append(sse(chunk(out.text, lp, out.finish_reason if out.finished else None)))
-            offset += len(out.text)
-        if out.finished and include_usage:
-            parts.append(sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                              "choices": [], "usage": usage(out)}))
-        return parts
+    def render(i, out) -> list[bytes]:
+        if not (out.text or out.finished or out.logprobs):
+            return []
+        if not want_lp and not out.finished:
+            part = text_events[i](out.text)
+        else:
+            lp = logprobs_block(tok, [out], offsets[i]) if want_lp else None
+            part = sse(chunk(i, out.text, lp, out.finish_reason if out.finished else None))
+        offsets[i] += len(out.text)
+        return [part]
 
-    return stream_events(request, sub, render)
+    def final(lasts) -> list[bytes]:
+        if not include_usage:
+            return []
+        return [sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                     "usage": usage(lasts)})]
+
+    return stream_events(request, subs, render, final)

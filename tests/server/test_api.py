@@ -113,6 +113,19 @@ def test_disconnect_frees_kv_blocks(server):
         assert time.monotonic() - t0 < 5, "KV blocks not freed after disconnect"
         time.sleep(0.01)
     assert engine.num_running == 0
+    # a streamed batch of prompts: every one of its sequences is cancelled
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"model": "chan-b", "prompt": ["Once upon a time", "Bolt"], "max_tokens": 230,
+                            "stream": True, "ignore_eos": True}) as r:
+        it = r.iter_lines()
+        for _ in range(6):
+            next(it)
+        assert engine.num_running == 2
+    t0 = time.monotonic()
+    while alloc.num_free != alloc.usable or server.state.inflight:
+        assert time.monotonic() - t0 < 5, "KV blocks not freed after disconnect"
+        time.sleep(0.01)
+    assert engine.num_running == 0
 
 
 def test_errors_in_openai_shape(server):
@@ -178,6 +191,52 @@ def test_metrics_move(server):
     for name in ("scaleserve_requests_waiting", "scaleserve_requests_running", "scaleserve_kv_cache_usage_ratio",
                  "scaleserve_inter_token_latency_seconds_bucket", "scaleserve_adapter_load_seconds_count"):
         assert name in text
+
+
+BATCH = ["Once upon a time", "The capital of France", "Bolt"]
+
+
+def test_batched_prompts(server):
+    """A list of prompts: one choice per prompt (index = its position), each what the prompt gets alone,
+    usage summed; streamed, each choice's chunks add up to the same text and finish once."""
+    c = client(server)
+    alone = [c.completions.create(model="chan-a", prompt=p, max_tokens=7, temperature=0) for p in BATCH]
+    r = c.completions.create(model="chan-a", prompt=BATCH, max_tokens=7, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.text for ch in r.choices] == [a.choices[0].text for a in alone]
+    assert [ch.finish_reason for ch in r.choices] == [a.choices[0].finish_reason for a in alone]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    texts, finishes, usages = ["", "", ""], [[], [], []], []
+    for chunk in c.completions.create(model="chan-a", prompt=BATCH, max_tokens=7, temperature=0, stream=True,
+                                      stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+            if ch.finish_reason:
+                finishes[ch.index].append(ch.finish_reason)
+    assert texts == [ch.text for ch in r.choices]
+    assert finishes == [[ch.finish_reason] for ch in r.choices]
+    assert len(usages) == 1 and usages[0].completion_tokens == r.usage.completion_tokens
+    ids = [[5, 17, 42, 99], [7, 8]]  # a batch of token-id prompts
+    r = c.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    assert [ch.text for ch in r.choices] == [
+        c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0).choices[0].text for p in ids]
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 65, "max_tokens": 1})
+        assert r.status_code == 400 and "at most 64 prompts" in r.json()["error"]["message"]
+
+
+def test_batched_prompts_are_admitted_together_or_not_at_all(start_server):
+    s = start_server(tenant_max_concurrent=2)
+    with httpx.Client(base_url=s.url, timeout=30) as h:
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": BATCH, "max_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "tenant_concurrency_limit"
+        assert s.state.inflight == 0 and s.state.engine.num_waiting == 0 and not s.state.tenant_inflight
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": BATCH[:2], "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert s.state.inflight == 0 and not s.state.tenant_inflight
 
 
 def test_queue_full_gives_429(start_server, adapter_files):
