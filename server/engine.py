@@ -292,7 +292,9 @@ class Engine:
             return
         self.steps += 1
         seqs = [s for s, _ in sched]
-        logits = self._forward(sched, prev)
+        scoring = [i for i, (s, _) in enumerate(sched) if s.params.prompt_logprobs is not None
+                   and len(s.prompt_logprobs) < len(s.prompt_ids) - 1]
+        logits = self._forward_scoring(sched, scoring) if scoring else self._forward(sched, prev)
         # rows whose last prompt token was computed (or decodes) sample; chunk-interior rows do not
         done = [i for i, (s, n) in enumerate(sched) if s.num_computed + n == s.num_tokens]
         for s, n in sched:
@@ -395,6 +397,41 @@ class Engine:
             self.metrics.engine_steps.labels(kind).inc()
         return logits
 
+    def _forward_scoring(self, sched, scoring: list[int]) -> torch.Tensor:
+        """_forward for a step with prompt tokens to score (echo with logprobs): eager, with logits at every
+        position of those rows' chunks; records each prompt token's logprob (given the tokens before it)
+        and top alternatives in seq.prompt_logprobs, once per token (a recomputed chunk adds nothing).
+        -> the logits [len(sched), V] at each row's last position, as _forward gives."""
+        mode = self.slab.mode_for([s.slot for s, _ in sched])
+        batch = self._build_batch(sched, mode, every_position=scoring)
+        out = self.lm.model(batch, self.kv.k, self.kv.v)  # [R, V]: scored chunks whole, other rows' last
+        self.step_kinds["eager"] = self.step_kinds.get("eager", 0) + 1
+        if self.metrics:
+            self.metrics.engine_steps.labels("eager").inc()
+        counts = [n if i in scoring else 1 for i, (_, n) in enumerate(sched)]
+        ends = np.cumsum(counts)
+        rows, targets, owners = [], [], []  # logit row, the prompt token it predicts, the sequence
+        for i in scoring:
+            s, n = sched[i]
+            first = ends[i] - n
+            for j in range(n):
+                pos = s.num_computed + j + 1  # the prompt token this position predicts
+                if len(s.prompt_logprobs) < pos < len(s.prompt_ids):  # not scored before (a recompute)
+                    rows.append(first + j)
+                    targets.append(s.prompt_ids[pos])
+                    owners.append(s)
+        if rows:
+            lp = torch.log_softmax(out[torch.tensor(rows, device=out.device)].float(), -1)
+            tgt = torch.tensor(targets, device=out.device)
+            chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
+            k = max(s.params.prompt_logprobs for s in owners)
+            top_v, top_i = (lp.topk(k, -1) if k > 0 else (lp[:, :0], lp[:, :0].long()))
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for r, (s, t) in enumerate(zip(owners, targets)):
+                kk = s.params.prompt_logprobs
+                s.prompt_logprobs.append(TokenLogprob(t, chosen[r], list(zip(top_i[r][:kk], top_v[r][:kk]))))
+        return out[torch.tensor(ends - 1, device=out.device)]
+
     def _decode_graph(self, sched, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [B, V] of decode rows by graph replay, or None (no graphs, or B above every bucket).
         tokens: [B] input tokens already on the device (overlap), instead of the packed ones."""
@@ -491,8 +528,9 @@ class Engine:
         logits_index[S - 1] = Tb - 1
         return buf
 
-    def _build_batch(self, sched, mode: int) -> Batch:
-        """A general (prefill and/or decode) Batch, from numpy arrays and one host->device copy."""
+    def _build_batch(self, sched, mode: int, every_position: list[int] = ()) -> Batch:
+        """A general (prefill and/or decode) Batch, from numpy arrays and one host->device copy. Logits
+        at each row's last position, and at every position of the rows in `every_position`."""
         B, bs = len(sched), self.block_size
         counts = np.fromiter((n for _, n in sched), np.int64, B)
         starts = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
@@ -511,7 +549,11 @@ class Engine:
             tables[i, : len(s.blocks)] = s.blocks
         slots = tables[seg, positions // bs] * bs + positions % bs
         rows = np.repeat(np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3), counts, 0)
-        parts = [tok, positions, slots, starts + counts, qstart, qstart[1:] - 1, rows.T.reshape(-1), tables.reshape(-1)]
+        logits_index = qstart[1:] - 1
+        if len(every_position):
+            logits_index = np.concatenate([np.arange(qstart[i], qstart[i + 1]) if i in every_position
+                                           else qstart[i + 1 : i + 2] - 1 for i in range(B)])
+        parts = [tok, positions, slots, starts + counts, qstart, logits_index, rows.T.reshape(-1), tables.reshape(-1)]
         dev = self._upload(np.concatenate(parts))
         o = [0]
 
@@ -523,7 +565,7 @@ class Engine:
         tokens, pos_t, slot_t = take(T), take(T), take(T)
         seq_lens = take(B).int()
         qs = take(B + 1).int()
-        logits_index = take(B)
+        logits_index = take(len(logits_index))
         r = take(3 * T).view(3, T).int()
         bt = take(B * W).view(B, W).int()
         return Batch(tokens, pos_t, slot_t, bt, seq_lens, qs, logits_index,

@@ -36,6 +36,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = off; k >= 0 = the chosen token's logprob + k alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
 
 
 class Status(Enum):
@@ -74,6 +75,7 @@ class Sequence:
     # one being computed); they count in num_tokens, so the scheduler sees a decode row, but are not in
     # output_ids yet
     inflight: int = 0
+    prompt_logprobs: list = field(default_factory=list)  # engine.TokenLogprob of prompt tokens 1.. (scoring)
     # incremental detokenization (detokenizer.py)
     text: str = ""  # emitted text (stop strings removed)
     prefix_offset: int = 0

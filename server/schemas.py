@@ -26,7 +26,8 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(..., min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, description="default: what is left of the context")
+    max_tokens: int | None = Field(None, ge=0, description="default: what is left of the context; 0 only with "
+                                                           "echo (score the prompt, generate nothing)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="extension: 0 = off")
@@ -79,7 +80,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         ..., description="a prompt (text or token ids) or a batch of up to 64 of them: one choice each")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = Field(False, description="not supported; must be false")
+    echo: bool = Field(False, description="the prompt before the completion in text (and logprobs); not streamed")
     best_of: int | None = Field(None, ge=1, description="only 1 is supported")
 
     @field_validator("best_of")

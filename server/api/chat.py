@@ -65,7 +65,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     adapter, label = resolve_model(request, tenant, body.model)
     tok = st.lm.tokenizer
     ids = chat_prompt_ids(tok, body.messages)
-    max_tokens = check_prompt(request, ids, body.max_completion_tokens or body.max_tokens, "messages")
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if asked == 0:
+        raise APIError(400, "max_tokens: must be at least 1", "max_tokens", "invalid_value")
+    max_tokens = check_prompt(request, ids, asked, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")

@@ -113,7 +113,7 @@ def resolve_model(request: Request, tenant, model: str):
 # --- admission -------------------------------------------------------------------------------------
 
 
-def sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     seed = req.seed if req.seed is not None else random.getrandbits(62)
     stops = req.stop_list()
     if len(stops) > 4:
@@ -123,7 +123,8 @@ def sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParam
     return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
         stop=stops, stop_token_ids=frozenset(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs)
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs)
 
 
 def check_prompt(request: Request, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:

@@ -1,6 +1,8 @@
 """POST /v1/completions (OpenAI legacy completions: a prompt or a batch of prompts, text or token ids;
 n = 1). A batch of k prompts is k sequences in the engine (admitted together or not at all) and k choices,
-index i for prompt i; streamed, their chunks interleave as they are produced."""
+index i for prompt i; streamed, their chunks interleave as they are produced. `echo` puts the prompt before
+the completion; with `logprobs` it scores every prompt token (None for the first, as OpenAI), and with
+max_tokens 0 it only scores (what evaluation harnesses ask for loglikelihoods)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..auth import Tenant, get_tenant
+from ..engine import StepOutput
 from ..schemas import CompletionRequest, ErrorResponse
 from .common import (SSE_HEADERS, APIError, check_prompt, complete, resolve_model, sampling_params, sse,
                      SSETemplate, stream_events, submit_many, token_text, usage)
@@ -33,6 +36,17 @@ def prompt_batch(tok, prompt) -> list[list[int]]:
     return [tok.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
 
 
+def prompt_logprobs_block(tok, ids: list[int], lps) -> dict:
+    """The logprobs block of an echoed prompt: its tokens, None then each later token's logprob."""
+    tokens = [token_text(tok, t) for t in ids]
+    offsets = [0]
+    for t in tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    return {"tokens": tokens, "token_logprobs": [None] + [lp.logprob for lp in lps],
+            "top_logprobs": [None] + [{token_text(tok, t): v for t, v in lp.top} if lp.top else None for lp in lps],
+            "text_offset": offsets}
+
+
 def logprobs_block(tok, outs, start_offset: int = 0) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     off = start_offset
@@ -50,18 +64,25 @@ def logprobs_block(tok, outs, start_offset: int = 0) -> dict:
 @router.post("/v1/completions", responses=ERRORS)
 async def create_completion(body: CompletionRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     st = request.app.state
-    if body.echo:
-        raise APIError(400, "echo is not supported", "echo", "unsupported")
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream", "echo", "unsupported")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 needs echo (to score the prompt)", "max_tokens", "invalid_value")
     if body.suffix:
         raise APIError(400, "suffix is not supported", "suffix", "unsupported")
     adapter, label = resolve_model(request, tenant, body.model)
     tok = st.lm.tokenizer
     batch = prompt_batch(tok, body.prompt)
-    max_tokens = [check_prompt(request, ids, body.max_tokens, "prompt") for ids in batch]
-    params = [sampling_params(body, m, body.logprobs) for m in max_tokens]
+    score_only = body.max_tokens == 0  # generates one token internally, returns none
+    max_tokens = [check_prompt(request, ids, 1 if score_only else body.max_tokens, "prompt") for ids in batch]
+    want_lp = body.logprobs is not None
+    prompt_lp = body.logprobs if body.echo and want_lp else None
+    params = [sampling_params(body, m, body.logprobs, prompt_lp) for m in max_tokens]
     subs = submit_many(request, tenant, body.model, adapter, label, batch, params)
     rid, created = f"cmpl-{subs[0].seq.request_id}", int(time.time())
-    want_lp = body.logprobs is not None
+    if body.echo:
+        return await complete(request, subs, lambda results: _echoed(results, subs, body, batch, score_only, rid,
+                                                                     created, tok))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(request, subs, rid, created, body.model, include_usage, want_lp, tok),
@@ -73,6 +94,30 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
                      "finish_reason": last.finish_reason} for i, (outs, last) in enumerate(results)],
         "usage": usage([last for _, last in results]),
     })
+
+
+def _echoed(results, subs, body, batch, score_only, rid, created, tok) -> dict:
+    """The response of an echo request: each choice's text is its prompt then its completion; with
+    logprobs, the prompt's tokens (scored) come before the completion's."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) or not isinstance(body.prompt[0], (str, list)) \
+        else body.prompt
+    choices, lasts = [], []
+    for i, ((outs, last), ids, sub) in enumerate(zip(results, batch, subs)):
+        outs = [] if score_only else outs
+        prompt_text = prompts[i] if isinstance(prompts[i], str) else tok.decode(ids)
+        lp = None
+        if body.logprobs is not None:
+            lp = prompt_logprobs_block(tok, ids, sub.seq.prompt_logprobs)
+            gen = logprobs_block(tok, outs, sum(len(t) for t in lp["tokens"]))
+            lp = {k: lp[k] + gen[k] for k in lp}
+        choices.append({"index": i, "text": prompt_text + "".join(o.text for o in outs), "logprobs": lp,
+                        "finish_reason": last.finish_reason})
+        lasts.append(last)
+    use = usage(lasts)
+    if score_only:
+        use = usage([StepOutput([], "", prompt_tokens=o.prompt_tokens) for o in lasts])
+    return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+            "usage": use}
 
 
 def _stream(request, subs, rid, created, model, include_usage, want_lp, tok):

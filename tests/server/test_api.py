@@ -11,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from scaleserve.adapters.format import load_adapter
 from scaleserve.server.generate import generate_ids
@@ -226,6 +227,42 @@ def test_batched_prompts(server):
     with httpx.Client(base_url=server.url, timeout=30) as h:
         r = h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 65, "max_tokens": 1})
         assert r.status_code == 400 and "at most 64 prompts" in r.json()["error"]["message"]
+
+
+def test_echo_scores_the_prompt(server, tiny_lm):
+    """echo + logprobs (how evaluation harnesses ask for loglikelihoods): the prompt's tokens with the
+    model's logprob of each given the ones before (None for the first), then the completion; max_tokens
+    0 only scores. Checked against the dense forward of the same model."""
+    from scaleserve.kernels.linear import RowAdapters
+
+    c = client(server)
+    ids = [[5, 17, 42, 99, 7, 3, 250], [30, 31, 32]]
+    r = c.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == sum(map(len, ids))
+    tok = tiny_lm.tokenizer
+    for ch, p in zip(r.choices, ids):
+        lp = ch.logprobs
+        assert ch.text == tok.decode(p) and len(lp.tokens) == len(p) and lp.token_logprobs[0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(tiny_lm.model.forward_dense(torch.tensor([p]), RowAdapters.base(len(p), "cpu"))
+                                     [0].float(), -1)
+        for t in range(1, len(p)):
+            assert abs(lp.token_logprobs[t] - want[t - 1, p[t]].item()) < 1e-4
+            assert len(lp.top_logprobs[t]) <= 2
+        assert lp.text_offset == [sum(len(x) for x in lp.tokens[:j]) for j in range(len(p))]
+    # with a completion: the prompt, then what the prompt alone generates
+    plain = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, temperature=0, logprobs=1)
+    e = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, temperature=0, logprobs=1,
+                             echo=True)
+    n_prompt = e.usage.prompt_tokens
+    assert e.choices[0].text == "Once upon a time" + plain.choices[0].text
+    assert e.choices[0].logprobs.tokens[n_prompt:] == plain.choices[0].logprobs.tokens
+    assert e.choices[0].logprobs.token_logprobs[n_prompt:] == plain.choices[0].logprobs.token_logprobs
+    assert e.usage.completion_tokens == plain.usage.completion_tokens
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        for body, field in (({"echo": True, "stream": True}, "echo"), ({"max_tokens": 0}, "max_tokens")):
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_batched_prompts_are_admitted_together_or_not_at_all(start_server):

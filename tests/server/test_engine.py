@@ -487,3 +487,33 @@ def test_graph_paths_equal_eager_on_cpu(engine_lm, adapter_files, tmp_path, over
     assert max(chunks_per_prefill_graph) >= 2  # requests that joined together shared one prefill graph
     assert (engine.overlapped_steps > 0) == overlap
     assert engine.kv.allocator.num_free == engine.kv.allocator.usable
+
+
+@pytest.mark.parametrize("budget", [2048, 16])  # the prompt in one chunk, and in chunks of 16
+def test_prompt_logprobs_equal_the_dense_forward(engine_lm, adapter_files, tmp_path, budget):
+    """prompt_logprobs (echo): each prompt token after the first gets its logprob given the tokens before
+    it and the top alternatives, once, whatever the chunking, next to a normal request in the batch; the
+    generated tokens are the same as without scoring."""
+
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=budget)
+    prompt = PROMPTS[1]  # 37 tokens
+    plain = run(engine, [new_seq(prompt, avs["chan-a"], max_tokens=4)])[0]
+    scored = new_seq(prompt, avs["chan-a"], max_tokens=4, prompt_logprobs=3)
+    other = new_seq(PROMPTS[3], avs["group-a"], max_tokens=6)
+    got = run(engine, [scored, other])
+    assert got[0] == plain and got[1] == run(engine, [new_seq(PROMPTS[3], avs["group-a"], max_tokens=6)])[0]
+    assert [lp.token_id for lp in scored.prompt_logprobs] == prompt[1:]
+    # the dense forward with the same adapter: row t predicts token t + 1
+    slot = engine.registry.acquire(avs["chan-a"])
+    try:
+        rows = engine.slab.rows([slot], [len(prompt)])
+        with torch.no_grad():
+            logits = engine.lm.model.forward_dense(torch.tensor([prompt]), rows)[0]
+    finally:
+        engine.registry.release(avs["chan-a"])
+    want = torch.log_softmax(logits.float(), -1)
+    for t, lp in enumerate(scored.prompt_logprobs):
+        assert abs(lp.logprob - want[t, prompt[t + 1]].item()) < 1e-4
+        top = want[t].topk(3)
+        assert [i for i, _ in lp.top] == top.indices.tolist()
+        assert all(abs(v - w) < 1e-4 for (_, v), w in zip(lp.top, top.values.tolist()))
