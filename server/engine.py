@@ -328,7 +328,7 @@ class Engine:
         for s in sch.running:
             p = s.params
             if id(s) not in ids or s.inflight != 1 or s.aborted or p.logprobs is not None \
-                    or p.presence_penalty or p.frequency_penalty:
+                    or p.presence_penalty or p.frequency_penalty or p.prompt_logprobs is not None:
                 return False
             if len(s.output_ids) + 1 >= p.max_tokens or s.num_tokens >= self.max_model_len:
                 return False  # the token in flight is its last: the step after it would be wasted
