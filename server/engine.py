@@ -645,7 +645,8 @@ class Engine:
             else:
                 ids.append(t)
                 gen += 1
-                final = len(ids) >= p.max_tokens or seq.num_tokens >= max_len
+                # tokens on the host only: one still in flight (overlap) is not generated yet
+                final = len(ids) >= p.max_tokens or len(seq.prompt_ids) + len(ids) >= max_len
             decode = final or seq.read_offset != len(ids)
             if decode:
                 windows.append(ids[seq.prefix_offset : seq.read_offset])

@@ -517,3 +517,14 @@ def test_prompt_logprobs_equal_the_dense_forward(engine_lm, adapter_files, tmp_p
         top = want[t].topk(3)
         assert [i for i, _ in lp.top] == top.indices.tolist()
         assert all(abs(v - w) < 1e-4 for (_, v), w in zip(lp.top, top.values.tolist()))
+
+
+@pytest.mark.parametrize("overlap_on", [False, True])
+def test_context_end_stops_at_the_same_token(engine_lm, tmp_path, overlap_on):
+    """A sequence that runs into max_model_len ends with its last token at the context's end, overlapped
+    or not (a token still in flight must not count as generated)."""
+    engine, _ = make_engine(engine_lm, tmp_path, max_model_len=24, overlap_steps=overlap_on)
+    seq = new_seq(PROMPTS[0], max_tokens=1000, ignore_eos=True)
+    run(engine, [seq])
+    assert seq.finish_reason == "length"
+    assert len(seq.prompt_ids) + len(seq.output_ids) == 24
