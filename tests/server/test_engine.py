@@ -99,6 +99,8 @@ def test_seeded_sampling_is_batch_invariant(engine_lm, adapter_files, tmp_path, 
     alone = [run(engine, [new_seq(p, avs["chan-b"], **kw)])[0] for p in PROMPTS[:4]]
     together = run(engine, [new_seq(p, avs["chan-b"], **kw) for p in PROMPTS[:4]])
     assert together == alone
+    serial, avs_s = make_engine(engine_lm, tmp_path, adapter_files, overlap_steps=False)
+    assert run(serial, [new_seq(p, avs_s["chan-b"], **kw) for p in PROMPTS[:4]]) == alone  # same noise counter
     other_seed = run(engine, [new_seq(PROMPTS[0], avs["chan-b"], **{**kw, "seed": 99})])[0]
     assert other_seed != alone[0]
 
