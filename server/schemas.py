@@ -36,7 +36,7 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="extension")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=16, description="completions per prompt (seeded: seed, seed + 1, ...)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from ..auth import Tenant, get_tenant
 from ..schemas import ChatCompletionRequest, ErrorResponse
 from .common import (SSE_HEADERS, APIError, check_prompt, complete, resolve_model, sampling_params, sse,
-                     SSETemplate, stream_events, submit, token_text, usage)
+                     SSETemplate, stream_events, submit_many, token_text, usage)
 
 router = APIRouter(tags=["openai"])
 
@@ -72,46 +72,47 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
-    params = sampling_params(body, max_tokens, logprobs)
-    sub = submit(request, tenant, body.model, adapter, label, ids, params)
-    rid, created = f"chatcmpl-{sub.seq.request_id}", int(time.time())
+    params = [sampling_params(body, max_tokens, logprobs, None, j) for j in range(body.n)]
+    subs = submit_many(request, tenant, body.model, adapter, label, [ids] * body.n, params)
+    rid, created = f"chatcmpl-{subs[0].seq.request_id}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(request, sub, rid, created, body.model, include_usage, tok),
+        return StreamingResponse(_stream(request, subs, rid, created, body.model, include_usage, logprobs, tok),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    return await complete(request, [sub], lambda results: {
+    return await complete(request, subs, lambda results: {
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "system_fingerprint": None,
-        "choices": [{"index": 0,
+        "choices": [{"index": i,
                      "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
                      "logprobs": {"content": logprobs_content(tok, outs)} if logprobs is not None else None,
-                     "finish_reason": last.finish_reason} for outs, last in results],
+                     "finish_reason": last.finish_reason} for i, (outs, last) in enumerate(results)],
         "usage": usage([last for _, last in results]),
     })
 
 
-def _stream(request, sub, rid, created, model, include_usage, tok):
-    want_lp = sub.seq.params.logprobs is not None
+def _stream(request, subs, rid, created, model, include_usage, logprobs, tok):
+    want_lp = logprobs is not None
 
-    def chunk(delta: dict, finish=None, lp=None) -> dict:
+    def chunk(i: int, delta: dict, finish=None, lp=None) -> dict:
         c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": None,
-             "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+             "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
             c["usage"] = None
         return c
 
-    content_event = SSETemplate(chunk({"content": SSETemplate.SPLICE}))  # the common event: new text only
+    # the common event per choice: new text only
+    content_events = [SSETemplate(chunk(i, {"content": SSETemplate.SPLICE})) for i in range(len(subs))]
 
-    def render(_i, out) -> list[bytes]:
+    def render(i, out) -> list[bytes]:
         parts = []
         lp = {"content": logprobs_content(tok, [out])} if want_lp and out.logprobs else None
         if lp:
-            parts.append(sse(chunk({"content": out.text}, lp=lp)))
+            parts.append(sse(chunk(i, {"content": out.text}, lp=lp)))
         elif out.text:
-            parts.append(content_event(out.text))
+            parts.append(content_events[i](out.text))
         if out.finished:
-            parts.append(sse(chunk({}, finish=out.finish_reason)))
+            parts.append(sse(chunk(i, {}, finish=out.finish_reason)))
         return parts
 
     def final(lasts) -> list[bytes]:
@@ -120,4 +121,5 @@ def _stream(request, sub, rid, created, model, include_usage, tok):
         return [sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                      "system_fingerprint": None, "choices": [], "usage": usage(lasts)})]
 
-    return stream_events(request, [sub], render, final, first=sse(chunk({"role": "assistant", "content": ""})))
+    first = b"".join(sse(chunk(i, {"role": "assistant", "content": ""})) for i in range(len(subs)))
+    return stream_events(request, subs, render, final, first=first)

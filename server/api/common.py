@@ -113,8 +113,10 @@ def resolve_model(request: Request, tenant, model: str):
 # --- admission -------------------------------------------------------------------------------------
 
 
-def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-    seed = req.seed if req.seed is not None else random.getrandbits(62)
+def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                    sample: int = 0) -> SamplingParams:
+    """The engine's parameters of one sequence; `sample` j of a request's n gets seed + j (or a random one)."""
+    seed = (req.seed + sample) if req.seed is not None else random.getrandbits(62)
     stops = req.stop_list()
     if len(stops) > 4:
         raise APIError(400, "stop: at most 4 stop sequences", "stop", "invalid_value")
@@ -160,16 +162,11 @@ class Submitted:
     finished: bool = False
 
 
-def submit(request: Request, tenant, model: str, adapter, adapter_label: str, prompt_ids: list[int],
-           params: SamplingParams) -> Submitted:
-    """Admission control, then hand the sequence to the engine. 429 / 503 as OpenAI clients expect."""
-    return submit_many(request, tenant, model, adapter, adapter_label, [prompt_ids], [params])[0]
-
-
 def submit_many(request: Request, tenant, model: str, adapter, adapter_label: str, prompts: list[list[int]],
                 params: list[SamplingParams]) -> list[Submitted]:
-    """submit() for a batch of prompts: admitted all together or not at all (each is one sequence, one
-    queue place and one of the tenant's in-flight requests)."""
+    """Admission control, then hand a request's sequences (one per prompt and sample) to the engine, all
+    together or none: each takes one queue place and one of the tenant's in-flight requests. 429 / 503 as
+    OpenAI clients expect."""
     st = request.app.state
     if st.draining or not st.ready:
         raise APIError(503, "the server is shutting down" if st.draining else "the server is starting up",

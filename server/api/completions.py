@@ -1,6 +1,7 @@
 """POST /v1/completions (OpenAI legacy completions: a prompt or a batch of prompts, text or token ids;
-n = 1). A batch of k prompts is k sequences in the engine (admitted together or not at all) and k choices,
-index i for prompt i; streamed, their chunks interleave as they are produced. `echo` puts the prompt before
+n completions each). A batch of k prompts is k * n sequences in the engine (admitted together or not at
+all) and as many choices, index i * n + j for sample j of prompt i; streamed, their chunks interleave as
+they are produced. `echo` puts the prompt before
 the completion; with `logprobs` it scores every prompt token (None for the first, as OpenAI), and with
 max_tokens 0 it only scores (what evaluation harnesses ask for loglikelihoods)."""
 
@@ -77,7 +78,11 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
     max_tokens = [check_prompt(request, ids, 1 if score_only else body.max_tokens, "prompt") for ids in batch]
     want_lp = body.logprobs is not None
     prompt_lp = body.logprobs if body.echo and want_lp else None
-    params = [sampling_params(body, m, body.logprobs, prompt_lp) for m in max_tokens]
+    if len(batch) * body.n > MAX_BATCH_PROMPTS:
+        raise APIError(400, f"n: {len(batch)} prompts x n = {body.n} is more than {MAX_BATCH_PROMPTS} completions",
+                       "n", "invalid_value")
+    params = [sampling_params(body, m, body.logprobs, prompt_lp, j) for m in max_tokens for j in range(body.n)]
+    batch = [ids for ids in batch for _ in range(body.n)]  # choice i * n + j: sample j of prompt i
     subs = submit_many(request, tenant, body.model, adapter, label, batch, params)
     rid, created = f"cmpl-{subs[0].seq.request_id}", int(time.time())
     if body.echo:
@@ -104,7 +109,8 @@ def _echoed(results, subs, body, batch, score_only, rid, created, tok) -> dict:
     choices, lasts = [], []
     for i, ((outs, last), ids, sub) in enumerate(zip(results, batch, subs)):
         outs = [] if score_only else outs
-        prompt_text = prompts[i] if isinstance(prompts[i], str) else tok.decode(ids)
+        given = prompts[i // body.n]
+        prompt_text = given if isinstance(given, str) else tok.decode(ids)
         lp = None
         if body.logprobs is not None:
             lp = prompt_logprobs_block(tok, ids, sub.seq.prompt_logprobs)

@@ -229,6 +229,34 @@ def test_batched_prompts(server):
         assert r.status_code == 400 and "at most 64 prompts" in r.json()["error"]["message"]
 
 
+def test_n_completions_per_prompt(server):
+    """n samples per prompt: choice i * n + j is sample j of prompt i; with a seed, sample j is what seed + j
+    gives alone; streamed (chat), every index gets its role chunk, its text and one finish."""
+    c = client(server)
+    kw = dict(model="chan-b", max_tokens=6, temperature=1.0, seed=7)
+    r = c.completions.create(prompt=["Once upon a time", "Bolt"], n=3, **kw)
+    assert [ch.index for ch in r.choices] == list(range(6))
+    for i, p in enumerate(["Once upon a time", "Bolt"]):
+        for j in range(3):
+            alone = c.completions.create(prompt=p, **{**kw, "seed": 7 + j}).choices[0].text
+            assert r.choices[i * 3 + j].text == alone
+    assert len({ch.text for ch in r.choices[:3]}) > 1  # different seeds, different samples
+    chat = dict(model="chan-b", messages=[{"role": "user", "content": "Hello robot"}], max_tokens=6,
+                temperature=1.0, seed=11, n=2)
+    full = c.chat.completions.create(**chat)
+    assert [ch.index for ch in full.choices] == [0, 1]
+    texts, roles, finishes = ["", ""], [0, 0], [0, 0]
+    for chunk in c.chat.completions.create(**chat, stream=True):
+        for ch in chunk.choices:
+            roles[ch.index] += ch.delta.role == "assistant"
+            texts[ch.index] += ch.delta.content or ""
+            finishes[ch.index] += ch.finish_reason is not None
+    assert texts == [ch.message.content for ch in full.choices] and roles == [1, 1] and finishes == [1, 1]
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 9, "n": 8, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
 def test_echo_scores_the_prompt(server, tiny_lm):
     """echo + logprobs (how evaluation harnesses ask for loglikelihoods): the prompt's tokens with the
     model's logprob of each given the ones before (None for the first), then the completion; max_tokens
