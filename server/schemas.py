@@ -80,7 +80,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         ..., description="a prompt (text or token ids) or a batch of up to 64 of them: one choice each")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = Field(False, description="the prompt before the completion in text (and logprobs); not streamed")
+    echo: bool = Field(False, description="the prompt before the completion in text (and logprobs)")
     best_of: int | None = Field(None, ge=1, description="only 1 is supported")
 
     @field_validator("best_of")

@@ -65,8 +65,6 @@ def logprobs_block(tok, outs, start_offset: int = 0) -> dict:
 @router.post("/v1/completions", responses=ERRORS)
 async def create_completion(body: CompletionRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     st = request.app.state
-    if body.echo and body.stream:
-        raise APIError(400, "echo is not supported with stream", "echo", "unsupported")
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 needs echo (to score the prompt)", "max_tokens", "invalid_value")
     if body.suffix:
@@ -85,13 +83,15 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
     batch = [ids for ids in batch for _ in range(body.n)]  # choice i * n + j: sample j of prompt i
     subs = submit_many(request, tenant, body.model, adapter, label, batch, params)
     rid, created = f"cmpl-{subs[0].seq.request_id}", int(time.time())
-    if body.echo:
-        return await complete(request, subs, lambda results: _echoed(results, subs, body, batch, score_only, rid,
-                                                                     created, tok))
+    echo_of = (lambda i: _prompt_echo(body, batch, subs, tok, i)) if body.echo else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(request, subs, rid, created, body.model, include_usage, want_lp, tok),
+        return StreamingResponse(_stream(request, subs, rid, created, body.model, include_usage, want_lp, tok,
+                                         echo_of, score_only),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
+    if body.echo:
+        return await complete(request, subs, lambda results: _echoed(results, echo_of, score_only, rid, created,
+                                                                     body.model, tok))
     return await complete(request, subs, lambda results: {
         "id": rid, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": i, "text": "".join(o.text for o in outs),
@@ -101,33 +101,47 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
     })
 
 
-def _echoed(results, subs, body, batch, score_only, rid, created, tok) -> dict:
-    """The response of an echo request: each choice's text is its prompt then its completion; with
-    logprobs, the prompt's tokens (scored) come before the completion's."""
+def _prompt_echo(body, batch, subs, tok, i) -> tuple[str, dict | None]:
+    """Choice i's echoed prompt: the prompt as given (token ids decoded), and with logprobs its scored
+    tokens."""
     prompts = [body.prompt] if isinstance(body.prompt, str) or not isinstance(body.prompt[0], (str, list)) \
         else body.prompt
-    choices, lasts = [], []
-    for i, ((outs, last), ids, sub) in enumerate(zip(results, batch, subs)):
+    given = prompts[i // body.n]
+    text = given if isinstance(given, str) else tok.decode(batch[i])
+    lp = prompt_logprobs_block(tok, batch[i], subs[i].seq.prompt_logprobs) if body.logprobs is not None else None
+    return text, lp
+
+
+def _chars(text: str, lp: dict | None) -> int:
+    """Where the completion's text_offset starts after an echoed prompt."""
+    return sum(len(t) for t in lp["tokens"]) if lp else len(text)
+
+
+def _usage(lasts, score_only: bool) -> dict:
+    if score_only:  # the one token generated internally is not returned
+        lasts = [StepOutput([], "", prompt_tokens=o.prompt_tokens) for o in lasts]
+    return usage(lasts)
+
+
+def _echoed(results, echo_of, score_only, rid, created, model, tok) -> dict:
+    """The response of an echo request: each choice's text is its prompt then its completion; with
+    logprobs, the prompt's tokens (scored) come before the completion's."""
+    choices = []
+    for i, (outs, last) in enumerate(results):
         outs = [] if score_only else outs
-        given = prompts[i // body.n]
-        prompt_text = given if isinstance(given, str) else tok.decode(ids)
-        lp = None
-        if body.logprobs is not None:
-            lp = prompt_logprobs_block(tok, ids, sub.seq.prompt_logprobs)
-            gen = logprobs_block(tok, outs, sum(len(t) for t in lp["tokens"]))
+        text, lp = echo_of(i)
+        if lp is not None:
+            gen = logprobs_block(tok, outs, _chars(text, lp))
             lp = {k: lp[k] + gen[k] for k in lp}
-        choices.append({"index": i, "text": prompt_text + "".join(o.text for o in outs), "logprobs": lp,
+        choices.append({"index": i, "text": text + "".join(o.text for o in outs), "logprobs": lp,
                         "finish_reason": last.finish_reason})
-        lasts.append(last)
-    use = usage(lasts)
-    if score_only:
-        use = usage([StepOutput([], "", prompt_tokens=o.prompt_tokens) for o in lasts])
-    return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-            "usage": use}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage([last for _, last in results], score_only)}
 
 
-def _stream(request, subs, rid, created, model, include_usage, want_lp, tok):
+def _stream(request, subs, rid, created, model, include_usage, want_lp, tok, echo_of=None, score_only=False):
     offsets = [0] * len(subs)  # characters streamed so far per choice: logprobs' text_offset
+    echoed = [echo_of is None] * len(subs)  # with echo, each choice's first chunk is its prompt
 
     def chunk(i, text, lp=None, finish=None) -> dict:
         c = {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -140,20 +154,30 @@ def _stream(request, subs, rid, created, model, include_usage, want_lp, tok):
     text_events = [SSETemplate(chunk(i, SSETemplate.SPLICE)) for i in range(len(subs))]
 
     def render(i, out) -> list[bytes]:
+        parts = []
+        if not echoed[i]:  # the prompt is scored by now: its first output comes after its prefill
+            text, lp = echo_of(i)
+            parts.append(sse(chunk(i, text, lp)))
+            offsets[i] = _chars(text, lp)
+            echoed[i] = True
+        if score_only:
+            if out.finished:
+                parts.append(sse(chunk(i, "", None, out.finish_reason)))
+            return parts
         if not (out.text or out.finished or out.logprobs):
-            return []
+            return parts
         if not want_lp and not out.finished:
-            part = text_events[i](out.text)
+            parts.append(text_events[i](out.text))
         else:
             lp = logprobs_block(tok, [out], offsets[i]) if want_lp else None
-            part = sse(chunk(i, out.text, lp, out.finish_reason if out.finished else None))
+            parts.append(sse(chunk(i, out.text, lp, out.finish_reason if out.finished else None)))
         offsets[i] += len(out.text)
-        return [part]
+        return parts
 
     def final(lasts) -> list[bytes]:
         if not include_usage:
             return []
         return [sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                     "usage": usage(lasts)})]
+                     "usage": _usage(lasts, score_only)})]
 
     return stream_events(request, subs, render, final)

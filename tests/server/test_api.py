@@ -289,10 +289,27 @@ def test_echo_scores_the_prompt(server, tiny_lm):
     assert e.choices[0].logprobs.token_logprobs[n_prompt:] == pytest.approx(plain.choices[0].logprobs.token_logprobs,
                                                                             abs=1e-4)
     assert e.usage.completion_tokens == plain.usage.completion_tokens
+    # streamed: each choice's first chunk is its prompt (scored), then the completion as usual
+    for max_tokens, ref in ((4, e), (0, None)):
+        texts, tokens, lps, usages = [""], [[]], [[]], []
+        for chunk in c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=max_tokens,
+                                          temperature=0, logprobs=1, echo=True, stream=True,
+                                          stream_options={"include_usage": True}):
+            usages += [chunk.usage] if chunk.usage else []
+            for ch in chunk.choices:
+                texts[ch.index] += ch.text
+                if ch.logprobs:
+                    tokens[ch.index] += ch.logprobs.tokens
+                    lps[ch.index] += ch.logprobs.token_logprobs
+        if ref is None:  # only scored
+            assert texts[0] == "Once upon a time" and len(tokens[0]) == n_prompt and usages[0].completion_tokens == 0
+        else:
+            assert texts[0] == ref.choices[0].text and tokens[0] == ref.choices[0].logprobs.tokens
+            assert lps[0][0] is None and lps[0][1:] == pytest.approx(ref.choices[0].logprobs.token_logprobs[1:],
+                                                                     abs=1e-4)
     with httpx.Client(base_url=server.url, timeout=30) as h:
-        for body, field in (({"echo": True, "stream": True}, "echo"), ({"max_tokens": 0}, "max_tokens")):
-            r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", **body})
-            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
 
 
 def test_batched_prompts_are_admitted_together_or_not_at_all(start_server):
