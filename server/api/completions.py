@@ -1,9 +1,9 @@
 """POST /v1/completions (OpenAI legacy completions: a prompt or a batch of prompts, text or token ids;
 n completions each). A batch of k prompts is k * n sequences in the engine (admitted together or not at
 all) and as many choices, index i * n + j for sample j of prompt i; streamed, their chunks interleave as
-they are produced. `echo` puts the prompt before
-the completion; with `logprobs` it scores every prompt token (None for the first, as OpenAI), and with
-max_tokens 0 it only scores (what evaluation harnesses ask for loglikelihoods)."""
+they are produced. `echo` puts the prompt before the completion (streamed: each choice's first chunk);
+with `logprobs` it scores every prompt token (None for the first, as OpenAI), and with max_tokens 0 it only
+scores (what evaluation harnesses ask for loglikelihoods)."""
 
 from __future__ import annotations
 
