@@ -1,12 +1,14 @@
-"""The host's ceiling on serving throughput: the real app, engine, scheduler, sampler, detokenizer and SSE
-streaming, with the model's forward replaced by a stub that costs nothing. Whatever tokens/s this reaches is
-the most any GPU could deliver through this host path; the difference between 1 and T adapters is host work.
+"""The serving path's host cost, isolated: the real app, engine, scheduler, sampler, detokenizer and SSE
+streaming, with the model's forward replaced by a stub on a virtual GPU (VirtualGPU: each step costs
+--gpu-ms of device time, spent asynchronously as on a real GPU). Serial and overlapped engines
+(settings.overlap_steps) side by side: serial steps cost host + GPU time, overlapped ones max(host, GPU).
+With --gpu-ms 0 the figures are the host path's ceiling. 1 vs T adapters shows what adapters cost the host.
 
 The server (uvicorn + engine thread) runs in this process; the load generator (bench/serve.py's run_load)
 runs in a child process so the two do not share a GIL. For each scenario it prints throughput, ITL p50/p99
 and the engine's host ms per step by phase (bench/engine_overhead.py's instrumentation).
 
-    OMP_NUM_THREADS=1 python bench/host_path.py --json bench/results/host-path-cpu.json
+    OMP_NUM_THREADS=1 python bench/host_path.py --gpu-ms 3.2 --json bench/results/host-path-cpu-3.2ms.json
     python bench/host_path.py --preset smollm2-135m     # the real vocabulary size and layer count
 
 Runs anywhere (the stub keeps the device idle); --device cuda puts the slab and logits on the GPU.
@@ -38,7 +40,6 @@ class VirtualGPU:
     def __init__(self, engine, vocab: int, step_ms: float):
         self.busy_until = 0.0
         self.step_s = step_ms / 1e3
-        self.vocab = vocab
         model, dispatch, complete = engine.lm.model, engine._dispatch, engine._complete
 
         def forward(batch, k_cache, v_cache):  # logits [rows, V] whose argmax is (token * 31 + 7) % V
