@@ -39,7 +39,7 @@ from .detokenizer import Detokenizer, cut_stop, window_delta
 from .generate import eos_ids
 from .graphs import DecodeGraphs, PrefillGraphs
 from .kv_cache import KVCache
-from .sampler import SamplingTensors, sample
+from .sampler import SamplingTensors, apply_penalties, sample
 from .scheduler import Scheduler, Sequence, Status
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,19 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(lp: torch.Tensor, ids: torch.Tensor, ks: list[int | None]) -> tuple[list[int], list]:
+    """lp [R, V] log-probabilities, ids [R] the tokens taken, ks[r] alternatives wanted for row r (None:
+    no entry) -> (ids as a list, [TokenLogprob or None]), with one device->host copy."""
+    chosen = lp.gather(1, ids[:, None])[:, 0]
+    k = max((x for x in ks if x is not None), default=0)
+    top_v, top_i = lp.topk(k, -1) if k > 0 else (lp[:, :0], ids[:, None][:, :0])
+    rows = torch.cat([ids[:, None].double(), chosen[:, None].double(), top_i.double(), top_v.double()], 1).tolist()
+    entries = [None if kr is None else
+               TokenLogprob(int(r[0]), float(r[1]), [(int(r[2 + j]), float(r[2 + k + j])) for j in range(kr)])
+               for kr, r in zip(ks, rows)]
+    return [int(r[0]) for r in rows], entries
 
 
 @dataclass
@@ -131,9 +144,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv.allocator, self.block_size, settings.max_num_seqs,
                                    settings.max_num_batched_tokens, registry)
         self.eos = frozenset(eos_ids(lm))
-        self.tokenizer = lm.tokenizer
         self.detok = Detokenizer(lm.tokenizer, self.vocab)
-        self.linears = list(model.quant_linears().values())
         self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda" and settings.cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
@@ -149,7 +160,6 @@ class Engine:
         self._stop = False
         self.steps = 0
         self.step_kinds: dict[str, int] = {}  # how the model ran, per step kind (see _forward)
-        self.last_step_at = time.monotonic()
         self._outbox: dict | None = None  # during a step: event loop -> [(put, StepOutput)] (LoopSink batching)
         overlap = settings.overlap_steps
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
@@ -294,7 +304,7 @@ class Engine:
         seqs = [s for s, _ in sched]
         scoring = [i for i, (s, _) in enumerate(sched) if s.params.prompt_logprobs is not None
                    and len(s.prompt_logprobs) < len(s.prompt_ids) - 1]
-        logits = self._forward_scoring(sched, scoring) if scoring else self._forward(sched, prev)
+        logits = self._forward(sched, prev, scoring)
         # rows whose last prompt token was computed (or decodes) sample; chunk-interior rows do not
         done = [i for i, (s, n) in enumerate(sched) if s.num_computed + n == s.num_tokens]
         for s, n in sched:
@@ -363,19 +373,22 @@ class Engine:
         finally:
             self._flush()
 
-    def _forward(self, sched: list[tuple[Sequence, int]], prev: _Sampled | None = None) -> torch.Tensor:
+    def _forward(self, sched: list[tuple[Sequence, int]], prev: _Sampled | None = None,
+                 scoring: list[int] = ()) -> torch.Tensor:
         """Logits [len(sched), V]. On CUDA, graphs wherever the step allows: all decode rows -> a decode
         graph; up to PREFILL_GRAPH_SEQS short prefill chunks alone -> a prefill graph; decode rows plus
         such chunks (requests joining a running batch) -> both graphs, one after the other, instead of one
         eager step (which on a slow host costs ~0.1 ms of Python per kernel launch).
         prev: an overlapped step (all rows decode prev's sequences): the input tokens are prev's
-        sampled tokens, taken on the device."""
+        sampled tokens, taken on the device.
+        scoring: rows with prompt tokens to score (echo with logprobs): the step runs eagerly with logits
+        at every position of their chunks (_score_prompts)."""
         prefill = [i for i, (_, n) in enumerate(sched) if n > 1]
         logits, kind = None, "eager"
         tokens = None if prev is None else self._tokens_from(prev, sched)
-        if not prefill:
+        if not prefill and not scoring:
             logits, kind = self._decode_graph(sched, tokens), "decode_graph"
-        elif self.prefill_graphs is not None and len(prefill) <= self.prefill_graphs.max_seqs and \
+        elif not scoring and self.prefill_graphs is not None and len(prefill) <= self.prefill_graphs.max_seqs and \
                 self.prefill_graphs.bucket(sum(sched[i][1] for i in prefill)) is not None:
             chunks = [sched[i] for i in prefill]
             decode = [i for i, (_, n) in enumerate(sched) if n == 1]
@@ -388,48 +401,38 @@ class Engine:
         if logits is None:
             kind = "eager"
             mode = self.slab.mode_for([s.slot for s, _ in sched])
-            batch = self._build_batch(sched, mode)
+            batch = self._build_batch(sched, mode, every_position=scoring)
             if tokens is not None:
                 batch.tokens.copy_(tokens)
             logits = self.lm.model(batch, self.kv.k, self.kv.v)
+            if scoring:
+                logits = self._score_prompts(sched, scoring, logits)
         self.step_kinds[kind] = self.step_kinds.get(kind, 0) + 1
         if self.metrics:
             self.metrics.engine_steps.labels(kind).inc()
         return logits
 
-    def _forward_scoring(self, sched, scoring: list[int]) -> torch.Tensor:
-        """_forward for a step with prompt tokens to score (echo with logprobs): eager, with logits at every
-        position of those rows' chunks; records each prompt token's logprob (given the tokens before it)
-        and top alternatives in seq.prompt_logprobs, once per token (a recomputed chunk adds nothing).
-        -> the logits [len(sched), V] at each row's last position, as _forward gives."""
-        mode = self.slab.mode_for([s.slot for s, _ in sched])
-        batch = self._build_batch(sched, mode, every_position=scoring)
-        out = self.lm.model(batch, self.kv.k, self.kv.v)  # [R, V]: scored chunks whole, other rows' last
-        self.step_kinds["eager"] = self.step_kinds.get("eager", 0) + 1
-        if self.metrics:
-            self.metrics.engine_steps.labels("eager").inc()
-        counts = [n if i in scoring else 1 for i, (_, n) in enumerate(sched)]
-        ends = np.cumsum(counts)
+    def _score_prompts(self, sched, scoring: list[int], out: torch.Tensor) -> torch.Tensor:
+        """out: logits at every position of the `scoring` rows' chunks and at the other rows' last one.
+        Records each prompt token's logprob (given the tokens before it) and top alternatives in
+        seq.prompt_logprobs, once per token (a recomputed chunk adds nothing). -> logits [len(sched), V] at
+        each row's last position, as _forward gives."""
+        ends = np.cumsum([n if i in scoring else 1 for i, (_, n) in enumerate(sched)])
         rows, targets, owners = [], [], []  # logit row, the prompt token it predicts, the sequence
         for i in scoring:
             s, n = sched[i]
-            first = ends[i] - n
             for j in range(n):
                 pos = s.num_computed + j + 1  # the prompt token this position predicts
                 if len(s.prompt_logprobs) < pos < len(s.prompt_ids):  # not scored before (a recompute)
-                    rows.append(first + j)
+                    rows.append(ends[i] - n + j)
                     targets.append(s.prompt_ids[pos])
                     owners.append(s)
         if rows:
             lp = torch.log_softmax(out[torch.tensor(rows, device=out.device)].float(), -1)
-            tgt = torch.tensor(targets, device=out.device)
-            chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
-            k = max(s.params.prompt_logprobs for s in owners)
-            top_v, top_i = (lp.topk(k, -1) if k > 0 else (lp[:, :0], lp[:, :0].long()))
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for r, (s, t) in enumerate(zip(owners, targets)):
-                kk = s.params.prompt_logprobs
-                s.prompt_logprobs.append(TokenLogprob(t, chosen[r], list(zip(top_i[r][:kk], top_v[r][:kk]))))
+            _, entries = token_logprobs(lp, torch.tensor(targets, device=out.device),
+                                        [s.params.prompt_logprobs for s in owners])
+            for s, e in zip(owners, entries):
+                s.prompt_logprobs.append(e)
         return out[torch.tensor(ends - 1, device=out.device)]
 
     def _decode_graph(self, sched, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -603,23 +606,9 @@ class Engine:
         want = [p.logprobs for p in ps if p.logprobs is not None]
         if not want:
             return tokens, None
-        base = logits if counts is None else logits - st.frequency_penalty[:, None] * counts \
-            - st.presence_penalty[:, None] * (counts > 0).float()
-        lp = torch.log_softmax(base.float(), -1)
-        chosen = lp.gather(1, tokens[:, None])[:, 0]
-        k = max(want)
-        top_v, top_i = lp.topk(k, -1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])
-        packed = torch.cat([tokens[:, None].double(), chosen[:, None].double(), top_i.double(), top_v.double()], 1)
-        rows = packed.tolist()
-        toks = [int(r[0]) for r in rows]
-        out = []
-        for p, r in zip(ps, rows):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            top = [(int(r[2 + j]), float(r[2 + k + j])) for j in range(p.logprobs)]
-            out.append(TokenLogprob(int(r[0]), float(r[1]), top))
-        return toks, out
+        base = logits if counts is None else apply_penalties(logits, counts, st.presence_penalty,
+                                                             st.frequency_penalty)
+        return token_logprobs(torch.log_softmax(base.float(), -1), tokens, [p.logprobs for p in ps])
 
     def _process(self, seqs: list[Sequence], tokens: list[int], lps) -> None:
         now = time.monotonic()
