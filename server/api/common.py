@@ -218,13 +218,6 @@ def release(request: Request, sub: Submitted, status: int = 200, stream: bool = 
         "preemptions": seq.num_preemptions}))
 
 
-async def next_output(sub: Submitted) -> StepOutput:
-    out = await sub.queue.get()
-    if out.finished:
-        sub.finished = True
-    return out
-
-
 async def next_outputs(sub: Submitted) -> list[StepOutput]:
     """Wait for the next output, then take whatever else is already queued (a stream that fell behind
     sends several steps' events in one write), stopping at the last one."""
@@ -244,14 +237,13 @@ async def collect(request: Request, sub: Submitted) -> tuple[list[StepOutput], S
     outs = []
     while True:
         try:
-            out = await asyncio.wait_for(next_output(sub), timeout=1.0)
+            outs += await asyncio.wait_for(next_outputs(sub), timeout=1.0)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise asyncio.CancelledError("client disconnected") from None
             continue
-        outs.append(out)
-        if out.finished:
-            return outs, out
+        if sub.finished:
+            return outs, outs[-1]
 
 
 def finish_error(out: StepOutput) -> APIError | None:
