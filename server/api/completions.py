@@ -26,15 +26,16 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 429, 503)}
 MAX_BATCH_PROMPTS = 64
 
 
-def prompt_batch(tok, prompt) -> list[list[int]]:
-    """The request's prompts as token ids: a string or a token list is one prompt, a list of either a batch."""
+def prompt_batch(tok, prompt) -> tuple[list, list[list[int]]]:
+    """The request's prompts as given and as token ids: a string or a token list is one prompt, a list of
+    either a batch."""
     if isinstance(prompt, list) and len(prompt) == 0:
         raise APIError(400, "prompt: must not be empty", "prompt", "invalid_value")
-    batch = prompt if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else [prompt]
-    if len(batch) > MAX_BATCH_PROMPTS:
-        raise APIError(400, f"prompt: at most {MAX_BATCH_PROMPTS} prompts in one request, got {len(batch)}",
+    given = prompt if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else [prompt]
+    if len(given) > MAX_BATCH_PROMPTS:
+        raise APIError(400, f"prompt: at most {MAX_BATCH_PROMPTS} prompts in one request, got {len(given)}",
                        "prompt", "invalid_value")
-    return [tok.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in batch]
+    return given, [tok.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in given]
 
 
 def prompt_logprobs_block(tok, ids: list[int], lps) -> dict:
@@ -71,7 +72,7 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
         raise APIError(400, "suffix is not supported", "suffix", "unsupported")
     adapter, label = resolve_model(request, tenant, body.model)
     tok = st.lm.tokenizer
-    batch = prompt_batch(tok, body.prompt)
+    given, batch = prompt_batch(tok, body.prompt)
     score_only = body.max_tokens == 0  # generates one token internally, returns none
     max_tokens = [check_prompt(request, ids, 1 if score_only else body.max_tokens, "prompt") for ids in batch]
     want_lp = body.logprobs is not None
@@ -83,33 +84,23 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
     batch = [ids for ids in batch for _ in range(body.n)]  # choice i * n + j: sample j of prompt i
     subs = submit_many(request, tenant, body.model, adapter, label, batch, params)
     rid, created = f"cmpl-{subs[0].seq.request_id}", int(time.time())
-    echo_of = (lambda i: _prompt_echo(body, batch, subs, tok, i)) if body.echo else None
+    echo_of = None
+    if body.echo:
+        def echo_of(i):
+            return _prompt_echo(given[i // body.n], batch[i], subs[i].seq, tok, want_lp)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(request, subs, rid, created, body.model, include_usage, want_lp, tok,
                                          echo_of, score_only),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    if body.echo:
-        return await complete(request, subs, lambda results: _echoed(results, echo_of, score_only, rid, created,
-                                                                     body.model, tok))
-    return await complete(request, subs, lambda results: {
-        "id": rid, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": i, "text": "".join(o.text for o in outs),
-                     "logprobs": logprobs_block(tok, outs) if want_lp else None,
-                     "finish_reason": last.finish_reason} for i, (outs, last) in enumerate(results)],
-        "usage": usage([last for _, last in results]),
-    })
+    return await complete(request, subs, lambda results: _response(results, echo_of, score_only, want_lp, rid,
+                                                                   created, body.model, tok))
 
 
-def _prompt_echo(body, batch, subs, tok, i) -> tuple[str, dict | None]:
-    """Choice i's echoed prompt: the prompt as given (token ids decoded), and with logprobs its scored
-    tokens."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) or not isinstance(body.prompt[0], (str, list)) \
-        else body.prompt
-    given = prompts[i // body.n]
-    text = given if isinstance(given, str) else tok.decode(batch[i])
-    lp = prompt_logprobs_block(tok, batch[i], subs[i].seq.prompt_logprobs) if body.logprobs is not None else None
-    return text, lp
+def _prompt_echo(given, ids: list[int], seq, tok, want_lp: bool) -> tuple[str, dict | None]:
+    """An echoed prompt: the prompt as given (token ids decoded), and with logprobs its scored tokens."""
+    text = given if isinstance(given, str) else tok.decode(ids)
+    return text, prompt_logprobs_block(tok, ids, seq.prompt_logprobs) if want_lp else None
 
 
 def _chars(text: str, lp: dict | None) -> int:
@@ -123,16 +114,16 @@ def _usage(lasts, score_only: bool) -> dict:
     return usage(lasts)
 
 
-def _echoed(results, echo_of, score_only, rid, created, model, tok) -> dict:
-    """The response of an echo request: each choice's text is its prompt then its completion; with
-    logprobs, the prompt's tokens (scored) come before the completion's."""
+def _response(results, echo_of, score_only, want_lp, rid, created, model, tok) -> dict:
+    """The non-streamed response: a choice per sequence, its text (after its echoed prompt) and with
+    logprobs its tokens (the prompt's scored ones first)."""
     choices = []
     for i, (outs, last) in enumerate(results):
         outs = [] if score_only else outs
-        text, lp = echo_of(i)
-        if lp is not None:
+        text, lp = echo_of(i) if echo_of else ("", None)
+        if want_lp:
             gen = logprobs_block(tok, outs, _chars(text, lp))
-            lp = {k: lp[k] + gen[k] for k in lp}
+            lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
         choices.append({"index": i, "text": text + "".join(o.text for o in outs), "logprobs": lp,
                         "finish_reason": last.finish_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
