@@ -25,8 +25,6 @@ import io
 import json
 import os
 import pstats
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -201,12 +199,6 @@ def run_engine(engine, batch: int, steps: int, prompt_len: int, profile: bool) -
 # --- HTTP -----------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stream_load(url: str, streams: int, max_tokens: int, prompt_len: int) -> dict:
     from serve import run_load
 
@@ -225,48 +217,24 @@ def http_scenarios(url: str, a) -> list[dict]:
 
 
 def http_subprocess(model_dir: Path, a) -> list[dict]:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "SCALESERVE_DATA_DIR": "/tmp/scaleserve-overhead-data", "SCALESERVE_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, "-m", "scaleserve.server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--device", "cpu", "--served-model-name", "tiny", "--max-num-seqs", str(max(64, a.http_streams)),
-           "--kv-cache-max-blocks", "4096"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
+    from serve import SubprocessServer
 
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited: " + proc.stderr.read().decode()[-2000:])
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t0 > 300:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.2)
-        return http_scenarios(url, a)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    flags = dict(device="cpu", served_model_name="tiny", max_num_seqs=max(64, a.http_streams), kv_cache_max_blocks=4096)
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "SCALESERVE_DATA_DIR": "/tmp/scaleserve-overhead-data", "SCALESERVE_LOG_LEVEL": "warning"}
+    with SubprocessServer(model_dir, flags, env, Path(a.work) / "server.log") as srv:
+        return http_scenarios(srv.url, a)
 
 
 def http_inprocess(model_dir: Path, a) -> list[dict]:
-    from serve import InProcessServer
-
     from scaleserve.server.loader import load_model
+    from scaleserve.server.main import ThreadedServer, create_app
     from scaleserve.server.settings import Settings
 
     lm = load_model(model_dir, device="cpu")
     s = Settings(model=str(model_dir), device="cpu", served_model_name="tiny", data_dir="/tmp/scaleserve-overhead-data",
                  max_num_seqs=max(64, a.http_streams), kv_cache_max_blocks=4096, log_level="warning")
-    with InProcessServer(s, lm) as srv:
+    with ThreadedServer(create_app(s, lm=lm)) as srv:
         return http_scenarios(srv.url, a)
 
 

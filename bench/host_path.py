@@ -102,9 +102,10 @@ def main(argv=None) -> int:
 
     from engine_overhead import PHASES, instrument
     from make_random_model import make_random_model
-    from serve import InProcessServer, make_adapters
+    from serve import make_adapters
 
     from scaleserve.server.loader import load_model
+    from scaleserve.server.main import ThreadedServer, create_app
     from scaleserve.server.settings import Settings
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
                      max_num_seqs=max(64, *streams), gpu_adapter_slots=max(Ts) + 8,
                      kv_cache_max_blocks=max(streams) * ((a.prompt_len + a.output_len) // 16 + 4),
                      max_num_batched_tokens=max(2048, a.prompt_len), cuda_warmup=False, overlap_steps=overlap)
-        with InProcessServer(s, lm) as srv:
+        with ThreadedServer(create_app(s, lm=lm)) as srv:
             engine = srv.app.state.engine
             pt = instrument(engine)
             VirtualGPU(engine, vocab, a.gpu_ms)

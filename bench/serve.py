@@ -212,13 +212,6 @@ def print_table(rows: list[dict], keys: list[str]) -> None:
 # --- in-process server ------------------------------------------------------------------------------
 
 
-def InProcessServer(settings, lm):  # noqa: N802 - reads like the class it returns
-    """uvicorn in a thread on a free loopback port, over an already loaded model."""
-    from scaleserve.server.main import ThreadedServer, create_app
-
-    return ThreadedServer(create_app(settings, lm=lm))
-
-
 class SubprocessServer:
     """`scaleserve serve` in a child process on a free loopback port, so the load generator in this process
     does not share a GIL with the engine thread and uvicorn (the figures are the server's alone). Its log
@@ -437,8 +430,10 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
                  max_num_seqs=max(64, args.streams), gpu_adapter_slots=max(64, args.streams) + 8,
                  kv_cache_memory_fraction=args.kv_fraction, max_num_batched_tokens=args.max_num_batched_tokens)
     if args.in_process:  # the old way: client and server share this process (and its GIL)
-        srv_cm = InProcessServer(Settings(model=str(model_dir), data_dir=work / "data", log_level="warning", **flags),
-                                 lm)
+        from scaleserve.server.main import ThreadedServer, create_app
+
+        srv_cm = ThreadedServer(create_app(Settings(model=str(model_dir), data_dir=work / "data", log_level="warning",
+                                                    **flags), lm=lm))
     else:
         del lm  # the server loads its own copy
         gc.collect()
