@@ -40,7 +40,7 @@ class Metrics:
         self.adapter_load = Histogram("scaleserve_adapter_load_seconds", "adapter copy into a device slab slot",
                                       buckets=LOAD_BUCKETS, registry=r)
         self.engine_steps = Counter("scaleserve_engine_steps_total", "engine steps by how the model ran: "
-                                    "decode_graph, prefill_graph, split_graphs (decode + one prefill chunk), eager",
+                                    "decode_graph, prefill_graph, split_graphs (decode + prefill graphs), eager",
                                     ["kind"], registry=r)
         self.overlapped_steps = Counter("scaleserve_engine_overlapped_steps_total",
                                         "engine steps dispatched while the host still processed the step before "
