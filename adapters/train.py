@@ -286,11 +286,6 @@ def _init_tensors(init: Adapter, layers: dict[str, QuantLinear], granularity: st
 # --- forward, loss, eval --------------------------------------------------------------------
 
 
-def hidden_dense(model, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
-    """Final hidden states [B, S, D]: the loss needs logits only at target positions."""
-    return model.hidden_dense(tokens, rows)
-
-
 def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids [B, S] (right-padded: causal attention never lets a real token see the pads), mask [B, S]."""
     S = max(len(e.ids) for e in examples)
@@ -306,7 +301,7 @@ def loss_sum(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     """Summed cross entropy over the target tokens of a batch, and their count."""
     B, S = ids.shape
     dev = ids.device
-    h = hidden_dense(model, ids, RowAdapters.base(B * S, dev))
+    h = model.hidden_dense(ids, RowAdapters.base(B * S, dev))  # the loss needs logits only at targets
     sel = mask[:, 1:]  # target t is predicted at position t - 1
     hs = h[:, :-1][sel]  # [T, D]
     targets = ids[:, 1:][sel]

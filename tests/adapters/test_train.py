@@ -16,7 +16,6 @@ from scaleserve.adapters.train import (
     AdaptedLinearFn,
     TrainConfig,
     collate,
-    hidden_dense,
     loss_sum,
     lr_factor,
     train,
@@ -123,7 +122,7 @@ def test_hidden_dense_is_forward_dense(lm):
     rows = RowAdapters.base(ids.numel(), "cpu")
     with torch.no_grad():
         want = lm.model.forward_dense(ids, rows)
-        got = lm.model.logits(hidden_dense(lm.model, ids, rows), rows)
+        got = lm.model.logits(lm.model.hidden_dense(ids, rows), rows)
     assert torch.equal(got, want)
 
 
@@ -185,7 +184,7 @@ def test_trained_adapter_served_gives_training_logits(lm, completion_data, kind,
             opt.zero_grad()
         rows = RowAdapters.base(ids.numel(), "cpu")
         with torch.no_grad():
-            train_logits = model.logits(hidden_dense(model, ids, rows), rows)
+            train_logits = model.logits(model.hidden_dense(ids, rows), rows)
         tensors = {f"{name}.{suf}": t for name, w in wrappers.items() for suf, t in w.export().items()}
     from scaleserve.adapters.format import Adapter
 
@@ -207,7 +206,7 @@ def test_trained_adapter_served_gives_training_logits(lm, completion_data, kind,
     with trainable(model, kind, granularity, adapter):  # anchors = the trained tensors, multipliers 1
         with torch.no_grad():
             r = RowAdapters.base(seq.numel(), "cpu")
-            logits = model.logits(hidden_dense(model, seq, r), r)
+            logits = model.logits(model.hidden_dense(seq, r), r)
     assert logits[0, len(prompt) - 1 : -1].argmax(-1).tolist() == gen
 
 
