@@ -394,9 +394,10 @@ class Engine:
             decode = [i for i, (_, n) in enumerate(sched) if n == 1]
             dec = self._decode_graph([sched[i] for i in decode]) if decode else None
             if dec is not None or not decode:
-                # the graphs share one memory pool: keep the decode logits before the next replay
+                # the graphs share one memory pool: copy the decode logits out before the prefill replay
+                dec = None if dec is None else dec.clone()
                 pre = self._prefill_graph(chunks)
-                logits = pre if dec is None else self._in_order(torch.cat([dec.clone(), pre]), decode + prefill)
+                logits = pre if dec is None else self._in_order(torch.cat([dec, pre]), decode + prefill)
                 kind = "prefill_graph" if dec is None else "split_graphs"
         if logits is None:
             kind = "eager"

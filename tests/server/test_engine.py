@@ -458,12 +458,19 @@ def with_eager_graphs(engine):
     buffers, packing and padding) whose run() executes the padded batch eagerly instead of a captured
     graph. The engine's graph logic (which rows go to which graph, logits merging, overlapped tokens
     handed to the decode graph's inputs) then runs in CI."""
-    from scaleserve.server.graphs import DecodeGraphs, PrefillGraphs
-
-    def eager_run(graphs):
-        return lambda b, mode: graphs.model(graphs.batch(b, mode), graphs.kv.k, graphs.kv.v)
+    from scaleserve.server.graphs import PREFILL_GRAPH_SEQS, DecodeGraphs, PrefillGraphs
 
     s = engine.settings
+    # every "graph" returns its logits in this one buffer, as the captured graphs do from their shared
+    # memory pool: a replay overwrites the logits of the replay before
+    pool = torch.empty(max(s.max_num_seqs, PREFILL_GRAPH_SEQS + 1), engine.lm.model.embed.num_embeddings)
+
+    def eager_run(graphs):
+        def run(b, mode):
+            logits = graphs.model(graphs.batch(b, mode), graphs.kv.k, graphs.kv.v)
+            return pool[: len(logits)].copy_(logits)
+        return run
+
     engine.graphs = DecodeGraphs(engine.lm.model, engine.kv, s.max_num_seqs, engine.width, engine.device, None)
     engine.prefill_graphs = PrefillGraphs(engine.lm.model, engine.kv, min(s.max_num_batched_tokens, 511),
                                           engine.width, engine.device, None)
