@@ -14,8 +14,10 @@ o in q's dtype. A sequence with L = 0 writes nothing; one with n = 0 (and L = 1)
 
 Two code paths, picked on the host from `max_query_len` (no device sync):
 - max_query_len == 1: decode kernel. One program per (sequence, KV head, context split); its rows are
-  all query heads of that KV head (GQA), so each KV block is read from memory once. Long contexts
-  are split over programs (flash-decoding) and merged by a small reduction kernel.
+  all query heads of that KV head (GQA), so each KV block is read from memory once. The context is
+  split over programs (flash-decoding) and merged by a small reduction kernel: the number of splits
+  comes from the block table's capacity (a shape, so graphs stay valid), and each program takes an
+  equal share of the sequence's actual context, computed on the device.
 - otherwise: prefill kernel, flash-attention style online softmax over the paged KV with the causal
   offset n - L; a program's rows are (query token, query head of one KV head) pairs.
 
@@ -127,7 +129,6 @@ def _decode_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ot, stride_oh,
-    partition,  # KV tokens per split, a multiple of BLOCK_N
     GROUP: tl.constexpr,  # query heads per KV head
     G_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's smallest M)
     HEAD_DIM: tl.constexpr,
@@ -159,6 +160,9 @@ def _decode_kernel(
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # the splits share this sequence's actual context (not the block table's capacity, which sets
+    # NUM_SPLITS on the host): a short context is spread over every split, one tile each
+    partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     kv_start = split * partition
     kv_end = tl.minimum(kv_start + partition, ctx)
     k_head = k_ptr + kvh * stride_kh
@@ -397,8 +401,6 @@ def paged_attention(
     if max_query_len <= 1:
         max_context = block_tables.shape[1] * block_size
         splits = num_splits or decode_num_splits(B, KVH, max_context, q.device)
-        partition = triton.cdiv(triton.cdiv(max_context, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
-        splits = triton.cdiv(max_context, partition)  # no split left empty by rounding
         if splits > 1:
             part_o = torch.empty(B * H * splits * block_d, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(B * H * splits * 2, dtype=torch.float32, device=q.device)
@@ -406,7 +408,7 @@ def paged_attention(
             part_o = part_ml = out  # unused
         _decode_kernel[(B, KVH, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
-            qk_scale, *common_strides, partition,
+            qk_scale, *common_strides,
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
             num_warps=4, num_stages=2,

@@ -85,7 +85,9 @@ DECODE_LENS = [1, BS - 1, BS, 3 * BS + 5, 2 * BS + 1, 12 * BS + 8]  # 1, block-1
     (64, 4, 1, torch.bfloat16),  # 4
     (64, 2, 2, torch.float16),
 ])
-@pytest.mark.parametrize("num_splits", [None, 4])  # 4: every split of the 200-token context is busy
+# the splits divide each sequence's own context: 4 keeps every split of the long one busy; 16 leaves
+# splits past a short context (and some of the long one's) empty
+@pytest.mark.parametrize("num_splits", [None, 4, 16])
 def test_decode(D, H, KVH, dtype, num_splits):
     check([(n, 1) for n in DECODE_LENS], H, KVH, D, BS, dtype, num_splits=num_splits)
 
