@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
-#   bash bench/gpu_session.sh [tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
+#   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
 #                             [kernels_smollm2] [profile]        results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/ns:/tmp/site PYTHONUNBUFFERED=1 SCALESERVE_STORIES260K=$P
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests serve adapters)
+[ ${#steps[@]} -gt 0 ] || { echo "name the steps to run (setup alone only installs)" >&2; exit 2; }
 for step in "${steps[@]}"; do
   case $step in
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused.py tests/server/test_gpu_e2e.py \
@@ -38,6 +38,7 @@ for step in "${steps[@]}"; do
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
     engine) timeout 420 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
               tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
+    setup) ;;  # the install above, for a command that runs its own steps after it
     *) echo "unknown step $step" ;;
   esac
 done
