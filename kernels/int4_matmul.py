@@ -354,14 +354,12 @@ INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """The mode's list. Modes 1/2: K blocks no longer than K (a ragged last block is masked alone);
-    mode 3: K blocks that tile K exactly (every block is masked otherwise), if any do."""
+    """The mode's list; K blocks that tile K exactly (x loads are 16-byte vectors only then), if any do."""
     mode = kwargs.get("MODE", named_args.get("MODE"))
     mine = GEMV_ALPHA_CONFIGS if mode == MODE_ALPHA else GEMV_CONFIGS
     configs = [c for c in configs if any(c is m for m in mine)]
-    K = named_args["K"]
-    fit = [c for c in configs if (K % c.kwargs["BLOCK_K"] == 0 if mode == MODE_ALPHA else c.kwargs["BLOCK_K"] <= K)]
-    return fit or configs
+    even = [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0]
+    return even or configs
 
 
 @triton.jit
@@ -606,31 +604,6 @@ def _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, KW, words,
 
 
 @triton.jit
-def _gemv_nibble_blocks(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, offs_n, zero_ptr,
-                        stride_zg, s_rows, stride_s_g,
-                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr, EVEN_K: tl.constexpr,
-                        X_ALIGNED: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
-    """_gemv_nibble_loop over K blocks [kb_lo, kb_hi). A ragged K (down_proj's 11008 in 512-code blocks)
-    runs its whole blocks unmasked, with 16-byte x loads, and only the last block masked."""
-    if EVEN_K:
-        return _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, offs_n,
-                                 zero_ptr, stride_zg, s_rows, stride_s_g, GROUP_SIZE, BLOCK_K, GPI, True,
-                                 X_ALIGNED, FAST, PREFETCH, STAGES)
-    num_full = K // BLOCK_K
-    full_hi = tl.minimum(kb_hi, num_full)
-    if kb_lo < full_hi:
-        acc = _gemv_nibble_loop(acc, kb_lo, full_hi, num_full, q_tile, x_ptr, K, G, KW, words, g_offs, offs_n,
-                                zero_ptr, stride_zg, s_rows, stride_s_g, GROUP_SIZE, BLOCK_K, GPI, True,
-                                X_ALIGNED, FAST, PREFETCH, STAGES)
-    tail_lo = tl.maximum(kb_lo, num_full)
-    if tail_lo < kb_hi:
-        acc = _gemv_nibble_loop(acc, tail_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, offs_n,
-                                zero_ptr, stride_zg, s_rows, stride_s_g, GROUP_SIZE, BLOCK_K, GPI, False,
-                                False, FAST, PREFETCH, STAGES)
-    return acc
-
-
-@triton.jit
 def _plane_step(acc, kb, w_nx, num_kb, q_tile, x_ptr, K, G, KW, words, g_offs, a_rows, b_rows,
                 stride_aj, stride_ag, stride_bg,
                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, GPI: tl.constexpr,
@@ -767,13 +740,13 @@ def _gemv_int4_kernel(
                                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg,
                                    BITS, GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, STAGES)
         elif HAS_ZEROS:  # a PEQA row in a mode-3 batch: the group-scale (mode 2) math
-            acc = _gemv_nibble_blocks(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, stride_qn, words, g_offs,
-                                      offs_n, zero_ptr, stride_zg, s_rows, stride_s_g,
-                                      GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_ALIGNED, FAST, PREFETCH, STAGES)
+            acc = _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, stride_qn, words, g_offs, offs_n,
+                                    zero_ptr, stride_zg, s_rows, stride_s_g,
+                                    GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, STAGES)
     else:
-        acc = _gemv_nibble_blocks(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, stride_qn, words, g_offs, offs_n,
-                                  zero_ptr, stride_zg, s_rows, stride_s_g,
-                                  GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_ALIGNED, FAST, PREFETCH, STAGES)
+        acc = _gemv_nibble_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, K, G, stride_qn, words, g_offs, offs_n,
+                                zero_ptr, stride_zg, s_rows, stride_s_g,
+                                GROUP_SIZE, BLOCK_K, GPI, EVEN_K, X_VEC, FAST, PREFETCH, STAGES)
 
     # reduce over K, then the linear epilogue factors (they commute with the split-K sum)
     y = tl.sum(tl.sum(acc, 2), 1)  # [BN]
