@@ -15,8 +15,7 @@ o in q's dtype. A sequence with L = 0 writes nothing; one with n = 0 (and L = 1)
 Two code paths, picked on the host from `max_query_len` (no device sync):
 - max_query_len == 1: decode kernel. One program per (sequence, KV head, context split); its rows are
   all query heads of that KV head (GQA), so each KV block is read from memory once. The context is
-  split over programs (flash-decoding); the last program of a (sequence, KV head) to finish merges
-  the splits (arrival counters, as in the GEMV's split-K), so there is no second launch. The number of splits
+  split over programs (flash-decoding) and merged by a small reduction kernel: the number of splits
   comes from the block table's capacity (a shape, so graphs stay valid), and each program takes an
   equal share of the sequence's actual context, computed on the device.
 - otherwise: prefill kernel, flash-attention style online softmax over the paged KV with the causal
@@ -45,9 +44,6 @@ LOG2E = 1.4426950408889634
 # Decode: KV tokens per inner step, and the smallest context slice worth its own program.
 DECODE_BLOCK_N = 64
 DECODE_MIN_PARTITION = 256
-# Head dim 128 (Llama-2-7B): at 4 warps the kernel needs 255 registers and spills 416 B per thread
-# (the K / V tiles' gather pointers alone are 128 registers); at 8 warps, 218 and no spill (sm_90a).
-DECODE_WARPS_D128 = 8
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -126,7 +122,7 @@ def _attend_tile(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, qstart_ptr,
-    o_ptr, part_o_ptr, part_ml_ptr, cnt_ptr,  # cnt: per-(sequence, KV head) arrival counters, zero
+    o_ptr, part_o_ptr, part_ml_ptr,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -140,7 +136,6 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per KV cache block
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # NUM_SPLITS padded to a power of two
     INTERPRET: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -192,43 +187,43 @@ def _decode_kernel(
                  out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:
         # part_o: [B, H, NUM_SPLITS, BLOCK_D] unnormalised; part_ml: [B, H, NUM_SPLITS, 2] (max, sum)
-        num_heads = tl.num_programs(1) * GROUP
-        row = (b * num_heads + heads) * NUM_SPLITS + split  # [G_PAD]
+        row = (b * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G_PAD]
         tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_mask[:, None])
         tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
-        # the last split to arrive merges them (no second launch: it cost as much as the attention
-        # itself at batch 1); the counter is back at zero for the next launch / graph replay
-        tl.debug_barrier()  # every thread's partials are written before the arrival is published
-        cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            for g in tl.static_range(GROUP):
-                _merge_splits(o_ptr + q_row * stride_ot + (kvh * GROUP + g) * stride_oh, part_o_ptr, part_ml_ptr,
-                              (b * num_heads + kvh * GROUP + g) * NUM_SPLITS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
-                              SPLITS_PAD)
-            tl.atomic_xchg(cnt, 0)
 
 
 @triton.jit
-def _merge_splits(o_ptr, part_o_ptr, part_ml_ptr, row0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s, over one head's split rows
-    row0 .. row0 + NUM_SPLITS - 1 (written by other programs: read from L2, past this SM's L1)."""
+def _decode_reduce_kernel(
+    qstart_ptr, o_ptr, part_o_ptr, part_ml_ptr,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """o[row(b), h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q_row = tl.load(qstart_ptr + b)
+    if tl.load(qstart_ptr + b + 1) == q_row:
+        return
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < NUM_SPLITS
-    row = row0 + offs_s  # [SPLITS_PAD]
-    m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + offs_s  # [SPLITS_PAD]
+    m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: all weights 0
     w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
-    acc = tl.load(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0,
-                  cache_modifier=".cg")
+    acc = tl.load(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     num = tl.sum(acc * w[:, None], 0)  # [BLOCK_D]
     den = tl.sum(l * w, 0)
     out = num / tl.where(den > 0, den, 1.0)
-    tl.store(o_ptr + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(o_ptr + q_row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,16 +315,6 @@ def _prefill_kernel(
 # ---------------------------------------------------------------------------------------------
 
 _SM_COUNT: dict[int, int] = {}
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """The decode kernel's per-(sequence, KV head) arrival counters: zero between launches (the last
-    split to arrive resets its own), allocated once per device so CUDA graphs keep the same buffer."""
-    key = torch.device(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -419,19 +404,21 @@ def paged_attention(
         if splits > 1:
             part_o = torch.empty(B * H * splits * block_d, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(B * H * splits * 2, dtype=torch.float32, device=q.device)
-            cnt = _split_counters(q.device)
-            if B * KVH > cnt.numel():
-                raise ValueError(f"{B} x {KVH} split decode programs exceed {cnt.numel()} counters")
         else:
-            part_o = part_ml = cnt = out  # unused
+            part_o = part_ml = out  # unused
         _decode_kernel[(B, KVH, splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml, cnt,
+            q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
             qk_scale, *common_strides,
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits,
-            SPLITS_PAD=triton.next_power_of_2(splits), INTERPRET=interpret,
-            num_warps=DECODE_WARPS_D128 if block_d >= 128 else 4, num_stages=2,
+            BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
+            num_warps=4, num_stages=2,
         )
+        if splits > 1:
+            _decode_reduce_kernel[(B, H)](
+                query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
+                NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
+                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+            )
         return out
 
     g_pad = triton.next_power_of_2(group)

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 
 import pytest  # noqa: E402
 
-from scaleserve.kernels.attention import _split_counters, paged_attention, write_kv  # noqa: E402
+from scaleserve.kernels.attention import paged_attention, write_kv  # noqa: E402
 from scaleserve.kernels.reference import paged_attention_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -90,8 +90,6 @@ DECODE_LENS = [1, BS - 1, BS, 3 * BS + 5, 2 * BS + 1, 12 * BS + 8]  # 1, block-1
 @pytest.mark.parametrize("num_splits", [None, 4, 16])
 def test_decode(D, H, KVH, dtype, num_splits):
     check([(n, 1) for n in DECODE_LENS], H, KVH, D, BS, dtype, num_splits=num_splits)
-    # the last split to arrive merged and reset its counter: the next launch starts from zero
-    assert _split_counters(torch.device(DEVICE)).count_nonzero() == 0
 
 
 @pytest.mark.parametrize("block_size", [8, 32])
