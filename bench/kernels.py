@@ -132,6 +132,20 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
     return graph_us(calls)
 
 
+def chosen_config(M: int) -> str:
+    """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
+    from scaleserve.kernels import int4_matmul as im
+
+    if M <= im.GEMV_MAX_M:
+        tuner = im._gemv_kernel
+    elif M <= im.DECODE_MAX_M:
+        tuner = im._decode_kernel
+    else:
+        tuner = im._gemm_kernel
+    best = getattr(tuner, "best_config", None)
+    return "" if best is None else str(best)
+
+
 def bench_bf16(K, N, M):
     ws = [torch.randn(N, K, device="cuda").bfloat16() for _ in range(n_copies(2 * N * K))]
     x = torch.randn(M, K, device="cuda").bfloat16()
@@ -250,7 +264,8 @@ def main(argv=None) -> int:
                         us = bench_ours(K, N, gs, mode, M, T, cache)
                         rows.append(dict(shape=shape, K=K, N=N, M=M, T=T, group_size=gs, mode=mode, us=us,
                                          bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
-                                         tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us))
+                                         tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us,
+                                         config=chosen_config(M)))
                         print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
                               f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
                               f"floor {floor_us:.1f})  [{time.time() - t0:.0f}s]", flush=True)
