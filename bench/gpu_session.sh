@@ -32,7 +32,7 @@ for step in "${steps[@]}"; do
                        | tee "$OUT/kernels_smollm2.log" | tail -20 ;;
     train) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/adapters/test_train.py \
              2>&1 | tee "$OUT/train_tests.log" | tail -8 ;;
-    profile) timeout 200 python3 bench/decode_profile.py --json "$OUT/decode_profile.json" 2>&1 \
+    profile) timeout 300 python3 bench/decode_profile.py --batches 1,64 --json "$OUT/decode_profile.json" 2>&1 \
                | tee "$OUT/decode_profile.log" | tail -40 ;;
     e2e) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
