@@ -151,9 +151,11 @@ def main(argv=None) -> int:
           f"{'overlapped':>10} | " + " | ".join(f"{k:>10}" for k in PHASES))
     for sc in out["scenarios"]:
         b = sc["best"]
-        print(f"{sc['overlap']!s:>7} | {sc['streams']:>7} | {sc['adapters']:>3} | {b['throughput_tok_s']:>8} | "
-              f"{b['itl_ms_p50']:>8} | {b['itl_ms_p99']:>8} | {b['overlapped_steps']:>10} | "
+        print(f"{sc['overlap']!s:>7} | {sc['streams']:>7} | {sc['adapters']:>3} | {b['throughput_tok_s']!s:>8} | "
+              f"{b['itl_ms_p50']!s:>8} | {b['itl_ms_p99']!s:>8} | {b['overlapped_steps']:>10} | "
               + " | ".join(f"{b['host_ms_per_step'][k]:>10.3f}" for k in PHASES))
+        if b["errors"]:  # e.g. 400s: prompt + output longer than the model's context
+            print(f"        errors by status: {b['errors']}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=2))
