@@ -28,6 +28,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -132,13 +133,13 @@ def summarize(results: list[dict], wall: float) -> dict:
 def mean_of(passes: list[dict]) -> dict:
     """One scenario's passes: the mean of every numeric field (counts summed), each pass kept as is."""
     out = {}
-    for k, v in passes[0].items():
+    for k in passes[0]:
         vals = [p[k] for p in passes]
         if k in ("requests", "ok", "generated_tokens", "prompt_tokens"):
             out[k] = sum(vals)
         elif all(isinstance(x, (int, float)) for x in vals):
             out[k] = round(sum(vals) / len(vals), 4)
-    out["errors"] = {e: sum(p["errors"].get(e, 0) for p in passes) for p in passes for e in p["errors"]}
+    out["errors"] = dict(sum((Counter(p["errors"]) for p in passes), Counter()))
     out["passes"] = passes
     return out
 

@@ -327,8 +327,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
-    """How many programs share one (sequence, KV head)'s context: enough to fill ~2 waves of SMs,
-    each covering at least DECODE_MIN_PARTITION tokens. Depends on shapes only (graph-safe)."""
+    """How many programs share one (sequence, KV head)'s context: enough to fill ~2 waves of SMs, and
+    no more than a full block table holds DECODE_MIN_PARTITION-token slices of. Depends on shapes only
+    (graph-safe); the kernel divides each sequence's actual context among them."""
     want = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
     cap = max(1, triton.cdiv(max_context, DECODE_MIN_PARTITION))
     return max(1, min(want, cap, 64))
