@@ -9,7 +9,8 @@ hold them. The floor is the int4 code bytes over the measured device-to-device c
   python bench/kernels.py --json out.json --png out.png
 
 Prints one table (µs per 7B layer = sum of the 4 shapes) and writes JSON rows
-{shape,K,N,M,T,group_size,mode,us,bf16_us,tinygemm_us,tinygemm_loop_us,floor_us}.
+{shape,K,N,M,T,group_size,mode,us,bf16_us,tinygemm_us,tinygemm_loop_us,floor_us} (+ floor_t_us:
+the codes plus the T adapters' fp16 tables, and the autotuned config).
 """
 
 from __future__ import annotations
@@ -123,10 +124,11 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
     x = torch.randn(M, K, device="cuda").bfloat16()
     cidx, sidx, aidx = make_rows(M, T, mode)
     for w in weights:
-        chan = (torch.rand(S, N, device="cuda") + 0.5).half()  # AdapterSlab keeps chan in fp16 on CUDA
-        scales = n_major(torch.rand(S, N, G, device="cuda") * 0.01) if mode >= 2 else None
-        alphas = n_major(torch.rand(S, 4, N, G, device="cuda") * 0.01) if mode == 3 else None
-        betas = n_major(torch.rand(S, N, G, device="cuda") * 0.01) if mode == 3 else None
+        # fp16 tables, N-contiguous: what AdapterSlab hands the kernel on CUDA
+        chan = (torch.rand(S, N, device="cuda") + 0.5).half()
+        scales = n_major(torch.rand(S, N, G, device="cuda") * 0.01).half() if mode >= 2 else None
+        alphas = n_major(torch.rand(S, 4, N, G, device="cuda") * 0.01).half() if mode == 3 else None
+        betas = n_major(torch.rand(S, N, G, device="cuda") * 0.01).half() if mode == 3 else None
         calls.append(lambda w=w, c=chan, s=scales, a=alphas, b=betas:
                      int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode, config=config))
     return graph_us(calls)
@@ -144,6 +146,17 @@ def chosen_config(M: int) -> str:
         tuner = im._gemm_kernel
     best = getattr(tuner, "best_config", None)
     return "" if best is None else str(best)
+
+
+def adapter_bytes(K, N, gs, mode, T, bits=4) -> int:
+    """Bytes of the T distinct adapters' fp16 tables one call must read besides the codes.
+
+    They are physical: at group size 128 one adapter's group scales are 1/32 of the int4 codes, so
+    64 distinct adapters in mode 2 read twice the codes' bytes in scales alone.
+    """
+    G = 1 if gs == -1 else math.ceil(K / gs)
+    per_adapter = {1: N, 2: N * G, 3: (bits + 1) * N * G}[mode]
+    return 2 * T * per_adapter
 
 
 def bench_bf16(K, N, M):
@@ -265,6 +278,7 @@ def main(argv=None) -> int:
                         rows.append(dict(shape=shape, K=K, N=N, M=M, T=T, group_size=gs, mode=mode, us=us,
                                          bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
                                          tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us,
+                                         floor_t_us=floor_us + adapter_bytes(K, N, gs, mode, T) / bw * 1e6,
                                          config=chosen_config(M)))
                         print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
                               f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
@@ -334,8 +348,8 @@ def layer_sums(rows, shapes):
     out = {}
     for k, rs in acc.items():
         if len(rs) == len(shapes):
-            out[k] = {f: sum(r[f] for r in rs) for f in ("us", "bf16_us", "tinygemm_us", "tinygemm_loop_us",
-                                                         "floor_us")}
+            out[k] = {f: sum(r.get(f, r["floor_us"]) for r in rs)
+                      for f in ("us", "bf16_us", "tinygemm_us", "tinygemm_loop_us", "floor_us", "floor_t_us")}
     return out
 
 
@@ -343,12 +357,14 @@ def print_table(rows, shapes) -> None:
     sums = layer_sums(rows, shapes)
     model = "SmolLM2-135M" if all(sh.startswith("sm_") for sh in shapes) else "Llama-2-7B"
     print(f"\nper {model} layer ({'+'.join(shapes)}), µs per call, CUDA-graph replay median")
+    print("(floorT: the codes plus the T adapters' fp16 tables, the bytes one call must read)")
     print(f"{'gs':>4} {'mode':>4} {'M':>4} {'T':>3} {'ours':>8} {'xfloor':>6} {'T/T1':>5} {'bf16':>8} "
-          f"{'tinygemm':>9} {'tg_loop':>8} {'floor':>7}")
+          f"{'tinygemm':>9} {'tg_loop':>8} {'floor':>7} {'floorT':>7}")
     for (gs, mode, M, T), s in sorted(sums.items()):
         t1 = sums.get((gs, mode, M, 1), s)["us"]
         print(f"{gs:>4} {mode:>4} {M:>4} {T:>3} {s['us']:8.1f} {s['us'] / s['floor_us']:6.2f} {s['us'] / t1:5.2f} "
-              f"{s['bf16_us']:8.1f} {s['tinygemm_us']:9.1f} {s['tinygemm_loop_us']:8.1f} {s['floor_us']:7.1f}")
+              f"{s['bf16_us']:8.1f} {s['tinygemm_us']:9.1f} {s['tinygemm_loop_us']:8.1f} {s['floor_us']:7.1f} "
+              f"{s['floor_t_us']:7.1f}")
 
 
 def plot(rows, path) -> None:

@@ -70,9 +70,13 @@ def _cfg(bm, bn, sk, warps=4, stages=3):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": sk}, num_warps=warps, num_stages=stages)
 
 
-# decode: a 16-row tile (tensor cores need 16) and split-K so that a 4096-wide output fills 132 SMs
+# decode (M <= 64): mma.sync tiles of 16-64 rows and split-K so that narrow outputs fill 132 SMs.
+# Wider BLOCK_N re-reads x (from L2) fewer times: at BLOCK_N 64 and M = 16 the x re-reads equal
+# the code bytes. BLOCK_M 64 would take wgmma, whose B operand must round-trip shared memory.
 DECODE_CONFIGS = [
-    _cfg(16, 64, 1), _cfg(16, 64, 2), _cfg(16, 32, 4), _cfg(16, 64, 4), _cfg(16, 128, 4), _cfg(16, 64, 8),
+    _cfg(16, 64, 1), _cfg(16, 64, 2), _cfg(16, 64, 4), _cfg(16, 128, 1), _cfg(16, 128, 2), _cfg(16, 128, 4),
+    _cfg(16, 128, 8), _cfg(16, 256, 2, warps=8), _cfg(16, 256, 4, warps=8),
+    _cfg(32, 64, 2), _cfg(32, 128, 1), _cfg(32, 128, 2), _cfg(32, 128, 4, warps=8),
 ]
 # prefill / larger batches: wider tiles; split-K only where the grid would be too small (M <= 64)
 GEMM_CONFIGS = [
@@ -87,6 +91,12 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 1}
 def _prune_gemm(configs, named_args, **kwargs):
     M = named_args["M"]
     return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or M <= GEMM_SPLIT_MAX_M]
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    """No row tile taller than the batch (its padding rows would cost MMAs and registers)."""
+    tall = max(16, triton.next_power_of_2(named_args["M"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= tall]
 
 
 # --- kernel ----------------------------------------------------------------------------------
@@ -128,8 +138,49 @@ def _sign_plane(byte, BIT: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _codes_sixteenths(byte, DT: tl.constexpr):
+    """byte [HALF, BN] uint8 -> (1 + lo/16, 1 + hi/16) in DT (16-bit), exact; GPU only.
+
+    Each nibble goes under the top of the mantissa of 1.0: a byte permute spreads two bytes into
+    the halves of a 32-bit word, then a shift and one LOP3 ((a & mask) | ones) make two values,
+    ~1.25 instructions per code and no float arithmetic (the 1 leaves through X_g).
+    """
+    if DT == tl.float16:  # 1.0 = 0x3C00, nibble at mantissa bits 6..9
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, u0, u1;\n"
+            "prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342;\n"
+            "shl.b32 u0, t0, 6; shl.b32 u1, t1, 6;\n"
+            "lop3.b32 $0, u0, 0x03C003C0, 0x3C003C00, 0xEA; lop3.b32 $1, u1, 0x03C003C0, 0x3C003C00, 0xEA;\n"
+            "shl.b32 u0, t0, 2; shl.b32 u1, t1, 2;\n"
+            "lop3.b32 $2, u0, 0x03C003C0, 0x3C003C00, 0xEA; lop3.b32 $3, u1, 0x03C003C0, 0x3C003C00, 0xEA; }",
+            "=r,=r,=r,=r,r", [byte], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+    else:  # bf16: 1.0 = 0x3F80, nibble at mantissa bits 3..6
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, u0, u1;\n"
+            "prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342;\n"
+            "shl.b32 u0, t0, 3; shl.b32 u1, t1, 3;\n"
+            "lop3.b32 $0, u0, 0x00780078, 0x3F803F80, 0xEA; lop3.b32 $1, u1, 0x00780078, 0x3F803F80, 0xEA;\n"
+            "shr.b32 u0, t0, 1; shr.b32 u1, t1, 1;\n"
+            "lop3.b32 $2, u0, 0x00780078, 0x3F803F80, 0xEA; lop3.b32 $3, u1, 0x00780078, 0x3F803F80, 0xEA; }",
+            "=r,=r,=r,=r,r", [byte], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+    return lo.to(DT, bitcast=True), hi.to(DT, bitcast=True)
+
+
+@triton.jit
+def _ones_like(byte, DT: tl.constexpr):
+    """1.0 in DT in the layout of byte (16-bit DT, GPU only). A constant tensor would take a
+    dot-operand layout of its own and make x be converted twice per K block."""
+    if DT == tl.float16:
+        return tl.inline_asm_elementwise("mov.b32 $0, 0x3C003C00; mov.b32 $1, 0x3C003C00;", "=r,=r,r", [byte],
+                                         dtype=tl.int16, is_pure=True, pack=4).to(DT, bitcast=True)
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, 0x3F803F80; mov.b32 $1, 0x3F803F80;", "=r,=r,r", [byte],
+                                         dtype=tl.int16, is_pure=True, pack=4).to(DT, bitcast=True)
+
+
+@triton.jit
 def _accumulate_block(
-    acc, kb, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha, arow, K,
+    acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha, arow, K,
     zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
     stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
     stride_bs, stride_bn, stride_bg,
@@ -137,7 +188,11 @@ def _accumulate_block(
     FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, CODE_MID: tl.constexpr,
     BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """acc [BM, BN] += this K block's contribution (K block kb lies in group kb, or the one group)."""
+    """acc [BM, BN] += this K block's contribution (K block kb lies in group kb, or the one group).
+
+    z_g, s_g (modes 1/2): the group's zero points [1, BN] and scales ([1, BN] base, [BM, BN] per
+    row; unused for one group), loaded one K block ahead by the caller (_group_tables).
+    """
     # x tile [BM, BLOCK_K] in one contiguous (vectorized) load, then split into even / odd k
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     xt = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(DT)
@@ -148,51 +203,86 @@ def _accumulate_block(
         g = 0
     else:
         g = kb  # BLOCK_K == GROUP_SIZE
+    if FAST:
+        # the one column X_g needs, as a dot with ones: it lands in the accumulator's layout, where a
+        # row sum of the x tile would be a cross-warp reduction (shared memory, barriers) per K block
+        ones = _ones_like(byte, DT)
+        x_sum = tl.dot(xe, ones, input_precision=PREC)
+        x_sum = tl.dot(xo, ones, x_sum, input_precision=PREC)  # [BM, BN] = X_g in every column
+    else:
+        x_sum = (tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1))[:, None]  # [BM, 1] = X_g
+    # slab-table tiles: slots are valid on every row (masked rows read slot 0) and columns are
+    # clamped into N (padded columns are never stored), so the loads need no mask and can take the
+    # accumulator's layout instead of a coalesced one plus a conversion
+    n_rows = tl.where(n_ok, offs_n, 0)
     if MODE != 3:
-        # dots with the codes Q themselves (exact in any dtype); the zero point is a float (rtn puts
-        # the group minimum on code 0), so it enters in float32: x_g . (Q_g - z_g) = x_g . Q_g - z_g X_g
-        w_lo = _codes(byte & 0xF, DT, FAST, MAGIC)
-        w_hi = _codes(byte >> 4, DT, FAST, MAGIC)
-        part = tl.dot(xe, w_lo, input_precision=PREC)
-        part = tl.dot(xo, w_hi, part, input_precision=PREC)  # [BM, BN] = x_g . Q_g
-        x_sum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)  # [BM] = X_g
-        z = tl.load(zero_ptr + g * stride_zg + offs_n)  # [BN], padded
-        part -= x_sum[:, None] * z[None, :]  # [BM, BN] = x_g . (Q_g - z_g)
+        # dots with the codes themselves; the zero point is a float (rtn puts the group minimum on
+        # code 0), so it enters in float32: x_g . (Q_g - z_g) = x_g . Q_g - z_g X_g
+        if FAST:  # the codes as 1 + Q/16 (exact): x . Q = 16 (x . (1 + Q/16) - X)
+            w_lo, w_hi = _codes_sixteenths(byte, DT)
+            part = tl.dot(xe, w_lo, input_precision=PREC)
+            part = tl.dot(xo, w_hi, part, input_precision=PREC)  # [BM, BN] = X_g + x_g . Q_g / 16
+            part = part * 16.0 - x_sum * (z_g + 16.0)  # [BM, BN] = x_g . (Q_g - z_g)
+        else:
+            part = tl.dot(xe, _codes(byte & 0xF, DT, FAST, MAGIC), input_precision=PREC)
+            part = tl.dot(xo, _codes(byte >> 4, DT, FAST, MAGIC), part, input_precision=PREC)
+            part -= x_sum * z_g
         if ONE_GROUP:
             acc += part
-        elif MODE == 1:
-            s0 = tl.load(s0_ptr + g * stride_zg + offs_n)
-            acc += part * s0[None, :]
         else:
-            s = tl.load(scale_ptr + sidx[:, None] * stride_ss + offs_n[None, :] * stride_sn + g * stride_sg,
-                        mask=n_ok[None, :], other=0.0)
-            acc += part * s.to(tl.float32)
+            acc += part * s_g
     else:
-        x_sum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)  # [BM] = X_g
-        peqa_tile = (~is_alpha)[:, None] & n_ok[None, :]
-        alpha_tile = is_alpha[:, None] & n_ok[None, :]
-        if HAS_ZEROS:
-            s = tl.load(scale_ptr + sidx[:, None] * stride_ss + offs_n[None, :] * stride_sn + g * stride_sg,
-                        mask=peqa_tile, other=0.0).to(tl.float32)
+        if HAS_ZEROS:  # PEQA rows take the zero point through X_g (their alpha-table reads are unused)
+            s = _load_f32(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] * stride_sn + g * stride_sg,
+                          FAST)
             z = tl.load(zero_ptr + g * stride_zg + offs_n)
             peqa_x = s * (CODE_MID - z[None, :])
         else:  # bcq base: every row is an alpha row
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             peqa_x = s
-        beta = tl.load(beta_ptr + arow[:, None] * stride_bs + offs_n[None, :] * stride_bn + g * stride_bg,
-                       mask=alpha_tile, other=0.0).to(tl.float32)
-        acc += x_sum[:, None] * tl.where(is_alpha[:, None], beta, peqa_x)
+        beta = _load_f32(beta_ptr + arow[:, None] * stride_bs + n_rows[None, :] * stride_bn + g * stride_bg, FAST)
+        acc += x_sum * tl.where(is_alpha[:, None], beta, peqa_x)
         pow2 = 0.5  # 2**(j-1)
         for j in tl.static_range(BITS):
             s_lo = _sign_plane(byte, j, DT, FAST)
             s_hi = _sign_plane(byte, j + 4, DT, FAST)
             plane = tl.dot(xe, s_lo, input_precision=PREC)
             plane = tl.dot(xo, s_hi, plane, input_precision=PREC)  # [BM, BN] = S_jg
-            a = tl.load(alpha_ptr + arow[:, None] * stride_as + j * stride_aj + offs_n[None, :] * stride_an
-                        + g * stride_ag, mask=alpha_tile, other=0.0).to(tl.float32)
+            a = _load_f32(alpha_ptr + arow[:, None] * stride_as + j * stride_aj + n_rows[None, :] * stride_an
+                          + g * stride_ag, FAST)
             acc += plane * tl.where(is_alpha[:, None], a, s * pow2)
             pow2 = pow2 * 2.0
     return acc
+
+
+@triton.jit
+def _group_tables(kb, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr, stride_zg, stride_ss, stride_sn,
+                  stride_sg, MODE: tl.constexpr, ONE_GROUP: tl.constexpr, FAST: tl.constexpr):
+    """(z [1, BN], s) of K block kb's group (kb clamped to the last block) for modes 1/2: s is the
+    base scale [1, BN] (mode 1) or each row's task scale [BM, BN] (mode 2); one group: z only (its
+    scale is an epilogue factor). Mode 3 reads its own tables per block: (0, 0).
+
+    The caller loads them one K block ahead: issued in the block where they are used, their latency
+    (~1 µs from DRAM) stood in every iteration (ncu: 5.8 of 10.4 cycles per instruction per warp
+    waited on these loads at M = 16).
+    """
+    if ONE_GROUP:
+        g = 0
+    else:
+        g = tl.minimum(kb, num_kb - 1)
+    if MODE == 3:
+        z = 0.0
+        s = 0.0
+    else:
+        z = tl.load(zero_ptr + g * stride_zg + offs_n)[None, :]  # padded: no mask
+        if ONE_GROUP:
+            s = 0.0
+        elif MODE == 1:
+            s = tl.load(s0_ptr + g * stride_zg + offs_n)[None, :]
+        else:
+            s = _load_f32(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] * stride_sn + g * stride_sg,
+                          FAST)
+    return z, s
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -241,19 +331,30 @@ def _adapted_int4_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
     q_cols = q_ptr + offs_n[:, None] * stride_qk  # [BN, 1] rows of codes_t
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_rows = tl.where(n_ok, offs_n, 0)
+    z_nx, s_nx = _group_tables(kb_lo, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr, stride_zg,
+                               stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST)
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         kb = kb_lo
         while kb < kb_hi:
-            acc = _accumulate_block(acc, kb, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha, arow, K,
-                zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
+            z_g, s_g = z_nx, s_nx
+            if not ONE_GROUP:
+                z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
+                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST)
+            acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha,
+                arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                 stride_bs, stride_bn, stride_bg,
                 MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N)
             kb += 1
     else:
         for kb in range(kb_lo, kb_hi):
-            acc = _accumulate_block(acc, kb, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha, arow, K,
-                zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
+            z_g, s_g = z_nx, s_nx
+            if not ONE_GROUP:
+                z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
+                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST)
+            acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha,
+                arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                 stride_bs, stride_bn, stride_bg,
                 MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N)
@@ -791,10 +892,11 @@ def _quick_bench(kernel_call, quantiles):
 
 # cache_results: the choice per key is kept on disk beside triton's compile cache
 _decode_kernel = triton.autotune(configs=DECODE_CONFIGS, key=_AUTOTUNE_KEY, do_bench=_quick_bench,
-                                 cache_results=True)(_adapted_int4_kernel)
+                                 cache_results=True,
+                                 prune_configs_by={"early_config_prune": _prune_decode})(_adapted_int4_kernel)
 _gemm_kernel = triton.autotune(configs=GEMM_CONFIGS, key=_AUTOTUNE_KEY, do_bench=_quick_bench, cache_results=True,
                                prune_configs_by={"early_config_prune": _prune_gemm})(_adapted_int4_kernel)
-DECODE_MAX_M = 16
+DECODE_MAX_M = 64
 _GEMV_KEY = ["N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "X_ALIGNED"]  # + x dtype
 _gemv_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemv_int4_kernel)
 _gemv_kernel = triton.autotune(configs=GEMV_CONFIGS + GEMV_ALPHA_CONFIGS, key=_GEMV_KEY, do_bench=_quick_bench,
