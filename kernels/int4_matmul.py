@@ -257,7 +257,7 @@ def _accumulate_block(
 
 @triton.jit
 def _group_tables(kb, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr, stride_zg, stride_ss, stride_sn,
-                  stride_sg, MODE: tl.constexpr, ONE_GROUP: tl.constexpr, FAST: tl.constexpr):
+                  stride_sg, MODE: tl.constexpr, ONE_GROUP: tl.constexpr, FAST: tl.constexpr, PAIRS: tl.constexpr):
     """(z [1, BN], s) of K block kb's group (kb clamped to the last block) for modes 1/2: s is the
     base scale [1, BN] (mode 1) or each row's task scale [BM, BN] (mode 2); one group: z only (its
     scale is an epilogue factor). Mode 3 reads its own tables per block: (0, 0).
@@ -279,10 +279,23 @@ def _group_tables(kb, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
             s = 0.0
         elif MODE == 1:
             s = tl.load(s0_ptr + g * stride_zg + offs_n)[None, :]
+        elif PAIRS:
+            s = _load_f16_pairs(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] + g * stride_sg)
         else:
             s = _load_f32(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] * stride_sn + g * stride_sg,
                           FAST)
     return z, s
+
+
+@triton.jit
+def _load_f16_pairs(ptrs):
+    """float32 values of a 16-bit table tile whose pointers come in adjacent pairs (columns n, n+1
+    of one row, 4-byte aligned): one 32-bit load per pair (GPU, in the pointers' layout). In the
+    accumulator's layout a thread's consecutive elements are such pairs; the launcher only sets
+    PAIRS for fp16/bf16 tables with unit stride along N and even strides."""
+    v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l,l", [ptrs], dtype=tl.int16, is_pure=True,
+                                  pack=2)
+    return v.to(ptrs.dtype.element_ty, bitcast=True).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -301,7 +314,7 @@ def _adapted_int4_kernel(
     MODE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, FAST: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, CODE_MID: tl.constexpr,
-    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: the programs that share a weight tile run together
@@ -333,14 +346,14 @@ def _adapted_int4_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_rows = tl.where(n_ok, offs_n, 0)
     z_nx, s_nx = _group_tables(kb_lo, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr, stride_zg,
-                               stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST)
+                               stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         kb = kb_lo
         while kb < kb_hi:
             z_g, s_g = z_nx, s_nx
             if not ONE_GROUP:
                 z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
-                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST)
+                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
             acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha,
                 arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
@@ -352,7 +365,7 @@ def _adapted_int4_kernel(
             z_g, s_g = z_nx, s_nx
             if not ONE_GROUP:
                 z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
-                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST)
+                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
             acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha,
                 arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
@@ -1060,7 +1073,7 @@ def int4_matmul(
                 FAST=fast, DT=tl.float32 if dot_f32 else _TL_DTYPE[x.dtype], PREC="ieee" if dot_f32 else None,
                 MAGIC=(1024.0 if x.dtype == torch.float16 else 128.0) if fast else 0.0,
                 CODE_MID=((1 << w.bits) - 1) / 2, BLOCK_K=block_k,
-                INTERPRET=interpret)
+                INTERPRET=interpret, PAIRS=fast and mode == MODE_GROUP and _pairs_ok(st, N))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -1077,6 +1090,12 @@ def int4_matmul(
     else:
         _gemm_kernel[grid](*args, **meta)
     return y
+
+
+def _pairs_ok(table: torch.Tensor | None, N: int) -> bool:
+    """A group-scale table the tensor-core kernel may read two columns at a time (_load_f16_pairs)."""
+    return (table is not None and table.element_size() == 2 and N % 2 == 0 and table.stride(1) == 1
+            and table.stride(0) % 2 == 0 and table.stride(2) % 2 == 0 and table.data_ptr() % 4 == 0)
 
 
 def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
