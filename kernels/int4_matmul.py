@@ -279,23 +279,38 @@ def _group_tables(kb, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
             s = 0.0
         elif MODE == 1:
             s = tl.load(s0_ptr + g * stride_zg + offs_n)[None, :]
-        elif PAIRS:
-            s = _load_f16_pairs(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] + g * stride_sg)
         else:
-            s = _load_f32(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] * stride_sn + g * stride_sg,
-                          FAST)
+            s = _table_tile(scale_ptr + sidx[:, None] * stride_ss + g * stride_sg, n_rows, stride_sn, FAST, PAIRS)
     return z, s
 
 
 @triton.jit
-def _load_f16_pairs(ptrs):
-    """float32 values of a 16-bit table tile whose pointers come in adjacent pairs (columns n, n+1
-    of one row, 4-byte aligned): one 32-bit load per pair (GPU, in the pointers' layout). In the
-    accumulator's layout a thread's consecutive elements are such pairs; the launcher only sets
-    PAIRS for fp16/bf16 tables with unit stride along N and even strides."""
-    v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l,l", [ptrs], dtype=tl.int16, is_pure=True,
-                                  pack=2)
-    return v.to(ptrs.dtype.element_ty, bitcast=True).to(tl.float32)
+def _table_tile(rows, n_rows, stride_n, FAST: tl.constexpr, PAIRS: tl.constexpr):
+    """float32 [BM, BN] tile of a slab table: rows [BM, 1] pointers to each row's (slot, group) entry,
+    columns n_rows [BN] (always in bounds: slots are valid on every row, masked rows read slot 0,
+    and columns past N are clamped). No mask, so the loads can take the accumulator's layout
+    instead of a coalesced one plus a shared-memory conversion.
+
+    PAIRS (16-bit table, unit stride along N, even N and 4-byte aligned pairs): one 32-bit load per
+    two adjacent columns, split and joined back; the compiler keeps each pair in one thread, as the
+    accumulator's layout holds it.
+    """
+    if PAIRS:
+        BN: tl.constexpr = n_rows.shape[0]
+        n_even, _ = tl.split(tl.reshape(n_rows, [BN // 2, 2]))  # [BN/2] first column of each pair
+        v = _load_b32((rows + n_even[None, :]).to(tl.pointer_type(tl.int32)))  # [BM, BN/2]
+        lo = v.to(tl.int16).to(rows.dtype.element_ty, bitcast=True)
+        hi = (v >> 16).to(tl.int16).to(rows.dtype.element_ty, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), [rows.shape[0], BN]).to(tl.float32)
+    else:
+        return _load_f32(rows + n_rows[None, :] * stride_n, FAST)
+
+
+@triton.jit
+def _load_b32(ptrs):
+    """int32 values, read-only path, in the pointers' layout (GPU)."""
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -1093,7 +1108,7 @@ def int4_matmul(
 
 
 def _pairs_ok(table: torch.Tensor | None, N: int) -> bool:
-    """A group-scale table the tensor-core kernel may read two columns at a time (_load_f16_pairs)."""
+    """A group-scale table the tensor-core kernel may read two columns at a time (_table_tile)."""
     return (table is not None and table.element_size() == 2 and N % 2 == 0 and table.stride(1) == 1
             and table.stride(0) % 2 == 0 and table.stride(2) % 2 == 0 and table.data_ptr() % 4 == 0)
 
