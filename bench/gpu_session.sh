@@ -25,7 +25,7 @@ for step in "${steps[@]}"; do
            cp /tmp/scaleserve-bench/*-server.log "$OUT/serve/" ;;
     adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
-    kernels) timeout 200 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
+    kernels) timeout 480 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
                --json "$OUT/kernels.json" --png "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
     kernels_smollm2) timeout 150 python3 bench/kernels.py --shapes sm_qkv,sm_o,sm_gate_up,sm_down --groups 32 \
                        --modes 1,2 --ms 1,16,64 --json "$OUT/kernels-smollm2.json" 2>&1 \
