@@ -36,7 +36,7 @@ Slab tables are read in place through their strides (AdapterSlab allocates them 
 adapted_linear copies a G-contiguous [S, N, G] table to N-contiguous (refreshed on writes).
 
 Paths: M = 1 runs the decode GEMV below (CUDA cores, the codes viewed as int32 words, K blocks of
-whole groups). Other small M (decode) uses BLOCK_M = 16 and split-K; the splits add their partial
+whole groups). Other M <= 64 (decode) uses BLOCK_M 16 / 32 and split-K; the splits add their partial
 tiles in a float32 workspace and the last split of a tile (a per-tile arrival counter, reset by
 that last split) finishes it, so one launch does all. Larger M uses larger tiles. All are
 autotuned per (M bucket, N, K, mode, group size, bits, dtypes) by triton.autotune; the configs are
