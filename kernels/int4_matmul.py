@@ -180,7 +180,7 @@ def _ones_like(byte, DT: tl.constexpr):
 
 @triton.jit
 def _accumulate_block(
-    acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha, arow, K,
+    acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
     zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
     stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
     stride_bs, stride_bn, stride_bg,
@@ -211,10 +211,6 @@ def _accumulate_block(
         x_sum = tl.dot(xo, ones, x_sum, input_precision=PREC)  # [BM, BN] = X_g in every column
     else:
         x_sum = (tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1))[:, None]  # [BM, 1] = X_g
-    # slab-table tiles: slots are valid on every row (masked rows read slot 0) and columns are
-    # clamped into N (padded columns are never stored), so the loads need no mask and can take the
-    # accumulator's layout instead of a coalesced one plus a conversion
-    n_rows = tl.where(n_ok, offs_n, 0)
     if MODE != 3:
         # dots with the codes themselves; the zero point is a float (rtn puts the group minimum on
         # code 0), so it enters in float32: x_g . (Q_g - z_g) = x_g . Q_g - z_g X_g
@@ -313,6 +309,31 @@ def _load_b32(ptrs):
                                      pack=1)
 
 
+@triton.jit
+def _k_step(
+    acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
+    zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
+    stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
+    stride_bs, stride_bn, stride_bg,
+    MODE: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, CODE_MID: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
+    """K block kb with the group tables loaded one block ahead: (acc, tables of block kb + 1)."""
+    z_g, s_g = z_nx, s_nx
+    if not ONE_GROUP:
+        z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
+                                   stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
+    acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha,
+                            arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
+                            stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an,
+                            stride_ag, stride_bs, stride_bn, stride_bg,
+                            MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF,
+                            BLOCK_M, BLOCK_N)
+    return acc, z_nx, s_nx
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _adapted_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
@@ -359,33 +380,30 @@ def _adapted_int4_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
     q_cols = q_ptr + offs_n[:, None] * stride_qk  # [BN, 1] rows of codes_t
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # slab-table columns clamped into N (padded columns are never stored) and slots valid on every
+    # row (masked rows read slot 0): the table loads need no mask, so they can take the
+    # accumulator's layout instead of a coalesced one plus a conversion
     n_rows = tl.where(n_ok, offs_n, 0)
     z_nx, s_nx = _group_tables(kb_lo, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr, stride_zg,
                                stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         kb = kb_lo
         while kb < kb_hi:
-            z_g, s_g = z_nx, s_nx
-            if not ONE_GROUP:
-                z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
-                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
-            acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha,
-                arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
+            acc, z_nx, s_nx = _k_step(acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
+                zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                 stride_bs, stride_bn, stride_bg,
-                MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N)
+                MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N,
+                PAIRS)
             kb += 1
-    else:
+    else:  # a for loop: the compiler software-pipelines the code and x tiles (num_stages)
         for kb in range(kb_lo, kb_hi):
-            z_g, s_g = z_nx, s_nx
-            if not ONE_GROUP:
-                z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
-                                           stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
-            acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, m_ok, n_ok, sidx, is_alpha,
-                arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
+            acc, z_nx, s_nx = _k_step(acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
+                zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                 stride_bs, stride_bn, stride_bg,
-                MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N)
+                MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF, BLOCK_M, BLOCK_N,
+                PAIRS)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
