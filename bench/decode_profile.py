@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def build_engine(preset: str, max_num_seqs: int):
+def build_engine(preset: str, max_num_seqs: int, pdl: bool = True):
     from scaleserve.adapters.registry import AdapterRegistry
     from scaleserve.server.engine import Engine
     from scaleserve.server.random_model import random_model
@@ -38,7 +38,7 @@ def build_engine(preset: str, max_num_seqs: int):
 
     lm = random_model(preset, device="cuda")
     s = Settings(device="cuda", max_num_seqs=max_num_seqs, kv_cache_max_blocks=max_num_seqs * 64,
-                 data_dir=tempfile.mkdtemp(prefix="scaleserve-prof-"), log_level="warning")
+                 data_dir=tempfile.mkdtemp(prefix="scaleserve-prof-"), log_level="warning", pdl=pdl)
     reg = AdapterRegistry.from_settings(lm, s)
     return Engine(lm, reg.slab, reg, s)
 
@@ -130,10 +130,10 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
     return res
 
 
-def run(preset: str, batch: int, steps: int) -> dict:
+def run(preset: str, batch: int, steps: int, pdl: bool = True) -> dict:
     from scaleserve.server.scheduler import SamplingParams, Sequence
 
-    engine = build_engine(preset, max(8, batch))
+    engine = build_engine(preset, max(8, batch), pdl)
     for i in range(batch):
         prompt = [3 + (7 * i + 13 * j) % 900 for j in range(16)]
         engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=2 * steps + 64, temperature=0.0,
@@ -170,7 +170,7 @@ def run(preset: str, batch: int, steps: int) -> dict:
     torch.cuda.synchronize()
     back_to_back = (time.perf_counter() - t0) / steps
     step_ms, replay_ms = statistics.median(walls) * 1e3, statistics.median(gpu) * 1e3
-    res = {"preset": preset, "batch": batch, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3),
+    res = {"preset": preset, "batch": batch, "pdl": pdl, "step_ms": round(step_ms, 3), "replay_ms": round(replay_ms, 3),
            "replay_back_to_back_ms": round(back_to_back * 1e3, 3), "host_ms": round(step_ms - replay_ms, 3),
            "tok_s": round(batch / statistics.median(walls), 1),
            "step_ms_overlap": round(statistics.median(walls_overlap) * 1e3, 3),
@@ -188,14 +188,15 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="llama2-7b,smollm2-135m")
     p.add_argument("--batches", default="1")
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--pdl", default="on", help="on | off | on,off: programmatic dependent launch (each a run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     for preset in a.presets.split(","):
-        for B in (int(x) for x in a.batches.split(",")):
-            r = run(preset, B, a.steps)
+        for B, pdl in ((int(b), p == "on") for b in a.batches.split(",") for p in a.pdl.split(",")):
+            r = run(preset, B, a.steps, pdl)
             out["runs"].append(r)
-            print(f"\n{preset} batch {B}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+            print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")

@@ -207,12 +207,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
                     help="earlier JSON: its rows for points not measured in this run are kept (table, JSON, PNG)")
     args = ap.parse_args(argv)
     import triton
 
     torch.manual_seed(0)
+    from scaleserve.kernels.pdl import set_pdl
+
+    set_pdl(not args.no_pdl)
     if args.gemv_max_m is not None:
         from scaleserve.kernels import int4_matmul as im
 
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
 
     def dump():
         if args.json:
-            meta = {"device": dev, "torch": torch.__version__, "copy_bw": bw}
+            meta = {"device": dev, "torch": torch.__version__, "copy_bw": bw, "pdl": not args.no_pdl}
             if args.merge:
                 meta["merged_from"] = args.merge
                 meta["measured_now"] = sorted({f"g{r['group_size']} mode {r['mode']} M {r['M']}" for r in rows})

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import num_sms
+from .pdl import launch_kwargs, wait_for_producer
 from .reference import paged_attention_ref
 
 LOG2E = 1.4426950408889634
@@ -137,7 +139,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -202,8 +206,10 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """o[row(b), h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+    wait_for_producer(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_row = tl.load(qstart_ptr + b)
@@ -248,7 +254,9 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,  # query tokens per program; BLOCK_Q * G_PAD rows
     BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -314,23 +322,11 @@ def _prefill_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: any small number
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def decode_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
     """How many programs share one (sequence, KV head)'s context: enough to fill ~2 waves of SMs, and
     no more than a full block table holds DECODE_MIN_PARTITION-token slices of. Depends on shapes only
     (graph-safe); the kernel divides each sequence's actual context among them."""
-    want = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+    want = triton.cdiv(2 * num_sms(device), max(1, batch * kv_heads))
     cap = max(1, triton.cdiv(max_context, DECODE_MIN_PARTITION))
     return max(1, min(want, cap, 64))
 
@@ -412,13 +408,13 @@ def paged_attention(
             qk_scale, *common_strides,
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            num_warps=4, num_stages=2,
+            num_warps=4, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](
                 query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4, **launch_kwargs(q),
             )
         return out
 
@@ -429,6 +425,7 @@ def paged_attention(
         qk_scale, *common_strides,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_N=block_n, INTERPRET=interpret, num_warps=num_warps, num_stages=num_stages,
+        **launch_kwargs(q),
     )
     return out
 
@@ -446,7 +443,9 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     ROW: tl.constexpr,  # KVH * D: one token's contiguous row
     BLOCK_ROW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producer(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot < 0:  # padded token: nothing to write
@@ -493,7 +492,7 @@ def write_kv(
             k_cache, v_cache, k, v, slot_mapping,
             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             k.stride(0), v.stride(0),
-            BLOCK_SIZE=block_size, ROW=KVH * D, BLOCK_ROW=triton.next_power_of_2(KVH * D),
+            BLOCK_SIZE=block_size, ROW=KVH * D, BLOCK_ROW=triton.next_power_of_2(KVH * D), **launch_kwargs(k),
         )
         return
     keep = (slot_mapping >= 0).nonzero().squeeze(1)  # host sync: CPU path only

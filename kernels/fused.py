@@ -23,10 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, wait_for_producer
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, y_ptr, h_ptr, D, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -58,7 +61,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     d2 = delta.reshape(-1, D).contiguous() if delta is not None else x2
     if T:
         _add_rms_norm_kernel[(T,)](x2, d2, weight, y, h, D, eps, HAS_DELTA=delta is not None,
-                                   BLOCK_D=triton.next_power_of_2(D), num_warps=4 if D >= 2048 else 1)
+                                   BLOCK_D=triton.next_power_of_2(D), num_warps=4 if D >= 2048 else 1,
+                                   **launch_kwargs(x2))
     return y.view(x.shape), (h.view(x.shape) if delta is not None else x)
 
 
@@ -66,7 +70,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 def _rope_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_rot_heads,
                     k_cache_ptr, v_cache_ptr, slot_ptr, n_heads, n_kv_heads, stride_kb, stride_ks, stride_vb,
                     stride_vs, BLOCK_SIZE,
-                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, WRITE_KV: tl.constexpr):
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, WRITE_KV: tl.constexpr,
+                    PDL: tl.constexpr):
+    wait_for_producer(PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
@@ -138,12 +144,13 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
         _rope_qk_kernel[(T, triton.cdiv(n_grid, block_h))](
             qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), n_rot, kc, vc, slots, n_heads, n_kv_heads, *strides,
             block_size, HALF=half, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half),
-            WRITE_KV=kv_cache is not None, num_warps=2)
+            WRITE_KV=kv_cache is not None, num_warps=2, **launch_kwargs(qkv))
     return qkv
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, I, stride_t, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, y_ptr, I, stride_t, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = j < I
@@ -165,5 +172,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(T, I, dtype=gate_up.dtype, device=gate_up.device)
     block = min(triton.next_power_of_2(I), 1024)
     if T:
-        _silu_mul_kernel[(T, triton.cdiv(I, block))](gu, y, I, gu.stride(0), BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(T, triton.cdiv(I, block))](gu, y, I, gu.stride(0), BLOCK=block, num_warps=4, **launch_kwargs(gu))
     return y.view(*gate_up.shape[:-1], I)

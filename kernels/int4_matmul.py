@@ -54,6 +54,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
+
 MODE_CHANNEL, MODE_GROUP, MODE_ALPHA = 1, 2, 3
 
 # Padding of the repacked codes: any BLOCK_N <= N_ALIGN and BLOCK_K <= 2 * KH_ALIGN runs unmasked.
@@ -350,7 +352,7 @@ def _adapted_int4_kernel(
     MODE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, FAST: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, CODE_MID: tl.constexpr,
-    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: the programs that share a weight tile run together
@@ -364,6 +366,15 @@ def _adapted_int4_kernel(
     offs_j = tl.arange(0, HALF)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    num_kb = tl.cdiv(K, BLOCK_K)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+    q_cols = q_ptr + offs_n[:, None] * stride_qk  # [BN, 1] rows of codes_t
+    if PDL:  # while the previous kernel finishes: this program's first code blocks into L2 (two lines a row)
+        line = kb_lo * HALF + tl.arange(0, 2)[None, :] * 128  # [1, 2] byte offsets in the (padded) row
+        prefetch_l2(q_cols + line, (line < stride_qk) & (kb_lo < kb_hi))
+    wait_for_producer(PDL)  # x, the slots and the tables below may come from the previous kernel
 
     # each row's slab slots
     cidx = tl.load(chan_idx_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
@@ -372,13 +383,7 @@ def _adapted_int4_kernel(
     is_alpha = aidx >= 0  # [BM]
     arow = tl.maximum(aidx, 0).to(tl.int64)
 
-    num_kb = tl.cdiv(K, BLOCK_K)
-    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
-    kb_lo = pid_k * kb_per_split
-    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
-
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
-    q_cols = q_ptr + offs_n[:, None] * stride_qk  # [BN, 1] rows of codes_t
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # slab-table columns clamped into N (padded columns are never stored) and slots valid on every
     # row (masked rows read slot 0): the table loads need no mask, so they can take the
@@ -845,7 +850,7 @@ def _gemv_int4_kernel(
     MODE: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr, X_ALIGNED: tl.constexpr, FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-    STAGES: tl.constexpr, EVEN_K: tl.constexpr,
+    STAGES: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[n] for the one row, one program per (column tile, K split); K blocks of GPI whole groups.
 
@@ -868,6 +873,11 @@ def _gemv_int4_kernel(
     kb_per_split = tl.cdiv(num_kb, SPLIT_K)
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+    if PDL:  # while the previous kernel finishes: this program's first two code blocks into L2
+        LINES: tl.constexpr = (BLOCK_K + 127) // 128  # 128-byte lines a row has in two blocks
+        word = kb_lo * (BLOCK_K // 8) + tl.arange(0, LINES)[None, :] * 32  # [1, LINES]
+        prefetch_l2(q_ptr + offs_n[:, None] * stride_qn + word, (word < stride_qn) & (kb_lo < kb_hi))
+    wait_for_producer(PDL)  # x, the row's slots and its tables may come from the previous kernel
 
     cidx = tl.load(chan_idx_ptr).to(tl.int64)
     sidx = tl.load(scale_idx_ptr).to(tl.int64)
@@ -1106,7 +1116,7 @@ def int4_matmul(
                 FAST=fast, DT=tl.float32 if dot_f32 else _TL_DTYPE[x.dtype], PREC="ieee" if dot_f32 else None,
                 MAGIC=(1024.0 if x.dtype == torch.float16 else 128.0) if fast else 0.0,
                 CODE_MID=((1 << w.bits) - 1) / 2, BLOCK_K=block_k,
-                INTERPRET=interpret, PAIRS=fast and mode == MODE_GROUP and _pairs_ok(st, N))
+                INTERPRET=interpret, PAIRS=fast and mode == MODE_GROUP and _pairs_ok(st, N), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -1150,7 +1160,7 @@ def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alph
     cnt = _tile_counters(x.device, "gemv")
     q32 = w.codes_t.view(torch.int32)  # [N_pad, Kh_pad/4]: word w holds codes 8w..8w+7 (nibble i = code 8w+i)
     meta = dict(MODE=mode, BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
-                FAST=not interpret)
+                FAST=not interpret, **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-max-blocks", type=int)
     s.add_argument("--drain-grace-s", type=float, help="how long SIGTERM waits for in-flight requests")
     s.add_argument("--gpu-adapter-slots", type=int, help="per-channel adapters resident on the device")
+    s.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                   help="programmatic dependent launch of the kernels on Hopper+ (default on)")
     s.add_argument("--api-keys-file")
     s.add_argument("--data-dir")
     s.add_argument("--log-level")

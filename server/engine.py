@@ -33,6 +33,7 @@ import torch
 
 from scaleserve.adapters.slab import BASE
 from scaleserve.kernels.linear import MODE_ALPHA, MODE_CHANNEL, MODE_GROUP, RowAdapters
+from scaleserve.kernels.pdl import set_pdl
 
 from .batch import Batch
 from .detokenizer import Detokenizer, cut_stop, window_delta
@@ -146,6 +147,7 @@ class Engine:
         self.eos = frozenset(eos_ids(lm))
         self.detok = Detokenizer(lm.tokenizer, self.vocab)
         self.graphs = self.prefill_graphs = None
+        set_pdl(settings.pdl)  # before any graph is captured: the launches are recorded with it
         if self.device.type == "cuda" and settings.cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
             self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device, pool)

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     overlap_steps: bool | None = Field(None, description="dispatch the next decode step before the host has "
                                        "processed the last one's tokens (hides host time behind the GPU); "
                                        "default: on with CUDA")
+    pdl: bool = Field(True, description="programmatic dependent launch of the Triton kernels (Hopper and newer): "
+                                        "each kernel starts while the one before it finishes")
     drain_grace_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
     # adapters
