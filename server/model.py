@@ -203,6 +203,11 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(a.dim, a.norm_eps)
 
 
+def _split_rope(rows: torch.Tensor):
+    """Gathered rope table rows [..., T, 2, hd] -> (cos, sin), views [..., T, 1, hd]."""
+    return rows[..., 0:1, :], rows[..., 1:2, :]
+
+
 class Transformer(nn.Module):
     def __init__(self, a: ModelArgs, quant: dict, hf_config, quantize_lm_head: bool = False):
         super().__init__()
@@ -220,6 +225,7 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         inv_freq, self.rope_scaling = rope_inv_freq(hf_config, a.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_table, self._rope_key = None, None  # see rope()
 
     def set_kernels(self, enabled: bool) -> None:
         """Triton kernels (True, the default) or the torch reference, for every linear and attention."""
@@ -230,11 +236,21 @@ class Transformer(nn.Module):
     def quant_linears(self) -> dict[str, QuantLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, QuantLinear)}
 
-    def rope(self, positions: torch.Tensor):
-        # positions: [..., T] -> cos/sin [..., T, 1, hd] (float32)
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), -1)
-        return (emb.cos() * self.rope_scaling)[..., None, :], (emb.sin() * self.rope_scaling)[..., None, :]
+    def rope(self, positions: torch.Tensor, n_positions: int | None = None):
+        # positions: [..., T] (each < n_positions, default the model's max) -> cos/sin [..., T, 1, hd] float32.
+        # Rows of a table built once per device: a step gathers them (one launch) instead of running
+        # the ~8 elementwise ops below; the table holds what those ops give at each position.
+        n = max(n_positions or 0, self.args.max_position_embeddings)
+        key = (positions.device, self.inv_freq.data_ptr(), n)
+        if self._rope_key != key:
+            pos = torch.arange(n, device=positions.device)
+            freqs = pos.float()[:, None] * self.inv_freq.to(positions.device)
+            emb = torch.cat((freqs, freqs), -1)  # [n, hd]
+            table = torch.stack((emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling), 1)  # [n, 2, hd]
+            if positions.is_cuda and torch.cuda.is_current_stream_capturing():  # inside a graph: the memory is the graph's
+                return _split_rope(table[positions])
+            self._rope_table, self._rope_key = table, key
+        return _split_rope(self._rope_table[positions])
 
     def logits(self, h: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         # h: [..., D] -> [..., V] float32
@@ -267,7 +283,7 @@ class Transformer(nn.Module):
         Training asks for logits only where the loss is, so it stops here."""
         B, S = tokens.shape
         x = self.embed(tokens)  # [B, S, D]
-        cos, sin = self.rope(torch.arange(S, device=tokens.device))
+        cos, sin = self.rope(torch.arange(S, device=tokens.device), S)
         for layer in self.layers:
             x = x + layer.attn.forward_dense(layer.input_norm(x), rows, cos, sin)
             x = x + layer.mlp(layer.post_attn_norm(x), rows)

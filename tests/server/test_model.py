@@ -136,3 +136,23 @@ def test_identity_adapters_reproduce_the_base(tiny_lm):
     got = _run_paged(lm, [p] * 4, refs, slab)
     assert torch.equal(got[1], got[0]) and torch.equal(got[2], got[0])  # PEQA identities: bit-exact
     torch.testing.assert_close(got[3], got[0], rtol=1e-5, atol=1e-5)  # alpha form: other rounding
+
+
+def test_rope_table_rows_are_the_direct_formula(tiny_lm):
+    """rope() gathers rows of a per-device table: the same float32 values the formula gives at each
+    position (first, last, random), and a longer table when a caller needs positions past the model's."""
+    m = tiny_lm.model
+    n = m.args.max_position_embeddings
+    pos = torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (13,))])
+
+    def direct(p):
+        freqs = p.float()[..., None] * m.inv_freq
+        emb = torch.cat((freqs, freqs), -1)
+        return (emb.cos() * m.rope_scaling)[..., None, :], (emb.sin() * m.rope_scaling)[..., None, :]
+
+    for got, want in zip(m.rope(pos), direct(pos)):
+        assert got.shape == (15, 1, m.args.head_dim)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    far = torch.tensor([n + 5])
+    for got, want in zip(m.rope(far, n + 6), direct(far)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
