@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile]        results under $OUT
+#                             [kernels_smollm2] [profile] [pdl_ab]   results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
 # downloads those wheels here, and this script installs them into /tmp/site.
@@ -21,7 +21,7 @@ for step in "${steps[@]}"; do
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     kernel_tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels \
                     2>&1 | tee "$OUT/kernel_tests.log" | tail -15 ;;
-    serve) timeout 360 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12
+    serve) timeout 560 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12
            cp /tmp/scaleserve-bench/*-server.log "$OUT/serve/" ;;
     adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
@@ -34,9 +34,11 @@ for step in "${steps[@]}"; do
              2>&1 | tee "$OUT/train_tests.log" | tail -8 ;;
     profile) timeout 300 python3 bench/decode_profile.py --batches 1,64 --json "$OUT/decode_profile.json" 2>&1 \
                | tee "$OUT/decode_profile.log" | tail -40 ;;
+    pdl_ab) timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --pdl off,on \
+              --json "$OUT/decode_profile_pdl.json" 2>&1 | tee "$OUT/decode_profile_pdl.log" | grep -A12 " pdl " ;;
     e2e) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
-    engine) timeout 420 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
+    engine) timeout 560 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
               tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
     setup) ;;  # the install above, for a command that runs its own steps after it
     *) echo "unknown step $step" ;;
