@@ -1,18 +1,33 @@
-"""The device facts the launchers size grids by."""
+"""The device facts the launchers size grids by and choose launch options with (cached per device)."""
 
 from __future__ import annotations
 
 import torch
 
 _SM_COUNT: dict[int, int] = {}
+_CC_MAJOR: dict[int, int] = {}
 INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1): a small notional machine, so tests see several programs
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); INTERPRETER_SMS for the CPU."""
+    """Streaming multiprocessors of a CUDA device; INTERPRETER_SMS for the CPU."""
     if device.type != "cuda":
         return INTERPRETER_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _index(device)
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def capability_major(device: torch.device) -> int:
+    """Major compute capability of a CUDA device (9 = Hopper); 0 for the CPU."""
+    if device.type != "cuda":
+        return 0
+    idx = _index(device)
+    if idx not in _CC_MAJOR:
+        _CC_MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _CC_MAJOR[idx]

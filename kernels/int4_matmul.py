@@ -182,19 +182,26 @@ def _ones_like(byte, DT: tl.constexpr):
 
 @triton.jit
 def _accumulate_block(
-    acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
+    acc, kb, z_g, s_g, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
     zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
     stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
     stride_bs, stride_bn, stride_bg,
     MODE: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
     FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, CODE_MID: tl.constexpr,
     BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """acc [BM, BN] += this K block's contribution (K block kb lies in group kb, or the one group).
+    Returns (acc, the group tables of block kb + 1).
 
     z_g, s_g (modes 1/2): the group's zero points [1, BN] and scales ([1, BN] base, [BM, BN] per
-    row; unused for one group), loaded one K block ahead by the caller (_group_tables).
+    row; unused for one group), loaded one K block ahead (_group_tables): this block loads the next's.
     """
+    if ONE_GROUP:
+        z_nx, s_nx = z_g, s_g
+    else:
+        z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
+                                   stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
     # x tile [BM, BLOCK_K] in one contiguous (vectorized) load, then split into even / odd k
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     xt = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(DT)
@@ -250,7 +257,7 @@ def _accumulate_block(
                           + g * stride_ag, FAST)
             acc += plane * tl.where(is_alpha[:, None], a, s * pow2)
             pow2 = pow2 * 2.0
-    return acc
+    return acc, z_nx, s_nx
 
 
 @triton.jit
@@ -311,31 +318,6 @@ def _load_b32(ptrs):
                                      pack=1)
 
 
-@triton.jit
-def _k_step(
-    acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
-    zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
-    stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
-    stride_bs, stride_bn, stride_bg,
-    MODE: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MAGIC: tl.constexpr, CODE_MID: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIRS: tl.constexpr,
-):
-    """K block kb with the group tables loaded one block ahead: (acc, tables of block kb + 1)."""
-    z_g, s_g = z_nx, s_nx
-    if not ONE_GROUP:
-        z_nx, s_nx = _group_tables(kb + 1, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
-                                   stride_zg, stride_ss, stride_sn, stride_sg, MODE, ONE_GROUP, FAST, PAIRS)
-    acc = _accumulate_block(acc, kb, z_g, s_g, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha,
-                            arow, K, zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
-                            stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an,
-                            stride_ag, stride_bs, stride_bn, stride_bg,
-                            MODE, BITS, ONE_GROUP, HAS_ZEROS, FAST, DT, PREC, MAGIC, CODE_MID, BLOCK_K, HALF,
-                            BLOCK_M, BLOCK_N)
-    return acc, z_nx, s_nx
-
-
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _adapted_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
@@ -394,7 +376,7 @@ def _adapted_int4_kernel(
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         kb = kb_lo
         while kb < kb_hi:
-            acc, z_nx, s_nx = _k_step(acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
+            acc, z_nx, s_nx = _accumulate_block(acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
                 zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                 stride_bs, stride_bn, stride_bg,
@@ -403,7 +385,7 @@ def _adapted_int4_kernel(
             kb += 1
     else:  # a for loop: the compiler software-pipelines the code and x tiles (num_stages)
         for kb in range(kb_lo, kb_hi):
-            acc, z_nx, s_nx = _k_step(acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
+            acc, z_nx, s_nx = _accumulate_block(acc, kb, z_nx, s_nx, num_kb, x_rows, q_cols, offs_j, offs_n, n_rows, m_ok, sidx, is_alpha, arow, K,
                 zero_ptr, s0_ptr, scale_ptr, alpha_ptr, beta_ptr,
                 stride_qk, stride_zg, stride_ss, stride_sn, stride_sg, stride_as, stride_aj, stride_an, stride_ag,
                 stride_bs, stride_bn, stride_bg,

@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .device import capability_major
+
 _enabled = {"on": True}
-_capable: dict[int, bool] = {}
 
 
 def set_pdl(enabled: bool) -> None:
@@ -42,12 +43,9 @@ def pdl_enabled() -> bool:
 def launch_kwargs(t: torch.Tensor) -> dict:
     """Extra launch arguments for a kernel whose data lives with t: {'PDL': True, 'launch_pdl': True}
     on a CUDA device of compute capability >= 9 while enabled, else {'PDL': False}."""
-    if not (_enabled["on"] and t.is_cuda):
-        return {"PDL": False}
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if idx not in _capable:
-        _capable[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _capable[idx] else {"PDL": False}
+    if _enabled["on"] and capability_major(t.device) >= 9:
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 @triton.jit
