@@ -134,11 +134,14 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
     return graph_us(calls)
 
 
-def chosen_config(M: int) -> str:
+def chosen_config(M: int, mode: int, gs: int) -> str:
     """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
     from scaleserve.kernels import int4_matmul as im
+    from scaleserve.kernels import int4_mma_gemv as mg
 
-    if M <= im.GEMV_MAX_M:
+    if M <= im.MMA_GEMV_DEFAULT_MAX_M and mode in (1, 2) and gs in im.MMA_GEMV_GROUP_SIZES:
+        tuner = mg._tuned1 if M == 1 else mg._tuned
+    elif M <= im.GEMV_MAX_M:
         tuner = im._gemv_kernel
     elif M <= im.DECODE_MAX_M:
         tuner = im._decode_kernel
@@ -204,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
+    ap.add_argument("--mma-max-m", type=int, default=None,
+                    help="largest M sent to the MMA GEMV where it applies (0: off); default: the kernel's")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
@@ -222,6 +227,10 @@ def main(argv=None) -> int:
         from scaleserve.kernels import int4_matmul as im
 
         im.GEMV_MAX_M = args.gemv_max_m
+    if args.mma_max_m is not None:
+        from scaleserve.kernels import int4_matmul as im
+
+        im.MMA_GEMV_DEFAULT_MAX_M = args.mma_max_m
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     bw = copy_bandwidth()
@@ -284,7 +293,7 @@ def main(argv=None) -> int:
                                          bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
                                          tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us,
                                          floor_t_us=floor_us + adapter_bytes(K, N, gs, mode, T) / bw * 1e6,
-                                         config=chosen_config(M)))
+                                         config=chosen_config(M, mode, gs)))
                         print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
                               f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
                               f"floor {floor_us:.1f})  [{time.time() - t0:.0f}s]", flush=True)

@@ -54,6 +54,9 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
+from .int4_mma_gemv import launch_mma_gemv, mma_gemv_supported
+from .int4_mma_gemv import load_f32 as _load_f32
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 MODE_CHANNEL, MODE_GROUP, MODE_ALPHA = 1, 2, 3
@@ -483,6 +486,13 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
     _gcfg(16, 512, 1, stages=3), _gcfg(16, 1024, 1, stages=3), _gcfg(16, 512, 1, stages=3, warps=8),
     _gcfg(16, 256, 2), _gcfg(16, 512, 1),
 ]
+# The MMA GEMV (kernels/int4_mma_gemv.py: the codes feed mma.sync from registers, ~2.5 instructions per
+# code against the CUDA-core GEMV's ~4.2) is the default on CUDA for M <= MMA_GEMV_DEFAULT_MAX_M rows at
+# the group sizes in MMA_GEMV_GROUP_SIZES, measured side by side on the H100 (bench/NOTES-kernels.md,
+# session 7): per-channel M = 1, 51 vs 56 µs per 7B layer; group 128 M = 1, 64-68 vs 62-64 (its per-block
+# zero points / scales cost more than the GEMV's); M = 4-8 on its row-major tile, slower than mma tiles.
+MMA_GEMV_DEFAULT_MAX_M = 1
+MMA_GEMV_GROUP_SIZES = (-1,)
 GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
 INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1}
 
@@ -507,28 +517,6 @@ def _lop3_f32(v, MASK: tl.constexpr, MAGIC: tl.constexpr, FAST: tl.constexpr):
     else:
         r = (v & MASK) | MAGIC
     return r.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _load_f32(ptrs, FAST: tl.constexpr):
-    """float32 values of a pointer tensor (fp32 / fp16 / bf16 table), always in bounds.
-
-    On the GPU an inline-asm load keeps the result in the pointer tensor's layout (the row layout
-    of the tile): a plain [BLOCK_N] load gets a coalesced layout of its own, and converting a
-    prefetched vector back costs a shared-memory round trip and two barriers per K block.
-    """
-    DT: tl.constexpr = ptrs.dtype.element_ty
-    if FAST:
-        if DT == tl.float32:
-            v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                                          is_pure=True, pack=1)
-            return v.to(tl.float32, bitcast=True)
-        else:
-            v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs], dtype=tl.int16,
-                                          is_pure=True, pack=1)
-            return v.to(DT, bitcast=True).to(tl.float32)
-    else:
-        return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
@@ -996,7 +984,7 @@ _counters: dict[tuple[torch.device, str], torch.Tensor] = {}
 def _tile_counters(device: torch.device, path: str = "tc") -> torch.Tensor:
     """Per-tile arrival counters for split-K, zero between launches (each launch resets its own).
 
-    One array per kernel family ("tc", "gemv"), so neither can ever see the other's counts.
+    One array per kernel family ("tc", "gemv", "mma"), so none can ever see the other's counts.
     """
     key = (torch.device(device), path)
     if key not in _counters:
@@ -1072,6 +1060,13 @@ def int4_matmul(
     else:
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
+    if (config is not None and config.get("MMA")) or (
+            config is None and not interpret and M <= MMA_GEMV_DEFAULT_MAX_M
+            and w.group_size in MMA_GEMV_GROUP_SIZES and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
+        ws = torch.empty(max(config["SPLIT_K"] if config else MMA_MAX_SPLIT_K, 1) * M * N, dtype=torch.float32,
+                         device=x.device)
+        return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
+                               _tile_counters(x.device, "mma"))
     gemv = (config is None and M <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
     if gemv:
         return _launch_gemv(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
