@@ -4,10 +4,17 @@ into real scaleserve model directories on disk, and the embedded SmolLM2 default
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the checkout itself on sys.path, where its top-level kernels/ folder (installed
+# as scaleserve.kernels) would shadow Hugging Face's `kernels` package, which transformers >= 5.25
+# requires and imports. Tests import the project only through the installed `scaleserve` names.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_TEXT = (
     "Once upon a time there was a little robot named Bolt. Bolt liked to count numbers and to sort "

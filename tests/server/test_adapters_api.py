@@ -13,6 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -487,7 +488,7 @@ def test_cli_push_against_live_server(lms, settings_for, tmp_path):
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"{KEYS['alice']}=alice\n")
     with live_server(settings_for(api_keys_file=keyfile), lm) as (url, app):
-        cli = [sys.executable, "-m", "scaleserve.server.cli", "adapter", "push"]
+        cli = [str(Path(sys.executable).with_name("scaleserve")), "adapter", "push"]
         r = subprocess.run(cli + [str(f), "--name", "cli-task", "--server", url, "--api-key", KEYS["alice"]],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -40,7 +41,7 @@ def test_sigterm_drains_then_exits_zero(make_tiny_model, tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, SCALESERVE_DATA_DIR=str(tmp_path), SCALESERVE_KV_CACHE_MAX_BLOCKS="512",
                SCALESERVE_DRAIN_GRACE_S="60", SCALESERVE_DEVICE="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "scaleserve.server.cli", "serve", "--model", str(model_dir),
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("scaleserve")), "serve", "--model", str(model_dir),
                              "--port", str(port), "--served-model-name", "tiny"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
