@@ -189,14 +189,22 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--pdl", default="on", help="on | off | on,off: programmatic dependent launch (each a run)")
+    p.add_argument("--mma", default="on",
+                   help="on | off | on,off: the MMA GEMV for the batch-1 layers its policy gives it (each a run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    from scaleserve.kernels import int4_matmul as im
+
+    mma_policy = im.MMA_GEMV_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     for preset in a.presets.split(","):
-        for B, pdl in ((int(b), p == "on") for b in a.batches.split(",") for p in a.pdl.split(",")):
+        for B, pdl, mma in ((int(b), p == "on", m == "on") for b in a.batches.split(",")
+                            for p in a.pdl.split(",") for m in a.mma.split(",")):
+            im.MMA_GEMV_POLICY = mma_policy if mma else "never"
             r = run(preset, B, a.steps, pdl)
+            r["mma_gemv"] = mma
             out["runs"].append(r)
-            print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+            print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'} mma {'on' if mma else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")

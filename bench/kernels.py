@@ -139,8 +139,9 @@ def chosen_config(M: int, mode: int, gs: int) -> str:
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_mma_gemv as mg
 
-    if M <= im.MMA_GEMV_DEFAULT_MAX_M and mode in (1, 2) and gs in im.MMA_GEMV_GROUP_SIZES:
-        tuner = mg._tuned1 if M == 1 else mg._tuned
+    policy = im.MMA_GEMV_POLICY
+    if M == 1 and mode in (1, 2) and (policy == "always" or (policy == "per-channel" and gs == -1)):
+        tuner = mg._tuned
     elif M <= im.GEMV_MAX_M:
         tuner = im._gemv_kernel
     elif M <= im.DECODE_MAX_M:
@@ -148,7 +149,8 @@ def chosen_config(M: int, mode: int, gs: int) -> str:
     else:
         tuner = im._gemm_kernel
     best = getattr(tuner, "best_config", None)
-    return "" if best is None else str(best)
+    kind = "mma gemv" if tuner is mg._tuned else "gemv" if tuner is im._gemv_kernel else "tensor-core"
+    return "" if best is None else f"{kind}: {best}"
 
 
 def adapter_bytes(K, N, gs, mode, T, bits=4) -> int:
@@ -207,8 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
-    ap.add_argument("--mma-max-m", type=int, default=None,
-                    help="largest M sent to the MMA GEMV where it applies (0: off); default: the kernel's")
+    ap.add_argument("--mma-policy", choices=("per-channel", "always", "never"), default=None,
+                    help="where M = 1 takes the MMA GEMV: per-channel layers (the default), always, or never")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
@@ -227,10 +229,10 @@ def main(argv=None) -> int:
         from scaleserve.kernels import int4_matmul as im
 
         im.GEMV_MAX_M = args.gemv_max_m
-    if args.mma_max_m is not None:
+    if args.mma_policy is not None:
         from scaleserve.kernels import int4_matmul as im
 
-        im.MMA_GEMV_DEFAULT_MAX_M = args.mma_max_m
+        im.MMA_GEMV_POLICY = args.mma_policy
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     bw = copy_bandwidth()

@@ -486,13 +486,13 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
     _gcfg(16, 512, 1, stages=3), _gcfg(16, 1024, 1, stages=3), _gcfg(16, 512, 1, stages=3, warps=8),
     _gcfg(16, 256, 2), _gcfg(16, 512, 1),
 ]
-# The MMA GEMV (kernels/int4_mma_gemv.py: the codes feed mma.sync from registers, ~2.5 instructions per
-# code against the CUDA-core GEMV's ~4.2) is the default on CUDA for M <= MMA_GEMV_DEFAULT_MAX_M rows at
-# the group sizes in MMA_GEMV_GROUP_SIZES, measured side by side on the H100 (bench/NOTES-kernels.md,
-# session 7): per-channel M = 1, 51 vs 56 µs per 7B layer; group 128 M = 1, 64-68 vs 62-64 (its per-block
-# zero points / scales cost more than the GEMV's); M = 4-8 on its row-major tile, slower than mma tiles.
-MMA_GEMV_DEFAULT_MAX_M = 1
-MMA_GEMV_GROUP_SIZES = (-1,)
+# M = 1 in modes 1/2 may run the MMA GEMV (kernels/int4_mma_gemv.py: the code words feed mma.sync from
+# registers, ~2.2 instructions per code against this file's GEMV's ~4.2), under MMA_GEMV_POLICY:
+# "per-channel" (group size -1), "always" (-1 and 128) or "never". Measured on the H100 in CUDA-graph
+# replay over cold weights (bench/NOTES-kernels.md, session 7): per-channel 48-51 vs 56-57 µs per 7B
+# layer in four calls; at group 128 no faster overall (`down` gains, `qkv` loses). Timing both at first
+# use picked wrongly: one weight, hot in L2, is not the serving case.
+MMA_GEMV_POLICY = "per-channel"
 GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
 INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1}
 
@@ -1061,9 +1061,10 @@ def int4_matmul(
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
     if (config is not None and config.get("MMA")) or (
-            config is None and not interpret and M <= MMA_GEMV_DEFAULT_MAX_M
-            and w.group_size in MMA_GEMV_GROUP_SIZES and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
-        ws = torch.empty(max(config["SPLIT_K"] if config else MMA_MAX_SPLIT_K, 1) * M * N, dtype=torch.float32,
+            config is None and not interpret and MMA_GEMV_POLICY != "never"
+            and (MMA_GEMV_POLICY == "always" or w.group_size == -1)
+            and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
+        ws = torch.empty((config["SPLIT_K"] if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
                                _tile_counters(x.device, "mma"))

@@ -206,43 +206,39 @@ def test_gemv_small(mode, M, gs, dist, dtype, split):
     check(run_kernel(t, mode, cfg, n_major=(M != 2)), reference(t), dtype)
 
 
-# --- MMA GEMV (M <= 8, modes 1/2, group size -1 / 128; configs with MMA) ---------------------------
+# --- MMA GEMV (M = 1, modes 1/2, group size -1 / 128; configs with MMA) ----------------------------
 
-MMA_SHAPES = {-1: (200, 136), 128: (136, 392)}  # (N, K): N not a multiple of the tile, a ragged last group
+MMA_SHAPES = {-1: (200, 136), 128: (136, 1160)}  # (N, K): N not a multiple of the tile; K over two 8-block
+# steps with a ragged last block (g128)
 
 
 def _mma_cases():
-    """Both modes x group sizes, M over 1..8 (the B operand's columns), dtypes, distributions and splits."""
+    """Both modes x group sizes; dtypes, distributions, tile widths, splits and load depth rotate."""
     out = []
-    for i, (mode, gs, M) in enumerate(itertools.product((1, 2), (-1, 128), (1, 3, 8))):
+    for i, (mode, gs, dtype) in enumerate(itertools.product((1, 2), (-1, 128), DTYPES)):
         dist = DISTS[i % len(DISTS)]
-        dtype = (torch.bfloat16, torch.float16)[i % 2]
-        split = (1, 2, 3)[i % 3]
-        out.append(pytest.param(mode, gs, M, dist, dtype, split, id=f"m{mode}-g{gs}-M{M}-{dist}-{str(dtype)[6:]}-sk{split}"))
+        bn, split, depth = (16, 32)[i % 2], (1, 2, 3)[i % 3], 1 + (i // 2) % 2
+        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth,
+                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-{dist}-bn{bn}-sk{split}-d{depth}"))
     return out
 
 
-@pytest.mark.parametrize("mode,gs,M,dist,dtype,split", _mma_cases())
-def test_mma_gemv_small(mode, gs, M, dist, dtype, split):
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth", _mma_cases())
+def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth):
+    if CUDA and dtype == torch.float32:
+        pytest.skip("the MMA GEMV takes 16-bit x on CUDA")
     N, K = MMA_SHAPES[gs]
-    t = make_case(M, N, K, gs, 4, mode, dist, dtype, bias=(M == 3))
-    cfg = {"MMA": 1, "BLOCK_N": 64, "SPLIT_K": split}
-    check(run_kernel(t, mode, cfg, n_major=(M != 8)), reference(t), dtype)
-
-
-@pytest.mark.parametrize("mode,gs,bn,split", [(1, 128, 16, 2), (2, 128, 32, 1), (2, -1, 16, 3), (1, -1, 32, 2)])
-def test_mma_gemv_one_row_long_k(mode, gs, bn, split):
-    """M = 1 takes the K-major tile (8 K blocks a step): K over two steps with a ragged last block."""
-    t = make_case(1, 40, 1160, gs, 4, mode, "distinct", torch.bfloat16, bias=(split == 2))
-    check(run_kernel(t, mode, {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split}, n_major=True), reference(t), torch.bfloat16)
+    t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth}
+    check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference(t), dtype)
 
 
 def test_mma_gemv_rejects_what_it_cannot_run():
-    """Mode 3, group size 32 and M > 8 are refused with a clear error, not computed wrongly."""
-    for mode, gs, M in ((MODE_ALPHA, 128, 1), (MODE_GROUP, 32, 1), (MODE_GROUP, 128, 9)):
+    """Mode 3, group size 32 and two rows are refused with a clear error, not computed wrongly."""
+    for mode, gs, M in ((MODE_ALPHA, 128, 1), (MODE_GROUP, 32, 1), (MODE_GROUP, 128, 2)):
         t = make_case(M, 40, 256, gs, 4, mode, "uniform", torch.bfloat16)
         with pytest.raises(ValueError, match="MMA GEMV"):
-            run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 64, "SPLIT_K": 1})
+            run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})
 
 
 @pytest.mark.parametrize("bcq", (False, True))
@@ -384,16 +380,17 @@ def test_llama7b_gemv(shape, M, mode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shape", list(LLAMA7B))
-@pytest.mark.parametrize("M", (1, 5, 8))
+@pytest.mark.parametrize("gs", (-1, 128))
 @pytest.mark.parametrize("mode", (1, 2))
-def test_llama7b_mma_gemv(shape, M, mode):
-    """The MMA GEMV on the real shapes (ragged last block for down: K = 11008 = 86 x 128), fixed config,
-    then the default dispatch (autotuned) for the other 16-bit dtype."""
+def test_llama7b_mma_gemv(shape, gs, mode):
+    """The MMA GEMV on the real shapes (down: K = 11008 = 86 blocks, a ragged last step), fixed config
+    with both load depths, then the default dispatch (autotuned where the policy sends it) in fp16."""
     K, N = LLAMA7B[shape]
-    gs = 128 if (M + mode) % 2 else -1
-    t = make_case(M, N, K, gs, 4, mode, "zipf", torch.bfloat16, bias=(shape == "qkv"))
-    check(run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 128, "SPLIT_K": 2}, n_major=True), reference(t), torch.bfloat16)
-    t = make_case(M, N, K, gs, 4, mode, "distinct", torch.float16)
+    t = make_case(1, N, K, gs, 4, mode, "zipf", torch.bfloat16, bias=(shape == "qkv"))
+    for depth in (1, 2):
+        cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": depth}
+        check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
+    t = make_case(1, N, K, gs, 4, mode, "distinct", torch.float16)
     check(run_kernel(t, mode, n_major=True), reference(t), torch.float16)
 
 
