@@ -1011,8 +1011,8 @@ def int4_matmul(
 
     `mode` is the host hint (1 channel, 2 group, 3 alpha; see the module docstring); a bcq base
     (w.zeros_t is None) always runs mode 3. `config` (BLOCK_M, BLOCK_N, SPLIT_K, optional
-    num_warps / num_stages) bypasses the autotuner; on CPU tensors (TRITON_INTERPRET=1) a small
-    fixed config is the default.
+    num_warps / num_stages) bypasses the autotuner; {"MMA": 1, BLOCK_N, SPLIT_K, DEPTH} forces the MMA
+    GEMV (kernels/int4_mma_gemv.py); on CPU tensors (TRITON_INTERPRET=1) a small fixed config is the default.
     """
     M, K = x.shape
     N = w.N
