@@ -98,6 +98,7 @@ _MMA_F16 = tl.constexpr(_mma_chain_asm(True, False))
 _ONES_BF16 = tl.constexpr(_mma_chain_asm(False, True))
 _ONES_F16 = tl.constexpr(_mma_chain_asm(True, True))
 
+
 @triton.jit
 def _mma_part(w0, w1, p0, p1, p2, p3, zz, F16: tl.constexpr):
     """x . (Q - z) per element from the two MMA chains (codes, and A = 1.0 for X_g) over one lane's words."""
@@ -135,19 +136,19 @@ def load_f32(ptrs, FAST: tl.constexpr):
 
 
 @triton.jit
-def _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, diag, ONE_GROUP: tl.constexpr,
+def _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, diag, ONE_GROUP: tl.constexpr,
                    MODE: tl.constexpr, FAST: tl.constexpr):
     """Zero points and scales [HN, 128] of each element's (row, group of block kb + r): rows0 for
     registers t < 2, rows1 for t >= 2 (on the GPU only the lanes that hold a diagonal load them)."""
     if ONE_GROUP:
         g = 0
     else:
-        g = tl.minimum(kb + r3, kb_hi - 1)
-    zp = tl.where(t3 < 2, z0p, z1p) + g * stride_zg  # [HN, 128]
+        g = tl.minimum(kb + vblock, kb_hi - 1)
+    zp = tl.where(vreg < 2, z0p, z1p) + g * stride_zg  # [HN, 128]
     if MODE == 1:
-        sp = tl.where(t3 < 2, sp0, sp1) + g * stride_zg
+        sp = tl.where(vreg < 2, sp0, sp1) + g * stride_zg
     else:
-        sp = tl.where(t3 < 2, sp0, sp1) + g * stride_sg
+        sp = tl.where(vreg < 2, sp0, sp1) + g * stride_sg
     if FAST:
         return _ld_pairs(zp, diag), _ld_pairs(sp, diag)
     else:
@@ -175,39 +176,39 @@ def _ld_pairs(ptrs, diag):
 
 
 @triton.jit
-def _kmajor_x(kb, x_ptr, K, kb_hi, r3, words3):
+def _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword):
     """x words of step kb as the B pairs (GPU): 4 x [1, 128] int32."""
-    kx = (kb + r3) * BLOCK_K + words3 * 8  # [1, 128] first k of each word
-    ok = (kx < K) & (kb + r3 < kb_hi)
+    kx = (kb + vblock) * BLOCK_K + vword * 8  # [1, 128] first k of each word
+    ok = (kx < K) & (kb + vblock < kb_hi)
     return tl.inline_asm_elementwise(_X_WORD_ASM, "=r,=r,=r,=r,l,r", [x_ptr + kx, ok.to(tl.int32)],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
-def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, words3, diag,
+def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
                  FIRST: tl.constexpr, ONE_GROUP: tl.constexpr, MODE: tl.constexpr):
     """Everything step kb reads (GPU): its code words (rows0, rows1), group tables (only the first time
     for one group: zeros otherwise) and x pairs."""
-    ok = kb + r3 < kb_hi
+    ok = kb + vblock < kb_hi
     w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
     w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
     if FIRST or not ONE_GROUP:
-        zz, ss = _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, diag, ONE_GROUP, MODE,
+        zz, ss = _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, diag, ONE_GROUP, MODE,
                                 True)
     else:
         zz = tl.zeros(w0.shape, tl.float32)
         ss = zz
-    x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, r3, words3)
+    x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
     return w0, w1, zz, ss, x0, x1, x2, x3
 
 
 @triton.jit
-def _kmajor_step(acc, kb, w0, w1, zz, ss, p0, p1, p2, p3, x_ptr, K, kb_hi, r3, words3, diag0, diag1,
+def _kmajor_step(acc, kb, w0, w1, zz, ss, p0, p1, p2, p3, x_ptr, K, kb_hi, vblock, vword, diag0, diag1,
                  FAST: tl.constexpr, F16: tl.constexpr):
     """acc [HN, 128] += s * x_b . (Q_b - z) on the diagonal elements for blocks b = kb + r
     (zz, ss: _kmajor_tables, p0..p3: _kmajor_x of step kb, loaded one step ahead on the GPU)."""
-    blk = kb + r3  # [1, 128]
-    kx = blk * BLOCK_K + words3 * 8  # [1, 128] first k of each word
+    blk = kb + vblock  # [1, 128]
+    kx = blk * BLOCK_K + vword * 8  # [1, 128] first k of each word
     if FAST:
         part = _mma_part(w0, w1, p0, p1, p2, p3, zz, F16)
     else:  # plain arithmetic: the block dot of each (row, block), put on the tile's diagonal elements
@@ -251,23 +252,22 @@ def _mma_gemv_kernel(
     rows0 = pid_n * BLOCK_N + tl.arange(0, HN)
     rows1 = rows0 + HN
     v = tl.arange(0, 8 * WORDS)[None, :]  # [1, 128]: word v of the 8-block step
-    r3 = v // WORDS  # block within the 8 (a division: the compiler sees 16 equal values in a row and
-    # keeps the masked code loads 16 bytes wide)
-    words3 = v % WORDS  # word within the block
-    t3 = words3 & 3
-    diag = (words3 >> 2) == (r3 >> 1)
-    diag0 = diag & (t3 == (r3 & 1))  # C[r][r]: rows0
-    diag1 = diag & (t3 == 2 + (r3 & 1))  # C[r + 8][r]: rows1
-    off = v  # [1, 128] word offset from block kb
-    q0 = q_ptr + rows0[:, None] * stride_qn + off  # [HN, 128]
-    q1 = q_ptr + rows1[:, None] * stride_qn + off
+    vblock = v // WORDS  # the column's block within the 8 (a division: the compiler sees 16 equal values in
+    # a row and keeps the masked code loads 16 bytes wide)
+    vword = v % WORDS  # the column's word within its block
+    vreg = vword & 3  # the C register the column's element stands for (< 2: rows0)
+    diag = (vword >> 2) == (vblock >> 1)
+    diag0 = diag & (vreg == (vblock & 1))  # C[r][r]: rows0
+    diag1 = diag & (vreg == 2 + (vblock & 1))  # C[r + 8][r]: rows1
+    q0 = q_ptr + rows0[:, None] * stride_qn + v  # [HN, 128]: word v from block kb
+    q1 = q_ptr + rows1[:, None] * stride_qn + v
     num_kb = tl.cdiv(K, BLOCK_K)
     kb_per_split = tl.cdiv(tl.cdiv(num_kb, 8), SPLIT_K) * 8  # whole 8-block steps per split
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
     if PDL:  # this program's first 8 blocks into L2 (4 lines of each row)
-        prefetch_l2(q0 + kb_lo * WORDS, ((off % 32) == 0) & (kb_lo < kb_hi))
-        prefetch_l2(q1 + kb_lo * WORDS, ((off % 32) == 0) & (kb_lo < kb_hi))
+        prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
+        prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables)
     z1p = zero_ptr + rows1[:, None]
@@ -283,11 +283,11 @@ def _mma_gemv_kernel(
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
     if FAST:  # codes, x and group tables DEPTH steps ahead, in registers
         w0n, w1n, zn, sn, x0n, x1n, x2n, x3n = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, words3, diag, True,
+            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag, True,
             ONE_GROUP, MODE)
         if DEPTH == 2:
             w0m, w1m, zm, sm, x0m, x1m, x2m, x3m = _kmajor_load(
-                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, words3, diag,
+                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
                 True, ONE_GROUP, MODE)
         for kb in range(kb_lo, kb_hi, 8):
             w0 = w0n
@@ -308,33 +308,33 @@ def _mma_gemv_kernel(
                 x2n = x2m
                 x3n = x3m
                 w0m, w1m, zm, sm, x0m, x1m, x2m, x3m = _kmajor_load(
-                    kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, words3, diag,
+                    kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
                     False, ONE_GROUP, MODE)
                 if ONE_GROUP:  # (loaded once)
                     zm = zn
                     sm = sn
             else:
                 w0n, w1n, zn1, sn1, x0n, x1n, x2n, x3n = _kmajor_load(
-                    kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, words3, diag,
+                    kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
                     False, ONE_GROUP, MODE)
                 if not ONE_GROUP:
                     zn = zn1
                     sn = sn1
-            acc = _kmajor_step(acc, kb, w0, w1, zz, ss, p0, p1, p2, p3, x_ptr, K, kb_hi, r3, words3, diag0, diag1,
+            acc = _kmajor_step(acc, kb, w0, w1, zz, ss, p0, p1, p2, p3, x_ptr, K, kb_hi, vblock, vword, diag0, diag1,
                                FAST, F16)
     else:
         kb = kb_lo
         while kb < kb_hi:
-            ok = kb + r3 < kb_hi
+            ok = kb + vblock < kb_hi
             w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0)
             w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0)
-            zz, ss = _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, r3, t3, diag, ONE_GROUP, MODE,
+            zz, ss = _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, diag, ONE_GROUP, MODE,
                                     FAST)
-            acc = _kmajor_step(acc, kb, w0, w1, zz, ss, w0, w0, w0, w0, x_ptr, K, kb_hi, r3, words3, diag0, diag1,
+            acc = _kmajor_step(acc, kb, w0, w1, zz, ss, w0, w0, w0, w0, x_ptr, K, kb_hi, vblock, vword, diag0, diag1,
                                FAST, F16)
             kb += 8
-    y0 = tl.sum(tl.where(t3 < 2, acc, 0.0), 1)  # [HN]: rows0
-    y1 = tl.sum(tl.where(t3 < 2, 0.0, acc), 1)
+    y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)  # [HN]: rows0
+    y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
     _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N, stride_cs,
                 HAS_BIAS, SPLIT_K)
     _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N, stride_cs,
