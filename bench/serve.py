@@ -244,7 +244,9 @@ class SubprocessServer:
                     "--host", "127.0.0.1", "--port", str(port)]
         for k, v in flags.items():
             self.cmd += [f"--{k.replace('_', '-')}", str(v)]
-        self.env = {**__import__("os").environ, **env}
+        # PYTHONSAFEPATH (3.11+): `python -m` run from the checkout would put its top-level kernels/ folder
+        # ahead of Hugging Face's `kernels` package, which transformers >= 5.25 imports
+        self.env = {**__import__("os").environ, "PYTHONSAFEPATH": "1", **env}
         self.log_path = log_path
         self.subprocess = subprocess
         self.proc = None
