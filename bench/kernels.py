@@ -139,8 +139,7 @@ def chosen_config(M: int, mode: int, gs: int) -> str:
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_mma_gemv as mg
 
-    policy = im.MMA_GEMV_POLICY
-    if M == 1 and mode in (1, 2) and (policy == "always" or (policy == "per-channel" and gs == -1)):
+    if im.mma_gemv_chosen(M, mode, gs):
         tuner = mg._tuned
     elif M <= im.GEMV_MAX_M:
         tuner = im._gemv_kernel

@@ -493,6 +493,12 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
 # layer in four calls; at group 128 no faster overall (`down` gains, `qkv` loses). Timing both at first
 # use picked wrongly: one weight, hot in L2, is not the serving case.
 MMA_GEMV_POLICY = "per-channel"
+
+
+def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
+    """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV."""
+    return M == 1 and mode in (MODE_CHANNEL, MODE_GROUP) and (
+        MMA_GEMV_POLICY == "always" or (MMA_GEMV_POLICY == "per-channel" and group_size == -1))
 GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
 INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1}
 
@@ -1061,8 +1067,7 @@ def int4_matmul(
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
     if (config is not None and config.get("MMA")) or (
-            config is None and not interpret and MMA_GEMV_POLICY != "never"
-            and (MMA_GEMV_POLICY == "always" or w.group_size == -1)
+            config is None and not interpret and mma_gemv_chosen(M, mode, w.group_size)
             and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty((config["SPLIT_K"] if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)

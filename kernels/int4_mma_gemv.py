@@ -103,17 +103,17 @@ _ONES_F16 = tl.constexpr(_mma_chain_asm(True, True))
 def _mma_part(w0, w1, p0, p1, p2, p3, zz, F16: tl.constexpr):
     """x . (Q - z) per element from the two MMA chains (codes, and A = 1.0 for X_g) over one lane's words."""
     if F16:
-        c = tl.inline_asm_elementwise(_MMA_F16, "=r,=r,=r,=r" + ",r" * 24, [w0, w1, p0, p1, p2, p3],
-                                      dtype=tl.float32, is_pure=True, pack=4)
-        xg = tl.inline_asm_elementwise(_ONES_F16, "=r,=r,=r,=r" + ",r" * 16, [p0, p1, p2, p3],
-                                       dtype=tl.float32, is_pure=True, pack=4)
+        CHAIN: tl.constexpr = _MMA_F16
+        ONES: tl.constexpr = _ONES_F16
         SCALE: tl.constexpr = 16.0
     else:
-        c = tl.inline_asm_elementwise(_MMA_BF16, "=r,=r,=r,=r" + ",r" * 24, [w0, w1, p0, p1, p2, p3],
-                                      dtype=tl.float32, is_pure=True, pack=4)
-        xg = tl.inline_asm_elementwise(_ONES_BF16, "=r,=r,=r,=r" + ",r" * 16, [p0, p1, p2, p3],
-                                       dtype=tl.float32, is_pure=True, pack=4)
+        CHAIN: tl.constexpr = _MMA_BF16
+        ONES: tl.constexpr = _ONES_BF16
         SCALE: tl.constexpr = 128.0
+    c = tl.inline_asm_elementwise(CHAIN, "=r,=r,=r,=r" + ",r" * 24, [w0, w1, p0, p1, p2, p3], dtype=tl.float32,
+                                  is_pure=True, pack=4)
+    xg = tl.inline_asm_elementwise(ONES, "=r,=r,=r,=r" + ",r" * 16, [p0, p1, p2, p3], dtype=tl.float32,
+                                   is_pure=True, pack=4)
     return c * SCALE - xg * (zz + SCALE)  # sum x (1 + Q/SCALE) = X_g + x.Q/SCALE
 
 

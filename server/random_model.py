@@ -28,10 +28,6 @@ PRESETS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
                       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0, group_size=128),
-    # the same shape with per-channel scales (group size -1): the layers the MMA GEMV serves at batch 1
-    "llama2-7b-pc": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0, group_size=-1),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
                          tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0, group_size=32),
@@ -39,6 +35,9 @@ PRESETS = {
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048, tie_word_embeddings=False,
                  rms_norm_eps=1e-5, rope_theta=10000.0, group_size=32),
 }
+# the same shape with per-channel scales (group size -1): the layers the MMA GEMV serves at batch 1
+PRESETS["llama2-7b-pc"] = {**PRESETS["llama2-7b"], "group_size": -1}
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
