@@ -123,6 +123,7 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
     calls = []
     x = torch.randn(M, K, device="cuda").bfloat16()
     cidx, sidx, aidx = make_rows(M, T, mode)
+    scale_slots = int(sidx.unique().numel())  # the caller's promise that lets mode 2 take the fold GEMM
     for w in weights:
         # fp16 tables, N-contiguous: what AdapterSlab hands the kernel on CUDA
         chan = (torch.rand(S, N, device="cuda") + 0.5).half()
@@ -130,17 +131,21 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
         alphas = n_major(torch.rand(S, 4, N, G, device="cuda") * 0.01).half() if mode == 3 else None
         betas = n_major(torch.rand(S, N, G, device="cuda") * 0.01).half() if mode == 3 else None
         calls.append(lambda w=w, c=chan, s=scales, a=alphas, b=betas:
-                     int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode, config=config))
+                     int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode, config=config,
+                                 scale_slots=scale_slots))
     return graph_us(calls)
 
 
-def chosen_config(M: int, mode: int, gs: int) -> str:
+def chosen_config(M: int, mode: int, gs: int, scale_slots: int) -> str:
     """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
     from scaleserve.kernels import int4_matmul as im
+    from scaleserve.kernels import int4_gemm as ig
     from scaleserve.kernels import int4_mma_gemv as mg
 
     if im.mma_gemv_chosen(M, mode, gs):
         tuner = mg._tuned
+    elif im.fold_gemm_chosen(M, mode, gs, scale_slots):
+        tuner = ig._tuned
     elif M <= im.GEMV_MAX_M:
         tuner = im._gemv_kernel
     elif M <= im.DECODE_MAX_M:
@@ -148,7 +153,8 @@ def chosen_config(M: int, mode: int, gs: int) -> str:
     else:
         tuner = im._gemm_kernel
     best = getattr(tuner, "best_config", None)
-    kind = "mma gemv" if tuner is mg._tuned else "gemv" if tuner is im._gemv_kernel else "tensor-core"
+    kind = {id(mg._tuned): "mma gemv", id(im._gemv_kernel): "gemv", id(ig._tuned): "fold"}.get(id(tuner),
+                                                                                                 "tensor-core")
     return "" if best is None else f"{kind}: {best}"
 
 
@@ -210,6 +216,9 @@ def main(argv=None) -> int:
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
     ap.add_argument("--mma-policy", choices=("per-channel", "always", "never"), default=None,
                     help="where M = 1 takes the MMA GEMV: per-channel layers (the default), always, or never")
+    ap.add_argument("--fold-policy", choices=("auto", "always", "never"), default=None,
+                    help="where batches in modes 1/2 take the fold GEMM (kernels/int4_gemm.py): auto (M >= "
+                         "FOLD_MIN_M), always (M >= 2) or never")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
@@ -232,6 +241,10 @@ def main(argv=None) -> int:
         from scaleserve.kernels import int4_matmul as im
 
         im.MMA_GEMV_POLICY = args.mma_policy
+    if args.fold_policy is not None:
+        from scaleserve.kernels import int4_matmul as im
+
+        im.FOLD_POLICY = args.fold_policy
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     bw = copy_bandwidth()
@@ -294,7 +307,7 @@ def main(argv=None) -> int:
                                          bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
                                          tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us,
                                          floor_t_us=floor_us + adapter_bytes(K, N, gs, mode, T) / bw * 1e6,
-                                         config=chosen_config(M, mode, gs)))
+                                         config=chosen_config(M, mode, gs, 1 if mode != 2 else T)))
                         print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
                               f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
                               f"floor {floor_us:.1f})  [{time.time() - t0:.0f}s]", flush=True)

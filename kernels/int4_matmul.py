@@ -54,10 +54,12 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import launch_mma_gemv, mma_gemv_supported
 from .int4_mma_gemv import load_f32 as _load_f32
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
+from .split_k import k_blocks, park_partial, summed_partials
 
 MODE_CHANNEL, MODE_GROUP, MODE_ALPHA = 1, 2, 3
 
@@ -352,9 +354,7 @@ def _adapted_int4_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     num_kb = tl.cdiv(K, BLOCK_K)
-    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
-    kb_lo = pid_k * kb_per_split
-    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+    kb_lo, kb_hi = k_blocks(pid_k, K, BLOCK_K, SPLIT_K)
     q_cols = q_ptr + offs_n[:, None] * stride_qk  # [BN, 1] rows of codes_t
     if PDL:  # while the previous kernel finishes: this program's first code blocks into L2 (two lines a row)
         line = kb_lo * HALF + tl.arange(0, 2)[None, :] * 128  # [1, 2] byte offsets in the (padded) row
@@ -400,18 +400,10 @@ def _adapted_int4_kernel(
         acc = _row_factors(acc, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs,
                            stride_ss, stride_sn, MODE, ONE_GROUP)
         _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
-    else:
-        # park the partial tile; the last split to arrive sums them (fixed order) and finishes the tile
-        ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_tile + pid_k * M * N, acc, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is published
+    else:  # the last split to arrive finishes the tile (kernels/split_k.py)
         tile = pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for sk in tl.static_range(SPLIT_K):
-                total += tl.load(ws_tile + sk * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replays)
+        if park_partial(acc, ws_ptr, cnt_ptr, tile, pid_k, offs_m, offs_n, M, N, out_mask, SPLIT_K):
+            total = summed_partials(ws_ptr, cnt_ptr, tile, offs_m, offs_n, M, N, out_mask, SPLIT_K, BLOCK_M, BLOCK_N)
             total = _row_factors(total, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs,
                                  stride_ss, stride_sn, MODE, ONE_GROUP)
             _store_rows(total, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
@@ -499,6 +491,31 @@ def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
     """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV."""
     return M == 1 and mode in (MODE_CHANNEL, MODE_GROUP) and (
         MMA_GEMV_POLICY == "always" or (MMA_GEMV_POLICY == "per-channel" and group_size == -1))
+
+
+# Batches in modes 1/2 on 16-bit x: kernels/int4_gemm.py folds a tile's scale row into the dequantized
+# weights and chains its dots through K. It costs one pass per scale slot in a tile, so mode 2 goes there
+# only when the caller promises one slot for all rows (scale_slots == 1: a prompt's prefill, a batch on
+# one task). Measured on the H100 against this file's tile (bench/NOTES-kernels.md, session 8), µs per
+# 7B layer, same call: g128 mode 1 M = 64 / 128 / 256: 148 / 216 / 324 vs 161 / 370 / 686; mode 2 one
+# slot 168 / 261 / 428 vs 195 / 412 / 759. Per-channel mode 2 keeps its scale as an epilogue factor
+# here, which wins at M = 64 (147 vs 172). M <= 16 stays on the mma.sync tile (75-90 vs 129-145).
+# FOLD_POLICY: "auto" (the rule below), "always" (M >= 2) or "never".
+FOLD_POLICY = "auto"
+FOLD_MIN_M = 64
+
+
+def fold_gemm_chosen(M: int, mode: int, group_size: int, scale_slots: int = 0) -> bool:
+    """Whether FOLD_POLICY sends this call (CUDA, inputs the kernel supports) to the fold GEMM."""
+    if FOLD_POLICY == "never" or mode not in (MODE_CHANNEL, MODE_GROUP) or M < 2:
+        return False
+    if mode == MODE_GROUP and scale_slots != 1:
+        return False
+    if FOLD_POLICY == "always":
+        return True
+    return M >= (2 * FOLD_MIN_M if mode == MODE_GROUP and group_size == -1 else FOLD_MIN_M)
+
+
 GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
 INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1}
 
@@ -990,7 +1007,7 @@ _counters: dict[tuple[torch.device, str], torch.Tensor] = {}
 def _tile_counters(device: torch.device, path: str = "tc") -> torch.Tensor:
     """Per-tile arrival counters for split-K, zero between launches (each launch resets its own).
 
-    One array per kernel family ("tc", "gemv", "mma"), so none can ever see the other's counts.
+    One array per kernel family ("tc", "gemv", "mma", "fold"), so none can ever see the other's counts.
     """
     key = (torch.device(device), path)
     if key not in _counters:
@@ -1012,6 +1029,7 @@ def int4_matmul(
     bias: torch.Tensor | None = None,  # [N]
     config: dict | None = None,
     out: torch.Tensor | None = None,  # [M, N] x.dtype, contiguous rows (written, never read)
+    scale_slots: int = 0,  # distinct scale_idx values among the rows, if the caller knows (0: unknown)
 ) -> torch.Tensor:
     """y [M, N] in x.dtype; the adapted_linear_ref semantics. Tables may have any strides.
 
@@ -1073,6 +1091,12 @@ def int4_matmul(
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
                                _tile_counters(x.device, "mma"))
+    if (config is not None and config.get("FOLD")) or (
+            config is None and not interpret and fold_gemm_chosen(M, mode, w.group_size, scale_slots)
+            and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
+        ws = torch.empty(workspace_numel(M, N, config), dtype=torch.float32, device=x.device)
+        return launch_int4_gemm(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
+                                _tile_counters(x.device, "fold"))
     gemv = (config is None and M <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
     if gemv:
         return _launch_gemv(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
@@ -1224,4 +1248,4 @@ def adapted_linear(layer, x: torch.Tensor, rows) -> torch.Tensor:
         betas = _n_major(st, "betas", layer.slab_betas)
     chan = layer.slab_chan if layer.slab_chan.stride(-1) == 1 else layer.slab_chan.contiguous()
     return int4_matmul(x, st.weights, chan, scales, alphas, betas, rows.chan_idx.int(), rows.scale_idx.int(),
-                       rows.alpha_idx.int(), mode, layer.bias)
+                       rows.alpha_idx.int(), mode, layer.bias, scale_slots=rows.scale_slots)

@@ -31,15 +31,17 @@ class RowAdapters:
     scale_idx: torch.Tensor  # into scales [Sg, N, G]; 0 = base scales
     alpha_idx: torch.Tensor  # into alphas [Sa, b, N, G] / betas; -1 = PEQA row
     mode: int = MODE_CHANNEL
+    scale_slots: int = 0  # distinct scale_idx values among the rows, where the host knows them (0: unknown)
 
     def select(self, idx: torch.Tensor) -> "RowAdapters":
-        return RowAdapters(self.chan_idx[idx], self.scale_idx[idx], self.alpha_idx[idx], self.mode)
+        return RowAdapters(self.chan_idx[idx], self.scale_idx[idx], self.alpha_idx[idx], self.mode,
+                           1 if self.scale_slots == 1 else 0)
 
     @classmethod
     def base(cls, m: int, device, bcq_base: bool = False) -> "RowAdapters":
         zeros = torch.zeros(m, dtype=torch.int32, device=device)
         alpha = zeros if bcq_base else torch.full((m,), -1, dtype=torch.int32, device=device)
-        return cls(zeros, zeros.clone(), alpha.clone(), MODE_ALPHA if bcq_base else MODE_CHANNEL)
+        return cls(zeros, zeros.clone(), alpha.clone(), MODE_ALPHA if bcq_base else MODE_CHANNEL, 1)
 
 
 class QuantLinear(nn.Module):

@@ -240,7 +240,7 @@ class Engine:
                      torch.tensor([T], dtype=torch.int32, device=dev),
                      torch.tensor([0, T], dtype=torch.int32, device=dev),
                      torch.tensor([T - 1], dtype=torch.int64, device=dev),
-                     RowAdapters(rows[0], rows[1], rows[2], mode), T)
+                     RowAdapters(rows[0], rows[1], rows[2], mode, 1), T)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
@@ -554,7 +554,9 @@ class Engine:
         for i, (s, _) in enumerate(sched):
             tables[i, : len(s.blocks)] = s.blocks
         slots = tables[seg, positions // bs] * bs + positions % bs
-        rows = np.repeat(np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3), counts, 0)
+        seq_rows = np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3)
+        scale_slots = len(np.unique(seq_rows[:, 1]))  # one lets mode 2 take the fold GEMM (kernels/int4_gemm.py)
+        rows = np.repeat(seq_rows, counts, 0)
         logits_index = qstart[1:] - 1
         if len(every_position):
             logits_index = np.concatenate([np.arange(qstart[i], qstart[i + 1]) if i in every_position
@@ -575,7 +577,7 @@ class Engine:
         r = take(3 * T).view(3, T).int()
         bt = take(B * W).view(B, W).int()
         return Batch(tokens, pos_t, slot_t, bt, seq_lens, qs, logits_index,
-                     RowAdapters(r[0], r[1], r[2], mode), int(counts.max()))
+                     RowAdapters(r[0], r[1], r[2], mode, scale_slots), int(counts.max()))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         B, dev = len(seqs), logits.device

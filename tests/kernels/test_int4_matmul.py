@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 
 import pytest  # noqa: E402
 
+from scaleserve.kernels import int4_matmul as im  # noqa: E402
 from scaleserve.kernels.int4_matmul import int4_matmul, repack  # noqa: E402
 from scaleserve.kernels.linear import MODE_ALPHA, MODE_CHANNEL, MODE_GROUP, QuantLinear, RowAdapters  # noqa: E402
 from scaleserve.kernels.quant import pack_int4, rtn_to_alphas  # noqa: E402
@@ -120,7 +121,7 @@ def check(y: torch.Tensor, ref: torch.Tensor, dtype) -> None:
     assert rel <= tol["norm"], f"relative Frobenius error {rel:.3g}"
 
 
-def run_kernel(t, mode, config=None, n_major=False):
+def run_kernel(t, mode, config=None, n_major=False, scale_slots=0):
     packed = pack_int4(t["codes"])
     K = t["codes"].shape[1]
     w = repack(packed, K, t["zeros"], t["base_scales"], t["group_size"], t["bits"])
@@ -131,7 +132,7 @@ def run_kernel(t, mode, config=None, n_major=False):
     M, N = t["x"].shape[0], t["codes"].shape[0]
     out = torch.full((M, N), float("nan"), dtype=t["x"].dtype, device=t["x"].device)
     y = int4_matmul(t["x"], w, t["chan"], scales, alphas, betas, t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode,
-                    bias=t["bias"], config=config, out=out)
+                    bias=t["bias"], config=config, out=out, scale_slots=scale_slots)
     assert y.data_ptr() == out.data_ptr()
     return y
 
@@ -239,6 +240,64 @@ def test_mma_gemv_rejects_what_it_cannot_run():
         t = make_case(M, 40, 256, gs, 4, mode, "uniform", torch.bfloat16)
         with pytest.raises(ValueError, match="MMA GEMV"):
             run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})
+
+
+# --- fold GEMM (batches, modes 1/2; configs with FOLD) -------------------------------------------
+
+FOLD_SHAPES = {-1: (72, 300), 32: (40, 200), 64: (56, 257), 128: (48, 300)}  # (N, K): ragged tiles and groups
+
+
+def _fold_cases():
+    """Modes x group sizes x dtypes; batch sizes, distributions, tiles and splits rotate."""
+    out = []
+    for i, (mode, gs, dtype) in enumerate(itertools.product((1, 2), (-1, 32, 64, 128), DTYPES)):
+        M = (2, 3, 16, 33)[i % 4]
+        dist = DISTS[i % len(DISTS)]
+        bn, bm, split = (16, 32)[i % 2], (16, 32)[(i // 2) % 2], (1, 2, 3)[i % 3]
+        out.append(pytest.param(mode, gs, dtype, M, dist, bn, bm, split,
+                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-M{M}-{dist}-bn{bn}-bm{bm}-sk{split}"))
+    return out
+
+
+@pytest.mark.parametrize("mode,gs,dtype,M,dist,bn,bm,split", _fold_cases())
+def test_fold_gemm_small(mode, gs, dtype, M, dist, bn, bm, split):
+    if CUDA and dtype == torch.float32:
+        pytest.skip("the fold GEMM takes 16-bit x on CUDA")
+    N, K = FOLD_SHAPES[gs]
+    t = make_case(M, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    cfg = {"FOLD": 1, "BLOCK_N": bn, "BLOCK_M": bm, "SPLIT_K": split}
+    check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference(t), dtype)
+
+
+def test_fold_gemm_rejects_what_it_cannot_run():
+    """Mode 3 and a bcq base are refused with a clear error, not computed wrongly."""
+    cfg = {"FOLD": 1, "BLOCK_N": 16, "BLOCK_M": 16, "SPLIT_K": 1}
+    t = make_case(4, 40, 256, 128, 4, MODE_ALPHA, "uniform", torch.bfloat16)
+    with pytest.raises(ValueError, match="fold GEMM"):
+        run_kernel(t, MODE_ALPHA, cfg)
+    t = make_case(4, 40, 256, 128, 4, MODE_ALPHA, "uniform", torch.bfloat16, bcq=True)
+    with pytest.raises(ValueError, match="fold GEMM"):
+        run_kernel(t, MODE_GROUP, cfg)
+
+
+def test_fold_gemm_dispatch_rule(monkeypatch):
+    """Mode 1 from FOLD_MIN_M rows; mode 2 only on the caller's promise of one scale slot (a tile costs a
+    pass per slot), per-channel mode 2 from twice that; mode 3 never; the policy switches it off or down
+    to two rows."""
+    big = im.FOLD_MIN_M
+    assert im.fold_gemm_chosen(big, MODE_CHANNEL, 128) and im.fold_gemm_chosen(big, MODE_CHANNEL, -1)
+    assert not im.fold_gemm_chosen(big - 1, MODE_CHANNEL, 128)
+    assert im.fold_gemm_chosen(big, MODE_GROUP, 128, scale_slots=1)
+    assert not im.fold_gemm_chosen(big, MODE_GROUP, -1, scale_slots=1)
+    assert im.fold_gemm_chosen(2 * big, MODE_GROUP, -1, scale_slots=1)
+    assert not im.fold_gemm_chosen(big, MODE_GROUP, 128, scale_slots=0)
+    assert not im.fold_gemm_chosen(big, MODE_GROUP, 128, scale_slots=2)
+    assert not im.fold_gemm_chosen(4 * big, MODE_ALPHA, 128, scale_slots=1)
+    monkeypatch.setattr(im, "FOLD_POLICY", "never")
+    assert not im.fold_gemm_chosen(4 * big, MODE_CHANNEL, 128)
+    monkeypatch.setattr(im, "FOLD_POLICY", "always")
+    assert im.fold_gemm_chosen(2, MODE_CHANNEL, 128) and not im.fold_gemm_chosen(1, MODE_CHANNEL, 128)
+    assert not im.fold_gemm_chosen(2, MODE_GROUP, 128, scale_slots=3)
 
 
 @pytest.mark.parametrize("bcq", (False, True))
@@ -402,3 +461,23 @@ def test_autotuned_path(M):
     for mode in (MODE_GROUP, MODE_ALPHA):
         t = make_case(M, N, K, 128, 4, mode, "uniform", torch.bfloat16)
         check(run_kernel(t, mode, n_major=True), reference(t), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", list(LLAMA7B))
+@pytest.mark.parametrize("M", (4, 16, 64, 256))
+@pytest.mark.parametrize("mode", (1, 2))
+def test_llama7b_fold_gemm(shape, M, mode, monkeypatch):
+    """The fold GEMM on the real shapes (down: K = 11008, a ragged split), group 128 and per-channel
+    alternating: a fixed config with split-K on mixed slots, then the autotuned kernel in fp16 on rows
+    of one adapter, as the dispatch sends them (FOLD_POLICY "always" reaches it below FOLD_MIN_M)."""
+    K, N = LLAMA7B[shape]
+    gs = 128 if (M // 4 + mode) % 2 else -1
+    t = make_case(M, N, K, gs, 4, mode, ("distinct", "zipf")[mode - 1], torch.bfloat16, bias=(shape == "qkv"))
+    cfg = {"FOLD": 1, "BLOCK_M": min(64, max(16, M)), "BLOCK_N": 128, "SPLIT_K": 3}
+    check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
+    monkeypatch.setattr(im, "FOLD_POLICY", "always")
+    t = make_case(M, N, K, gs, 4, mode, "identical", torch.float16)
+    assert im.fold_gemm_chosen(M, mode, gs, scale_slots=1)
+    check(run_kernel(t, mode, n_major=True, scale_slots=1), reference(t), torch.float16)

@@ -366,7 +366,11 @@ def test_padded_prefill_batch_of_several_chunks_equals_eager(engine_lm, adapter_
     Tb = graphs.bucket(32)
     graphs.load(Tb, engine._upload(engine._pack_prefill(sched, Tb)))
     padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)
-    eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
+    batch = engine._build_batch(sched, mode)
+    # the host's count of distinct scale slots (1 would let mode 2 take the fold GEMM on CUDA)
+    assert batch.rows.scale_slots == len({engine._row_indices(q)[1] for q, _ in sched})
+    assert batch.rows.scale_slots == len(set(batch.rows.scale_idx.tolist()))
+    eager = engine.lm.model(batch, engine.kv.k, engine.kv.v)
     assert padded.shape[0] == 5  # 4 sequence slots (3 used) + the padding sequence
     torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)
 
