@@ -218,8 +218,10 @@ class Engine:
         counts = sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)})
         with torch.inference_mode():
             for mode in modes:
-                for T in counts:
-                    self.lm.model(self._warm_batch(T, mode), self.kv.k, self.kv.v)
+                # mode 2 takes a different kernel with rows on one scale slot than on several
+                for scale_slots in ((1, 2) if mode == MODE_GROUP else (1,)):
+                    for T in counts:
+                        self.lm.model(self._warm_batch(T, mode, scale_slots), self.kv.k, self.kv.v)
                 for graphs in (self.graphs, self.prefill_graphs):
                     for b in graphs.buckets if graphs is not None else ():
                         graphs.run(b, mode)
@@ -229,9 +231,10 @@ class Engine:
         log.info("warm-up: %d prefill sizes, %d graphs, modes %s, in %.1f s", len(counts), n_graphs, list(modes),
                  time.perf_counter() - t0)
 
-    def _warm_batch(self, T: int, mode: int) -> Batch:
-        """One sequence prefilling T tokens on base rows with a given kernel mode; writes no KV (slots
-        -1) and reads block 0 for its context: only the shapes matter."""
+    def _warm_batch(self, T: int, mode: int, scale_slots: int = 1) -> Batch:
+        """One sequence prefilling T tokens on base rows with a given kernel mode and scale-slot count (the
+        kernel choice; the rows are base rows either way); writes no KV (slots -1) and reads block 0 for
+        its context: only the shapes matter."""
         dev = self.device
         rows = torch.tensor(self.slab.row_indices(BASE), dtype=torch.int32, device=dev)[:, None].repeat(1, T)
         return Batch(torch.zeros(T, dtype=torch.int64, device=dev), torch.arange(T, device=dev),
@@ -240,7 +243,7 @@ class Engine:
                      torch.tensor([T], dtype=torch.int32, device=dev),
                      torch.tensor([0, T], dtype=torch.int32, device=dev),
                      torch.tensor([T - 1], dtype=torch.int64, device=dev),
-                     RowAdapters(rows[0], rows[1], rows[2], mode, 1), T)
+                     RowAdapters(rows[0], rows[1], rows[2], mode, scale_slots), T)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:

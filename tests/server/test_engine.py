@@ -277,13 +277,15 @@ def test_warm_up_touches_no_state(engine_lm, adapter_files, tmp_path):
     free_before = engine.kv.allocator.num_free
     calls = []
     forward = engine.lm.model.forward
-    engine.lm.model.forward = lambda batch, *a: calls.append((batch.tokens.numel(), batch.rows.mode)) or \
-        forward(batch, *a)
+    engine.lm.model.forward = lambda batch, *a: calls.append(
+        (batch.tokens.numel(), batch.rows.mode, batch.rows.scale_slots)) or forward(batch, *a)
     try:
         engine.warm_up()
     finally:
         del engine.lm.model.forward
-    assert set(calls) == {(t, m) for m in (1, 2, 3) for t in (1, 2, 4, 8, 16, 32, 64)}
+    # mode 2 twice: one scale slot (the fold GEMM on CUDA) and several (the per-row tile)
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    assert set(calls) == {(t, m, 1) for m in (1, 2, 3) for t in sizes} | {(t, 2, 2) for t in sizes}
     assert all(torch.equal(a, b) for a, b in zip(engine.kv.k + engine.kv.v, kv_before))
     assert engine.kv.allocator.num_free == free_before
     again = [new_seq(p, avs[n]) for p, n in zip(PROMPTS[:3], sorted(avs))]
