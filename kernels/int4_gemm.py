@@ -24,7 +24,8 @@ the float 2**23 + Q 2**16, exact), and one FFMA with s / 2**16 and -(128 + z) s 
 scale row of the next K block is loaded one step ahead (a 16-bit row is 2 bytes a thread, which the
 compiler's cp.async pipeline does not take).
 
-BLOCK_K (64 or 128, autotuned) divides the group size, so each K block lies in one group.
+BLOCK_K (64 or 128, autotuned; 32 at group size 32) divides the group size, so each K block lies in one
+group.
 Split-K (a float32 workspace and per-tile arrival counters, as in int4_matmul) keeps 132 SMs busy when
 the tile grid is small. The interpreter (CPU CI) runs the same kernel, bit tricks included, in float32.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .pdl import launch_kwargs, wait_for_producer
 from .split_k import k_blocks, park_partial, summed_partials
@@ -288,8 +290,9 @@ def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
     """y [M, N] = the modes 1/2 semantics for x [M, K] (contiguous rows); w: int4_matmul.Int4Weights.
 
     ws: float32 workspace of at least workspace_numel(M, N, config) elements, cnt:
-    zeroed int32 counters, one per output tile. config: BLOCK_N, BLOCK_M, SPLIT_K, optional num_warps /
-    num_stages (else autotuned; a fixed small one in the interpreter)."""
+    zeroed int32 counters, one per output tile. config: BLOCK_M, BLOCK_N, SPLIT_K, optional BLOCK_K (default
+    the group size, 128 per-channel) / num_warps / num_stages (else autotuned; a fixed small one in the
+    interpreter)."""
     M, K = x.shape
     N = w.N
     if not int4_gemm_supported(x, mode, w.group_size, w.zeros_t is not None):
