@@ -1,4 +1,6 @@
-"""int4_matmul / adapted_linear (kernels.int4_matmul) against adapted_linear_ref.
+"""int4_matmul / adapted_linear (kernels.int4_matmul) against adapted_linear_ref: every path it
+dispatches to (the tensor-core tile, the CUDA-core GEMV, the MMA GEMV of int4_mma_gemv and the fold GEMM
+of int4_gemm), each forced by its config.
 
 On CPU the Triton kernel runs under TRITON_INTERPRET=1 on small odd shapes (N, K not multiples
 of the tiles, ragged last group, odd K) with a small tile config; with CUDA the same cases run
