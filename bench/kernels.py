@@ -102,7 +102,7 @@ def make_rows(M: int, T: int, mode: int):
     return zero, zero, slot
 
 
-def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
+def bench_ours(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None):
     from scaleserve.kernels.int4_matmul import int4_matmul, repack
 
     G = 1 if gs == -1 else math.ceil(K / gs)
@@ -123,7 +123,6 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, config=None):
     calls = []
     x = torch.randn(M, K, device="cuda").bfloat16()
     cidx, sidx, aidx = make_rows(M, T, mode)
-    scale_slots = int(sidx.unique().numel())  # the caller's promise that lets mode 2 take the fold GEMM
     for w in weights:
         # fp16 tables, N-contiguous: what AdapterSlab hands the kernel on CUDA
         chan = (torch.rand(S, N, device="cuda") + 0.5).half()
@@ -233,17 +232,13 @@ def main(argv=None) -> int:
     from scaleserve.kernels.pdl import set_pdl
 
     set_pdl(not args.no_pdl)
-    if args.gemv_max_m is not None:
-        from scaleserve.kernels import int4_matmul as im
+    from scaleserve.kernels import int4_matmul as im
 
+    if args.gemv_max_m is not None:
         im.GEMV_MAX_M = args.gemv_max_m
     if args.mma_policy is not None:
-        from scaleserve.kernels import int4_matmul as im
-
         im.MMA_GEMV_POLICY = args.mma_policy
     if args.fold_policy is not None:
-        from scaleserve.kernels import int4_matmul as im
-
         im.FOLD_POLICY = args.fold_policy
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
@@ -302,12 +297,15 @@ def main(argv=None) -> int:
             for mode in modes:
                 for M in ms:
                     for T in sorted({1, min(M, 64)}):
-                        us = bench_ours(K, N, gs, mode, M, T, cache)
+                        # distinct scale_idx values of make_rows' rows: the caller's promise that lets mode 2
+                        # take the fold GEMM
+                        scale_slots = T if mode == 2 else 1
+                        us = bench_ours(K, N, gs, mode, M, T, cache, scale_slots)
                         rows.append(dict(shape=shape, K=K, N=N, M=M, T=T, group_size=gs, mode=mode, us=us,
                                          bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
                                          tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us,
                                          floor_t_us=floor_us + adapter_bytes(K, N, gs, mode, T) / bw * 1e6,
-                                         config=chosen_config(M, mode, gs, 1 if mode != 2 else T)))
+                                         config=chosen_config(M, mode, gs, scale_slots)))
                         print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
                               f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
                               f"floor {floor_us:.1f})  [{time.time() - t0:.0f}s]", flush=True)
@@ -349,7 +347,7 @@ def gemv_sweep(args, shapes, modes, groups, bw) -> int:
                 res = []
                 for cfg in sweep_configs(mode):
                     try:
-                        us = bench_ours(K, N, gs, mode, 1, 1, cache, config=cfg)
+                        us = bench_ours(K, N, gs, mode, 1, 1, cache, 1, config=cfg)
                     except Exception as e:  # noqa: BLE001 - e.g. out of registers / resources
                         print(f"{shape} {cfg}: {e!r}"[:200], flush=True)
                         continue

@@ -32,13 +32,15 @@ the tile grid is small. The interpreter (CPU CI) runs the same kernel, bit trick
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 import triton.testing
 
 from .pdl import launch_kwargs, wait_for_producer
-from .split_k import k_blocks, park_partial, summed_partials
+from .tile_epilogue import k_blocks, park_partial, store_rows, summed_partials
 
 MODES = (1, 2)
 GROUP_SIZES = (-1, 32, 64, 128)
@@ -67,9 +69,14 @@ def _split_kept(kw: dict, M: int, N: int) -> bool:
 
 def workspace_numel(M: int, N: int, config: dict | None = None) -> int:
     """float32 elements of split-K workspace a launch needs (1 when no kept config splits K)."""
-    split = config["SPLIT_K"] if config is not None else max(
-        [c.kwargs["SPLIT_K"] for c in CONFIGS if _split_kept(c.kwargs, M, N)])
+    split = config["SPLIT_K"] if config is not None else _autotuned_max_split(M, N)
     return split * M * N if split > 1 else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _autotuned_max_split(M: int, N: int) -> int:
+    """The largest SPLIT_K the autotuner may pick for (M, N): asked on every launch, computed once."""
+    return max(c.kwargs["SPLIT_K"] for c in CONFIGS if _split_kept(c.kwargs, M, N))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -198,7 +205,7 @@ def _int4_gemm_kernel(
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
         _store(acc, y_ptr, bias_ptr, chan_ptr, cidx, offs_m, offs_n, out_mask, n_ok, stride_ym, stride_cs, HAS_BIAS)
-    else:  # the last split to arrive finishes the tile (kernels/split_k.py)
+    else:  # the last split to arrive finishes the tile (kernels/tile_epilogue.py)
         tile = pid_n * tl.num_programs(0) + pid_m
         if park_partial(acc, ws_ptr, cnt_ptr, tile, pid_k, offs_m, offs_n, M, N, out_mask, SPLIT_K):
             total = summed_partials(ws_ptr, cnt_ptr, tile, offs_m, offs_n, M, N, out_mask, SPLIT_K, BLOCK_M, BLOCK_N)
@@ -260,9 +267,7 @@ def _store(acc, y_ptr, bias_ptr, chan_ptr, cidx, offs_m, offs_n, out_mask, n_ok,
            HAS_BIAS: tl.constexpr):
     """y = acc * chan[c_m, n] (+ bias)."""
     acc *= tl.load(chan_ptr + cidx[:, None] * stride_cs + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
 
 
 _KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS"]  # + x dtype (added by triton)

@@ -59,7 +59,7 @@ from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import launch_mma_gemv, mma_gemv_supported
 from .int4_mma_gemv import load_f32 as _load_f32
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
-from .split_k import k_blocks, park_partial, summed_partials
+from .tile_epilogue import k_blocks, park_partial, store_rows, summed_partials
 
 MODE_CHANNEL, MODE_GROUP, MODE_ALPHA = 1, 2, 3
 
@@ -399,14 +399,14 @@ def _adapted_int4_kernel(
     if SPLIT_K == 1:
         acc = _row_factors(acc, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs,
                            stride_ss, stride_sn, MODE, ONE_GROUP)
-        _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
-    else:  # the last split to arrive finishes the tile (kernels/split_k.py)
+        store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
+    else:  # the last split to arrive finishes the tile (kernels/tile_epilogue.py)
         tile = pid_m * tl.num_programs(1) + pid_n
         if park_partial(acc, ws_ptr, cnt_ptr, tile, pid_k, offs_m, offs_n, M, N, out_mask, SPLIT_K):
             total = summed_partials(ws_ptr, cnt_ptr, tile, offs_m, offs_n, M, N, out_mask, SPLIT_K, BLOCK_M, BLOCK_N)
             total = _row_factors(total, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, chan_ptr, stride_cs,
                                  stride_ss, stride_sn, MODE, ONE_GROUP)
-            _store_rows(total, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
+            store_rows(total, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -426,14 +426,6 @@ def _row_factors(acc, offs_n, n_ok, cidx, sidx, is_alpha, s0_ptr, scale_ptr, cha
     if MODE == 3:
         chan = tl.where(is_alpha[:, None], 1.0, chan)
     return acc * chan
-
-
-@triton.jit
-def _store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
 
 
 # --- decode GEMV (M = 1): CUDA cores, no tensor cores ---------------------------------------------

@@ -1,7 +1,9 @@
-"""Split-K for the tensor-core tiles: each split parks its float32 partial tile in a workspace, and the
-last split of a tile to arrive (a per-tile counter) sums the partials in a fixed order and finishes the
-tile. One launch does all, the result is deterministic, and the counter is reset by that last split, so
-the same counters serve the next launch and every CUDA-graph replay."""
+"""What the tensor-core tiles (int4_matmul's and int4_gemm's) share around their K loop: split-K and the store.
+
+Split-K: each split takes a contiguous share of the K blocks and parks its float32 partial tile in a
+workspace; the last split of a tile to arrive (a per-tile counter) sums the partials in a fixed order and
+finishes the tile. One launch does all, the result is deterministic, and the counter is reset by that
+last split, so the same counters serve the next launch and every CUDA-graph replay."""
 
 import triton
 import triton.language as tl
@@ -35,3 +37,11 @@ def k_blocks(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     per_split = tl.cdiv(num_kb, SPLIT_K)
     kb_lo = pid_k * per_split
     return kb_lo, tl.minimum(kb_lo + per_split, num_kb)
+
+
+@triton.jit
+def store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS: tl.constexpr):
+    """y[offs_m, offs_n] = acc (+ bias[offs_n]) in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
