@@ -135,13 +135,13 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None):
     return graph_us(calls)
 
 
-def chosen_config(M: int, mode: int, gs: int, scale_slots: int) -> str:
+def chosen_config(M: int, N: int, K: int, mode: int, gs: int, scale_slots: int) -> str:
     """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_gemm as ig
     from scaleserve.kernels import int4_mma_gemv as mg
 
-    if im.mma_gemv_chosen(M, mode, gs):
+    if im.mma_gemv_chosen(M, mode, gs, N, K):
         tuner = mg._tuned
     elif im.fold_gemm_chosen(M, mode, gs, scale_slots):
         tuner = ig._tuned
@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
-    ap.add_argument("--mma-policy", choices=("per-channel", "always", "never"), default=None,
-                    help="where M = 1 takes the MMA GEMV: per-channel layers (the default), always, or never")
+    ap.add_argument("--mma-policy", choices=("auto", "per-channel", "always", "never"), default=None,
+                    help="where M = 1 takes the MMA GEMV: auto (the default: per-channel layers, and group 128 "
+                         "where N <= K), per-channel layers only, always, or never")
     ap.add_argument("--fold-policy", choices=("auto", "always", "never"), default=None,
                     help="where batches in modes 1/2 take the fold GEMM (kernels/int4_gemm.py): auto (M >= "
                          "FOLD_MIN_M), always (M >= 2) or never")
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
                                          bf16_us=bf16[M], tinygemm_us=tg[gs, M, T][0],
                                          tinygemm_loop_us=tg[gs, M, T][1], floor_us=floor_us,
                                          floor_t_us=floor_us + adapter_bytes(K, N, gs, mode, T) / bw * 1e6,
-                                         config=chosen_config(M, mode, gs, scale_slots)))
+                                         config=chosen_config(M, N, K, mode, gs, scale_slots)))
                         print(f"{shape:8s} g{gs:4d} mode {mode} M {M:3d} T {T:2d}: {us:8.1f} us  "
                               f"(bf16 {bf16[M]:.1f}, tinygemm {tg[gs, M, T][0]:.1f}/{tg[gs, M, T][1]:.1f}, "
                               f"floor {floor_us:.1f})  [{time.time() - t0:.0f}s]", flush=True)

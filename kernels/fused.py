@@ -29,10 +29,13 @@ from .pdl import launch_kwargs, wait_for_producer
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, y_ptr, h_ptr, D, eps,
                          HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    wait_for_producer(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
+    # the norm's weight is a base weight (no kernel of the step writes it): read it while the producer
+    # finishes, so the load is off the chain of dependent loads that is most of this kernel's time
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    wait_for_producer(PDL)
     h = tl.load(x_ptr + t * D + offs, mask=ok, other=0.0)
     if HAS_DELTA:
         # round the sum to the activation dtype first: the residual stream is stored in it
@@ -41,7 +44,6 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, y_ptr, h_ptr, D, eps,
         tl.store(h_ptr + t * D + offs, h, mask=ok)
     hf = h.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * D + offs, (w * (hf * inv)).to(y_ptr.dtype.element_ty), mask=ok)
 
 

@@ -472,17 +472,25 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
 ]
 # M = 1 in modes 1/2 may run the MMA GEMV (kernels/int4_mma_gemv.py: the code words feed mma.sync from
 # registers, ~2.2 instructions per code against this file's GEMV's ~4.2), under MMA_GEMV_POLICY:
-# "per-channel" (group size -1), "always" (-1 and 128) or "never". Measured on the H100 in CUDA-graph
-# replay over cold weights (bench/NOTES-kernels.md, session 7): per-channel 48-51 vs 56-57 µs per 7B
-# layer in four calls; at group 128 no faster overall (`down` gains, `qkv` loses). Timing both at first
-# use picked wrongly: one weight, hot in L2, is not the serving case.
-MMA_GEMV_POLICY = "per-channel"
+# "auto" (group size -1, and group 128 where N <= K), "per-channel" (group size -1 only), "always" (-1 and
+# 128) or "never". Measured on the H100 in CUDA-graph replay over cold weights (bench/NOTES-kernels.md,
+# sessions 7 and 9): per-channel 48-51 vs 56-57 µs per 7B layer. At group 128 it depends on the shape,
+# µs (modes 1 / 2, MMA vs this file's GEMV, same call): o (4096 -> 4096) 7.2 / 7.5 vs 8.2 / 7.5, down
+# (11008 -> 4096) 15.0 / 15.2 vs 16.9 / 17.1, but qkv (4096 -> 12288) 13.8 / 16.8 vs 13.0 / 13.7 and gate_up
+# (4096 -> 22016) 24.3 / 25.0 vs 23.5 / 24.6: the MMA tile's group tables cost most where rows are many
+# and short. Timing both at first use picked wrongly: one weight, hot in L2, is not the serving case.
+MMA_GEMV_POLICY = "auto"
+MMA_GEMV_POLICIES = ("auto", "per-channel", "always", "never")
 
 
-def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
-    """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV."""
-    return M == 1 and mode in (MODE_CHANNEL, MODE_GROUP) and (
-        MMA_GEMV_POLICY == "always" or (MMA_GEMV_POLICY == "per-channel" and group_size == -1))
+def mma_gemv_chosen(M: int, mode: int, group_size: int, N: int = 0, K: int = 0) -> bool:
+    """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV.
+    N, K: the weight's shape ("auto" sends group 128 there only where N <= K; unknown shapes stay off)."""
+    if M != 1 or mode not in (MODE_CHANNEL, MODE_GROUP) or MMA_GEMV_POLICY == "never":
+        return False
+    if MMA_GEMV_POLICY == "auto":
+        return group_size == -1 or 0 < N <= K
+    return MMA_GEMV_POLICY == "always" or group_size == -1
 
 
 # Batches in modes 1/2 on 16-bit x: kernels/int4_gemm.py folds a tile's scale row into the dequantized
@@ -1077,7 +1085,7 @@ def int4_matmul(
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
     if (config is not None and config.get("MMA")) or (
-            config is None and not interpret and mma_gemv_chosen(M, mode, w.group_size)
+            config is None and not interpret and mma_gemv_chosen(M, mode, w.group_size, N, K)
             and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty((config["SPLIT_K"] if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)

@@ -302,6 +302,23 @@ def test_fold_gemm_dispatch_rule(monkeypatch):
     assert not im.fold_gemm_chosen(2, MODE_GROUP, 128, scale_slots=3)
 
 
+def test_mma_gemv_dispatch_rule(monkeypatch):
+    """auto: one row in modes 1/2 at group size -1 always, at group 128 only where N <= K (o, down); never
+    for batches, mode 3 or an unknown shape; the other policies."""
+    for mode in (MODE_CHANNEL, MODE_GROUP):
+        assert im.mma_gemv_chosen(1, mode, -1) and im.mma_gemv_chosen(1, mode, -1, 12288, 4096)
+        assert im.mma_gemv_chosen(1, mode, 128, 4096, 11008) and im.mma_gemv_chosen(1, mode, 128, 4096, 4096)
+        assert not im.mma_gemv_chosen(1, mode, 128, 22016, 4096) and not im.mma_gemv_chosen(1, mode, 128)
+        assert not im.mma_gemv_chosen(2, mode, -1, 4096, 4096)
+    assert not im.mma_gemv_chosen(1, MODE_ALPHA, -1, 4096, 4096)
+    monkeypatch.setattr(im, "MMA_GEMV_POLICY", "per-channel")
+    assert im.mma_gemv_chosen(1, MODE_GROUP, -1) and not im.mma_gemv_chosen(1, MODE_GROUP, 128, 4096, 11008)
+    monkeypatch.setattr(im, "MMA_GEMV_POLICY", "always")
+    assert im.mma_gemv_chosen(1, MODE_CHANNEL, 128, 22016, 4096)
+    monkeypatch.setattr(im, "MMA_GEMV_POLICY", "never")
+    assert not im.mma_gemv_chosen(1, MODE_CHANNEL, -1, 4096, 4096)
+
+
 @pytest.mark.parametrize("bcq", (False, True))
 def test_gemv_three_bit_and_bcq(bcq):
     """3-bit codes in mode 3 (planes j < 3 only) and a bcq base, through the GEMV."""

@@ -101,6 +101,19 @@ def test_paged_chunked_prefill_matches_dense(tiny_lm):
         torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
 
 
+def test_one_token_steps_match_dense(tiny_lm):
+    """Steps of one new token per sequence (how decode runs: the logits take every row, with the last
+    sublayer's output added inside the final norm, no gathers) give the dense forward's logits, for
+    prompts of different lengths that drop out of the batch as they finish."""
+    lm = tiny_lm
+    slab = AdapterSlab(lm.model, 2, 2, 2)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (1, 6, 3, 9)]
+    got = _run_paged(lm, prompts, [BASE] * 4, slab, chunks=(1,) * 9)
+    for i, p in enumerate(prompts):
+        ref = lm.model.forward_dense(torch.tensor([p]), RowAdapters.base(len(p), "cpu"))[0, -1]
+        torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["rtn", "bcq"])
 def test_mixed_adapter_batch_matches_dense_merged(make_tiny_model, method):
     """Rows with PEQA [N,G], PEQA [N], AlphaTuning and the base in one batch, each equal to an HF
