@@ -480,7 +480,6 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
 # (4096 -> 22016) 24.3 / 25.0 vs 23.5 / 24.6: the MMA tile's group tables cost most where rows are many
 # and short. Timing both at first use picked wrongly: one weight, hot in L2, is not the serving case.
 MMA_GEMV_POLICY = "auto"
-MMA_GEMV_POLICIES = ("auto", "per-channel", "always", "never")
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int, N: int = 0, K: int = 0) -> bool:
