@@ -141,19 +141,10 @@ def chosen_config(M: int, N: int, K: int, mode: int, gs: int, scale_slots: int) 
     from scaleserve.kernels import int4_gemm as ig
     from scaleserve.kernels import int4_mma_gemv as mg
 
-    if im.mma_gemv_chosen(M, mode, gs, N, K):
-        tuner = mg._tuned
-    elif im.fold_gemm_chosen(M, mode, gs, scale_slots):
-        tuner = ig._tuned
-    elif M <= im.GEMV_MAX_M:
-        tuner = im._gemv_kernel
-    elif M <= im.DECODE_MAX_M:
-        tuner = im._decode_kernel
-    else:
-        tuner = im._gemm_kernel
+    kind = im.autotuned_kernel(M, N, K, mode, gs, scale_slots)
+    tuner = {"mma gemv": mg._tuned, "fold": ig._tuned, "gemv": im._gemv_kernel}.get(
+        kind, im._decode_kernel if M <= im.DECODE_MAX_M else im._gemm_kernel)
     best = getattr(tuner, "best_config", None)
-    kind = {id(mg._tuned): "mma gemv", id(im._gemv_kernel): "gemv", id(ig._tuned): "fold"}.get(id(tuner),
-                                                                                                 "tensor-core")
     return "" if best is None else f"{kind}: {best}"
 
 

@@ -1,8 +1,10 @@
-"""The device facts the launchers size grids by and choose launch options with (cached per device)."""
+"""The device facts the launchers size grids by and choose launch options with (cached per device), and
+how the kernels' autotuners time a config."""
 
 from __future__ import annotations
 
 import torch
+import triton.testing
 
 _SM_COUNT: dict[int, int] = {}
 _CC_MAJOR: dict[int, int] = {}
@@ -31,3 +33,9 @@ def capability_major(device: torch.device) -> int:
     if idx not in _CC_MAJOR:
         _CC_MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
     return _CC_MAJOR[idx]
+
+
+def quick_bench(kernel_call, quantiles):
+    """The autotuners' timing: shorter runs than triton's default (25 ms warm-up, 100 ms), because a model
+    has ~40 keys to tune; triton.testing.do_bench clears L2 between runs, so the weights are cold."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)

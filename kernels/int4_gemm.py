@@ -37,8 +37,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
+from .device import quick_bench
 from .pdl import launch_kwargs, wait_for_producer
 from .tile_epilogue import k_blocks, park_partial, store_rows, summed_partials
 
@@ -273,12 +273,8 @@ def _store(acc, y_ptr, bias_ptr, chan_ptr, cidx, offs_m, offs_n, out_mask, n_ok,
 _KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS"]  # + x dtype (added by triton)
 
 
-def _quick_bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 _tuned = triton.autotune(configs=CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                         do_bench=_quick_bench, cache_results=True)(_int4_gemm_kernel)
+                         do_bench=quick_bench, cache_results=True)(_int4_gemm_kernel)
 
 
 def int4_gemm_supported(x: torch.Tensor, mode: int, group_size: int, has_zeros: bool) -> bool:

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
+from .device import quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import launch_mma_gemv, mma_gemv_supported
@@ -516,6 +516,16 @@ def fold_gemm_chosen(M: int, mode: int, group_size: int, scale_slots: int = 0) -
 
 
 GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
+
+
+def autotuned_kernel(M: int, N: int, K: int, mode: int, group_size: int, scale_slots: int = 0) -> str:
+    """The kernel int4_matmul runs on CUDA without a config, for inputs that kernel supports (else the next
+    one): "mma gemv", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's tile)."""
+    if mma_gemv_chosen(M, mode, group_size, N, K):
+        return "mma gemv"
+    if fold_gemm_chosen(M, mode, group_size, scale_slots):
+        return "fold"
+    return "gemv" if M <= GEMV_MAX_M else "tensor-core"
 INTERPRET_GEMV_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "PREFETCH": 1, "STAGES": 1}
 
 
@@ -933,21 +943,16 @@ def _gemv_int4_kernel(
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "FAST", "INTERPRET"]  # + x dtype (added by triton)
 
 
-def _quick_bench(kernel_call, quantiles):
-    """Shorter autotuning runs than triton's default (25 ms warm-up, 100 ms): ~40 keys per model."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 # cache_results: the choice per key is kept on disk beside triton's compile cache
-_decode_kernel = triton.autotune(configs=DECODE_CONFIGS, key=_AUTOTUNE_KEY, do_bench=_quick_bench,
+_decode_kernel = triton.autotune(configs=DECODE_CONFIGS, key=_AUTOTUNE_KEY, do_bench=quick_bench,
                                  cache_results=True,
                                  prune_configs_by={"early_config_prune": _prune_decode})(_adapted_int4_kernel)
-_gemm_kernel = triton.autotune(configs=GEMM_CONFIGS, key=_AUTOTUNE_KEY, do_bench=_quick_bench, cache_results=True,
+_gemm_kernel = triton.autotune(configs=GEMM_CONFIGS, key=_AUTOTUNE_KEY, do_bench=quick_bench, cache_results=True,
                                prune_configs_by={"early_config_prune": _prune_gemm})(_adapted_int4_kernel)
 DECODE_MAX_M = 64
 _GEMV_KEY = ["N", "K", "MODE", "GROUP_SIZE", "BITS", "HAS_BIAS", "HAS_ZEROS", "X_ALIGNED"]  # + x dtype
 _gemv_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_gemv_int4_kernel)
-_gemv_kernel = triton.autotune(configs=GEMV_CONFIGS + GEMV_ALPHA_CONFIGS, key=_GEMV_KEY, do_bench=_quick_bench,
+_gemv_kernel = triton.autotune(configs=GEMV_CONFIGS + GEMV_ALPHA_CONFIGS, key=_GEMV_KEY, do_bench=quick_bench,
                                cache_results=True,
                                prune_configs_by={"early_config_prune": _prune_gemv})(_gemv_even_k)
 
@@ -1083,16 +1088,15 @@ def int4_matmul(
     else:
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
+    kernel = autotuned_kernel(M, N, K, mode, w.group_size, scale_slots) if config is None and not interpret else None
     if (config is not None and config.get("MMA")) or (
-            config is None and not interpret and mma_gemv_chosen(M, mode, w.group_size, N, K)
-            and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
+            kernel == "mma gemv" and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty((config["SPLIT_K"] if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
                                _tile_counters(x.device, "mma"))
     if (config is not None and config.get("FOLD")) or (
-            config is None and not interpret and fold_gemm_chosen(M, mode, w.group_size, scale_slots)
-            and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
+            kernel == "fold" and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty(workspace_numel(M, N, config), dtype=torch.float32, device=x.device)
         return launch_int4_gemm(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
                                 _tile_counters(x.device, "fold"))

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import quick_bench
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
@@ -385,11 +386,7 @@ MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16"]
 
 
-def _quick_bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
-_tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=_quick_bench,
+_tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
                          cache_results=True)(_mma_gemv_kernel)
 
 

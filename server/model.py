@@ -252,12 +252,15 @@ class Transformer(nn.Module):
             self._rope_table, self._rope_key = table, key
         return _split_rope(self._rope_table[positions])
 
-    def logits(self, h: torch.Tensor, rows: RowAdapters | None, delta: torch.Tensor | None = None) -> torch.Tensor:
-        # h (+ delta, the last sublayer's output, added in the final norm's kernel): [..., D] -> [..., V] float32.
-        # rows: the rows' adapters, needed only by a quantized lm_head
+    def logits(self, h: torch.Tensor, rows: RowAdapters, delta: torch.Tensor | None = None,
+               idx: torch.Tensor | None = None) -> torch.Tensor:
+        # h (+ delta, the last sublayer's output, added in the final norm's kernel): [..., D] -> [..., V] float32,
+        # at the rows idx of a flat [T, D] h (None: every row, no gathers)
+        if idx is not None:
+            h, delta = h[idx], (None if delta is None else delta[idx])
         h = self.norm.add_forward(h, delta)[0]
         if self.quantize_lm_head:
-            return self.lm_head(h, rows).float()
+            return self.lm_head(h, rows if idx is None else rows.select(idx)).float()
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w).float()
 
@@ -272,10 +275,8 @@ class Transformer(nn.Module):
             delta = layer.attn(h, rows, cos, sin, batch, kc, vc)
             h, x = layer.post_attn_norm.add_forward(x, delta)
             delta = layer.mlp(h, rows)
-        if batch.max_query_len == 1:  # one new token per sequence: every row's logits, in order (no gathers)
-            return self.logits(x, rows, delta)
-        idx = batch.logits_index
-        return self.logits(x[idx], rows.select(idx) if self.quantize_lm_head else None, delta[idx])
+        # one new token per sequence (decode): every row's logits, in order
+        return self.logits(x, rows, delta, None if batch.max_query_len == 1 else batch.logits_index)
 
     def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] float32; rows has one entry per token (B*S)."""
