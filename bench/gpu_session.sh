@@ -36,7 +36,7 @@ for step in "${steps[@]}"; do
                | tee "$OUT/decode_profile.log" | tail -40 ;;
     pdl_ab) timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --pdl off,on \
               --json "$OUT/decode_profile_pdl.json" 2>&1 | tee "$OUT/decode_profile_pdl.log" | grep -A12 " pdl " ;;
-    mma_ab) for policy in always never; do  # the MMA GEMV against the CUDA-core GEMV per shape, M = 1, same call
+    mma_ab) for policy in auto never; do  # the MMA GEMV against the CUDA-core GEMV per shape, M = 1, same call
               timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                 --mma-policy $policy --json "$OUT/mma-$policy.json" 2>&1 | tee "$OUT/mma-$policy.log" \
                 | grep -E "^(qkv|o |gate_up|down)"

@@ -204,15 +204,18 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(LLAMA_SHAPES))
     ap.add_argument("--gemv-max-m", type=int, default=None,
                     help="largest M sent to the decode GEMV (0: tensor-core path only); default: the kernel's")
-    ap.add_argument("--mma-policy", choices=("auto", "per-channel", "always", "never"), default=None,
-                    help="where M = 1 takes the MMA GEMV: auto (the default: per-channel layers, and group 128 "
-                         "where N <= K), per-channel layers only, always, or never")
+    ap.add_argument("--mma-policy", choices=("auto", "per-channel", "never"), default=None,
+                    help="where M = 1 takes the MMA GEMV: auto (the default: every mode 1/2 call it supports), "
+                         "per-channel layers only, or never")
     ap.add_argument("--fold-policy", choices=("auto", "always", "never"), default=None,
                     help="where batches in modes 1/2 take the fold GEMM (kernels/int4_gemm.py): auto (M >= "
                          "FOLD_MIN_M), always (M >= 2) or never")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
+    ap.add_argument("--mma-sweep", action="store_true",
+                    help="M = 1 only: time each MMA GEMV config (int4_mma_gemv.MMA_GEMV_CONFIGS) per shape / mode / "
+                         "group (no autotune)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     t0 = time.time()
 
-    if args.gemv_sweep:
+    if args.gemv_sweep or args.mma_sweep:
         return gemv_sweep(args, shapes, modes, groups, bw)
 
     kept: list[dict] = []
@@ -327,8 +330,22 @@ def sweep_configs(mode):
     return SWEEP_CONFIGS
 
 
+def mma_sweep_configs() -> list[dict]:
+    from scaleserve.kernels.int4_mma_gemv import MMA_GEMV_CONFIGS
+
+    return [{"MMA": 1, **c.kwargs, "num_warps": c.num_warps} for c in MMA_GEMV_CONFIGS]
+
+
+def config_label(c: dict) -> str:
+    if c.get("MMA"):
+        return f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/d{c['DEPTH']}/w{c['num_warps']}"
+    return (f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
+            + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
+
+
 def gemv_sweep(args, shapes, modes, groups, bw) -> int:
-    """Per shape, mode and group size: µs of each GEMV config at M = 1 (T = 1), best first."""
+    """Per shape, mode and group size: µs of each GEMV config (--gemv-sweep: the CUDA-core GEMV's sweep,
+    --mma-sweep: the MMA GEMV's autotune list) at M = 1 (T = 1), best first."""
     out = []
     for shape in shapes:
         K, N = SHAPES[shape]
@@ -337,7 +354,7 @@ def gemv_sweep(args, shapes, modes, groups, bw) -> int:
         for gs in groups:
             for mode in modes:
                 res = []
-                for cfg in sweep_configs(mode):
+                for cfg in (mma_sweep_configs() if args.mma_sweep else sweep_configs(mode)):
                     try:
                         us = bench_ours(K, N, gs, mode, 1, 1, cache, 1, config=cfg)
                     except Exception as e:  # noqa: BLE001 - e.g. out of registers / resources
@@ -346,8 +363,7 @@ def gemv_sweep(args, shapes, modes, groups, bw) -> int:
                     res.append((us, cfg))
                     out.append(dict(shape=shape, K=K, N=N, group_size=gs, mode=mode, us=us, floor_us=floor_us, **cfg))
                 res.sort(key=lambda r: r[0])
-                top = "  ".join(f"{us:.1f}:{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
-                                + (f"/r{c['maxnreg']}" if "maxnreg" in c else "") for us, c in res[:6])
+                top = "  ".join(f"{us:.1f}:{config_label(c)}" for us, c in res[:6])
                 print(f"{shape:8s} g{gs:4d} mode {mode} floor {floor_us:5.1f}  best {top}", flush=True)
         cache.clear()
         torch.cuda.empty_cache()

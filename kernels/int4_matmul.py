@@ -470,26 +470,21 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
     _gcfg(16, 512, 1, stages=3), _gcfg(16, 1024, 1, stages=3), _gcfg(16, 512, 1, stages=3, warps=8),
     _gcfg(16, 256, 2), _gcfg(16, 512, 1),
 ]
-# M = 1 in modes 1/2 may run the MMA GEMV (kernels/int4_mma_gemv.py: the code words feed mma.sync from
-# registers, ~2.2 instructions per code against this file's GEMV's ~4.2), under MMA_GEMV_POLICY:
-# "auto" (group size -1, and group 128 where N <= K), "per-channel" (group size -1 only), "always" (-1 and
-# 128) or "never". Measured on the H100 in CUDA-graph replay over cold weights (bench/NOTES-kernels.md,
-# sessions 7 and 9): per-channel 48-51 vs 56-57 µs per 7B layer. At group 128 it depends on the shape,
-# µs (modes 1 / 2, MMA vs this file's GEMV, same call): o (4096 -> 4096) 7.2 / 7.5 vs 8.2 / 7.5, down
-# (11008 -> 4096) 15.0 / 15.2 vs 16.9 / 17.1, but qkv (4096 -> 12288) 13.8 / 16.8 vs 13.0 / 13.7 and gate_up
-# (4096 -> 22016) 24.3 / 25.0 vs 23.5 / 24.6: the MMA tile's group tables cost most where rows are many
-# and short. Timing both at first use picked wrongly: one weight, hot in L2, is not the serving case.
+# M = 1 in modes 1/2 runs the MMA GEMV (kernels/int4_mma_gemv.py: the code words feed mma.sync from
+# registers, ~2.2 instructions per code against this file's GEMV's ~4.2), under MMA_GEMV_POLICY: "auto"
+# (group size -1 and 128: every call the kernel supports), "per-channel" (group size -1 only) or "never".
+# Measured on the H100 in CUDA-graph replay over cold weights, same call (bench/NOTES-kernels.md, session
+# 10), µs per 7B layer, MMA vs this file's GEMV: group 128 mode 2 55.7 vs 64.4 (each of the four shapes
+# faster), group -1 49.7 vs 56.3. Until session 9 the group tables cost the MMA GEMV the shapes with many
+# short rows (qkv, gate_up); a lane now reads its two adjacent rows' tables in one load each.
 MMA_GEMV_POLICY = "auto"
 
 
-def mma_gemv_chosen(M: int, mode: int, group_size: int, N: int = 0, K: int = 0) -> bool:
-    """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV.
-    N, K: the weight's shape ("auto" sends group 128 there only where N <= K; unknown shapes stay off)."""
+def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
+    """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV."""
     if M != 1 or mode not in (MODE_CHANNEL, MODE_GROUP) or MMA_GEMV_POLICY == "never":
         return False
-    if MMA_GEMV_POLICY == "auto":
-        return group_size == -1 or 0 < N <= K
-    return MMA_GEMV_POLICY == "always" or group_size == -1
+    return MMA_GEMV_POLICY == "auto" or group_size == -1
 
 
 # Batches in modes 1/2 on 16-bit x: kernels/int4_gemm.py folds a tile's scale row into the dequantized
@@ -521,7 +516,7 @@ GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs ma
 def autotuned_kernel(M: int, N: int, K: int, mode: int, group_size: int, scale_slots: int = 0) -> str:
     """The kernel int4_matmul runs on CUDA without a config, for inputs that kernel supports (else the next
     one): "mma gemv", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's tile)."""
-    if mma_gemv_chosen(M, mode, group_size, N, K):
+    if mma_gemv_chosen(M, mode, group_size):
         return "mma gemv"
     if fold_gemm_chosen(M, mode, group_size, scale_slots):
         return "fold"
@@ -1090,7 +1085,7 @@ def int4_matmul(
         b_args = (dummy, 0, 0, 0)
     kernel = autotuned_kernel(M, N, K, mode, w.group_size, scale_slots) if config is None and not interpret else None
     if (config is not None and config.get("MMA")) or (
-            kernel == "mma gemv" and mma_gemv_supported(x, mode, w.group_size, has_zeros)):
+            kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros)):
         ws = torch.empty((config["SPLIT_K"] if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,

@@ -27,8 +27,17 @@ handling) and is bound by issue and latency (bench/NOTES-kernels.md). Here the l
   are the diagonal C[r][r] (rows0) and C[r + 8][r] (rows1): C register t = r & 1 (+2 for rows1) of lane
   c = r >> 1. 7/8 of the tensor-core work is thrown away; the tensor pipe has room for it.
 
-The partial sums stay in the tile ([BLOCK_N/2, 128] float32, element (i, 16r + 4c + t)) until one
-reduction at the end. The interpreter (CPU CI) computes the same tile with plain tensor arithmetic.
+- The tile's row pairs are adjacent rows: (rows0[i], rows1[i]) = (2i, 2i + 1) of the column tile (so N
+  must be even). The group tables are N-contiguous ([G, N_pad] base tables; the adapter slab is stored
+  [S, G, N]), so a lane that holds a diagonal reads its two rows' zero points in one 8-byte load and
+  their scales in one 4- or 8-byte load. Only those 8 lanes of 32 load tables; the others get zeros.
+- Each step ends inside the same inline asm as its MMAs: the lane picks its two diagonal C values and
+  X by its block's parity and adds s * (SCALE * C - (SCALE + z) * X) for rows0 and rows1 (8 float ops,
+  where an elementwise epilogue over the whole [BLOCK_N/2, 128] tile cost 48).
+
+The partial sums stay in the tile ([BLOCK_N/2, 128] float32: a lane's rows0 sum in its element t = 0,
+rows1's in t = 2, zeros elsewhere) until one reduction at the end. The interpreter (CPU CI) computes the
+same tile with plain tensor arithmetic (the block dots on the diagonal elements).
 """
 
 from __future__ import annotations
@@ -85,6 +94,63 @@ def _mma_chain_asm(f16: bool, ones: bool) -> str:
     return "\n".join(out)
 
 
+def _step_asm(f16: bool) -> str:
+    """One step of one lane (GPU): the code chain of _mma_chain_asm, then only the two diagonal elements
+    the lane may hold, picked by its block's parity ($40): C[r][r] (rows0) and C[r + 8][r] (rows1).
+    acc (out $0..$3, in $36..$39) keeps rows0 in element 0 and rows1 in element 2 (1 and 3 stay as
+    they are, zero); X_g is the ones chain ($28..$31), the tables $32..$35 = (z0, z1, s0, s1), zero
+    on lanes without a diagonal (so their acc stays zero):
+      acc0 += s0 * (SCALE * C - (SCALE + z0) * X)."""
+    scale = "0f41800000" if f16 else "0f43000000"  # 16.0 / 128.0
+    neg = "0fC1800000" if f16 else "0fC3000000"
+    chain = _mma_chain_asm(f16, False).splitlines()
+    assert chain[-1].startswith("mov.b32 $0")
+    body = chain[:-1]
+    body[0] = body[0].replace(".reg .f32 c0, c1, c2, c3;", ".reg .f32 c0, c1, c2, c3, u0, u1, xx, t0, t1; .reg .pred p;")
+    body += [
+        "setp.ne.s32 p, $40, 0;",
+        "selp.f32 u0, c1, c0, p; selp.f32 u1, c3, c2, p; selp.f32 xx, $29, $28, p;",
+        f"sub.f32 t0, {neg}, $32; sub.f32 t1, {neg}, $33; mul.f32 t0, t0, xx; mul.f32 t1, t1, xx;",
+        f"fma.rn.f32 u0, u0, {scale}, t0; fma.rn.f32 u1, u1, {scale}, t1;",
+        "fma.rn.f32 $0, $34, u0, $36; fma.rn.f32 $2, $35, u1, $38; mov.f32 $1, $37; mov.f32 $3, $39; }",
+    ]
+    return "\n".join(body)
+
+
+_STEP_BF16 = tl.constexpr(_step_asm(False))
+_STEP_F16 = tl.constexpr(_step_asm(True))
+# operands of a step: out acc 4 (early clobber: written before the last inputs are read), in words 8,
+# x pairs 16, X 4, tables 4, acc 4, parity 4
+_STEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 12 + ",r" * 4)
+
+# the tables of one lane and step (GPU), out (z0, z1, s0, s1) as float32, zeros where the lane's $12 == 0.
+# Operands: zero-point pointers $4..$7 (the pair of rows0, rows1: adjacent float32), scale pointers
+# $8..$11 (rows0 in element 0, rows1 in element 2; both in one load where PAIR: adjacent and aligned).
+def _tables_asm(s_type: str, pair: bool) -> str:
+    out = ["{ .reg .pred p; .reg .b32 w; .reg .b16 h0, h1;", "setp.ne.s32 p, $12, 0;",
+           "mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000;",
+           "@p ld.global.nc.v2.f32 {$0, $1}, [$4];"]
+    if s_type == "f32":
+        out.append("@p ld.global.nc.v2.f32 {$2, $3}, [$8]; }" if pair else
+                   "@p ld.global.nc.f32 $2, [$8]; @p ld.global.nc.f32 $3, [$10]; }")
+        return "\n".join(out)
+    if pair:
+        out.append("mov.b32 w, 0; @p ld.global.nc.b32 w, [$8]; mov.b32 {h0, h1}, w;")
+    else:
+        out.append("mov.b16 h0, 0; mov.b16 h1, 0; @p ld.global.nc.b16 h0, [$8]; @p ld.global.nc.b16 h1, [$10];")
+    out.append(f"cvt.f32.{s_type} $2, h0; cvt.f32.{s_type} $3, h1; }}")
+    return "\n".join(out)
+
+
+_TAB_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",l" * 8 + ",r" * 4)
+_TAB_F32 = tl.constexpr(_tables_asm("f32", False))
+_TAB_F32_PAIR = tl.constexpr(_tables_asm("f32", True))
+_TAB_F16 = tl.constexpr(_tables_asm("f16", False))
+_TAB_F16_PAIR = tl.constexpr(_tables_asm("f16", True))
+_TAB_BF16 = tl.constexpr(_tables_asm("bf16", False))
+_TAB_BF16_PAIR = tl.constexpr(_tables_asm("bf16", True))
+
+
 # x word (16 bytes at the pointer; zeros where ok == 0) as the pairs P_i = (x[i], x[i + 4])
 _X_WORD_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .b32 h0, h1, h2, h3;\n"
@@ -94,28 +160,56 @@ _X_WORD_ASM = tl.constexpr(
     "prmt.b32 $0, h0, h2, 0x5410; prmt.b32 $1, h0, h2, 0x7632;\n"
     "prmt.b32 $2, h1, h3, 0x5410; prmt.b32 $3, h1, h3, 0x7632; }"
 )
-_MMA_BF16 = tl.constexpr(_mma_chain_asm(False, False))
-_MMA_F16 = tl.constexpr(_mma_chain_asm(True, False))
 _ONES_BF16 = tl.constexpr(_mma_chain_asm(False, True))
 _ONES_F16 = tl.constexpr(_mma_chain_asm(True, True))
 
 
 @triton.jit
-def _mma_part(w0, w1, p0, p1, p2, p3, zz, F16: tl.constexpr):
-    """x . (Q - z) per element from the two MMA chains (codes, and A = 1.0 for X_g) over one lane's words."""
+def _ones_sums(p0, p1, p2, p3, F16: tl.constexpr):
+    """X of each block (GPU): the A = 1.0 chain over a lane's x pairs; C[*][col] = X of block kb + col."""
     if F16:
-        CHAIN: tl.constexpr = _MMA_F16
         ONES: tl.constexpr = _ONES_F16
-        SCALE: tl.constexpr = 16.0
     else:
-        CHAIN: tl.constexpr = _MMA_BF16
         ONES: tl.constexpr = _ONES_BF16
-        SCALE: tl.constexpr = 128.0
-    c = tl.inline_asm_elementwise(CHAIN, "=r,=r,=r,=r" + ",r" * 24, [w0, w1, p0, p1, p2, p3], dtype=tl.float32,
-                                  is_pure=True, pack=4)
-    xg = tl.inline_asm_elementwise(ONES, "=r,=r,=r,=r" + ",r" * 16, [p0, p1, p2, p3], dtype=tl.float32,
-                                   is_pure=True, pack=4)
-    return c * SCALE - xg * (zz + SCALE)  # sum x (1 + Q/SCALE) = X_g + x.Q/SCALE
+    return tl.inline_asm_elementwise(ONES, "=r,=r,=r,=r" + ",r" * 16, [p0, p1, p2, p3], dtype=tl.float32,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16: tl.constexpr):
+    """acc [HN, 128] += the step's diagonal block dots, scaled (GPU; _step_asm)."""
+    if F16:
+        STEP: tl.constexpr = _STEP_F16
+    else:
+        STEP: tl.constexpr = _STEP_BF16
+    xg = _ones_sums(p0, p1, p2, p3, F16)
+    return tl.inline_asm_elementwise(STEP, _STEP_CONSTRAINTS, [w0, w1, p0, p1, p2, p3, xg, tt, acc, odd],
+                                     dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _lane_tables(zp, sp, ok, S_PAIR: tl.constexpr):
+    """(z0, z1, s0, s1) of each lane's diagonal as the 4 elements of its pack (GPU), zeros where not ok.
+    zp: the zero-point pair's pointer; sp: rows0's scale pointer at t < 2, rows1's at t >= 2."""
+    DT: tl.constexpr = sp.dtype.element_ty
+    if DT == tl.float32:
+        if S_PAIR:
+            ASM: tl.constexpr = _TAB_F32_PAIR
+        else:
+            ASM: tl.constexpr = _TAB_F32
+    elif DT == tl.float16:
+        if S_PAIR:
+            ASM: tl.constexpr = _TAB_F16_PAIR
+        else:
+            ASM: tl.constexpr = _TAB_F16
+    else:
+        if S_PAIR:
+            ASM: tl.constexpr = _TAB_BF16_PAIR
+        else:
+            ASM: tl.constexpr = _TAB_BF16
+    sp = sp.to(zp.dtype)  # (the operands share a type; the asm reads what DT says)
+    return tl.inline_asm_elementwise(ASM, _TAB_CONSTRAINTS, [zp, sp, ok.to(tl.int32)], dtype=tl.float32,
+                                     is_pure=True, pack=4)
 
 
 @triton.jit
@@ -137,10 +231,10 @@ def load_f32(ptrs, FAST: tl.constexpr):
 
 
 @triton.jit
-def _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, diag, ONE_GROUP: tl.constexpr,
-                   MODE: tl.constexpr, FAST: tl.constexpr):
-    """Zero points and scales [HN, 128] of each element's (row, group of block kb + r): rows0 for
-    registers t < 2, rows1 for t >= 2 (on the GPU only the lanes that hold a diagonal load them)."""
+def _plain_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, ONE_GROUP: tl.constexpr,
+                  MODE: tl.constexpr):
+    """Interpreter: zero points and scales [HN, 128] of each element's (row, group of block kb + r), rows0
+    for registers t < 2, rows1 for t >= 2."""
     if ONE_GROUP:
         g = 0
     else:
@@ -150,30 +244,31 @@ def _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, 
         sp = tl.where(vreg < 2, sp0, sp1) + g * stride_zg
     else:
         sp = tl.where(vreg < 2, sp0, sp1) + g * stride_sg
-    if FAST:
-        return _ld_pairs(zp, diag), _ld_pairs(sp, diag)
-    else:
-        return tl.load(zp).to(tl.float32), tl.load(sp).to(tl.float32)
+    return tl.load(zp).to(tl.float32), tl.load(sp).to(tl.float32)
 
 
 @triton.jit
-def _ld_pairs(ptrs, diag):
-    """float32 [HN, 128] from a lane's 4 elements' pointers, which hold two values (rows0 at t = 0, 1 and
-    rows1 at t = 2, 3): two loads instead of four, and none on lanes without a diagonal (they get 0)."""
-    DT: tl.constexpr = ptrs.dtype.element_ty
-    ok = tl.broadcast_to(diag.to(tl.int32), ptrs.shape)
-    if DT == tl.float32:
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $8, 0; mov.b32 $0, 0; mov.b32 $2, 0;\n"
-            "@p ld.global.nc.b32 $0, [$4]; @p ld.global.nc.b32 $2, [$6]; mov.b32 $1, $0; mov.b32 $3, $2; }",
-            "=&r,=&r,=&r,=&r,l,l,l,l,r,r,r,r", [ptrs, ok], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        cvt: tl.constexpr = "cvt.f32.f16" if DT == tl.float16 else "cvt.f32.bf16"
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b16 a, b; setp.ne.s32 p, $8, 0; mov.b16 a, 0; mov.b16 b, 0;\n"
-            "@p ld.global.nc.b16 a, [$4]; @p ld.global.nc.b16 b, [$6];\n"
-            + cvt + " $0, a; " + cvt + " $2, b; mov.b32 $1, $0; mov.b32 $3, $2; }",
-            "=&r,=&r,=&r,=&r,l,l,l,l,r,r,r,r", [ptrs, ok], dtype=tl.float32, is_pure=True, pack=4)
+def _plain_step(acc, kb, w0, w1, zz, ss, x_ptr, K, kb_hi, vblock, vword, diag0, diag1):
+    """Interpreter: acc [HN, 128] += s * x_b . (Q_b - z) on the diagonal elements for blocks b = kb + r,
+    with plain arithmetic (the block dot of each (row, block), put on the tile's diagonal elements)."""
+    blk = kb + vblock  # [1, 128]
+    kx = blk * BLOCK_K + vword * 8  # [1, 128] first k of each word
+    HN: tl.constexpr = w0.shape[0]
+    nib = tl.arange(0, 8)[None, None, :] * 4
+    q0 = tl.reshape(((w0[:, :, None] >> nib) & 0xF).to(tl.float32), [HN, 8, BLOCK_K])  # [HN, block, k]
+    q1 = tl.reshape(((w1[:, :, None] >> nib) & 0xF).to(tl.float32), [HN, 8, BLOCK_K])
+    k3 = kx[:, :, None] + tl.arange(0, 8)[None, None, :]  # [1, 128, 8]
+    xv = tl.load(x_ptr + k3, mask=(k3 < K) & (blk < kb_hi)[:, :, None], other=0.0).to(tl.float32)
+    xv = tl.reshape(xv, [1, 8, BLOCK_K])
+    d0 = tl.sum(q0 * xv, 2)  # [HN, 8] = block dots of rows0
+    d1 = tl.sum(q1 * xv, 2)
+    xs = tl.sum(xv, 2)  # [1, 8] = X of each block
+    # onto the tile: column v belongs to block v >> 4 (a [8] -> [128] broadcast via a size-16 axis)
+    d0 = tl.reshape(tl.broadcast_to(d0[:, :, None], [HN, 8, WORDS]), [HN, 8 * WORDS])
+    d1 = tl.reshape(tl.broadcast_to(d1[:, :, None], [HN, 8, WORDS]), [HN, 8 * WORDS])
+    xs = tl.reshape(tl.broadcast_to(xs[:, :, None], [1, 8, WORDS]), [1, 8 * WORDS])
+    part = tl.where(diag0, d0, d1) - zz * xs
+    return acc + tl.where(diag0 | diag1, part * ss, 0.0)
 
 
 @triton.jit
@@ -186,49 +281,23 @@ def _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword):
 
 
 @triton.jit
-def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
-                 FIRST: tl.constexpr, ONE_GROUP: tl.constexpr, MODE: tl.constexpr):
-    """Everything step kb reads (GPU): its code words (rows0, rows1), group tables (only the first time
+def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
+                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr):
+    """Everything step kb reads (GPU): its code words (rows0, rows1), the lanes' tables (only the first time
     for one group: zeros otherwise) and x pairs."""
     ok = kb + vblock < kb_hi
     w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
     w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
-    if FIRST or not ONE_GROUP:
-        zz, ss = _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, diag, ONE_GROUP, MODE,
-                                True)
+    if ONE_GROUP:
+        if FIRST:
+            tt = _lane_tables(zpair + 0 * vblock, sp, tl.broadcast_to(diag, w0.shape), S_PAIR)
+        else:
+            tt = tl.zeros(w0.shape, tl.float32)
     else:
-        zz = tl.zeros(w0.shape, tl.float32)
-        ss = zz
+        g = kb + vblock  # [1, 128]: the group of each lane's block (past kb_hi: masked, no clamp needed)
+        tt = _lane_tables(zpair + g * stride_zg, sp + g * stride_tg, tl.broadcast_to(diag & ok, w0.shape), S_PAIR)
     x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
-    return w0, w1, zz, ss, x0, x1, x2, x3
-
-
-@triton.jit
-def _kmajor_step(acc, kb, w0, w1, zz, ss, p0, p1, p2, p3, x_ptr, K, kb_hi, vblock, vword, diag0, diag1,
-                 FAST: tl.constexpr, F16: tl.constexpr):
-    """acc [HN, 128] += s * x_b . (Q_b - z) on the diagonal elements for blocks b = kb + r
-    (zz, ss: _kmajor_tables, p0..p3: _kmajor_x of step kb, loaded one step ahead on the GPU)."""
-    blk = kb + vblock  # [1, 128]
-    kx = blk * BLOCK_K + vword * 8  # [1, 128] first k of each word
-    if FAST:
-        part = _mma_part(w0, w1, p0, p1, p2, p3, zz, F16)
-    else:  # plain arithmetic: the block dot of each (row, block), put on the tile's diagonal elements
-        HN: tl.constexpr = w0.shape[0]
-        nib = tl.arange(0, 8)[None, None, :] * 4
-        q0 = tl.reshape(((w0[:, :, None] >> nib) & 0xF).to(tl.float32), [HN, 8, BLOCK_K])  # [HN, block, k]
-        q1 = tl.reshape(((w1[:, :, None] >> nib) & 0xF).to(tl.float32), [HN, 8, BLOCK_K])
-        k3 = kx[:, :, None] + tl.arange(0, 8)[None, None, :]  # [1, 128, 8]
-        xv = tl.load(x_ptr + k3, mask=(k3 < K) & (blk < kb_hi)[:, :, None], other=0.0).to(tl.float32)
-        xv = tl.reshape(xv, [1, 8, BLOCK_K])
-        d0 = tl.sum(q0 * xv, 2)  # [HN, 8] = block dots of rows0
-        d1 = tl.sum(q1 * xv, 2)
-        xs = tl.sum(xv, 2)  # [1, 8] = X of each block
-        # onto the tile: column v belongs to block v >> 4 (a [8] -> [128] broadcast via a size-16 axis)
-        d0 = tl.reshape(tl.broadcast_to(d0[:, :, None], [HN, 8, WORDS]), [HN, 8 * WORDS])
-        d1 = tl.reshape(tl.broadcast_to(d1[:, :, None], [HN, 8, WORDS]), [HN, 8 * WORDS])
-        xs = tl.reshape(tl.broadcast_to(xs[:, :, None], [1, 8, WORDS]), [1, 8 * WORDS])
-        part = tl.where(diag0, d0, d1) - zz * xs
-    return acc + tl.where(diag0 | diag1, part * ss, 0.0)
+    return w0, w1, tt, x0, x1, x2, x3
 
 
 @triton.jit
@@ -241,23 +310,24 @@ def _mma_gemv_kernel(
     N, K,
     stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
-    F16: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
+    F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
 ):
-    """y[n] for one column tile (rows0, rows1) and one of SPLIT_K ranges of 8-block steps. DEPTH: how
-    many steps ahead the codes, x and group tables are loaded (ncu at 1, gate_up g128: 40 % of the
-    warps' cycles wait on global loads, 4 programs per SM by registers, DRAM at 48 %)."""
+    """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
+    rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
+    scales) in one load. N is even. DEPTH: how many steps ahead the codes, x and tables are loaded."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HN: tl.constexpr = BLOCK_N // 2
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
-    rows0 = pid_n * BLOCK_N + tl.arange(0, HN)
-    rows1 = rows0 + HN
+    rows0 = pid_n * BLOCK_N + 2 * tl.arange(0, HN)
+    rows1 = rows0 + 1
     v = tl.arange(0, 8 * WORDS)[None, :]  # [1, 128]: word v of the 8-block step
     vblock = v // WORDS  # the column's block within the 8 (a division: the compiler sees 16 equal values in
     # a row and keeps the masked code loads 16 bytes wide)
     vword = v % WORDS  # the column's word within its block
     vreg = vword & 3  # the C register the column's element stands for (< 2: rows0)
-    diag = (vword >> 2) == (vblock >> 1)
+    diag = (vword >> 2) == (vblock >> 1)  # lanes whose C holds a diagonal (8 of 32)
     diag0 = diag & (vreg == (vblock & 1))  # C[r][r]: rows0
     diag1 = diag & (vreg == 2 + (vblock & 1))  # C[r + 8][r]: rows1
     q0 = q_ptr + rows0[:, None] * stride_qn + v  # [HN, 128]: word v from block kb
@@ -270,31 +340,31 @@ def _mma_gemv_kernel(
         prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
-    z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables)
-    z1p = zero_ptr + rows1[:, None]
-    n0 = tl.minimum(rows0, N - 1)[:, None]
-    n1 = tl.minimum(rows1, N - 1)[:, None]
+    z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1)
+    n0 = tl.minimum(rows0, N - 2)[:, None]  # past N: any real pair (N is even)
     if MODE == 1:
         sp0 = s0_ptr + rows0[:, None]
-        sp1 = s0_ptr + rows1[:, None]
+        sp1 = sp0 + 1
+        stride_tg = stride_zg
     else:
         sidx = tl.load(scale_idx_ptr).to(tl.int64)
         sp0 = scale_ptr + sidx * stride_ss + n0 * stride_sn
-        sp1 = scale_ptr + sidx * stride_ss + n1 * stride_sn
+        sp1 = sp0 + stride_sn
+        stride_tg = stride_sg
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
-    if FAST:  # codes, x and group tables DEPTH steps ahead, in registers
-        w0n, w1n, zn, sn, x0n, x1n, x2n, x3n = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag, True,
-            ONE_GROUP, MODE)
+    if FAST:  # codes, x and tables DEPTH steps ahead, in registers
+        sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
+        odd = vblock & 1  # the C register of the lane's diagonal
+        w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
+            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
         if DEPTH == 2:
-            w0m, w1m, zm, sm, x0m, x1m, x2m, x3m = _kmajor_load(
-                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
-                True, ONE_GROUP, MODE)
+            w0m, w1m, tm, x0m, x1m, x2m, x3m = _kmajor_load(
+                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP,
+                S_PAIR)
         for kb in range(kb_lo, kb_hi, 8):
             w0 = w0n
             w1 = w1n
-            zz = zn
-            ss = sn
+            tt = tn
             p0 = x0n
             p1 = x1n
             p2 = x2n
@@ -302,37 +372,32 @@ def _mma_gemv_kernel(
             if DEPTH == 2:
                 w0n = w0m
                 w1n = w1m
-                zn = zm
-                sn = sm
+                tn = tm
                 x0n = x0m
                 x1n = x1m
                 x2n = x2m
                 x3n = x3m
-                w0m, w1m, zm, sm, x0m, x1m, x2m, x3m = _kmajor_load(
-                    kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
-                    False, ONE_GROUP, MODE)
+                w0m, w1m, tm, x0m, x1m, x2m, x3m = _kmajor_load(
+                    kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False,
+                    ONE_GROUP, S_PAIR)
                 if ONE_GROUP:  # (loaded once)
-                    zm = zn
-                    sm = sn
+                    tm = tn
             else:
-                w0n, w1n, zn1, sn1, x0n, x1n, x2n, x3n = _kmajor_load(
-                    kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, vword, diag,
-                    False, ONE_GROUP, MODE)
+                w0n, w1n, tn1, x0n, x1n, x2n, x3n = _kmajor_load(
+                    kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False,
+                    ONE_GROUP, S_PAIR)
                 if not ONE_GROUP:
-                    zn = zn1
-                    sn = sn1
-            acc = _kmajor_step(acc, kb, w0, w1, zz, ss, p0, p1, p2, p3, x_ptr, K, kb_hi, vblock, vword, diag0, diag1,
-                               FAST, F16)
+                    tn = tn1
+            acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
     else:
+        z1p = zero_ptr + rows1[:, None]
         kb = kb_lo
         while kb < kb_hi:
             ok = kb + vblock < kb_hi
             w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0)
             w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0)
-            zz, ss = _kmajor_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_sg, vblock, vreg, diag, ONE_GROUP, MODE,
-                                    FAST)
-            acc = _kmajor_step(acc, kb, w0, w1, zz, ss, w0, w0, w0, w0, x_ptr, K, kb_hi, vblock, vword, diag0, diag1,
-                               FAST, F16)
+            zz, ss = _plain_tables(kb, kb_hi, z0p, z1p, sp0, sp1, stride_zg, stride_tg, vblock, vreg, ONE_GROUP, MODE)
+            acc = _plain_step(acc, kb, w0, w1, zz, ss, x_ptr, K, kb_hi, vblock, vword, diag0, diag1)
             kb += 8
     y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)  # [HN]: rows0
     y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
@@ -383,24 +448,35 @@ MMA_GEMV_CONFIGS = [
 ]
 INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1}
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
-_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16"]
+_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
                          cache_results=True)(_mma_gemv_kernel)
 
 
-def mma_gemv_supported(x: torch.Tensor, mode: int, group_size: int, has_zeros: bool) -> bool:
+def mma_gemv_supported(x: torch.Tensor, N: int, mode: int, group_size: int, has_zeros: bool) -> bool:
     """Whether the inputs fit this kernel (else the caller takes the CUDA-core GEMV / tensor-core paths).
 
-    On the GPU x is read as 16-byte words: K a multiple of 8 and a 16-byte aligned row.
+    N even: a tile's rows come in adjacent pairs. On the GPU x is read as 16-byte words: K a multiple of
+    8 and a 16-byte aligned row.
     """
     M, K = x.shape
-    if not (M == 1 and mode in (1, 2) and has_zeros and group_size in GROUP_SIZES):
+    if not (M == 1 and N % 2 == 0 and mode in (1, 2) and has_zeros and group_size in GROUP_SIZES):
         return False
     if x.device.type == "cpu":  # the interpreter computes in float32, from any float x
         return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     return x.dtype in (torch.bfloat16, torch.float16) and K % 8 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+
+
+def _scale_pairs(mode: int, scales: torch.Tensor | None) -> bool:
+    """Whether a lane reads the scales of its two adjacent rows in one load: mode 1 (the base table,
+    N contiguous, N_pad rows), or a mode-2 slab with unit stride along N and the pair's alignment."""
+    if mode == 1:
+        return True
+    size = scales.element_size()
+    return (scales.stride(1) == 1 and scales.stride(0) % 2 == 0 and scales.stride(2) % 2 == 0
+            and scales.data_ptr() % (2 * size) == 0)
 
 
 def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt):
@@ -409,16 +485,16 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter)."""
     K = x.shape[1]
     N = w.N
-    if not mma_gemv_supported(x, mode, w.group_size, w.zeros_t is not None):
-        raise ValueError("the MMA GEMV takes one row of x, modes 1/2 with group size -1 or 128, and on CUDA "
-                         "16-bit x with a 16-byte aligned row and K a multiple of 8")
+    if not mma_gemv_supported(x, N, mode, w.group_size, w.zeros_t is not None):
+        raise ValueError("the MMA GEMV takes one row of x, an even N, modes 1/2 with group size -1 or 128, and "
+                         "on CUDA 16-bit x with a 16-byte aligned row and K a multiple of 8")
     q32 = w.codes_t.view(torch.int32)
     st = scales if scales is not None else w.zeros_t
     s_strides = (st.stride(0), st.stride(1), st.stride(2)) if scales is not None else (0, 0, 0)
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
             N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
-                F16=x.dtype == torch.float16, **launch_kwargs(x))
+                F16=x.dtype == torch.float16, S_PAIR=_scale_pairs(mode, scales), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

@@ -216,30 +216,48 @@ MMA_SHAPES = {-1: (200, 136), 128: (136, 1160)}  # (N, K): N not a multiple of t
 
 
 def _mma_cases():
-    """Both modes x group sizes; dtypes, distributions, tile widths, splits and load depth rotate."""
+    """Both modes x group sizes; dtypes, distributions, tile widths, splits, load depth and the slab's
+    table dtype in mode 2 (16-bit tables take the one-load scale pairs) rotate."""
     out = []
     for i, (mode, gs, dtype) in enumerate(itertools.product((1, 2), (-1, 128), DTYPES)):
         dist = DISTS[i % len(DISTS)]
-        bn, split, depth = (16, 32)[i % 2], (1, 2, 3)[i % 3], 1 + (i // 2) % 2
-        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth,
-                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-{dist}-bn{bn}-sk{split}-d{depth}"))
+        bn, split, depth = (16, 32, 8)[(i + i // 3) % 3], (1, 2, 3)[i % 3], 1 + (i // 2) % 2
+        sdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
+        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth, sdt,
+                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-{dist}-bn{bn}-sk{split}-d{depth}-s{str(sdt)[6:]}"))
     return out
 
 
-@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth", _mma_cases())
-def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth):
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,sdt", _mma_cases())
+def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt):
     if CUDA and dtype == torch.float32:
         pytest.skip("the MMA GEMV takes 16-bit x on CUDA")
     N, K = MMA_SHAPES[gs]
     t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    if mode == MODE_GROUP:  # the slab's table dtype; the reference reads the same rounded values
+        t["scales"] = t["scales"].to(sdt)
     cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth}
-    check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference(t), dtype)
+    check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference({**t, "scales": t["scales"].float()}), dtype)
+
+
+@pytest.mark.parametrize("sdt", (torch.float16, torch.bfloat16, torch.float32))
+def test_mma_gemv_scale_layouts(sdt):
+    """Mode 2 slab tables of each dtype, N-major (a lane loads its two rows' scales at once) and G-major
+    (two loads), over mixed slots and the base row's slot in turn."""
+    N, K = MMA_SHAPES[128]
+    for n_major, dist in ((True, "zipf"), (False, "base-only"), (True, "identical")):
+        t = make_case(1, N, K, 128, 4, MODE_GROUP, dist, torch.bfloat16)
+        t["scales"] = t["scales"].to(sdt)
+        cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": 1}
+        check(run_kernel(t, MODE_GROUP, cfg, n_major=n_major), reference({**t, "scales": t["scales"].float()}),
+              torch.bfloat16)
 
 
 def test_mma_gemv_rejects_what_it_cannot_run():
-    """Mode 3, group size 32 and two rows are refused with a clear error, not computed wrongly."""
-    for mode, gs, M in ((MODE_ALPHA, 128, 1), (MODE_GROUP, 32, 1), (MODE_GROUP, 128, 2)):
-        t = make_case(M, 40, 256, gs, 4, mode, "uniform", torch.bfloat16)
+    """Mode 3, group size 32, two rows and an odd N are refused with a clear error, not computed wrongly."""
+    for mode, gs, M, N in ((MODE_ALPHA, 128, 1, 40), (MODE_GROUP, 32, 1, 40), (MODE_GROUP, 128, 2, 40),
+                           (MODE_GROUP, 128, 1, 41)):
+        t = make_case(M, N, 256, gs, 4, mode, "uniform", torch.bfloat16)
         with pytest.raises(ValueError, match="MMA GEMV"):
             run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})
 
@@ -303,20 +321,16 @@ def test_fold_gemm_dispatch_rule(monkeypatch):
 
 
 def test_mma_gemv_dispatch_rule(monkeypatch):
-    """auto: one row in modes 1/2 at group size -1 always, at group 128 only where N <= K (o, down); never
-    for batches, mode 3 or an unknown shape; the other policies."""
+    """auto: one row in modes 1/2 at group size -1 and 128; never for batches or mode 3; the other
+    policies."""
     for mode in (MODE_CHANNEL, MODE_GROUP):
-        assert im.mma_gemv_chosen(1, mode, -1) and im.mma_gemv_chosen(1, mode, -1, 12288, 4096)
-        assert im.mma_gemv_chosen(1, mode, 128, 4096, 11008) and im.mma_gemv_chosen(1, mode, 128, 4096, 4096)
-        assert not im.mma_gemv_chosen(1, mode, 128, 22016, 4096) and not im.mma_gemv_chosen(1, mode, 128)
-        assert not im.mma_gemv_chosen(2, mode, -1, 4096, 4096)
-    assert not im.mma_gemv_chosen(1, MODE_ALPHA, -1, 4096, 4096)
+        assert im.mma_gemv_chosen(1, mode, -1) and im.mma_gemv_chosen(1, mode, 128)
+        assert not im.mma_gemv_chosen(2, mode, -1) and not im.mma_gemv_chosen(2, mode, 128)
+    assert not im.mma_gemv_chosen(1, MODE_ALPHA, -1)
     monkeypatch.setattr(im, "MMA_GEMV_POLICY", "per-channel")
-    assert im.mma_gemv_chosen(1, MODE_GROUP, -1) and not im.mma_gemv_chosen(1, MODE_GROUP, 128, 4096, 11008)
-    monkeypatch.setattr(im, "MMA_GEMV_POLICY", "always")
-    assert im.mma_gemv_chosen(1, MODE_CHANNEL, 128, 22016, 4096)
+    assert im.mma_gemv_chosen(1, MODE_GROUP, -1) and not im.mma_gemv_chosen(1, MODE_GROUP, 128)
     monkeypatch.setattr(im, "MMA_GEMV_POLICY", "never")
-    assert not im.mma_gemv_chosen(1, MODE_CHANNEL, -1, 4096, 4096)
+    assert not im.mma_gemv_chosen(1, MODE_CHANNEL, -1)
 
 
 @pytest.mark.parametrize("bcq", (False, True))
