@@ -56,7 +56,7 @@ import triton.language as tl
 from .device import quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
-from .int4_mma_gemv import launch_mma_gemv, mma_gemv_supported
+from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_supported
 from .int4_mma_gemv import load_f32 as _load_f32
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 from .tile_epilogue import k_blocks, park_partial, store_rows, summed_partials
@@ -1142,8 +1142,7 @@ def int4_matmul(
 
 def _pairs_ok(table: torch.Tensor | None, N: int) -> bool:
     """A group-scale table the tensor-core kernel may read two columns at a time (_table_tile)."""
-    return (table is not None and table.element_size() == 2 and N % 2 == 0 and table.stride(1) == 1
-            and table.stride(0) % 2 == 0 and table.stride(2) % 2 == 0 and table.data_ptr() % 4 == 0)
+    return table is not None and table.element_size() == 2 and N % 2 == 0 and column_pairs_readable(table)
 
 
 def _launch_gemv(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,

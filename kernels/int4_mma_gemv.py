@@ -469,14 +469,17 @@ def mma_gemv_supported(x: torch.Tensor, N: int, mode: int, group_size: int, has_
     return x.dtype in (torch.bfloat16, torch.float16) and K % 8 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
 
 
+def column_pairs_readable(table: torch.Tensor) -> bool:
+    """Whether a [S, N, G] table may be read as (n, n + 1) pairs at even n in one load: unit stride along
+    N and every pair aligned to its size."""
+    return (table.stride(1) == 1 and table.stride(0) % 2 == 0 and table.stride(2) % 2 == 0
+            and table.data_ptr() % (2 * table.element_size()) == 0)
+
+
 def _scale_pairs(mode: int, scales: torch.Tensor | None) -> bool:
     """Whether a lane reads the scales of its two adjacent rows in one load: mode 1 (the base table,
-    N contiguous, N_pad rows), or a mode-2 slab with unit stride along N and the pair's alignment."""
-    if mode == 1:
-        return True
-    size = scales.element_size()
-    return (scales.stride(1) == 1 and scales.stride(0) % 2 == 0 and scales.stride(2) % 2 == 0
-            and scales.data_ptr() % (2 * size) == 0)
+    N contiguous, N_pad rows), or a mode-2 slab whose column pairs are readable."""
+    return mode == 1 or column_pairs_readable(scales)
 
 
 def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt):
