@@ -311,7 +311,7 @@ def _mma_gemv_kernel(
     stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -388,6 +388,8 @@ def _mma_gemv_kernel(
                     ONE_GROUP, S_PAIR)
                 if not ONE_GROUP:
                     tn = tn1
+            if not X_AHEAD:  # x at the step (an L1 hit after the first warp): fewer registers
+                p0, p1, p2, p3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
             acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
     else:
         z1p = zero_ptr + rows1[:, None]
@@ -437,16 +439,23 @@ def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS
 
 
 # BLOCK_N / 2 row pairs, one per warp per pass; DEPTH steps of loads in flight
-def _cfg1(bn, sk, depth, warps=4):
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth}, num_warps=warps, num_stages=1)
+def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None):
+    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "X_AHEAD": x_ahead}, num_warps=warps,
+                         num_stages=1, maxnreg=maxnreg)
 
 
 MMA_GEMV_CONFIGS = [
     _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1), _cfg1(32, 2, 1), _cfg1(64, 1, 1),
     _cfg1(16, 1, 2), _cfg1(16, 2, 2), _cfg1(16, 1, 2, warps=8), _cfg1(32, 1, 2, warps=8),
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
+    # candidates (session 10, offline only): mode 1 at 32 rows needs 180 registers (2 programs per SM),
+    # mode 2 166 (3): capped, mode 1 spills 64 B
+    _cfg1(32, 1, 1, maxnreg=168),
+    # x loaded at its step: with one row pair per warp ptxas then needs 64-76 registers instead of 72-128
+    _cfg1(16, 1, 2, warps=8, x_ahead=0), _cfg1(16, 1, 1, warps=8, x_ahead=0), _cfg1(8, 1, 2, x_ahead=0),
+    _cfg1(32, 1, 2, warps=8, x_ahead=0),
 ]
-INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1}
+INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1}
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR"]
 
@@ -507,7 +516,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None:
         _tuned[grid](*args, **meta)
         return y
-    cfg = {"DEPTH": 1, **{k: v for k, v in config.items() if k != "MMA"}}
+    cfg = {"DEPTH": 1, "X_AHEAD": 1, **{k: v for k, v in config.items() if k != "MMA"}}
     if ws.numel() < cfg["SPLIT_K"] * N:
         raise ValueError("workspace too small for SPLIT_K")
     _mma_gemv_kernel[grid](*args, **meta, **cfg)
