@@ -8,8 +8,9 @@ kernels/int4_mma_gemv.py. Two layouts of the same bytes:
   rows    a step reads 512 contiguous bytes of each of the BLOCK_N rows (the codes_t layout: rows KW
           words apart);
   tiled   a step reads BLOCK_N * 512 contiguous bytes (a tile's rows of one step stored together).
-If "tiled" reads much faster than "rows", the code layout caps the GEMV; if both sit well under the copy
-bandwidth, the limit is the bytes in flight per SM and the programs' start and end, not the DRAM pattern.
+and two structures: one program per tile (as the GEMV), or one wave of persistent programs whose next load
+crosses tile boundaries. If "tiled" reads much faster than "rows", the code layout caps the GEMV; if the
+persistent wave reads much faster, the programs' start and end (and gate_up's 1.7 waves) do.
 """
 
 from __future__ import annotations
@@ -51,6 +52,43 @@ def _read_kernel(q_ptr, out_ptr, KW, steps, TILED: tl.constexpr, BLOCK_N: tl.con
     tl.store(out_ptr + pid * BLOCK_N * 128 + rows * 128 + v, acc)
 
 
+@triton.jit
+def _step_ptrs(q_ptr, tile, s, KW, rows, v, TILED: tl.constexpr, BLOCK_N: tl.constexpr):
+    if TILED:
+        return q_ptr + tile * BLOCK_N * KW + s * BLOCK_N * 128 + rows * 128 + v
+    return q_ptr + (tile * BLOCK_N + rows) * KW + s * 128 + v
+
+
+@triton.jit
+def _read_persistent_kernel(q_ptr, out_ptr, KW, steps, tiles, TILED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One wave of programs; program p reads tiles p, p + P, ... as one flat loop over (tile, step) whose
+    next load crosses tile boundaries (no restart per tile; a tile's xor is stored when it ends)."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    v = tl.arange(0, 128)[None, :]
+    acc = tl.zeros([BLOCK_N, 128], tl.int32)
+    tile = pid
+    s = 0
+    nxt = tl.load(_step_ptrs(q_ptr, tile, s, KW, rows, v, TILED, BLOCK_N), mask=(rows >= 0) & (tile < tiles),
+                  other=0, eviction_policy="evict_first")
+    while tile < tiles:
+        cur = nxt
+        s1 = s + 1
+        t1 = tile
+        if s1 == steps:
+            s1 = 0
+            t1 = tile + P
+        nxt = tl.load(_step_ptrs(q_ptr, t1, s1, KW, rows, v, TILED, BLOCK_N), mask=(rows >= 0) & (t1 < tiles),
+                      other=0, eviction_policy="evict_first")
+        acc ^= cur
+        if s1 == 0:
+            tl.store(out_ptr + tile * BLOCK_N * 128 + rows * 128 + v, acc)
+            acc = tl.zeros([BLOCK_N, 128], tl.int32)
+        tile = t1
+        s = s1
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth, bytes read + written per second."""
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -71,19 +109,27 @@ def main(argv=None) -> int:
         KW = K // 8
         q = torch.randint(-2**31, 2**31 - 1, (N * KW,), dtype=torch.int32, device="cuda")
         out = torch.empty(N * 128, dtype=torch.int32, device="cuda")
-        for (bn, warps, depth), tiled in itertools.product(((16, 4, 1), (32, 4, 1), (16, 4, 2), (32, 8, 1)),
-                                                          (False, True)):
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        # depth 0: the persistent kernel, one wave of `per_sm` programs per SM
+        for (bn, warps, depth), tiled in itertools.product(((16, 4, 1), (32, 4, 1), (16, 4, 2), (32, 8, 1),
+                                                            (16, 4, 0), (32, 4, 0)), (False, True)):
             def call():
-                _read_kernel[(N // bn,)](q, out, KW, KW // 128, TILED=tiled, BLOCK_N=bn, DEPTH=depth, num_warps=warps,
-                                         num_stages=1)
+                if depth == 0:
+                    per_sm = 5 if bn == 16 else 3
+                    _read_persistent_kernel[(min(N // bn, per_sm * sms),)](
+                        q, out, KW, KW // 128, N // bn, TILED=tiled, BLOCK_N=bn, num_warps=warps, num_stages=1)
+                else:
+                    _read_kernel[(N // bn,)](q, out, KW, KW // 128, TILED=tiled, BLOCK_N=bn, DEPTH=depth,
+                                             num_warps=warps, num_stages=1)
 
             ms = triton.testing.do_bench(call, warmup=10, rep=100)
             nbytes = N * KW * 4
-            r = dict(shape=name, N=N, K=K, block_n=bn, warps=warps, depth=depth,
+            r = dict(shape=name, N=N, K=K, block_n=bn, warps=warps, depth=depth, persistent=depth == 0,
                      layout="tiled" if tiled else "rows", us=ms * 1e3, tb_s=nbytes / (ms * 1e-3) / 1e12,
                      floor_us=nbytes / bw * 1e6)
             rows.append(r)
-            print(f"{name:8s} {r['layout']:5s} BN {bn:2d} w{warps} d{depth}: {r['us']:6.1f} µs  {r['tb_s']:.2f} TB/s "
+            kind = "persistent" if depth == 0 else f"d{depth}"
+            print(f"{name:8s} {r['layout']:5s} BN {bn:2d} w{warps} {kind:10s}: {r['us']:6.1f} µs  {r['tb_s']:.2f} TB/s "
                   f"(floor {r['floor_us']:.1f} µs)", flush=True)
     if a.json:
         with open(a.json, "w") as f:
