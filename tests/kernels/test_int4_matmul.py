@@ -255,6 +255,21 @@ def test_mma_gemv_scale_layouts(sdt):
               torch.bfloat16)
 
 
+@pytest.mark.parametrize("mode,gs,sdt", [(1, 128, None), (2, 128, torch.bfloat16), (2, -1, torch.float16),
+                                         (1, -1, None), (2, 128, torch.float32)])
+def test_mma_gemv_persistent(mode, gs, sdt):
+    """The persistent kernel (one wave, tiles walked as one flat loop across tile boundaries): fewer
+    programs than tiles, so every program finishes several tiles; the last tile ragged."""
+    N, K = MMA_SHAPES[gs]
+    for dist, programs_per_sm, bn in (("zipf", 1, 16), ("base-only", 2, 32), ("uniform", 1, 8)):
+        t = make_case(1, N, K, gs, 4, mode, dist, torch.bfloat16, bias=(bn == 16))
+        if sdt is not None:
+            t["scales"] = t["scales"].to(sdt)
+        cfg = {"MMA": 1, "BLOCK_N": bn, "WAVE": programs_per_sm, "num_warps": 4}
+        check(run_kernel(t, mode, cfg, n_major=True), reference({**t, "scales": t["scales"].float()}),
+              torch.bfloat16)
+
+
 def test_mma_gemv_rejects_what_it_cannot_run():
     """Mode 3, group size 32, two rows and an odd N are refused with a clear error, not computed wrongly."""
     for mode, gs, M, N in ((MODE_ALPHA, 128, 1, 40), (MODE_GROUP, 32, 1, 40), (MODE_GROUP, 128, 2, 40),
