@@ -331,14 +331,18 @@ def sweep_configs(mode):
 
 
 def mma_sweep_configs() -> list[dict]:
-    from scaleserve.kernels.int4_mma_gemv import MMA_GEMV_CONFIGS
+    from scaleserve.kernels.int4_mma_gemv import MMA_GEMV_CONFIGS, MMA_PERSISTENT_CONFIGS
 
-    return [{"MMA": 1, **c.kwargs, "num_warps": c.num_warps} for c in MMA_GEMV_CONFIGS]
+    return ([{"MMA": 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
+             for c in MMA_GEMV_CONFIGS] + [{"MMA": 1, **c} for c in MMA_PERSISTENT_CONFIGS])
 
 
 def config_label(c: dict) -> str:
+    if c.get("WAVE"):
+        return f"{c['BLOCK_N']}/persistent x{c['WAVE']}/w{c['num_warps']}"
     if c.get("MMA"):
-        return f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/d{c['DEPTH']}/w{c['num_warps']}"
+        return (f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/d{c['DEPTH']}/w{c['num_warps']}/xa{c['X_AHEAD']}"
+                + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
     return (f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
             + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
 

@@ -1086,7 +1086,7 @@ def int4_matmul(
     kernel = autotuned_kernel(M, N, K, mode, w.group_size, scale_slots) if config is None and not interpret else None
     if (config is not None and config.get("MMA")) or (
             kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros)):
-        ws = torch.empty((config["SPLIT_K"] if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
+        ws = torch.empty((config.get("SPLIT_K", 1) if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
                                _tile_counters(x.device, "mma"))

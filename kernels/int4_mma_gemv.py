@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import quick_bench
+from .device import num_sms, quick_bench
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
@@ -311,7 +311,7 @@ def _mma_gemv_kernel(
     stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -388,6 +388,8 @@ def _mma_gemv_kernel(
                     ONE_GROUP, S_PAIR)
                 if not ONE_GROUP:
                     tn = tn1
+            if not X_AHEAD:  # x at the step (an L1 hit after the first warp): fewer registers
+                p0, p1, p2, p3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
             acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
     else:
         z1p = zero_ptr + rows1[:, None]
@@ -405,6 +407,108 @@ def _mma_gemv_kernel(
                 HAS_BIAS, SPLIT_K)
     _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N, stride_cs,
                 HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _pair_scale_ptr(s_base, rows0, N, s_row, MODE: tl.constexpr):
+    """[HN, 1]: the scale of each row pair's first row (mode 2: a real pair past N; N is even)."""
+    if MODE == 1:
+        return s_base + rows0[:, None]
+    return s_base + tl.minimum(rows0, N - 2)[:, None] * s_row
+
+
+@triton.jit
+def _mma_gemv_persistent_kernel(
+    x_ptr, y_ptr, bias_ptr, q_ptr, zero_ptr, s0_ptr, chan_ptr, scale_ptr, chan_idx_ptr, scale_idx_ptr, ws_ptr, cnt_ptr,
+    N, K,
+    stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
+    MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+    F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_mma_gemv_kernel's semantics (SPLIT_K 1, DEPTH 1) on a grid of one wave: program p owns column tiles
+    p, p + P, ... and walks them as one flat loop over (tile, 8-block step) whose next load crosses tile
+    boundaries, so a program pays one load latency at its start instead of one per tile, and no tile
+    waits for a second wave. A tile's rows are finished (reduced, scaled, stored) when its last step ends."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    HN: tl.constexpr = BLOCK_N // 2
+    ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
+    v = tl.arange(0, 8 * WORDS)[None, :]
+    vblock = v // WORDS
+    vword = v % WORDS
+    vreg = vword & 3
+    diag = (vword >> 2) == (vblock >> 1)
+    diag0 = diag & (vreg == (vblock & 1))
+    diag1 = diag & (vreg == 2 + (vblock & 1))
+    pair = 2 * tl.arange(0, HN)  # rows0 - the tile's first row
+    tiles = tl.cdiv(N, BLOCK_N)
+    num_kb = tl.cdiv(K, BLOCK_K)
+    wait_for_producer(PDL)
+    if MODE == 1:
+        stride_tg = stride_zg
+        s_base = s0_ptr
+        s_row = 1
+    else:
+        sidx = tl.load(scale_idx_ptr).to(tl.int64)
+        stride_tg = stride_sg
+        s_base = scale_ptr + sidx * stride_ss
+        s_row = stride_sn
+    odd = vblock & 1
+    tile = pid
+    kb = 0
+    acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
+    # the first step of the first tile (tile < tiles: the grid is at most one program per tile)
+    rows0 = tile * BLOCK_N + pair
+    q0 = q_ptr + rows0[:, None] * stride_qn + v
+    sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
+    if FAST:
+        w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
+            kb, num_kb, q0, q0 + stride_qn, x_ptr, K, zero_ptr + rows0[:, None], tl.where(vreg < 2, sp0, sp0 + s_row),
+            stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
+    while tile < tiles:
+        kb1 = kb + 8
+        t1 = tile
+        if kb1 >= num_kb:
+            kb1 = 0
+            t1 = tile + P
+        if FAST:
+            w0 = w0n
+            w1 = w1n
+            tt = tn
+            p0 = x0n
+            p1 = x1n
+            p2 = x2n
+            p3 = x3n
+            # the next step's loads, across a tile boundary (past the last tile: masked by kb_hi = 0)
+            r1 = t1 * BLOCK_N + pair
+            q0n = q_ptr + r1[:, None] * stride_qn + v
+            sp1 = _pair_scale_ptr(s_base, r1, N, s_row, MODE)
+            hi = tl.where(t1 < tiles, num_kb, 0)
+            # (one group: the tables are reloaded every step, since a step may start a new tile; L1 hits)
+            w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
+                kb1, hi, q0n, q0n + stride_qn, x_ptr, K, zero_ptr + r1[:, None], tl.where(vreg < 2, sp1, sp1 + s_row),
+                stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
+            acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
+        else:
+            rows0 = tile * BLOCK_N + pair
+            q0 = q_ptr + rows0[:, None] * stride_qn + v
+            sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
+            ok = kb + vblock < num_kb
+            w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0)
+            w1 = tl.load(q0 + stride_qn + kb * WORDS, mask=ok, other=0)
+            zz, ss = _plain_tables(kb, num_kb, zero_ptr + rows0[:, None], zero_ptr + rows0[:, None] + 1, sp0,
+                                   sp0 + s_row, stride_zg, stride_tg, vblock, vreg, ONE_GROUP, MODE)
+            acc = _plain_step(acc, kb, w0, w1, zz, ss, x_ptr, K, num_kb, vblock, vword, diag0, diag1)
+        if kb1 == 0:  # the tile's last step: finish its rows
+            rows0 = tile * BLOCK_N + pair
+            cidx = tl.load(chan_idx_ptr).to(tl.int64)
+            y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)
+            y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
+            _store_row(y0, rows0, rows0 < N, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
+            _store_row(y1, rows0 + 1, rows0 + 1 < N, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
+            acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
+        tile = t1
+        kb = kb1
 
 
 @triton.jit
@@ -437,16 +541,27 @@ def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS
 
 
 # BLOCK_N / 2 row pairs, one per warp per pass; DEPTH steps of loads in flight
-def _cfg1(bn, sk, depth, warps=4):
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth}, num_warps=warps, num_stages=1)
+def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None):
+    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "X_AHEAD": x_ahead}, num_warps=warps,
+                         num_stages=1, maxnreg=maxnreg)
 
 
 MMA_GEMV_CONFIGS = [
     _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1), _cfg1(32, 2, 1), _cfg1(64, 1, 1),
     _cfg1(16, 1, 2), _cfg1(16, 2, 2), _cfg1(16, 1, 2, warps=8), _cfg1(32, 1, 2, warps=8),
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
+    # candidates (session 10, offline only): mode 1 at 32 rows needs 180 registers (2 programs per SM),
+    # mode 2 166 (3): capped, mode 1 spills 64 B
+    _cfg1(32, 1, 1, maxnreg=168),
+    # x loaded at its step: with one row pair per warp ptxas then needs 64-76 registers instead of 72-128
+    _cfg1(16, 1, 2, warps=8, x_ahead=0), _cfg1(16, 1, 1, warps=8, x_ahead=0), _cfg1(8, 1, 2, x_ahead=0),
+    _cfg1(32, 1, 2, warps=8, x_ahead=0),
 ]
-INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1}
+INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1}
+# the persistent kernel's configs (forced only: bench/kernels.py --mma-sweep times them beside the rest)
+# (offline sm_90a: 16 rows / 4 warps 123 registers -> 4 programs per SM; 32 / 4 168 -> 3; 16 / 8 78 -> 3)
+MMA_PERSISTENT_CONFIGS = [{"BLOCK_N": 16, "WAVE": 4, "num_warps": 4}, {"BLOCK_N": 32, "WAVE": 3, "num_warps": 4},
+                          {"BLOCK_N": 16, "WAVE": 3, "num_warps": 8}, {"BLOCK_N": 16, "WAVE": 2, "num_warps": 4}]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR"]
 
@@ -485,7 +600,8 @@ def _scale_pairs(mode: int, scales: torch.Tensor | None) -> bool:
 def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt):
     """y [1, N] = the modes 1/2 semantics for x [1, K]; ws: float32 workspace of at least
     MAX_SPLIT_K * N elements (SPLIT_K * N with a config), cnt: zeroed int32 counters (two per column tile).
-    config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter)."""
+    config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter);
+    with WAVE (programs per SM), the persistent kernel (BLOCK_N, num_warps)."""
     K = x.shape[1]
     N = w.N
     if not mma_gemv_supported(x, N, mode, w.group_size, w.zeros_t is not None):
@@ -507,7 +623,12 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None:
         _tuned[grid](*args, **meta)
         return y
-    cfg = {"DEPTH": 1, **{k: v for k, v in config.items() if k != "MMA"}}
+    if "WAVE" in config:  # the persistent kernel: WAVE programs per SM, at most one per tile
+        cfg = {k: v for k, v in config.items() if k not in ("MMA", "WAVE", "SPLIT_K", "DEPTH", "X_AHEAD")}
+        programs = min(triton.cdiv(N, cfg["BLOCK_N"]), config["WAVE"] * num_sms(x.device))
+        _mma_gemv_persistent_kernel[(programs,)](*args, **meta, **cfg)
+        return y
+    cfg = {"DEPTH": 1, "X_AHEAD": 1, **{k: v for k, v in config.items() if k != "MMA"}}
     if ws.numel() < cfg["SPLIT_K"] * N:
         raise ValueError("workspace too small for SPLIT_K")
     _mma_gemv_kernel[grid](*args, **meta, **cfg)

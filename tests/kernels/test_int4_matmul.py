@@ -223,20 +223,22 @@ def _mma_cases():
         dist = DISTS[i % len(DISTS)]
         bn, split, depth = (16, 32, 8)[(i + i // 3) % 3], (1, 2, 3)[i % 3], 1 + (i // 2) % 2
         sdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
-        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth, sdt,
-                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-{dist}-bn{bn}-sk{split}-d{depth}-s{str(sdt)[6:]}"))
+        xa = (i // 4) % 2
+        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth, sdt, xa,
+                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-{dist}-bn{bn}-sk{split}-d{depth}-s{str(sdt)[6:]}"
+                                   f"-xa{xa}"))
     return out
 
 
-@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,sdt", _mma_cases())
-def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt):
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,sdt,xa", _mma_cases())
+def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt, xa):
     if CUDA and dtype == torch.float32:
         pytest.skip("the MMA GEMV takes 16-bit x on CUDA")
     N, K = MMA_SHAPES[gs]
     t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
     if mode == MODE_GROUP:  # the slab's table dtype; the reference reads the same rounded values
         t["scales"] = t["scales"].to(sdt)
-    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth}
+    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth, "X_AHEAD": xa}
     check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference({**t, "scales": t["scales"].float()}), dtype)
 
 
@@ -250,6 +252,21 @@ def test_mma_gemv_scale_layouts(sdt):
         t["scales"] = t["scales"].to(sdt)
         cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": 1}
         check(run_kernel(t, MODE_GROUP, cfg, n_major=n_major), reference({**t, "scales": t["scales"].float()}),
+              torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode,gs,sdt", [(1, 128, None), (2, 128, torch.bfloat16), (2, -1, torch.float16),
+                                         (1, -1, None), (2, 128, torch.float32)])
+def test_mma_gemv_persistent(mode, gs, sdt):
+    """The persistent kernel (one wave, tiles walked as one flat loop across tile boundaries): fewer
+    programs than tiles, so every program finishes several tiles; the last tile ragged."""
+    N, K = MMA_SHAPES[gs]
+    for dist, programs_per_sm, bn in (("zipf", 1, 16), ("base-only", 2, 32), ("uniform", 1, 8)):
+        t = make_case(1, N, K, gs, 4, mode, dist, torch.bfloat16, bias=(bn == 16))
+        if sdt is not None:
+            t["scales"] = t["scales"].to(sdt)
+        cfg = {"MMA": 1, "BLOCK_N": bn, "WAVE": programs_per_sm, "num_warps": 4}
+        check(run_kernel(t, mode, cfg, n_major=True), reference({**t, "scales": t["scales"].float()}),
               torch.bfloat16)
 
 
