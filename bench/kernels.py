@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
     ap.add_argument("--mma-sweep", action="store_true",
-                    help="M = 1 only: time each MMA GEMV config (int4_mma_gemv.MMA_GEMV_CONFIGS) per shape / mode / "
-                         "group (no autotune)")
+                    help="M = 1 only: time each MMA GEMV config (int4_mma_gemv's autotune list, candidates and "
+                         "persistent configs) per shape / mode / group (no autotune)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
@@ -331,10 +331,11 @@ def sweep_configs(mode):
 
 
 def mma_sweep_configs() -> list[dict]:
-    from scaleserve.kernels.int4_mma_gemv import MMA_GEMV_CONFIGS, MMA_PERSISTENT_CONFIGS
+    """The MMA GEMV's autotune list, then the untuned candidates and the persistent kernel's configs."""
+    from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS, MMA_PERSISTENT_CONFIGS
 
     return ([{"MMA": 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-             for c in MMA_GEMV_CONFIGS] + [{"MMA": 1, **c} for c in MMA_PERSISTENT_CONFIGS])
+             for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS] + [{"MMA": 1, **c} for c in MMA_PERSISTENT_CONFIGS])
 
 
 def config_label(c: dict) -> str:

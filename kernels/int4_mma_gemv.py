@@ -472,13 +472,7 @@ def _mma_gemv_persistent_kernel(
             kb1 = 0
             t1 = tile + P
         if FAST:
-            w0 = w0n
-            w1 = w1n
-            tt = tn
-            p0 = x0n
-            p1 = x1n
-            p2 = x2n
-            p3 = x3n
+            w0, w1, tt, p0, p1, p2, p3 = w0n, w1n, tn, x0n, x1n, x2n, x3n
             # the next step's loads, across a tile boundary (past the last tile: masked by kb_hi = 0)
             r1 = t1 * BLOCK_N + pair
             q0n = q_ptr + r1[:, None] * stride_qn + v
@@ -550,16 +544,18 @@ MMA_GEMV_CONFIGS = [
     _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1), _cfg1(32, 2, 1), _cfg1(64, 1, 1),
     _cfg1(16, 1, 2), _cfg1(16, 2, 2), _cfg1(16, 1, 2, warps=8), _cfg1(32, 1, 2, warps=8),
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
-    # candidates (session 10, offline only): mode 1 at 32 rows needs 180 registers (2 programs per SM),
-    # mode 2 166 (3): capped, mode 1 spills 64 B
+]
+INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1}
+# Candidates not yet measured on a GPU (session 10, offline sm_90a figures): forced configs only, which
+# bench/kernels.py --mma-sweep times beside MMA_GEMV_CONFIGS; the autotuner does not see them.
+MMA_CANDIDATE_CONFIGS = [
+    # mode 1 at 32 rows needs 180 registers (2 programs per SM), mode 2 166 (3): capped, mode 1 spills 64 B
     _cfg1(32, 1, 1, maxnreg=168),
     # x loaded at its step: with one row pair per warp ptxas then needs 64-76 registers instead of 72-128
     _cfg1(16, 1, 2, warps=8, x_ahead=0), _cfg1(16, 1, 1, warps=8, x_ahead=0), _cfg1(8, 1, 2, x_ahead=0),
     _cfg1(32, 1, 2, warps=8, x_ahead=0),
 ]
-INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1}
-# the persistent kernel's configs (forced only: bench/kernels.py --mma-sweep times them beside the rest)
-# (offline sm_90a: 16 rows / 4 warps 123 registers -> 4 programs per SM; 32 / 4 168 -> 3; 16 / 8 78 -> 3)
+# the persistent kernel (16 rows / 4 warps: 123 registers -> 4 programs per SM; 32 / 4: 168 -> 3; 16 / 8: 78 -> 3)
 MMA_PERSISTENT_CONFIGS = [{"BLOCK_N": 16, "WAVE": 4, "num_warps": 4}, {"BLOCK_N": 32, "WAVE": 3, "num_warps": 4},
                           {"BLOCK_N": 16, "WAVE": 3, "num_warps": 8}, {"BLOCK_N": 16, "WAVE": 2, "num_warps": 4}]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
