@@ -301,6 +301,45 @@ def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, zpair, sp, stride_zg, stride_tg, v
 
 
 @triton.jit
+def _step_lanes():
+    """The [1, 128] geometry of an 8-block step: word v, its block (a division: the compiler sees 16 equal
+    values in a row and keeps the masked code loads 16 bytes wide), its word within the block, the C
+    register its element stands for (< 2: rows0), and the lanes whose C holds a diagonal (8 of 32):
+    C[r][r] for rows0 (diag0), C[r + 8][r] for rows1 (diag1)."""
+    v = tl.arange(0, 8 * WORDS)[None, :]
+    vblock = v // WORDS
+    vword = v % WORDS
+    vreg = vword & 3
+    diag = (vword >> 2) == (vblock >> 1)
+    diag0 = diag & (vreg == (vblock & 1))
+    diag1 = diag & (vreg == 2 + (vblock & 1))
+    return v, vblock, vword, vreg, diag, diag0, diag1
+
+
+@triton.jit
+def _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn, stride_sg, MODE: tl.constexpr):
+    """(base, row stride, group stride) of the scales a call reads: the base table (mode 1) or the row's
+    slab slot (mode 2)."""
+    if MODE == 1:
+        base = s0_ptr
+        row = 1
+        group = stride_zg
+    else:
+        base = scale_ptr + tl.load(scale_idx_ptr).to(tl.int64) * stride_ss
+        row = stride_sn
+        group = stride_sg
+    return base, row, group
+
+
+@triton.jit
+def _pair_scale_ptr(s_base, rows0, N, s_row, MODE: tl.constexpr):
+    """[HN, 1]: the scale of each row pair's first row (mode 2: a real pair past N; N is even)."""
+    if MODE == 1:
+        return s_base + rows0[:, None]
+    return s_base + tl.minimum(rows0, N - 2)[:, None] * s_row
+
+
+@triton.jit
 def _mma_gemv_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
     q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t / scales_t [G, N_pad] f32
@@ -322,14 +361,7 @@ def _mma_gemv_kernel(
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
     rows0 = pid_n * BLOCK_N + 2 * tl.arange(0, HN)
     rows1 = rows0 + 1
-    v = tl.arange(0, 8 * WORDS)[None, :]  # [1, 128]: word v of the 8-block step
-    vblock = v // WORDS  # the column's block within the 8 (a division: the compiler sees 16 equal values in
-    # a row and keeps the masked code loads 16 bytes wide)
-    vword = v % WORDS  # the column's word within its block
-    vreg = vword & 3  # the C register the column's element stands for (< 2: rows0)
-    diag = (vword >> 2) == (vblock >> 1)  # lanes whose C holds a diagonal (8 of 32)
-    diag0 = diag & (vreg == (vblock & 1))  # C[r][r]: rows0
-    diag1 = diag & (vreg == 2 + (vblock & 1))  # C[r + 8][r]: rows1
+    v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
     q0 = q_ptr + rows0[:, None] * stride_qn + v  # [HN, 128]: word v from block kb
     q1 = q_ptr + rows1[:, None] * stride_qn + v
     num_kb = tl.cdiv(K, BLOCK_K)
@@ -341,16 +373,10 @@ def _mma_gemv_kernel(
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1)
-    n0 = tl.minimum(rows0, N - 2)[:, None]  # past N: any real pair (N is even)
-    if MODE == 1:
-        sp0 = s0_ptr + rows0[:, None]
-        sp1 = sp0 + 1
-        stride_tg = stride_zg
-    else:
-        sidx = tl.load(scale_idx_ptr).to(tl.int64)
-        sp0 = scale_ptr + sidx * stride_ss + n0 * stride_sn
-        sp1 = sp0 + stride_sn
-        stride_tg = stride_sg
+    s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
+                                            stride_sg, MODE)
+    sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
+    sp1 = sp0 + s_row
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
     if FAST:  # codes, x and tables DEPTH steps ahead, in registers
         sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
@@ -410,14 +436,6 @@ def _mma_gemv_kernel(
 
 
 @triton.jit
-def _pair_scale_ptr(s_base, rows0, N, s_row, MODE: tl.constexpr):
-    """[HN, 1]: the scale of each row pair's first row (mode 2: a real pair past N; N is even)."""
-    if MODE == 1:
-        return s_base + rows0[:, None]
-    return s_base + tl.minimum(rows0, N - 2)[:, None] * s_row
-
-
-@triton.jit
 def _mma_gemv_persistent_kernel(
     x_ptr, y_ptr, bias_ptr, q_ptr, zero_ptr, s0_ptr, chan_ptr, scale_ptr, chan_idx_ptr, scale_idx_ptr, ws_ptr, cnt_ptr,
     N, K,
@@ -433,27 +451,15 @@ def _mma_gemv_persistent_kernel(
     P = tl.num_programs(0)
     HN: tl.constexpr = BLOCK_N // 2
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
-    v = tl.arange(0, 8 * WORDS)[None, :]
-    vblock = v // WORDS
-    vword = v % WORDS
-    vreg = vword & 3
-    diag = (vword >> 2) == (vblock >> 1)
-    diag0 = diag & (vreg == (vblock & 1))
-    diag1 = diag & (vreg == 2 + (vblock & 1))
+    v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
     pair = 2 * tl.arange(0, HN)  # rows0 - the tile's first row
     tiles = tl.cdiv(N, BLOCK_N)
     num_kb = tl.cdiv(K, BLOCK_K)
     wait_for_producer(PDL)
-    if MODE == 1:
-        stride_tg = stride_zg
-        s_base = s0_ptr
-        s_row = 1
-    else:
-        sidx = tl.load(scale_idx_ptr).to(tl.int64)
-        stride_tg = stride_sg
-        s_base = scale_ptr + sidx * stride_ss
-        s_row = stride_sn
+    s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
+                                            stride_sg, MODE)
     odd = vblock & 1
+    cidx = tl.load(chan_idx_ptr).to(tl.int64)  # the row's per-channel slot, for every tile it finishes
     tile = pid
     kb = 0
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
@@ -495,7 +501,6 @@ def _mma_gemv_persistent_kernel(
             acc = _plain_step(acc, kb, w0, w1, zz, ss, x_ptr, K, num_kb, vblock, vword, diag0, diag1)
         if kb1 == 0:  # the tile's last step: finish its rows
             rows0 = tile * BLOCK_N + pair
-            cidx = tl.load(chan_idx_ptr).to(tl.int64)
             y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)
             y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
             _store_row(y0, rows0, rows0 < N, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
