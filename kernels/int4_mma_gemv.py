@@ -560,7 +560,7 @@ MMA_CANDIDATE_CONFIGS = [
     _cfg1(16, 1, 2, warps=8, x_ahead=0), _cfg1(16, 1, 1, warps=8, x_ahead=0), _cfg1(8, 1, 2, x_ahead=0),
     _cfg1(32, 1, 2, warps=8, x_ahead=0),
 ]
-# the persistent kernel (16 rows / 4 warps: 123 registers -> 4 programs per SM; 32 / 4: 168 -> 3; 16 / 8: 78 -> 3)
+# the persistent kernel (16 rows / 4 warps: 125 registers -> 4 programs per SM; 32 / 4: 168 -> 3; 16 / 8: 78 -> 3)
 MMA_PERSISTENT_CONFIGS = [{"BLOCK_N": 16, "WAVE": 4, "num_warps": 4}, {"BLOCK_N": 32, "WAVE": 3, "num_warps": 4},
                           {"BLOCK_N": 16, "WAVE": 3, "num_warps": 8}, {"BLOCK_N": 16, "WAVE": 2, "num_warps": 4}]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
