@@ -1,136 +1,197 @@
-"""How fast an M = 1 kernel can read int4 codes in the MMA GEMV's access pattern, with no arithmetic.
+"""How fast an M = 1 kernel can read the int4 codes of a 7B layer, with no arithmetic: the ceiling the
+MMA GEMV's loads put on it, timed like bench/kernels.py (CUDA-graph replay over enough copies that L2
+cannot hold them, median).
 
     python bench/access_pattern.py [--json PATH]
 
-Each program owns BLOCK_N rows of an [N, KW] int32 code matrix and walks K in steps of 128 words (8 K
-blocks), loading the next step(s) while it folds the current one (xor) into a register tile, like
-kernels/int4_mma_gemv.py. Two layouts of the same bytes:
-  rows    a step reads 512 contiguous bytes of each of the BLOCK_N rows (the codes_t layout: rows KW
-          words apart);
-  tiled   a step reads BLOCK_N * 512 contiguous bytes (a tile's rows of one step stored together).
-and two structures: one program per tile (as the GEMV), or one wave of persistent programs whose next load
-crosses tile boundaries. If "tiled" reads much faster than "rows", the code layout caps the GEMV; if the
-persistent wave reads much faster, the programs' start and end (and gate_up's 1.7 waves) do.
+Each kernel folds the codes ([N, KW] int32 words) into a register tile with xor and stores one tile per
+program. Variants, per 7B shape:
+  regs BN w d     the MMA GEMV's pattern: a program owns BLOCK_N rows and walks K in steps of 128 words
+                  (512 bytes of each row), the next DEPTH steps loaded into registers ahead of the fold;
+  smem BN w sS    the same steps in a `tl.range(num_stages=S)` loop: Triton's pipeliner streams them
+                  through shared memory (cp.async), S - 1 steps in flight, no registers held for them;
+  tma BN w sS     the same steps as TMA loads (a tensor descriptor per code matrix), pipelined the same way;
+  stream sS       the ideal read: each program reads one contiguous range in 16 KB blocks, pipelined the
+                  same way, two programs per SM; last, once over all four shapes' codes in one kernel;
+  copy            torch's device-to-device copy of the same bytes (reads and writes them).
+"pdl": launched with programmatic dependent launch like our kernels (regs: the first step prefetched into L2
+before the wait, as the GEMV does). If "smem" reads much faster than "regs", the GEMV's register prefetch is what caps it; "stream" and
+"copy" show what launch, ramp and tail cost a kernel of this size whatever it does.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from scaleserve.kernels.pdl import prefetch_l2, wait_for_producer
+
+# bench/kernels.py's timing (a script beside this one, not a package)
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_kernels)
+
+SHAPES = (("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11264))
+
 
 @triton.jit
-def _read_kernel(q_ptr, out_ptr, KW, steps, TILED: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr):
+def _regs_kernel(q_ptr, out_ptr, KW, steps, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_N)[:, None]
-    v = tl.arange(0, 128)[None, :]  # steps: KW // 128
-    if TILED:  # [tiles, steps, BLOCK_N, 128]
-        base = q_ptr + pid * BLOCK_N * KW + rows * 128 + v
-        step_words = BLOCK_N * 128
-    else:  # [N, KW]
-        base = q_ptr + (pid * BLOCK_N + rows) * KW + v
-        step_words = 128
+    v = tl.arange(0, 128)[None, :]
+    base = q_ptr + (pid * BLOCK_N + rows) * KW + v  # [BLOCK_N, 128]
+    if PDL:  # as the GEMV: the first step into L2, then wait for the previous kernel
+        prefetch_l2(base, (v % 32) == 0)
+    wait_for_producer(PDL)
     acc = tl.zeros([BLOCK_N, 128], tl.int32)
     nxt = tl.load(base, eviction_policy="evict_first")
     if DEPTH == 2:
-        nxt2 = tl.load(base + step_words, mask=steps > 1, other=0, eviction_policy="evict_first")
-    s = 0
-    while s < steps:  # (a while loop: the interpreter cannot range over a runtime bound)
+        nxt2 = tl.load(base + 128, mask=steps > 1, other=0, eviction_policy="evict_first")
+    for s in range(0, steps):
         cur = nxt
         if DEPTH == 2:
             nxt = nxt2
-            nxt2 = tl.load(base + (s + 2) * step_words, mask=s + 2 < steps, other=0, eviction_policy="evict_first")
+            nxt2 = tl.load(base + (s + 2) * 128, mask=s + 2 < steps, other=0, eviction_policy="evict_first")
         else:
-            nxt = tl.load(base + (s + 1) * step_words, mask=s + 1 < steps, other=0, eviction_policy="evict_first")
+            nxt = tl.load(base + (s + 1) * 128, mask=s + 1 < steps, other=0, eviction_policy="evict_first")
         acc ^= cur
-        s += 1
     tl.store(out_ptr + pid * BLOCK_N * 128 + rows * 128 + v, acc)
 
 
 @triton.jit
-def _step_ptrs(q_ptr, tile, s, KW, rows, v, TILED: tl.constexpr, BLOCK_N: tl.constexpr):
-    if TILED:
-        return q_ptr + tile * BLOCK_N * KW + s * BLOCK_N * 128 + rows * 128 + v
-    return q_ptr + (tile * BLOCK_N + rows) * KW + s * 128 + v
+def _smem_kernel(q_ptr, out_ptr, KW, steps, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_N)[:, None]
+    v = tl.arange(0, 128)[None, :]
+    base = q_ptr + (pid * BLOCK_N + rows) * KW + v
+    acc = tl.zeros([BLOCK_N, 128], tl.int32)
+    for s in tl.range(0, steps, num_stages=STAGES):
+        acc ^= tl.load(base + s * 128, eviction_policy="evict_first")
+    tl.store(out_ptr + pid * BLOCK_N * 128 + rows * 128 + v, acc)
 
 
 @triton.jit
-def _read_persistent_kernel(q_ptr, out_ptr, KW, steps, tiles, TILED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One wave of programs; program p reads tiles p, p + P, ... as one flat loop over (tile, step) whose
-    next load crosses tile boundaries (no restart per tile; a tile's xor is stored when it ends)."""
+def _tma_kernel(q_desc, out_ptr, steps, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
-    P = tl.num_programs(0)
     rows = tl.arange(0, BLOCK_N)[:, None]
     v = tl.arange(0, 128)[None, :]
     acc = tl.zeros([BLOCK_N, 128], tl.int32)
-    tile = pid
-    s = 0
-    nxt = tl.load(_step_ptrs(q_ptr, tile, s, KW, rows, v, TILED, BLOCK_N), mask=(rows >= 0) & (tile < tiles),
-                  other=0, eviction_policy="evict_first")
-    while tile < tiles:
-        cur = nxt
-        s1 = s + 1
-        t1 = tile
-        if s1 == steps:
-            s1 = 0
-            t1 = tile + P
-        nxt = tl.load(_step_ptrs(q_ptr, t1, s1, KW, rows, v, TILED, BLOCK_N), mask=(rows >= 0) & (t1 < tiles),
-                      other=0, eviction_policy="evict_first")
-        acc ^= cur
-        if s1 == 0:
-            tl.store(out_ptr + tile * BLOCK_N * 128 + rows * 128 + v, acc)
-            acc = tl.zeros([BLOCK_N, 128], tl.int32)
-        tile = t1
-        s = s1
+    for s in tl.range(0, steps, num_stages=STAGES):
+        acc ^= q_desc.load([pid * BLOCK_N, s * 128])
+    tl.store(out_ptr + pid * BLOCK_N * 128 + rows * 128 + v, acc)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=100)
-    return 2 * nbytes / (ms * 1e-3)
+@triton.jit
+def _stream_kernel(q_ptr, out_ptr, n_words, chunk, BLOCK: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    start = pid * chunk
+    wait_for_producer(PDL)
+    acc = tl.zeros([BLOCK], tl.int32)
+    for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
+        k = start + i + offs
+        acc ^= tl.load(q_ptr + k, mask=k < n_words, other=0, eviction_policy="evict_first")
+    tl.store(out_ptr + pid * BLOCK + offs, acc)
+
+
+_descriptors = {}
+
+
+def _descriptor(q: torch.Tensor, N: int, KW: int, bn: int):
+    """A host-side TMA descriptor of q as [N, KW] with [bn, 128] boxes (built once per tensor, outside the graph)."""
+    key = (q.data_ptr(), bn)
+    if key not in _descriptors:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _descriptors[key] = TensorDescriptor(q, [N, KW], [KW, 1], [bn, 128])
+    return _descriptors[key]
+
+
+def _stream(N: int, KW: int, programs: int, stages: int, pdl: bool):
+    block = 4096  # words: 16 KB a load
+    chunk = triton.cdiv(triton.cdiv(N * KW, programs), block) * block
+    pdl_args = {"launch_pdl": True} if pdl else {}
+    return lambda q, o: _stream_kernel[(programs,)](q, o, N * KW, chunk, BLOCK=block, STAGES=stages, PDL=pdl,
+                                                    num_warps=8, **pdl_args)
+
+
+def variants(N: int, KW: int, sms: int):
+    """(label, launch(q, out)) for one shape."""
+    steps = KW // 128
+    out = []
+    for bn, warps, depth, pdl in ((16, 4, 1, False), (32, 4, 1, False), (16, 4, 2, False), (32, 8, 1, False),
+                                  (16, 4, 1, True), (16, 4, 2, True)):
+        out.append((f"regs BN {bn} w{warps} d{depth}" + (" pdl" if pdl else ""),
+                    lambda q, o, bn=bn, w=warps, d=depth, p=pdl: _regs_kernel[(N // bn,)](
+                        q, o, KW, steps, BLOCK_N=bn, DEPTH=d, PDL=p, num_warps=w, num_stages=1,
+                        **({"launch_pdl": True} if p else {}))))
+    for bn, warps, stages in ((16, 4, 3), (16, 4, 4), (32, 4, 3), (32, 8, 4)):
+        out.append((f"smem BN {bn} w{warps} s{stages}", lambda q, o, bn=bn, w=warps, s=stages: _smem_kernel[(N // bn,)](
+            q, o, KW, steps, BLOCK_N=bn, STAGES=s, num_warps=w)))
+    for bn, warps, stages in ((16, 4, 4), (32, 4, 3), (32, 4, 4)):
+        out.append((f"tma BN {bn} w{warps} s{stages}", lambda q, o, bn=bn, w=warps, s=stages: _tma_kernel[(N // bn,)](
+            _descriptor(q, N, KW, bn), o, steps, BLOCK_N=bn, STAGES=s, num_warps=w)))
+    for stages, pdl in ((3, False), (4, False), (4, True)):
+        out.append((f"stream x2/SM s{stages}" + (" pdl" if pdl else ""), _stream(N, KW, 2 * sms, stages, pdl)))
+    out.append(("copy", lambda q, o: o.copy_(q)))
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--match", default="", help="only the variants whose label matches this regular expression")
     a = ap.parse_args(argv)
-    bw = copy_bandwidth()
+    bw = bench_kernels.copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     rows = []
-    # the 7B layer's large shapes (down's K rounded up to whole steps); do_bench clears L2 between calls
-    for name, N, K in (("qkv", 12288, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11264)):
+    for name, N, K in SHAPES:  # (down's K rounded up to whole steps)
         KW = K // 8
-        q = torch.randint(-2**31, 2**31 - 1, (N * KW,), dtype=torch.int32, device="cuda")
-        out = torch.empty(N * 128, dtype=torch.int32, device="cuda")
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        # depth 0: the persistent kernel, one wave of `per_sm` programs per SM
-        for (bn, warps, depth), tiled in itertools.product(((16, 4, 1), (32, 4, 1), (16, 4, 2), (32, 8, 1),
-                                                            (16, 4, 0), (32, 4, 0)), (False, True)):
-            def call():
-                if depth == 0:
-                    per_sm = 5 if bn == 16 else 3
-                    _read_persistent_kernel[(min(N // bn, per_sm * sms),)](
-                        q, out, KW, KW // 128, N // bn, TILED=tiled, BLOCK_N=bn, num_warps=warps, num_stages=1)
-                else:
-                    _read_kernel[(N // bn,)](q, out, KW, KW // 128, TILED=tiled, BLOCK_N=bn, DEPTH=depth,
-                                             num_warps=warps, num_stages=1)
-
-            ms = triton.testing.do_bench(call, warmup=10, rep=100)
-            nbytes = N * KW * 4
-            r = dict(shape=name, N=N, K=K, block_n=bn, warps=warps, depth=depth, persistent=depth == 0,
-                     layout="tiled" if tiled else "rows", us=ms * 1e3, tb_s=nbytes / (ms * 1e-3) / 1e12,
-                     floor_us=nbytes / bw * 1e6)
-            rows.append(r)
-            kind = "persistent" if depth == 0 else f"d{depth}"
-            print(f"{name:8s} {r['layout']:5s} BN {bn:2d} w{warps} {kind:10s}: {r['us']:6.1f} µs  {r['tb_s']:.2f} TB/s "
-                  f"(floor {r['floor_us']:.1f} µs)", flush=True)
+        nbytes = N * KW * 4
+        copies = bench_kernels.n_copies(nbytes)
+        qs = [torch.randint(-2**31, 2**31 - 1, (N * KW,), dtype=torch.int32, device="cuda") for _ in range(copies)]
+        sink = torch.empty(N * KW, dtype=torch.int32, device="cuda")  # (big enough for every variant's output)
+        floor = nbytes / bw * 1e6
+        for label, launch in variants(N, KW, sms):
+            if not re.search(a.match, label):
+                continue
+            try:
+                us = bench_kernels.graph_us([lambda q=q: launch(q, sink) for q in qs])
+            except Exception as e:  # a variant that does not compile here is reported, not fatal
+                print(f"{name:8s} {label:22s}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                continue
+            moved = 2 * nbytes if label == "copy" else nbytes  # (a copy reads and writes them)
+            rows.append(dict(shape=name, N=N, K=K, variant=label, us=us, tb_s=moved / (us * 1e-6) / 1e12,
+                             floor_us=floor))
+            print(f"{name:8s} {label:22s}: {us:6.1f} µs  {rows[-1]['tb_s']:.2f} TB/s  (floor {floor:.1f} µs)",
+                  flush=True)
+        del qs, sink
+        _descriptors.clear()
+    # the four shapes' codes as one kernel's read: what the per-kernel ramp costs a layer
+    words = sum(N * (K // 8) for _, N, K in SHAPES)
+    nbytes = 4 * words
+    qs = [torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device="cuda")
+          for _ in range(bench_kernels.n_copies(nbytes))]
+    sink = torch.empty(2 * sms * 4096, dtype=torch.int32, device="cuda")
+    for stages, pdl in ((3, False), (4, False), (4, True)):
+        label = f"stream x2/SM s{stages}" + (" pdl" if pdl else "")
+        if not re.search(a.match, label):
+            continue
+        launch = _stream(words, 1, 2 * sms, stages, pdl)
+        us = bench_kernels.graph_us([lambda q=q: launch(q, sink) for q in qs])
+        rows.append(dict(shape="layer", N=words, K=8, variant=label, us=us, tb_s=nbytes / (us * 1e-6) / 1e12,
+                         floor_us=nbytes / bw * 1e6))
+        print(f"{'layer':8s} {label:22s}: {us:6.1f} µs  {rows[-1]['tb_s']:.2f} TB/s  (floor {nbytes / bw * 1e6:.1f} µs, "
+              "all four shapes' codes in one kernel)", flush=True)
+    del qs, sink
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)

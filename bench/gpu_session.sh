@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [m1_figures] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -42,12 +42,16 @@ for step in "${steps[@]}"; do
                 --mma-policy $policy --json "$OUT/mma-$policy.json" 2>&1 | tee "$OUT/mma-$policy.log" \
                 | grep -E "^(qkv|o |gate_up|down)"
             done ;;
-    mma_candidates) timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
-                      -k "mma or dispatch" 2>&1 | tee "$OUT/mma_tests.log" | tail -3
-                    timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128 --mma-sweep \
+    mma_candidates) timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
+                      tests/kernels/test_int4_matmul.py -k "mma or dispatch" 2>&1 | tee "$OUT/mma_tests.log" | tail -3
+                    timeout 240 python3 bench/kernels.py --ms 1 --modes 2,1 --groups 128 --mma-sweep \
                       --json "$OUT/mma-sweep.json" 2>&1 | tee "$OUT/mma-sweep.log" | grep -E "best|rror"
-                    timeout 90 python3 bench/access_pattern.py --json "$OUT/access.json" 2>&1 \
-                      | tee "$OUT/access.log" | tail -25 ;;
+                    timeout 120 python3 bench/access_pattern.py --json "$OUT/access.json" 2>&1 \
+                      | tee "$OUT/access.log" | tail -60 ;;
+    m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
+                  --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
+                timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
+                  --json "$OUT/decode_profile.json" 2>&1 | tee "$OUT/decode_profile.log" | tail -25 ;;
     fold_ab) for policy in always never; do  # the fold GEMM against the per-row tile, M >= 64, same call
                timeout 200 python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128,-1 --no-baselines \
                  --fold-policy $policy --json "$OUT/fold-$policy.json" 2>&1 | tee "$OUT/fold-$policy.log" \

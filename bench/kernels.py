@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
     ap.add_argument("--mma-sweep", action="store_true",
-                    help="M = 1 only: time each MMA GEMV config (int4_mma_gemv's autotune list, candidates and "
-                         "persistent configs) per shape / mode / group (no autotune)")
+                    help="M = 1 only: time each MMA GEMV config (int4_mma_gemv's autotune list and "
+                         "candidates) per shape / mode / group (no autotune)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
@@ -331,19 +331,17 @@ def sweep_configs(mode):
 
 
 def mma_sweep_configs() -> list[dict]:
-    """The MMA GEMV's autotune list, then the untuned candidates and the persistent kernel's configs."""
-    from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS, MMA_PERSISTENT_CONFIGS
+    """The MMA GEMV's autotune list, then the untuned candidates."""
+    from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
-    return ([{"MMA": 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-             for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS] + [{"MMA": 1, **c} for c in MMA_PERSISTENT_CONFIGS])
+    return [{"MMA": 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
+            for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
 
 
 def config_label(c: dict) -> str:
-    if c.get("WAVE"):
-        return f"{c['BLOCK_N']}/persistent x{c['WAVE']}/w{c['num_warps']}"
     if c.get("MMA"):
         return (f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/d{c['DEPTH']}/w{c['num_warps']}/xa{c['X_AHEAD']}"
-                + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
+                + (f"/s{c['STAGES']}" if c.get("STAGES", 1) > 1 else "") + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
     return (f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
             + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
 

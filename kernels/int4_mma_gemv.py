@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import num_sms, quick_bench
+from .device import quick_bench
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
@@ -281,22 +281,40 @@ def _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword):
 
 
 @triton.jit
-def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
-                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr):
-    """Everything step kb reads (GPU): its code words (rows0, rows1), the lanes' tables (only the first time
-    for one group: zeros otherwise) and x pairs."""
+def _kmajor_codes(kb, kb_hi, q0, q1, vblock):
+    """The code words of step kb (rows0, rows1): [HN, 128] int32 each, zeros past kb_hi."""
     ok = kb + vblock < kb_hi
     w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
     w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
+    return w0, w1
+
+
+@triton.jit
+def _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
+                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr):
+    """What step kb reads beside its codes (GPU): the lanes' tables (only the first time for one group: zeros
+    otherwise) and the x pairs."""
+    shape: tl.constexpr = [sp.shape[0], 8 * WORDS]
     if ONE_GROUP:
         if FIRST:
-            tt = _lane_tables(zpair + 0 * vblock, sp, tl.broadcast_to(diag, w0.shape), S_PAIR)
+            tt = _lane_tables(zpair + 0 * vblock, sp, tl.broadcast_to(diag, shape), S_PAIR)
         else:
-            tt = tl.zeros(w0.shape, tl.float32)
+            tt = tl.zeros(shape, tl.float32)
     else:
         g = kb + vblock  # [1, 128]: the group of each lane's block (past kb_hi: masked, no clamp needed)
-        tt = _lane_tables(zpair + g * stride_zg, sp + g * stride_tg, tl.broadcast_to(diag & ok, w0.shape), S_PAIR)
+        tt = _lane_tables(zpair + g * stride_zg, sp + g * stride_tg, tl.broadcast_to(diag & (g < kb_hi), shape),
+                          S_PAIR)
     x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
+    return tt, x0, x1, x2, x3
+
+
+@triton.jit
+def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
+                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr):
+    """Everything step kb reads (GPU): its code words (rows0, rows1), the lanes' tables and x pairs."""
+    w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock)
+    tt, x0, x1, x2, x3 = _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST,
+                                      ONE_GROUP, S_PAIR)
     return w0, w1, tt, x0, x1, x2, x3
 
 
@@ -351,10 +369,13 @@ def _mma_gemv_kernel(
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
-    scales) in one load. N is even. DEPTH: how many steps ahead the codes, x and tables are loaded."""
+    scales) in one load. N is even. DEPTH: how many steps ahead the codes, x and tables are loaded into
+    registers; STAGES > 1 instead streams the codes through Triton's pipeliner (cp.async into shared memory,
+    STAGES - 1 steps ahead, no registers held for them), x and the tables one step ahead."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HN: tl.constexpr = BLOCK_N // 2
@@ -378,7 +399,24 @@ def _mma_gemv_kernel(
     sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
     sp1 = sp0 + s_row
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
-    if FAST:  # codes, x and tables DEPTH steps ahead, in registers
+    if FAST and STAGES > 1:
+        sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
+        odd = vblock & 1
+        tn, x0n, x1n, x2n, x3n = _kmajor_side(kb_lo, kb_hi, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword,
+                                              diag, True, ONE_GROUP, S_PAIR)
+        for kb in tl.range(kb_lo, kb_hi, 8, num_stages=STAGES):
+            w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock)
+            tt = tn
+            p0 = x0n
+            p1 = x1n
+            p2 = x2n
+            p3 = x3n
+            tn1, x0n, x1n, x2n, x3n = _kmajor_side(kb + 8, kb_hi, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock,
+                                                   vword, diag, False, ONE_GROUP, S_PAIR)
+            if not ONE_GROUP:
+                tn = tn1
+            acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
+    elif FAST:  # codes, x and tables DEPTH steps ahead, in registers
         sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
         odd = vblock & 1  # the C register of the lane's diagonal
         w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
@@ -436,81 +474,6 @@ def _mma_gemv_kernel(
 
 
 @triton.jit
-def _mma_gemv_persistent_kernel(
-    x_ptr, y_ptr, bias_ptr, q_ptr, zero_ptr, s0_ptr, chan_ptr, scale_ptr, chan_idx_ptr, scale_idx_ptr, ws_ptr, cnt_ptr,
-    N, K,
-    stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
-    MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
-    F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """_mma_gemv_kernel's semantics (SPLIT_K 1, DEPTH 1) on a grid of one wave: program p owns column tiles
-    p, p + P, ... and walks them as one flat loop over (tile, 8-block step) whose next load crosses tile
-    boundaries, so a program pays one load latency at its start instead of one per tile, and no tile
-    waits for a second wave. A tile's rows are finished (reduced, scaled, stored) when its last step ends."""
-    pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    HN: tl.constexpr = BLOCK_N // 2
-    ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
-    v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
-    pair = 2 * tl.arange(0, HN)  # rows0 - the tile's first row
-    tiles = tl.cdiv(N, BLOCK_N)
-    num_kb = tl.cdiv(K, BLOCK_K)
-    wait_for_producer(PDL)
-    s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
-                                            stride_sg, MODE)
-    odd = vblock & 1
-    cidx = tl.load(chan_idx_ptr).to(tl.int64)  # the row's per-channel slot, for every tile it finishes
-    tile = pid
-    kb = 0
-    acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
-    # the first step of the first tile (tile < tiles: the grid is at most one program per tile)
-    rows0 = tile * BLOCK_N + pair
-    q0 = q_ptr + rows0[:, None] * stride_qn + v
-    sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
-    if FAST:
-        w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
-            kb, num_kb, q0, q0 + stride_qn, x_ptr, K, zero_ptr + rows0[:, None], tl.where(vreg < 2, sp0, sp0 + s_row),
-            stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
-    while tile < tiles:
-        kb1 = kb + 8
-        t1 = tile
-        if kb1 >= num_kb:
-            kb1 = 0
-            t1 = tile + P
-        if FAST:
-            w0, w1, tt, p0, p1, p2, p3 = w0n, w1n, tn, x0n, x1n, x2n, x3n
-            # the next step's loads, across a tile boundary (past the last tile: masked by kb_hi = 0)
-            r1 = t1 * BLOCK_N + pair
-            q0n = q_ptr + r1[:, None] * stride_qn + v
-            sp1 = _pair_scale_ptr(s_base, r1, N, s_row, MODE)
-            hi = tl.where(t1 < tiles, num_kb, 0)
-            # (one group: the tables are reloaded every step, since a step may start a new tile; L1 hits)
-            w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
-                kb1, hi, q0n, q0n + stride_qn, x_ptr, K, zero_ptr + r1[:, None], tl.where(vreg < 2, sp1, sp1 + s_row),
-                stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
-            acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
-        else:
-            rows0 = tile * BLOCK_N + pair
-            q0 = q_ptr + rows0[:, None] * stride_qn + v
-            sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
-            ok = kb + vblock < num_kb
-            w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0)
-            w1 = tl.load(q0 + stride_qn + kb * WORDS, mask=ok, other=0)
-            zz, ss = _plain_tables(kb, num_kb, zero_ptr + rows0[:, None], zero_ptr + rows0[:, None] + 1, sp0,
-                                   sp0 + s_row, stride_zg, stride_tg, vblock, vreg, ONE_GROUP, MODE)
-            acc = _plain_step(acc, kb, w0, w1, zz, ss, x_ptr, K, num_kb, vblock, vword, diag0, diag1)
-        if kb1 == 0:  # the tile's last step: finish its rows
-            rows0 = tile * BLOCK_N + pair
-            y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)
-            y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
-            _store_row(y0, rows0, rows0 < N, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
-            _store_row(y1, rows0 + 1, rows0 + 1 < N, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
-            acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
-        tile = t1
-        kb = kb1
-
-
-@triton.jit
 def _finish_row(y, rows, pid_n, pid_k, HALF_ID: tl.constexpr, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr,
                 cnt_ptr, N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[rows] = y * chan[c_0, rows] (+ bias); with split-K the last split of (tile, half) sums the partials."""
@@ -540,29 +503,31 @@ def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS
 
 
 # BLOCK_N / 2 row pairs, one per warp per pass; DEPTH steps of loads in flight
-def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None):
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "X_AHEAD": x_ahead}, num_warps=warps,
-                         num_stages=1, maxnreg=maxnreg)
+def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None, stages=1):
+    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "X_AHEAD": x_ahead, "STAGES": stages},
+                         num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
+# 32 rows capped at 168 registers: mode 2 needs 166 (3 programs per SM), mode 1 would take 180 (2) and then
+# loses qkv (H100, session 11: 13.0 µs capped against 14.2 for the best other config)
 MMA_GEMV_CONFIGS = [
-    _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1), _cfg1(32, 2, 1), _cfg1(64, 1, 1),
+    _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1, maxnreg=168), _cfg1(32, 2, 1), _cfg1(64, 1, 1),
     _cfg1(16, 1, 2), _cfg1(16, 2, 2), _cfg1(16, 1, 2, warps=8), _cfg1(32, 1, 2, warps=8),
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
 ]
-INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1}
-# Candidates not yet measured on a GPU (session 10, offline sm_90a figures): forced configs only, which
-# bench/kernels.py --mma-sweep times beside MMA_GEMV_CONFIGS; the autotuner does not see them.
+INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1}
+# Candidates: forced configs only, which bench/kernels.py --mma-sweep times beside MMA_GEMV_CONFIGS; the
+# autotuner does not see them.
 MMA_CANDIDATE_CONFIGS = [
-    # mode 1 at 32 rows needs 180 registers (2 programs per SM), mode 2 166 (3): capped, mode 1 spills 64 B
-    _cfg1(32, 1, 1, maxnreg=168),
     # x loaded at its step: with one row pair per warp ptxas then needs 64-76 registers instead of 72-128
+    # (session 11, qkv mode 1: 15.5-16.1 µs, slower than the list's best)
     _cfg1(16, 1, 2, warps=8, x_ahead=0), _cfg1(16, 1, 1, warps=8, x_ahead=0), _cfg1(8, 1, 2, x_ahead=0),
     _cfg1(32, 1, 2, warps=8, x_ahead=0),
+    # codes through the pipeliner (cp.async, 8 KB a stage at 16 rows): bytes in flight that hold no registers.
+    # Session 11 autotuned these four among the list on the 7B shapes (H100): none was picked.
+    _cfg1(16, 1, 1, stages=4), _cfg1(32, 1, 1, stages=3), _cfg1(16, 1, 1, warps=8, stages=4),
+    _cfg1(16, 2, 1, stages=4),
 ]
-# the persistent kernel (16 rows / 4 warps: 125 registers -> 4 programs per SM; 32 / 4: 168 -> 3; 16 / 8: 78 -> 3)
-MMA_PERSISTENT_CONFIGS = [{"BLOCK_N": 16, "WAVE": 4, "num_warps": 4}, {"BLOCK_N": 32, "WAVE": 3, "num_warps": 4},
-                          {"BLOCK_N": 16, "WAVE": 3, "num_warps": 8}, {"BLOCK_N": 16, "WAVE": 2, "num_warps": 4}]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR"]
 
@@ -601,8 +566,7 @@ def _scale_pairs(mode: int, scales: torch.Tensor | None) -> bool:
 def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt):
     """y [1, N] = the modes 1/2 semantics for x [1, K]; ws: float32 workspace of at least
     MAX_SPLIT_K * N elements (SPLIT_K * N with a config), cnt: zeroed int32 counters (two per column tile).
-    config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter);
-    with WAVE (programs per SM), the persistent kernel (BLOCK_N, num_warps)."""
+    config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter)."""
     K = x.shape[1]
     N = w.N
     if not mma_gemv_supported(x, N, mode, w.group_size, w.zeros_t is not None):
@@ -624,12 +588,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None:
         _tuned[grid](*args, **meta)
         return y
-    if "WAVE" in config:  # the persistent kernel: WAVE programs per SM, at most one per tile
-        cfg = {k: v for k, v in config.items() if k not in ("MMA", "WAVE", "SPLIT_K", "DEPTH", "X_AHEAD")}
-        programs = min(triton.cdiv(N, cfg["BLOCK_N"]), config["WAVE"] * num_sms(x.device))
-        _mma_gemv_persistent_kernel[(programs,)](*args, **meta, **cfg)
-        return y
-    cfg = {"DEPTH": 1, "X_AHEAD": 1, **{k: v for k, v in config.items() if k != "MMA"}}
+    cfg = {"DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, **{k: v for k, v in config.items() if k != "MMA"}}
     if ws.numel() < cfg["SPLIT_K"] * N:
         raise ValueError("workspace too small for SPLIT_K")
     _mma_gemv_kernel[grid](*args, **meta, **cfg)

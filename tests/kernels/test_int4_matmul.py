@@ -242,6 +242,19 @@ def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt, xa):
     check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference({**t, "scales": t["scales"].float()}), dtype)
 
 
+@pytest.mark.skipif(not CUDA, reason="STAGES only changes the GPU path (the interpreter has no pipeliner)")
+@pytest.mark.parametrize("mode,gs,dtype", [(1, 128, torch.bfloat16), (2, 128, torch.float16), (2, -1, torch.bfloat16),
+                                           (1, -1, torch.float16)])
+def test_mma_gemv_pipelined(mode, gs, dtype):
+    """Codes streamed through Triton's pipeliner (STAGES > 1): more steps than stages and fewer, splits, both
+    tile widths, mixed slots and the base row."""
+    for (N, K), bn, split, stages, dist in ((MMA_SHAPES[gs], 16, 1, 4, "zipf"), ((136, 4000), 32, 1, 3, "base-only"),
+                                            ((200, 3000), 16, 2, 4, "uniform")):
+        t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+        cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "STAGES": stages}
+        check(run_kernel(t, mode, cfg, n_major=True), reference(t), dtype)
+
+
 @pytest.mark.parametrize("sdt", (torch.float16, torch.bfloat16, torch.float32))
 def test_mma_gemv_scale_layouts(sdt):
     """Mode 2 slab tables of each dtype, N-major (a lane loads its two rows' scales at once) and G-major
@@ -252,21 +265,6 @@ def test_mma_gemv_scale_layouts(sdt):
         t["scales"] = t["scales"].to(sdt)
         cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": 1}
         check(run_kernel(t, MODE_GROUP, cfg, n_major=n_major), reference({**t, "scales": t["scales"].float()}),
-              torch.bfloat16)
-
-
-@pytest.mark.parametrize("mode,gs,sdt", [(1, 128, None), (2, 128, torch.bfloat16), (2, -1, torch.float16),
-                                         (1, -1, None), (2, 128, torch.float32)])
-def test_mma_gemv_persistent(mode, gs, sdt):
-    """The persistent kernel (one wave, tiles walked as one flat loop across tile boundaries): fewer
-    programs than tiles, so every program finishes several tiles; the last tile ragged."""
-    N, K = MMA_SHAPES[gs]
-    for dist, programs_per_sm, bn in (("zipf", 1, 16), ("base-only", 2, 32), ("uniform", 1, 8)):
-        t = make_case(1, N, K, gs, 4, mode, dist, torch.bfloat16, bias=(bn == 16))
-        if sdt is not None:
-            t["scales"] = t["scales"].to(sdt)
-        cfg = {"MMA": 1, "BLOCK_N": bn, "WAVE": programs_per_sm, "num_warps": 4}
-        check(run_kernel(t, mode, cfg, n_major=True), reference({**t, "scales": t["scales"].float()}),
               torch.bfloat16)
 
 

@@ -1,0 +1,88 @@
+"""The MMA GEMV's inline asm is only right in one register layout; this checks, without a GPU, that Triton
+gives it that layout for every config the autotuner or the sweep can pick.
+
+Each `pack=4` inline asm of kernels/int4_mma_gemv.py takes a thread's 4 packed elements as words
+4c..4c+3 of one row and block (the A registers of its MMAs, the registers t of its C fragment). That
+holds only when the [BLOCK_N / 2, 128] tile is laid out with sizePerThread [1, 4], 32 lanes along the 128
+words, order [1, 0]. Triton chooses layouts itself: a kernel whose loop structure stopped the load's
+layout from reaching the asm got [1, 1], computed garbage and faulted on misaligned pair loads on the H100
+(session 11: the persistent variant). The interpreter cannot see this, so the check compiles for sm_90
+(Triton ships ptxas; no GPU needed) in a subprocess without TRITON_INTERPRET, and reads the layouts off the
+TTGIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# compiles the kernel for sm_90a per case and prints, per case, the layouts of its pack=4 asm results
+_COMPILE = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from scaleserve.kernels.int4_mma_gemv import _mma_gemv_kernel as kernel
+
+def layouts(ttgir):
+    alias = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*?\}>)", ttgir, re.M))
+    found = []
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" in line and "packed_element = 4" in line:
+            result = line.rsplit("->", 1)[1]
+            found += [alias.get(a, a) for a in re.findall(r"tensor<[^,>]*, (#\w+)>", result)]
+    return found
+
+out = []
+for case in json.loads(sys.argv[1]):
+    x = "*fp16" if case["f16"] else "*bf16"
+    ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
+                scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32")
+    const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
+                 PDL=True, S_PAIR=case["s_pair"], **case["meta"])
+    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
+    # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if n not in const and n != "stride_sn"}
+    opts = dict(num_warps=case["num_warps"], num_stages=1, **({"maxnreg": case["maxnreg"]} if case["maxnreg"] else {}))
+    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 64), options=opts)
+    out.append(layouts(c.asm["ttgir"]))
+print(json.dumps(out))
+"""
+
+WANTED = "sizePerThread = [1, 4], threadsPerWarp = [1, 32]"
+
+
+def _cases():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # this process only lists configs
+    from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
+
+    def case(cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True):
+        return dict(mode=mode, group_size=group_size, f16=f16, slab=slab, s_pair=s_pair, meta=cfg.kwargs,
+                    num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+
+    first = MMA_GEMV_CONFIGS[0]
+    return ([case(c) for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
+            + [case(first, mode=1, f16=True, slab="*fp32"), case(first, group_size=-1, slab="*bf16", s_pair=False),
+               case(MMA_GEMV_CONFIGS[-1], mode=1, group_size=-1)])
+
+
+@pytest.mark.timeout(600)
+def test_mma_gemv_asm_gets_its_layout():
+    pytest.importorskip("triton.backends.nvidia")
+    cases = _cases()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], env=env, capture_output=True, text=True,
+                         timeout=580)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(found) == len(cases)
+    for case, layouts in zip(cases, found):
+        assert len(layouts) >= 2, (case, layouts)  # the step and its tables, at least
+        wrong = [lay for lay in layouts if WANTED not in lay or "order = [1, 0]" not in lay]
+        assert not wrong, f"{case}: pack=4 asm in {wrong}"
