@@ -508,10 +508,14 @@ def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None, stages=1):
                          num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
-# 32 rows capped at 168 registers: mode 2 needs 166 (3 programs per SM), mode 1 would take 180 (2) and then
-# loses qkv (H100, session 11: 13.0 µs capped against 14.2 for the best other config)
+# 32 rows twice: uncapped (mode 2: 166 registers, 3 programs per SM; qkv 13.0 µs on the H100, session 10)
+# and capped at 168 for mode 1, which would take 180 (2 programs per SM) and then loses qkv (session 11:
+# 13.0 µs capped against 14.2 for the best other config). The cap is not free for mode 2: under it ptxas
+# spills 64 B where it fits 166 registers without (offline sm_90a), likely why session 11's autotune, with
+# only the capped tile in the list, took a 16-row one for mode 2's qkv (15.3).
 MMA_GEMV_CONFIGS = [
-    _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1, maxnreg=168), _cfg1(32, 2, 1), _cfg1(64, 1, 1),
+    _cfg1(16, 1, 1), _cfg1(16, 2, 1), _cfg1(32, 1, 1), _cfg1(32, 1, 1, maxnreg=168), _cfg1(32, 2, 1),
+    _cfg1(64, 1, 1),
     _cfg1(16, 1, 2), _cfg1(16, 2, 2), _cfg1(16, 1, 2, warps=8), _cfg1(32, 1, 2, warps=8),
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
 ]
