@@ -15,8 +15,9 @@ program. Variants, per 7B shape:
                   same way, two programs per SM; last, once over all four shapes' codes in one kernel;
   copy            torch's device-to-device copy of the same bytes (reads and writes them).
 "pdl": launched with programmatic dependent launch like our kernels (regs: the first step prefetched into L2
-before the wait, as the GEMV does). If "smem" reads much faster than "regs", the GEMV's register prefetch is what caps it; "stream" and
-"copy" show what launch, ramp and tail cost a kernel of this size whatever it does.
+before the wait, as the GEMV does). If "smem" reads much faster than "regs", the GEMV's register prefetch
+is what caps it; "stream" and "copy" show what launch, ramp and tail cost a kernel of this size whatever
+it does.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scaleserve.kernels.pdl import prefetch_l2, wait_for_producer
+from scaleserve.kernels.pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 # bench/kernels.py's timing (a script beside this one, not a package)
 _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
@@ -114,15 +115,23 @@ def _descriptor(q: torch.Tensor, N: int, KW: int, bn: int):
     return _descriptors[key]
 
 
-def _stream(N: int, KW: int, programs: int, stages: int, pdl: bool):
+def _pdl(on: bool, t: torch.Tensor) -> dict:
+    """Launch arguments with or without programmatic dependent launch (as our kernels get them)."""
+    return launch_kwargs(t) if on else {"PDL": False}
+
+
+def stream_variants(words: int, sms: int) -> list:
+    """(label, launch(q, out)): two programs per SM, each reading one contiguous range of the words."""
     block = 4096  # words: 16 KB a load
-    chunk = triton.cdiv(triton.cdiv(N * KW, programs), block) * block
-    pdl_args = {"launch_pdl": True} if pdl else {}
-    return lambda q, o: _stream_kernel[(programs,)](q, o, N * KW, chunk, BLOCK=block, STAGES=stages, PDL=pdl,
-                                                    num_warps=8, **pdl_args)
+    programs = 2 * sms
+    chunk = triton.cdiv(triton.cdiv(words, programs), block) * block
+    return [(f"stream x2/SM s{stages}" + (" pdl" if pdl else ""),
+             lambda q, o, s=stages, p=pdl: _stream_kernel[(programs,)](q, o, words, chunk, BLOCK=block, STAGES=s,
+                                                                      num_warps=8, **_pdl(p, q)))
+            for stages, pdl in ((3, False), (4, False), (4, True))]
 
 
-def variants(N: int, KW: int, sms: int):
+def variants(N: int, KW: int, sms: int) -> list:
     """(label, launch(q, out)) for one shape."""
     steps = KW // 128
     out = []
@@ -130,18 +139,40 @@ def variants(N: int, KW: int, sms: int):
                                   (16, 4, 1, True), (16, 4, 2, True)):
         out.append((f"regs BN {bn} w{warps} d{depth}" + (" pdl" if pdl else ""),
                     lambda q, o, bn=bn, w=warps, d=depth, p=pdl: _regs_kernel[(N // bn,)](
-                        q, o, KW, steps, BLOCK_N=bn, DEPTH=d, PDL=p, num_warps=w, num_stages=1,
-                        **({"launch_pdl": True} if p else {}))))
+                        q, o, KW, steps, BLOCK_N=bn, DEPTH=d, num_warps=w, num_stages=1, **_pdl(p, q))))
     for bn, warps, stages in ((16, 4, 3), (16, 4, 4), (32, 4, 3), (32, 8, 4)):
         out.append((f"smem BN {bn} w{warps} s{stages}", lambda q, o, bn=bn, w=warps, s=stages: _smem_kernel[(N // bn,)](
             q, o, KW, steps, BLOCK_N=bn, STAGES=s, num_warps=w)))
     for bn, warps, stages in ((16, 4, 4), (32, 4, 3), (32, 4, 4)):
         out.append((f"tma BN {bn} w{warps} s{stages}", lambda q, o, bn=bn, w=warps, s=stages: _tma_kernel[(N // bn,)](
             _descriptor(q, N, KW, bn), o, steps, BLOCK_N=bn, STAGES=s, num_warps=w)))
-    for stages, pdl in ((3, False), (4, False), (4, True)):
-        out.append((f"stream x2/SM s{stages}" + (" pdl" if pdl else ""), _stream(N, KW, 2 * sms, stages, pdl)))
+    out += stream_variants(N * KW, sms)
     out.append(("copy", lambda q, o: o.copy_(q)))
     return out
+
+
+def measure(name: str, N: int, K: int, launches: list, bw: float, match: str) -> list[dict]:
+    """Times each (label, launch) whose label matches over enough copies of [N, K // 8] int32 codes."""
+    words = N * (K // 8)
+    nbytes = 4 * words
+    qs = [torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device="cuda")
+          for _ in range(bench_kernels.n_copies(nbytes))]
+    sink = torch.empty(words, dtype=torch.int32, device="cuda")  # (big enough for every variant's output)
+    floor = nbytes / bw * 1e6
+    rows = []
+    for label, launch in launches:
+        if not re.search(match, label):
+            continue
+        try:
+            us = bench_kernels.graph_us([lambda q=q: launch(q, sink) for q in qs])
+        except Exception as e:  # a variant that does not compile here is reported, not fatal
+            print(f"{name:8s} {label:22s}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        moved = 2 * nbytes if label == "copy" else nbytes  # (a copy reads and writes them)
+        rows.append(dict(shape=name, N=N, K=K, variant=label, us=us, tb_s=moved / (us * 1e-6) / 1e12, floor_us=floor))
+        print(f"{name:8s} {label:22s}: {us:6.1f} µs  {rows[-1]['tb_s']:.2f} TB/s  (floor {floor:.1f} µs)", flush=True)
+    _descriptors.clear()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -154,44 +185,10 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     rows = []
     for name, N, K in SHAPES:  # (down's K rounded up to whole steps)
-        KW = K // 8
-        nbytes = N * KW * 4
-        copies = bench_kernels.n_copies(nbytes)
-        qs = [torch.randint(-2**31, 2**31 - 1, (N * KW,), dtype=torch.int32, device="cuda") for _ in range(copies)]
-        sink = torch.empty(N * KW, dtype=torch.int32, device="cuda")  # (big enough for every variant's output)
-        floor = nbytes / bw * 1e6
-        for label, launch in variants(N, KW, sms):
-            if not re.search(a.match, label):
-                continue
-            try:
-                us = bench_kernels.graph_us([lambda q=q: launch(q, sink) for q in qs])
-            except Exception as e:  # a variant that does not compile here is reported, not fatal
-                print(f"{name:8s} {label:22s}: {type(e).__name__}: {str(e)[:100]}", flush=True)
-                continue
-            moved = 2 * nbytes if label == "copy" else nbytes  # (a copy reads and writes them)
-            rows.append(dict(shape=name, N=N, K=K, variant=label, us=us, tb_s=moved / (us * 1e-6) / 1e12,
-                             floor_us=floor))
-            print(f"{name:8s} {label:22s}: {us:6.1f} µs  {rows[-1]['tb_s']:.2f} TB/s  (floor {floor:.1f} µs)",
-                  flush=True)
-        del qs, sink
-        _descriptors.clear()
-    # the four shapes' codes as one kernel's read: what the per-kernel ramp costs a layer
+        rows += measure(name, N, K, variants(N, K // 8, sms), bw, a.match)
+    # the four shapes' codes as one kernel's read (shape "layer"): what the per-kernel ramp costs a layer
     words = sum(N * (K // 8) for _, N, K in SHAPES)
-    nbytes = 4 * words
-    qs = [torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device="cuda")
-          for _ in range(bench_kernels.n_copies(nbytes))]
-    sink = torch.empty(2 * sms * 4096, dtype=torch.int32, device="cuda")
-    for stages, pdl in ((3, False), (4, False), (4, True)):
-        label = f"stream x2/SM s{stages}" + (" pdl" if pdl else "")
-        if not re.search(a.match, label):
-            continue
-        launch = _stream(words, 1, 2 * sms, stages, pdl)
-        us = bench_kernels.graph_us([lambda q=q: launch(q, sink) for q in qs])
-        rows.append(dict(shape="layer", N=words, K=8, variant=label, us=us, tb_s=nbytes / (us * 1e-6) / 1e12,
-                         floor_us=nbytes / bw * 1e6))
-        print(f"{'layer':8s} {label:22s}: {us:6.1f} µs  {rows[-1]['tb_s']:.2f} TB/s  (floor {nbytes / bw * 1e6:.1f} µs, "
-              "all four shapes' codes in one kernel)", flush=True)
-    del qs, sink
+    rows += measure("layer", words, 8, stream_variants(words, sms), bw, a.match)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)

@@ -399,9 +399,10 @@ def _mma_gemv_kernel(
     sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
     sp1 = sp0 + s_row
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
-    if FAST and STAGES > 1:
+    if FAST:
         sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
-        odd = vblock & 1
+        odd = vblock & 1  # the C register of the lane's diagonal
+    if FAST and STAGES > 1:
         tn, x0n, x1n, x2n, x3n = _kmajor_side(kb_lo, kb_hi, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword,
                                               diag, True, ONE_GROUP, S_PAIR)
         for kb in tl.range(kb_lo, kb_hi, 8, num_stages=STAGES):
@@ -417,8 +418,6 @@ def _mma_gemv_kernel(
                 tn = tn1
             acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
     elif FAST:  # codes, x and tables DEPTH steps ahead, in registers
-        sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
-        odd = vblock & 1  # the C register of the lane's diagonal
         w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
             kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
         if DEPTH == 2:

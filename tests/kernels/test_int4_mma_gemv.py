@@ -59,7 +59,6 @@ WANTED = "sizePerThread = [1, 4], threadsPerWarp = [1, 32]"
 
 
 def _cases():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # this process only lists configs
     from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
     def case(cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True):
