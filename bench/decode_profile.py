@@ -122,6 +122,9 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
     pg = engine.prefill_graphs
     if pg is not None:  # the same chunk as the engine runs it when the sequence is alone: a padded graph
         Tb = pg.bucket(T)
+        # the graph's buffers still hold the last real prefill (at batch 4: four prompts, whose logits rows lie
+        # past Tb): load a step of Tb padding tokens, the same work as one chunk padded to Tb
+        pg.load(Tb, engine._upload(engine._pack_prefill([], Tb)))
         pg.run(Tb, mode)
         torch.cuda.synchronize()
         graph_walls, _ = timed(lambda: pg.run(Tb, mode), reps)
@@ -191,20 +194,26 @@ def main(argv=None) -> int:
     p.add_argument("--pdl", default="on", help="on | off | on,off: programmatic dependent launch (each a run)")
     p.add_argument("--mma", default="on",
                    help="on | off | on,off: the MMA GEMV for the batch-1 layers its policy gives it (each a run)")
+    p.add_argument("--mma-batch", default="on",
+                   help="on | off | on,off: the MMA batch kernel for the small-batch layers its policy gives it "
+                        "(each a run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     from scaleserve.kernels import int4_matmul as im
 
-    mma_policy = im.MMA_GEMV_POLICY
+    mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     for preset in a.presets.split(","):
-        for B, pdl, mma in ((int(b), p == "on", m == "on") for b in a.batches.split(",")
-                            for p in a.pdl.split(",") for m in a.mma.split(",")):
+        for B, pdl, mma, mmab in ((int(b), p == "on", m == "on", mb == "on") for b in a.batches.split(",")
+                                  for p in a.pdl.split(",") for m in a.mma.split(",")
+                                  for mb in a.mma_batch.split(",")):
             im.MMA_GEMV_POLICY = mma_policy if mma else "never"
+            im.MMA_BATCH_POLICY = batch_policy if mmab else "never"
             r = run(preset, B, a.steps, pdl)
-            r["mma_gemv"] = mma
+            r["mma_gemv"], r["mma_batch"] = mma, mmab
             out["runs"].append(r)
-            print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'} mma {'on' if mma else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+            print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'} mma {'on' if mma else 'off'} mma-batch "
+                  f"{'on' if mmab else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")

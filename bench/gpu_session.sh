@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [m1_figures] [read_ceiling] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [m1_figures] [read_ceiling] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -52,6 +52,16 @@ for step in "${steps[@]}"; do
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                   --json "$OUT/decode_profile.json" 2>&1 | tee "$OUT/decode_profile.log" | tail -25 ;;
+    mma_batch) timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
+                 tests/kernels/test_int4_matmul.py -k "batch or dispatch or autotuned" 2>&1 | tee "$OUT/batch_tests.log" | tail -4
+               for policy in all never; do  # the MMA batch kernel (M = 1 too) against the MMA GEMV / tensor-core tile
+                 timeout 220 python3 bench/kernels.py --ms 1,4,16 --modes 2,1 --groups 128 --no-baselines \
+                   --mma-batch-policy $policy --json "$OUT/batch-$policy.json" 2>&1 | tee "$OUT/batch-$policy.log" \
+                   | grep -A12 "per Llama"
+               done ;;
+    batch_decode) timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches 4,16 --mma-batch on,off \
+                    --json "$OUT/decode_profile_batch.json" 2>&1 | tee "$OUT/decode_profile_batch.log" \
+                    | grep -A6 "mma-batch" ;;
     read_ceiling) timeout 90 python3 bench/access_pattern.py --match 'pdl|regs BN 16 w4 d[12]$|stream x2/SM s4$|copy' \
                     --json "$OUT/access-pdl.json" 2>&1 | tee "$OUT/access-pdl.log" | tail -30 ;;
     fold_ab) for policy in always never; do  # the fold GEMM against the per-row tile, M >= 64, same call

@@ -139,10 +139,11 @@ def chosen_config(M: int, N: int, K: int, mode: int, gs: int, scale_slots: int) 
     """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_gemm as ig
+    from scaleserve.kernels import int4_mma_batch as mb
     from scaleserve.kernels import int4_mma_gemv as mg
 
     kind = im.autotuned_kernel(M, N, K, mode, gs, scale_slots)
-    tuner = {"mma gemv": mg._tuned, "fold": ig._tuned, "gemv": im._gemv_kernel}.get(
+    tuner = {"mma gemv": mg._tuned, "mma batch": mb._tuned, "fold": ig._tuned, "gemv": im._gemv_kernel}.get(
         kind, im._decode_kernel if M <= im.DECODE_MAX_M else im._gemm_kernel)
     best = getattr(tuner, "best_config", None)
     return "" if best is None else f"{kind}: {best}"
@@ -207,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-policy", choices=("auto", "per-channel", "never"), default=None,
                     help="where M = 1 takes the MMA GEMV: auto (the default: every mode 1/2 call it supports), "
                          "per-channel layers only, or never")
+    ap.add_argument("--mma-batch-policy", choices=("auto", "all", "never"), default=None,
+                    help="where modes 1/2 take the MMA batch kernel (kernels/int4_mma_batch.py): 2 <= M <= 16 (auto), "
+                         "1 <= M <= 16 (all) or never (the tensor-core tile)")
     ap.add_argument("--fold-policy", choices=("auto", "always", "never"), default=None,
                     help="where batches in modes 1/2 take the fold GEMM (kernels/int4_gemm.py): auto (M >= "
                          "FOLD_MIN_M), always (M >= 2) or never")
@@ -233,6 +237,8 @@ def main(argv=None) -> int:
         im.GEMV_MAX_M = args.gemv_max_m
     if args.mma_policy is not None:
         im.MMA_GEMV_POLICY = args.mma_policy
+    if args.mma_batch_policy is not None:
+        im.MMA_BATCH_POLICY = args.mma_batch_policy
     if args.fold_policy is not None:
         im.FOLD_POLICY = args.fold_policy
     dev = torch.cuda.get_device_name()

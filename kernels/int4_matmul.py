@@ -58,6 +58,9 @@ from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_supported
 from .int4_mma_gemv import load_f32 as _load_f32
+from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
+from .int4_mma_batch import MAX_SPLIT_K as MMA_BATCH_MAX_SPLIT_K
+from .int4_mma_batch import launch_mma_batch, mma_batch_supported
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 from .tile_epilogue import k_blocks, park_partial, store_rows, summed_partials
 
@@ -510,12 +513,30 @@ def fold_gemm_chosen(M: int, mode: int, group_size: int, scale_slots: int = 0) -
     return M >= (2 * FOLD_MIN_M if mode == MODE_GROUP and group_size == -1 else FOLD_MIN_M)
 
 
+# 2 <= M <= 8 in modes 1/2 runs the MMA batch kernel (kernels/int4_mma_batch.py: the code words feed mma.sync
+# from registers with the batch rows as B's columns) under MMA_BATCH_POLICY: "auto" (2 <= M <= MMA_BATCH_AUTO_MAX_M),
+# "all" (1 <= M <= 16, everything it runs: for comparisons) or "never" (this file's tensor-core tile). Measured on
+# the H100 (bench/NOTES-kernels.md, session 12), µs per 7B layer at g128, same call, modes 2 / 1: M = 4 68.5 / 70.0
+# against the tile's 83.6 / 72.3; M = 16 (two chains) 114.1 / 108.2 against 86.8 / 73.9; M = 1 65.2 / 69.9 against
+# the MMA GEMV's 59.7 / 61.3.
+MMA_BATCH_POLICY = "auto"
+MMA_BATCH_AUTO_MAX_M = 8
+
+
+def mma_batch_chosen(M: int, mode: int, group_size: int) -> bool:
+    """Whether MMA_BATCH_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA batch kernel."""
+    lo, hi = {"auto": (2, MMA_BATCH_AUTO_MAX_M), "all": (1, MMA_BATCH_MAX_M)}.get(MMA_BATCH_POLICY, (1, 0))
+    return lo <= M <= hi and mode in (MODE_CHANNEL, MODE_GROUP) and group_size in (-1, 128)
+
+
 GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs make a GEMV 2x slower than mma
 
 
 def autotuned_kernel(M: int, N: int, K: int, mode: int, group_size: int, scale_slots: int = 0) -> str:
     """The kernel int4_matmul runs on CUDA without a config, for inputs that kernel supports (else the next
-    one): "mma gemv", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's tile)."""
+    one): "mma gemv", "mma batch", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's tile)."""
+    if mma_batch_chosen(M, mode, group_size):
+        return "mma batch"
     if mma_gemv_chosen(M, mode, group_size):
         return "mma gemv"
     if fold_gemm_chosen(M, mode, group_size, scale_slots):
@@ -1090,6 +1111,12 @@ def int4_matmul(
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
                                _tile_counters(x.device, "mma"))
+    if (config is not None and config.get("MMA_BATCH")) or (
+            kernel == "mma batch" and mma_batch_supported(x, N, mode, w.group_size, has_zeros)):
+        ws = torch.empty((config["SPLIT_K"] if config else MMA_BATCH_MAX_SPLIT_K) * M * N, dtype=torch.float32,
+                         device=x.device)
+        return launch_mma_batch(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
+                                _tile_counters(x.device, "mma batch"))
     if (config is not None and config.get("FOLD")) or (
             kernel == "fold" and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty(workspace_numel(M, N, config), dtype=torch.float32, device=x.device)

@@ -277,6 +277,71 @@ def test_mma_gemv_rejects_what_it_cannot_run():
             run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})
 
 
+# --- MMA batch kernel (1 <= M <= 16, modes 1/2; configs with MMA_BATCH) ---------------------------
+
+BATCH_SHAPES = {-1: (104, 136), 128: (72, 1000)}  # (N, K): N not a multiple of the tile; ragged last block
+
+
+def _batch_cases():
+    """Both modes x group sizes x row counts around the chains' 8 columns (1, 5: a partial chain; 8; 9, 16: the
+    second chain); dtypes, distributions, tile widths, splits, load depth and the slab's table dtype rotate."""
+    out = []
+    for i, (mode, gs, M) in enumerate(itertools.product((1, 2), (-1, 128), (1, 5, 8, 9, 16))):
+        dtype = DTYPES[i % 3]
+        dist = DISTS[i % len(DISTS)]
+        warps, split, depth = (1, 2)[(i // 2) % 2], (1, 2, 3)[i % 3], 1 + (i // 3) % 2
+        bps, xa = (1, 2, 4)[(i // 4) % 3], (i // 5) % 2
+        sdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
+        out.append(pytest.param(mode, gs, M, dtype, dist, warps, split, depth, bps, xa, sdt,
+                                id=f"m{mode}-g{gs}-M{M}-{str(dtype)[6:]}-{dist}-w{warps}-sk{split}-d{depth}-b{bps}"
+                                   f"-xa{xa}-s{str(sdt)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("mode,gs,M,dtype,dist,warps,split,depth,bps,xa,sdt", _batch_cases())
+def test_mma_batch_small(mode, gs, M, dtype, dist, warps, split, depth, bps, xa, sdt):
+    if CUDA and dtype == torch.float32:
+        pytest.skip("the MMA batch kernel takes 16-bit x on CUDA")
+    N, K = BATCH_SHAPES[gs]
+    t = make_case(M, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    if mode == MODE_GROUP:  # the slab's table dtype; the reference reads the same rounded values
+        t["scales"] = t["scales"].to(sdt)
+    cfg = {"MMA_BATCH": 1, "BLOCK_N": 16 * warps, "num_warps": warps, "SPLIT_K": split, "DEPTH": depth, "BPS": bps,
+           "X_AHEAD": xa}
+    # n_major: the slab's layout (scale pairs in one load); G-major tables take one load per scale
+    check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference({**t, "scales": t["scales"].float()}), dtype)
+
+
+def test_mma_batch_rejects_what_it_cannot_run():
+    """Mode 3, group size 32, 17 rows, an odd N and a tile that is not 16 rows per warp are refused with a
+    clear error, not computed wrongly."""
+    for mode, gs, M, N, bn in ((MODE_ALPHA, 128, 4, 40, 16), (MODE_GROUP, 32, 4, 40, 16), (MODE_GROUP, 128, 17, 40, 16),
+                               (MODE_GROUP, 128, 4, 41, 16), (MODE_CHANNEL, 128, 4, 40, 32)):
+        t = make_case(M, N, 256, gs, 4, mode, "uniform", torch.bfloat16)
+        with pytest.raises(ValueError, match="MMA batch kernel|BLOCK_N"):
+            run_kernel(t, mode, {"MMA_BATCH": 1, "BLOCK_N": bn, "SPLIT_K": 1, "num_warps": 1})
+
+
+def test_mma_batch_dispatch_rule(monkeypatch):
+    """auto: 2 to 8 rows in modes 1/2 at group size -1 and 128 (one row stays on the MMA GEMV, 9-16 rows on the
+    tensor-core tile, which is faster there); never mode 3 or group size 32; "all" takes 1 to 16 rows; "never"
+    none."""
+    for mode in (MODE_CHANNEL, MODE_GROUP):
+        for M in (2, 5, 8):
+            assert im.autotuned_kernel(M, 4096, 4096, mode, 128) == "mma batch"
+            assert im.autotuned_kernel(M, 4096, 4096, mode, -1) == "mma batch"
+        assert im.autotuned_kernel(1, 4096, 4096, mode, 128) == "mma gemv"
+        assert im.autotuned_kernel(9, 4096, 4096, mode, 128) == "tensor-core"
+        assert im.autotuned_kernel(4, 4096, 4096, mode, 32) == "tensor-core"
+    assert im.autotuned_kernel(4, 4096, 4096, MODE_ALPHA, 128) == "tensor-core"
+    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "all")
+    assert im.autotuned_kernel(1, 4096, 4096, MODE_GROUP, 128) == "mma batch"
+    assert im.autotuned_kernel(16, 4096, 4096, MODE_GROUP, 128) == "mma batch"
+    assert im.autotuned_kernel(17, 4096, 4096, MODE_GROUP, 128) == "tensor-core"
+    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")
+    assert im.autotuned_kernel(4, 4096, 4096, MODE_GROUP, 128) == "tensor-core"
+
+
 # --- fold GEMM (batches, modes 1/2; configs with FOLD) -------------------------------------------
 
 FOLD_SHAPES = {-1: (72, 300), 32: (40, 200), 64: (56, 257), 128: (48, 300)}  # (N, K): ragged tiles and groups
@@ -503,6 +568,30 @@ def test_llama7b_mma_gemv(shape, gs, mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", list(LLAMA7B))
+@pytest.mark.parametrize("gs", (-1, 128))
+@pytest.mark.parametrize("M", (4, 13))
+def test_llama7b_mma_batch(shape, gs, M, monkeypatch):
+    """The MMA batch kernel on the real shapes (down: K = 11008 = 86 blocks, a ragged split) over mixed slots
+    with the base rows: fixed configs with both load depths, 1-4 blocks a step and split-K, then the autotuned
+    kernel in fp16 (policy "all": 13 rows too)."""
+    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "all")
+    K, N = LLAMA7B[shape]
+    mode = MODE_GROUP if (M + gs) % 2 else MODE_CHANNEL
+    t = make_case(M, N, K, gs, 4, mode, "zipf", torch.bfloat16, bias=(shape == "qkv"))
+    for depth, split, bps, xa in ((1, 3, 1, 1), (2, 1, 2, 1), (1, 2, 4, 0)):
+        cfg = {"MMA_BATCH": 1, "BLOCK_N": 64, "num_warps": 4, "SPLIT_K": split, "DEPTH": depth, "BPS": bps,
+               "X_AHEAD": xa}
+        check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
+    if shape not in ("qkv", "down"):  # (the autotuner compiles its list per variant: two shapes show it)
+        return
+    t = make_case(M, N, K, gs, 4, 3 - mode, "distinct", torch.float16)
+    assert im.autotuned_kernel(M, N, K, 3 - mode, gs) == "mma batch"
+    check(run_kernel(t, 3 - mode, n_major=True), reference(t), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("M", (1, 4, 64))
 def test_autotuned_path(M):
     K, N = LLAMA7B["o"]
@@ -526,6 +615,7 @@ def test_llama7b_fold_gemm(shape, M, mode, monkeypatch):
     cfg = {"FOLD": 1, "BLOCK_M": min(64, max(16, M)), "BLOCK_N": 128, "SPLIT_K": 3}
     check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     monkeypatch.setattr(im, "FOLD_POLICY", "always")
+    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")  # (it would take M <= 16 first)
     t = make_case(M, N, K, gs, 4, mode, "identical", torch.float16)
     assert im.fold_gemm_chosen(M, mode, gs, scale_slots=1)
     check(run_kernel(t, mode, n_major=True, scale_slots=1), reference(t), torch.float16)

@@ -1,14 +1,17 @@
-"""The MMA GEMV's inline asm is only right in one register layout; this checks, without a GPU, that Triton
+"""The MMA kernels' inline asm is only right in one register layout; this checks, without a GPU, that Triton
 gives it that layout for every config the autotuner or the sweep can pick.
 
 Each `pack=4` inline asm of kernels/int4_mma_gemv.py takes a thread's 4 packed elements as words
 4c..4c+3 of one row and block (the A registers of its MMAs, the registers t of its C fragment). That
 holds only when the [BLOCK_N / 2, 128] tile is laid out with sizePerThread [1, 4], 32 lanes along the 128
-words, order [1, 0]. Triton chooses layouts itself: a kernel whose loop structure stopped the load's
-layout from reaching the asm got [1, 1], computed garbage and faulted on misaligned pair loads on the H100
-(session 11: the persistent variant). The interpreter cannot see this, so the check compiles for sm_90
-(Triton ships ptxas; no GPU needed) in a subprocess without TRITON_INTERPRET, and reads the layouts off the
-TTGIR.
+words, order [1, 0]. kernels/int4_mma_batch.py needs the same of its [BPS * BLOCK_N / 2, 16] tiles with 8
+lanes along the rows and 4 along the words (its MMA's lane (g, c) = rows g, g + 8 and B column g). Triton
+chooses layouts itself: a kernel whose loop structure stopped the load's layout from reaching the asm got
+[1, 1], computed garbage and faulted on misaligned pair loads on the H100 (session 11: the persistent
+variant). The interpreter cannot see this, so the check compiles for sm_90 (Triton ships ptxas; no GPU
+needed) in a subprocess without TRITON_INTERPRET, and reads the layouts off the TTGIR. For the batch kernel
+it also reads the PTX: a lane's 4 zero points must be 4 registers (session 12: Triton had computed a pure asm
+with operands constant along the lane once and given all 4 elements its last result).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from scaleserve.kernels.int4_mma_gemv import _mma_gemv_kernel as kernel
+import importlib
 
 def layouts(ttgir):
     alias = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*?\}>)", ttgir, re.M))
@@ -37,13 +40,19 @@ def layouts(ttgir):
             found += [alias.get(a, a) for a in re.findall(r"tensor<[^,>]*, (#\w+)>", result)]
     return found
 
+def zero_point_operands(ptx):
+    # the batch kernel's step asm reads z_t of its 4 elements as `sub.f32 e<t>, <-SCALE>, <z_t>`
+    return re.findall(r"sub\.f32 e[0-3], 0f[0-9A-F]{8}, (%r\d+);", ptx)
+
 out = []
 for case in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
     x = "*fp16" if case["f16"] else "*bf16"
     ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
                 scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
-                 PDL=True, S_PAIR=case["s_pair"], **case["meta"])
+                 PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, **case["meta"])
+    const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
@@ -51,28 +60,43 @@ for case in json.loads(sys.argv[1]):
     opts = dict(num_warps=case["num_warps"], num_stages=1, **({"maxnreg": case["maxnreg"]} if case["maxnreg"] else {}))
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 64), options=opts)
-    out.append(layouts(c.asm["ttgir"]))
+    out.append(dict(layouts=layouts(c.asm["ttgir"]), zeros=zero_point_operands(c.asm["ptx"])))
 print(json.dumps(out))
 """
 
-WANTED = "sizePerThread = [1, 4], threadsPerWarp = [1, 32]"
+GEMV, BATCH = "scaleserve.kernels.int4_mma_gemv", "scaleserve.kernels.int4_mma_batch"
+WANTED = {GEMV: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
+          BATCH: "sizePerThread = [1, 4], threadsPerWarp = [8, 4]"}
+
+
+def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True, **meta):
+    return dict(module=module, kernel=kernel, mode=mode, group_size=group_size, f16=f16, slab=slab, s_pair=s_pair,
+                meta={**cfg.kwargs, **meta}, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
 
 
 def _cases():
+    from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CONFIGS, _scales_asm
     from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
-    def case(cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True):
-        return dict(mode=mode, group_size=group_size, f16=f16, slab=slab, s_pair=s_pair, meta=cfg.kwargs,
-                    num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+    def gemv(cfg, **kw):
+        return _case(GEMV, "_mma_gemv_kernel", cfg, **kw)
+
+    def batch(cfg, mb2=False, slab="*fp16", s_pair=True, **kw):
+        s_asm = _scales_asm({"*fp16": "f16", "*bf16": "bf16", "*fp32": "f32"}[slab], s_pair)
+        return _case(BATCH, "_mma_batch_kernel", cfg, MB2=mb2, S_ASM=s_asm, slab=slab, s_pair=s_pair, **kw)
 
     first = MMA_GEMV_CONFIGS[0]
-    return ([case(c) for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
-            + [case(first, mode=1, f16=True, slab="*fp32"), case(first, group_size=-1, slab="*bf16", s_pair=False),
-               case(MMA_GEMV_CONFIGS[-1], mode=1, group_size=-1)])
+    b0 = MMA_BATCH_CONFIGS[0]
+    return ([gemv(c) for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
+            + [gemv(first, mode=1, f16=True, slab="*fp32"), gemv(first, group_size=-1, slab="*bf16", s_pair=False),
+               gemv(MMA_GEMV_CONFIGS[-1], mode=1, group_size=-1)]
+            + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS)]
+            + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
+               batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
 
 
 @pytest.mark.timeout(600)
-def test_mma_gemv_asm_gets_its_layout():
+def test_mma_asm_gets_its_layout():
     pytest.importorskip("triton.backends.nvidia")
     cases = _cases()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -81,7 +105,15 @@ def test_mma_gemv_asm_gets_its_layout():
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(found) == len(cases)
-    for case, layouts in zip(cases, found):
+    for case, got in zip(cases, found):
+        layouts = got["layouts"]
         assert len(layouts) >= 2, (case, layouts)  # the step and its tables, at least
-        wrong = [lay for lay in layouts if WANTED not in lay or "order = [1, 0]" not in lay]
+        wrong = [lay for lay in layouts if WANTED[case["module"]] not in lay or "order = [1, 0]" not in lay]
         assert not wrong, f"{case}: pack=4 asm in {wrong}"
+        if case["module"] == BATCH:
+            # a lane's 4 elements stand for 2 rows: 4 registers (a pure asm with operands constant along the
+            # words was once computed once and its last result handed to all 4 elements: rows0 got rows1's z)
+            zeros = got["zeros"]
+            assert zeros and len(zeros) % 4 == 0, (case, zeros)
+            same = [zeros[j:j + 4] for j in range(0, len(zeros), 4) if len(set(zeros[j:j + 4])) < 4]
+            assert not same, f"{case}: one register for a lane's 4 zero points: {same}"
