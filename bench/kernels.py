@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                     help="where M = 1 takes the MMA GEMV: auto (the default: every mode 1/2 call it supports), "
                          "per-channel layers only, or never")
     ap.add_argument("--mma-batch-policy", choices=("auto", "all", "never"), default=None,
-                    help="where modes 1/2 take the MMA batch kernel (kernels/int4_mma_batch.py): 2 <= M <= 16 (auto), "
+                    help="where modes 1/2 take the MMA batch kernel (kernels/int4_mma_batch.py): 2 <= M <= 8 (auto), "
                          "1 <= M <= 16 (all) or never (the tensor-core tile)")
     ap.add_argument("--fold-policy", choices=("auto", "always", "never"), default=None,
                     help="where batches in modes 1/2 take the fold GEMM (kernels/int4_gemm.py): auto (M >= "

@@ -615,7 +615,7 @@ def test_llama7b_fold_gemm(shape, M, mode, monkeypatch):
     cfg = {"FOLD": 1, "BLOCK_M": min(64, max(16, M)), "BLOCK_N": 128, "SPLIT_K": 3}
     check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     monkeypatch.setattr(im, "FOLD_POLICY", "always")
-    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")  # (it would take M <= 16 first)
+    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")  # (it would take M <= 8 first)
     t = make_case(M, N, K, gs, 4, mode, "identical", torch.float16)
     assert im.fold_gemm_chosen(M, mode, gs, scale_slots=1)
     check(run_kernel(t, mode, n_major=True, scale_slots=1), reference(t), torch.float16)
