@@ -36,7 +36,7 @@ go from their 16-byte loads into the MMA without leaving the registers:
 The inline asm is only right when Triton lays the word tiles out as above (sizePerThread [1, 4],
 threadsPerWarp [8, 4]); tests/kernels/test_int4_mma_gemv.py compiles every config for sm_90 and checks.
 H100 (bench/NOTES-kernels.md, session 12): faster than int4_matmul's tensor-core tile at M = 4 (68.5 against
-83.6 µs per 7B layer, g128 mode 2), slower at M = 16 (the second chain dequantizes the codes again) and than
+83.6 µs per 7B layer, g128 mode 2), slower at M = 16 (a second chain doubles x loads and registers) and than
 the MMA GEMV at M = 1, so the dispatch gives it 2 <= M <= 8.
 The interpreter (CPU CI) computes the same accumulator tile with plain tensor arithmetic.
 """
