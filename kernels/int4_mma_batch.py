@@ -339,6 +339,7 @@ def _mma_batch_kernel(
             if MB2:
                 acc1 = _chain_step(acc1, w0, w1, b0, b1, b2, b3, zt, su, F16)
     else:
+        rowt = pair0[:, None] + (t >> 1)  # [R, 16] each element's row
         s = s_lo
         while s < s_hi:
             blk = s * BPS + rblk  # [R, 1]
@@ -349,7 +350,6 @@ def _mma_batch_kernel(
                 g = 0 * blk
             else:
                 g = tl.minimum(blk, num_kb - 1)
-            rowt = pair0[:, None] + (t >> 1)  # [R, 16]
             zt = tl.load(zero_ptr + g * stride_zg + rowt)
             if MODE == 1:
                 st = tl.load(s0_ptr + g * stride_zg + rowt)
