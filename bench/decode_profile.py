@@ -197,12 +197,21 @@ def main(argv=None) -> int:
     p.add_argument("--mma-batch", default="on",
                    help="on | off | on,off: the MMA batch kernel for the small-batch layers its policy gives it "
                         "(each a run)")
+    p.add_argument("--decode-attention", metavar="BLOCK_N,WARPS,MIN_PARTITION",
+                   help="the decode attention kernel's tile choice (default: kernels/attention.py's); "
+                        "bench/attention.py --sweep decode writes its best as `best`")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    from scaleserve.kernels import attention
     from scaleserve.kernels import int4_matmul as im
 
+    if a.decode_attention:
+        attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION = (
+            int(v) for v in a.decode_attention.split(","))
+
     mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": [],
+           "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     for preset in a.presets.split(","):
         for B, pdl, mma, mmab in ((int(b), p == "on", m == "on", mb == "on") for b in a.batches.split(",")
                                   for p in a.pdl.split(",") for m in a.mma.split(",")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K):
+# Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
+# .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [m1_figures] [read_ceiling] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [m1_figures] [read_ceiling] [attn_tests] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -9,7 +10,25 @@
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT" /tmp/ns/scaleserve
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .carry/wheels/*.whl
+# Triton's compile cache travels between calls: a fresh machine otherwise spends minutes of device time
+# compiling kernels that have not changed. Copy the last call's $OUT/triton-cache.tgz to
+# .carry/triton-cache.tgz and carry it. It holds the compiled binaries and their metadata only (no IR,
+# which Triton does not need to load a kernel, and no autotune picks, so every call still times its own
+# configs). Triton keys each entry by source, options and target: a changed kernel compiles afresh.
+export TRITON_CACHE_DIR=/tmp/triton-cache  # fixed: the cache's index files name absolute paths
+mkdir -p "$TRITON_CACHE_DIR" && touch /tmp/session-start
+[ -f .carry/triton-cache.tgz ] && tar -xzf .carry/triton-cache.tgz -C "$TRITON_CACHE_DIR"
+pack_triton_cache() {  # $1: extra find tests (e.g. -newer FILE)
+  (cd "$TRITON_CACHE_DIR" && find . -type f "$@" \( -name '*.cubin' -o -name '*.so' -o -name '*.json' \) \
+     ! -name '*.autotune.json' -print0 | tar --null -czf "$OUT/triton-cache.tgz" -T -)
+}
+keep_triton_cache() {  # a file comes back from $OUT only up to 16 MiB: then keep what this call compiled
+  pack_triton_cache
+  [ "$(stat -c %s "$OUT/triton-cache.tgz")" -le $((16 << 20)) ] || pack_triton_cache -newer /tmp/session-start
+  [ "$(stat -c %s "$OUT/triton-cache.tgz")" -le $((16 << 20)) ] || { rm -f "$OUT/triton-cache.tgz"; echo "triton cache over 16 MiB: not kept"; }
+}
+trap keep_triton_cache EXIT
 for d in kernels server adapters; do ln -sfn "$PWD/$d" "/tmp/ns/scaleserve/$d"; done  # namespace package
 export PYTHONPATH=/tmp/ns:/tmp/site PYTHONUNBUFFERED=1 SCALESERVE_STORIES260K=$PWD/.carry/stories260K
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -22,7 +41,8 @@ for step in "${steps[@]}"; do
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     kernel_tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels \
                     2>&1 | tee "$OUT/kernel_tests.log" | tail -15 ;;
-    serve) timeout 560 python3 bench/serve.py gpu --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12
+    serve) timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py gpu --models ${SERVE_MODELS:-llama2-7b,smollm2-135m} \
+             --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12
            cp /tmp/scaleserve-bench/*-server.log "$OUT/serve/" ;;
     adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
@@ -52,16 +72,47 @@ for step in "${steps[@]}"; do
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                   --json "$OUT/decode_profile.json" 2>&1 | tee "$OUT/decode_profile.log" | tail -25 ;;
-    mma_batch) timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
+    batch_tests|mma_batch)
+               timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
                  tests/kernels/test_int4_matmul.py -k "batch or dispatch or autotuned" 2>&1 | tee "$OUT/batch_tests.log" | tail -4
+               [ "$step" = batch_tests ] && continue
                for policy in all never; do  # the MMA batch kernel (M = 1 too) against the MMA GEMV / tensor-core tile
                  timeout 220 python3 bench/kernels.py --ms 1,4,16 --modes 2,1 --groups 128 --no-baselines \
                    --mma-batch-policy $policy --json "$OUT/batch-$policy.json" 2>&1 | tee "$OUT/batch-$policy.log" \
                    | grep -A12 "per Llama"
                done ;;
-    batch_decode) timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches 4,16 --mma-batch on,off \
+    batch_decode) timeout ${BATCH_DECODE_TIMEOUT:-240} python3 bench/decode_profile.py --presets llama2-7b --batches 4,16 --mma-batch on,off \
                     --json "$OUT/decode_profile_batch.json" 2>&1 | tee "$OUT/decode_profile_batch.log" \
                     | grep -A6 "mma-batch" ;;
+    attn_decode)  # ATTN_CFG=BLOCK_N,WARPS,MIN_PARTITION skips the tests and the sweep; ATTN_BATCHES (1,16)
+                 best=${ATTN_CFG:-}
+                 if [ -z "$best" ]; then
+                   timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \
+                     | tee "$OUT/attn_tests.log" | tail -3
+                   timeout 240 python3 bench/attention.py --sweep decode --json "$OUT/decode-sweep.json" 2>&1 \
+                     | tee "$OUT/decode-sweep.log" | grep -E "config|failed"
+                   best=$(python3 -c "import json; print(*json.load(open('$OUT/decode-sweep.json'))['best'], sep=',')")
+                 fi
+                 if [ -d .carry/base ]; then  # the previous commit's tree (carried): the same-call baseline
+                   mkdir -p /tmp/nsbase/scaleserve
+                   for d in kernels server adapters; do ln -sfn "$PWD/.carry/base/$d" "/tmp/nsbase/scaleserve/$d"; done
+                   (cd .carry/base && PYTHONPATH=/tmp/nsbase:/tmp/site timeout 150 python3 bench/decode_profile.py \
+                      --presets llama2-7b --batches ${ATTN_BATCHES:-1,16} --json "$OUT/decode_profile_base.json" 2>&1 \
+                      | tee "$OUT/decode_profile_base.log" | grep -E "^llama|_decode_kernel|reduce")
+                 fi
+                 timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches ${ATTN_BATCHES:-1,16} ${best:+--decode-attention $best} \
+                   --json "$OUT/decode_profile_attn.json" 2>&1 | tee "$OUT/decode_profile_attn.log" \
+                   | grep -E "^llama|_decode_kernel|reduce" ;;
+    attn_tests) timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \
+                  | tee "$OUT/attn_tests.log" | tail -3 ;;
+    attn_ab)  # bench/attention.py on this tree's kernels and on the previous commit's (carried as .carry/base)
+              mkdir -p /tmp/nsbase/scaleserve
+              for d in kernels server adapters; do ln -sfn "$PWD/.carry/base/$d" "/tmp/nsbase/scaleserve/$d"; done
+              for tree in base new; do
+                ns=/tmp/ns; [ $tree = base ] && ns=/tmp/nsbase
+                PYTHONPATH=$ns:/tmp/site timeout 100 python3 bench/attention.py --json "$OUT/attn-$tree.json" 2>&1 \
+                  | tee "$OUT/attn-$tree.log" | grep " paged"
+              done ;;
     read_ceiling) timeout 90 python3 bench/access_pattern.py --match 'pdl|regs BN 16 w4 d[12]$|stream x2/SM s4$|copy' \
                     --json "$OUT/access-pdl.json" 2>&1 | tee "$OUT/access-pdl.log" | tail -30 ;;
     fold_ab) for policy in always never; do  # the fold GEMM against the per-row tile, M >= 64, same call
@@ -69,7 +120,7 @@ for step in "${steps[@]}"; do
                  --fold-policy $policy --json "$OUT/fold-$policy.json" 2>&1 | tee "$OUT/fold-$policy.log" \
                  | grep -A16 "per Llama"
              done ;;
-    e2e) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py \
+    e2e) timeout ${E2E_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py ${E2E_K:+-k "$E2E_K"} \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
     engine) timeout 560 python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
               tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;

@@ -17,7 +17,10 @@ Two code paths, picked on the host from `max_query_len` (no device sync):
   all query heads of that KV head (GQA), so each KV block is read from memory once. The context is
   split over programs (flash-decoding) and merged by a small reduction kernel: the number of splits
   comes from the block table's capacity (a shape, so graphs stay valid), and each program takes an
-  equal share of the sequence's actual context, computed on the device.
+  equal share of the sequence's actual context, computed on the device. (Merging in the decode kernel
+  itself, the last split to finish merging all of them, was measured three times, the last one vectorised
+  over the splits: each time slower at batch 1 than this second launch, which PDL starts early.
+  bench/NOTES-kernels.md, sessions 6 and 13.)
 - otherwise: prefill kernel, flash-attention style online softmax over the paged KV with the causal
   offset n - L; a program's rows are (query token, query head of one KV head) pairs.
 
@@ -43,8 +46,10 @@ from .reference import paged_attention_ref
 
 LOG2E = 1.4426950408889634
 
-# Decode: KV tokens per inner step, and the smallest context slice worth its own program.
+# Decode: KV tokens per inner step, warps per program, and the smallest context slice worth its own
+# program. bench/attention.py --sweep decode times the choices (bench/NOTES-kernels.md, session 13).
 DECODE_BLOCK_N = 64
+DECODE_NUM_WARPS = 4
 DECODE_MIN_PARTITION = 256
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
@@ -408,7 +413,7 @@ def paged_attention(
             qk_scale, *common_strides,
             GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            num_warps=4, num_stages=2, **launch_kwargs(q),
+            num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](
