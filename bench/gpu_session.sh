@@ -73,7 +73,7 @@ for step in "${steps[@]}"; do
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                   --json "$OUT/decode_profile.json" 2>&1 | tee "$OUT/decode_profile.log" | tail -25 ;;
     batch_tests|mma_batch)
-               timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
+               timeout 180 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
                  tests/kernels/test_int4_matmul.py -k "batch or dispatch or autotuned" 2>&1 | tee "$OUT/batch_tests.log" | tail -4
                [ "$step" = batch_tests ] && continue
                for policy in all never; do  # the MMA batch kernel (M = 1 too) against the MMA GEMV / tensor-core tile

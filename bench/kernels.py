@@ -348,6 +348,7 @@ def config_label(c: dict) -> str:
     if c.get("MMA"):
         return (f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/d{c['DEPTH']}/w{c['num_warps']}/xa{c['X_AHEAD']}"
                 + (f"/s{c['STAGES']}" if c.get("STAGES", 1) > 1 else "")
+                + (f"/u{c['UNROLL']}" if c.get("UNROLL", 1) > 1 else "")
                 + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
     return (f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/s{c['STAGES']}"
             + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))

@@ -369,13 +369,15 @@ def _mma_gemv_kernel(
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
     scales) in one load. N is even. DEPTH: how many steps ahead the codes, x and tables are loaded into
     registers; STAGES > 1 instead streams the codes through Triton's pipeliner (cp.async into shared memory,
-    STAGES - 1 steps ahead, no registers held for them), x and the tables one step ahead."""
+    STAGES - 1 steps ahead, no registers held for them), x and the tables one step ahead. UNROLL 2 (DEPTH 1):
+    two steps an iteration, whose loads alternate between two sets of registers."""
+    tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1 and STAGES == 1), "UNROLL 2 takes DEPTH 1, STAGES 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HN: tl.constexpr = BLOCK_N // 2
@@ -417,6 +419,31 @@ def _mma_gemv_kernel(
             if not ONE_GROUP:
                 tn = tn1
             acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
+    elif FAST and UNROLL == 2:
+        # One step ahead as below, but two steps an iteration: step kb runs on set a while set b loads step
+        # kb + 8, then the other way round. With one step an iteration the loaded set has to be copied into the
+        # step's registers at the loop's end: ~45 moves a step, 9 % of its instructions (offline sm_90a, mode 2,
+        # g128, 32 rows, 4 warps; bench/NOTES-kernels.md, session 13).
+        w0a, w1a, ta, x0a, x1a, x2a, x3a = _kmajor_load(
+            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
+        for kb in range(kb_lo, kb_hi, 16):
+            w0b, w1b, tb, x0b, x1b, x2b, x3b = _kmajor_load(
+                kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
+                S_PAIR)
+            if ONE_GROUP:  # (loaded once)
+                tb = ta
+            if not X_AHEAD:
+                x0a, x1a, x2a, x3a = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
+            acc = _mma_step(acc, w0a, w1a, x0a, x1a, x2a, x3a, ta, odd, F16)
+            w0a, w1a, ta1, x0a, x1a, x2a, x3a = _kmajor_load(
+                kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
+                S_PAIR)
+            if not ONE_GROUP:
+                ta = ta1
+            if kb + 8 < kb_hi:  # (an odd number of steps: the last iteration's second step has no blocks)
+                if not X_AHEAD:
+                    x0b, x1b, x2b, x3b = _kmajor_x(kb + 8, x_ptr, K, kb_hi, vblock, vword)
+                acc = _mma_step(acc, w0b, w1b, x0b, x1b, x2b, x3b, tb, odd, F16)
     elif FAST:  # codes, x and tables DEPTH steps ahead, in registers
         w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
             kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
@@ -502,9 +529,9 @@ def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS
 
 
 # BLOCK_N / 2 row pairs, one per warp per pass; DEPTH steps of loads in flight
-def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None, stages=1):
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "X_AHEAD": x_ahead, "STAGES": stages},
-                         num_warps=warps, num_stages=1, maxnreg=maxnreg)
+def _cfg1(bn, sk, depth, warps=4, x_ahead=1, maxnreg=None, stages=1, unroll=1):
+    return triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "X_AHEAD": x_ahead, "STAGES": stages,
+                          "UNROLL": unroll}, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 # 32 rows twice: uncapped (mode 2: 166 registers, 3 programs per SM; qkv 13.0 µs on the H100, session 10)
@@ -518,7 +545,7 @@ MMA_GEMV_CONFIGS = [
     _cfg1(16, 1, 2), _cfg1(16, 2, 2), _cfg1(16, 1, 2, warps=8), _cfg1(32, 1, 2, warps=8),
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
 ]
-INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1}
+INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1}
 # Candidates: forced configs only, which bench/kernels.py --mma-sweep times beside MMA_GEMV_CONFIGS; the
 # autotuner does not see them.
 MMA_CANDIDATE_CONFIGS = [
@@ -530,6 +557,11 @@ MMA_CANDIDATE_CONFIGS = [
     # Session 11 autotuned these four among the list on the 7B shapes (H100): none was picked.
     _cfg1(16, 1, 1, stages=4), _cfg1(32, 1, 1, stages=3), _cfg1(16, 1, 1, warps=8, stages=4),
     _cfg1(16, 2, 1, stages=4),
+    # two steps an iteration (UNROLL 2): no copies of the prefetched set at the loop's end, but the two sets'
+    # live ranges cost registers. Offline sm_90a, mode 2, g128 (session 13), SASS a step / registers:
+    # 16 rows 285 / 96 -> 268 / 128; 32 rows 498 / 166 -> 451 / 252, or 459 / 200 capped at 200. Not timed yet.
+    _cfg1(16, 1, 1, unroll=2), _cfg1(16, 2, 1, unroll=2), _cfg1(16, 1, 1, warps=8, unroll=2),
+    _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR"]
@@ -591,7 +623,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None:
         _tuned[grid](*args, **meta)
         return y
-    cfg = {"DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, **{k: v for k, v in config.items() if k != "MMA"}}
+    cfg = {"DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1, **{k: v for k, v in config.items() if k != "MMA"}}
     if ws.numel() < cfg["SPLIT_K"] * N:
         raise ValueError("workspace too small for SPLIT_K")
     _mma_gemv_kernel[grid](*args, **meta, **cfg)

@@ -224,21 +224,22 @@ def _mma_cases():
         bn, split, depth = (16, 32, 8)[(i + i // 3) % 3], (1, 2, 3)[i % 3], 1 + (i // 2) % 2
         sdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
         xa = (i // 4) % 2
-        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth, sdt, xa,
+        unroll = 2 if depth == 1 and i % 4 in (0, 3) else 1
+        out.append(pytest.param(mode, gs, dtype, dist, bn, split, depth, sdt, xa, unroll,
                                 id=f"m{mode}-g{gs}-{str(dtype)[6:]}-{dist}-bn{bn}-sk{split}-d{depth}-s{str(sdt)[6:]}"
-                                   f"-xa{xa}"))
+                                   f"-xa{xa}-u{unroll}"))
     return out
 
 
-@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,sdt,xa", _mma_cases())
-def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt, xa):
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,sdt,xa,unroll", _mma_cases())
+def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt, xa, unroll):
     if CUDA and dtype == torch.float32:
         pytest.skip("the MMA GEMV takes 16-bit x on CUDA")
     N, K = MMA_SHAPES[gs]
     t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
     if mode == MODE_GROUP:  # the slab's table dtype; the reference reads the same rounded values
         t["scales"] = t["scales"].to(sdt)
-    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth, "X_AHEAD": xa}
+    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth, "X_AHEAD": xa, "UNROLL": unroll}
     check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference({**t, "scales": t["scales"].float()}), dtype)
 
 
@@ -559,8 +560,8 @@ def test_llama7b_mma_gemv(shape, gs, mode):
     with both load depths, then the default dispatch (autotuned where the policy sends it) in fp16."""
     K, N = LLAMA7B[shape]
     t = make_case(1, N, K, gs, 4, mode, "zipf", torch.bfloat16, bias=(shape == "qkv"))
-    for depth in (1, 2):
-        cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": depth}
+    for depth, unroll in ((1, 1), (2, 1), (1, 2)):
+        cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": depth, "UNROLL": unroll}
         check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     t = make_case(1, N, K, gs, 4, mode, "distinct", torch.float16)
     check(run_kernel(t, mode, n_major=True), reference(t), torch.float16)
