@@ -220,6 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-sweep", action="store_true",
                     help="M = 1 only: time each MMA GEMV config (int4_mma_gemv's autotune list and "
                          "candidates) per shape / mode / group (no autotune)")
+    ap.add_argument("--mma-batch-sweep", action="store_true",
+                    help="at the first M of --ms (2-16): time each MMA batch kernel config (int4_mma_batch's "
+                         "autotune list and candidates) per shape / mode / group (no autotune)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
@@ -252,8 +255,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     t0 = time.time()
 
-    if args.gemv_sweep or args.mma_sweep:
-        return gemv_sweep(args, shapes, modes, groups, bw)
+    if args.gemv_sweep or args.mma_sweep or args.mma_batch_sweep:
+        return gemv_sweep(args, shapes, modes, groups, bw, ms[0] if args.mma_batch_sweep else 1)
 
     kept: list[dict] = []
     if args.merge:
@@ -336,15 +339,26 @@ def sweep_configs(mode):
     return SWEEP_CONFIGS
 
 
-def mma_sweep_configs() -> list[dict]:
-    """The MMA GEMV's autotune list, then the untuned candidates."""
-    from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
+def mma_sweep_configs(batch: bool = False) -> list[dict]:
+    """The MMA GEMV's (batch: the MMA batch kernel's) autotune list, then the untuned candidates, as forced
+    configs."""
+    if batch:
+        from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CANDIDATE_CONFIGS, MMA_BATCH_CONFIGS
 
-    return [{"MMA": 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-            for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
+        key, configs = "MMA_BATCH", MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS
+    else:
+        from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
+
+        key, configs = "MMA", MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS
+    return [{key: 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
+            for c in configs]
 
 
 def config_label(c: dict) -> str:
+    if c.get("MMA_BATCH"):
+        return (f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/b{c['BPS']}/d{c['DEPTH']}/w{c['num_warps']}/xa{c['X_AHEAD']}"
+                + (f"/u{c['UNROLL']}" if c.get("UNROLL", 1) > 1 else "")
+                + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
     if c.get("MMA"):
         return (f"{c['BLOCK_N']}/sk{c['SPLIT_K']}/d{c['DEPTH']}/w{c['num_warps']}/xa{c['X_AHEAD']}"
                 + (f"/s{c['STAGES']}" if c.get("STAGES", 1) > 1 else "")
@@ -354,9 +368,10 @@ def config_label(c: dict) -> str:
             + (f"/r{c['maxnreg']}" if "maxnreg" in c else ""))
 
 
-def gemv_sweep(args, shapes, modes, groups, bw) -> int:
+def gemv_sweep(args, shapes, modes, groups, bw, M=1) -> int:
     """Per shape, mode and group size: µs of each GEMV config (--gemv-sweep: the CUDA-core GEMV's sweep,
-    --mma-sweep: the MMA GEMV's autotune list) at M = 1 (T = 1), best first."""
+    --mma-sweep: the MMA GEMV's autotune list and candidates; at M = 1) or MMA batch kernel config
+    (--mma-batch-sweep, at M), T = 1, best first."""
     out = []
     for shape in shapes:
         K, N = SHAPES[shape]
@@ -365,14 +380,17 @@ def gemv_sweep(args, shapes, modes, groups, bw) -> int:
         for gs in groups:
             for mode in modes:
                 res = []
-                for cfg in (mma_sweep_configs() if args.mma_sweep else sweep_configs(mode)):
+                configs = (mma_sweep_configs(batch=True) if args.mma_batch_sweep else
+                           mma_sweep_configs() if args.mma_sweep else sweep_configs(mode))
+                for cfg in configs:
                     try:
-                        us = bench_ours(K, N, gs, mode, 1, 1, cache, 1, config=cfg)
+                        us = bench_ours(K, N, gs, mode, M, 1, cache, 1, config=cfg)
                     except Exception as e:  # noqa: BLE001 - e.g. out of registers / resources
                         print(f"{shape} {cfg}: {e!r}"[:200], flush=True)
                         continue
                     res.append((us, cfg))
-                    out.append(dict(shape=shape, K=K, N=N, group_size=gs, mode=mode, us=us, floor_us=floor_us, **cfg))
+                    out.append(dict(shape=shape, K=K, N=N, M=M, group_size=gs, mode=mode, us=us, floor_us=floor_us,
+                                    **cfg))
                 res.sort(key=lambda r: r[0])
                 top = "  ".join(f"{us:.1f}:{config_label(c)}" for us, c in res[:6])
                 print(f"{shape:8s} g{gs:4d} mode {mode} floor {floor_us:5.1f}  best {top}", flush=True)

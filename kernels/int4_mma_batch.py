@@ -235,12 +235,15 @@ def _mma_batch_kernel(
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr, S_ASM: tl.constexpr, MB2: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BPS: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """y[:M, tile] for one column tile of BLOCK_N = 16 * num_warps rows (one row pair per lane group) and one of
     SPLIT_K ranges of steps. A step is BPS consecutive K blocks, held as BPS row bands of the [BPS * HN, 16] tiles
     (tile row r: row pair r % HN, block r // HN of the step: a lane's register repeats). MB2: M > 8, a second
     chain for batch rows 8..15. DEPTH (1 or 2): how many steps ahead the codes, tables (and with X_AHEAD the x
-    pairs) are loaded into registers."""
+    pairs) are loaded into registers. UNROLL 2 (DEPTH 1): two steps an iteration, whose loads alternate between
+    two sets of registers (no copies of the loaded set at the loop's end; int4_mma_gemv has the same option)."""
+    tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1), "UNROLL 2 takes DEPTH 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HN: tl.constexpr = BLOCK_N // 2
@@ -288,7 +291,33 @@ def _mma_batch_kernel(
         stride_tg = stride_sg
     acc0 = tl.zeros([R, WORDS], dtype=tl.float32)
     acc1 = tl.zeros([R, WORDS], dtype=tl.float32)
-    if FAST:
+    if FAST and UNROLL == 2:  # set A runs step s while set B loads step s + 1, then the other way round
+        w0A, w1A, a0A, a1A, a2A, a3A, b0A, b1A, b2A, b3A, ztA, stA, s1A = _step_loads(
+            s_lo, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2, S_ASM,
+            MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
+        for s in range(s_lo, s_hi, 2):
+            w0B, w1B, a0B, a1B, a2B, a3B, b0B, b1B, b2B, b3B, ztB, stB, s1B = _step_loads(
+                s + 1, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2,
+                S_ASM, MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
+            if not X_AHEAD:
+                blk = s * BPS + rblk
+                a0A, a1A, a2A, a3A, b0A, b1A, b2A, b3A = _step_x(blk, blk < kb_hi, x0p, x1p, xok0, xok1, K, vword,
+                                                                 MB2, EVEN_K)
+            acc0 = _chain_step(acc0, w0A, w1A, a0A, a1A, a2A, a3A, ztA, stA, F16)
+            if MB2:
+                acc1 = _chain_step(acc1, w0A, w1A, b0A, b1A, b2A, b3A, ztA, s1A, F16)
+            w0A, w1A, a0A, a1A, a2A, a3A, b0A, b1A, b2A, b3A, ztA, stA, s1A = _step_loads(
+                s + 2, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2,
+                S_ASM, MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
+            if s + 1 < s_hi:  # (an odd number of steps: the last iteration's second step has no blocks)
+                if not X_AHEAD:
+                    blk = (s + 1) * BPS + rblk
+                    a0B, a1B, a2B, a3B, b0B, b1B, b2B, b3B = _step_x(blk, blk < kb_hi, x0p, x1p, xok0, xok1, K,
+                                                                     vword, MB2, EVEN_K)
+                acc0 = _chain_step(acc0, w0B, w1B, a0B, a1B, a2B, a3B, ztB, stB, F16)
+                if MB2:
+                    acc1 = _chain_step(acc1, w0B, w1B, b0B, b1B, b2B, b3B, ztB, s1B, F16)
+    elif FAST:
         w0n, w1n, a0n, a1n, a2n, a3n, b0n, b1n, b2n, b3n, ztn, stn, s1n = _step_loads(
             s_lo, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2, S_ASM,
             MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
@@ -413,9 +442,9 @@ def _store(acc, rowe, col, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride
     tl.store(y_ptr + col * stride_ym + rowe, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _cfg(warps, sk, bps=1, depth=1, x_ahead=1, maxnreg=None):
-    return triton.Config({"BLOCK_N": 16 * warps, "SPLIT_K": sk, "BPS": bps, "DEPTH": depth, "X_AHEAD": x_ahead},
-                         num_warps=warps, num_stages=1, maxnreg=maxnreg)
+def _cfg(warps, sk, bps=1, depth=1, x_ahead=1, maxnreg=None, unroll=1):
+    return triton.Config({"BLOCK_N": 16 * warps, "SPLIT_K": sk, "BPS": bps, "DEPTH": depth, "X_AHEAD": x_ahead,
+                          "UNROLL": unroll}, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 # BLOCK_N = 16 rows per warp (8 row pairs, one per lane group); a step's BPS blocks put BPS KB a warp in flight;
@@ -427,7 +456,12 @@ MMA_BATCH_CONFIGS = [
     _cfg(2, 4, 2), _cfg(2, 8, 2), _cfg(8, 1, 2), _cfg(4, 1, 4, x_ahead=0), _cfg(4, 2, 4, x_ahead=0),
     _cfg(4, 1, 2, depth=2, x_ahead=0), _cfg(4, 2, 2, depth=2, x_ahead=0),
 ]
-INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "BPS": 2, "DEPTH": 1, "X_AHEAD": 1}
+# Candidates: forced configs only, which bench/kernels.py --mma-batch-sweep times beside MMA_BATCH_CONFIGS; the
+# autotuner does not see them. Two steps an iteration (UNROLL 2), offline sm_90a, mode 2, g128, 4 warps (session
+# 13), SASS a step / registers: BPS 2 375 / 128 -> 328 / 168; BPS 1 192 / 70 -> 179 / 96. Not timed yet.
+MMA_BATCH_CANDIDATE_CONFIGS = [_cfg(4, 1, 2, unroll=2), _cfg(4, 2, 2, unroll=2), _cfg(4, 4, unroll=2),
+                               _cfg(2, 8, 2, unroll=2)]
+INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "BPS": 2, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1}
 INTERPRET_WARPS = 1
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_BATCH_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "MB2"]  # (K fixes EVEN_K)
@@ -488,7 +522,7 @@ def launch_mma_batch(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
     if config is None:
         _tuned[grid](*args, **meta)
         return y
-    cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
+    cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1, **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
     if cfg["BLOCK_N"] != 16 * cfg.get("num_warps", 4):
         raise ValueError("BLOCK_N must be 16 x num_warps (one row pair per lane group)")
     if ws.numel() < cfg["SPLIT_K"] * M * N:

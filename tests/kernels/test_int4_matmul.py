@@ -293,14 +293,15 @@ def _batch_cases():
         warps, split, depth = (1, 2)[(i // 2) % 2], (1, 2, 3)[i % 3], 1 + (i // 3) % 2
         bps, xa = (1, 2, 4)[(i // 4) % 3], (i // 5) % 2
         sdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
-        out.append(pytest.param(mode, gs, M, dtype, dist, warps, split, depth, bps, xa, sdt,
+        unroll = 2 if depth == 1 and i % 4 in (1, 2) else 1
+        out.append(pytest.param(mode, gs, M, dtype, dist, warps, split, depth, bps, xa, sdt, unroll,
                                 id=f"m{mode}-g{gs}-M{M}-{str(dtype)[6:]}-{dist}-w{warps}-sk{split}-d{depth}-b{bps}"
-                                   f"-xa{xa}-s{str(sdt)[6:]}"))
+                                   f"-xa{xa}-s{str(sdt)[6:]}-u{unroll}"))
     return out
 
 
-@pytest.mark.parametrize("mode,gs,M,dtype,dist,warps,split,depth,bps,xa,sdt", _batch_cases())
-def test_mma_batch_small(mode, gs, M, dtype, dist, warps, split, depth, bps, xa, sdt):
+@pytest.mark.parametrize("mode,gs,M,dtype,dist,warps,split,depth,bps,xa,sdt,unroll", _batch_cases())
+def test_mma_batch_small(mode, gs, M, dtype, dist, warps, split, depth, bps, xa, sdt, unroll):
     if CUDA and dtype == torch.float32:
         pytest.skip("the MMA batch kernel takes 16-bit x on CUDA")
     N, K = BATCH_SHAPES[gs]
@@ -308,7 +309,7 @@ def test_mma_batch_small(mode, gs, M, dtype, dist, warps, split, depth, bps, xa,
     if mode == MODE_GROUP:  # the slab's table dtype; the reference reads the same rounded values
         t["scales"] = t["scales"].to(sdt)
     cfg = {"MMA_BATCH": 1, "BLOCK_N": 16 * warps, "num_warps": warps, "SPLIT_K": split, "DEPTH": depth, "BPS": bps,
-           "X_AHEAD": xa}
+           "X_AHEAD": xa, "UNROLL": unroll}
     # n_major: the slab's layout (scale pairs in one load); G-major tables take one load per scale
     check(run_kernel(t, mode, cfg, n_major=(split != 3)), reference({**t, "scales": t["scales"].float()}), dtype)
 
@@ -574,15 +575,16 @@ def test_llama7b_mma_gemv(shape, gs, mode):
 @pytest.mark.parametrize("M", (4, 13))
 def test_llama7b_mma_batch(shape, gs, M, monkeypatch):
     """The MMA batch kernel on the real shapes (down: K = 11008 = 86 blocks, a ragged split) over mixed slots
-    with the base rows: fixed configs with both load depths, 1-4 blocks a step and split-K, then the autotuned
+    with the base rows: fixed configs with both load depths, 1-4 blocks a step, split-K and two steps an iteration
+    (a ragged split: an odd number of steps in one of them), then the autotuned
     kernel in fp16 (policy "all": 13 rows too)."""
     monkeypatch.setattr(im, "MMA_BATCH_POLICY", "all")
     K, N = LLAMA7B[shape]
     mode = MODE_GROUP if (M + gs) % 2 else MODE_CHANNEL
     t = make_case(M, N, K, gs, 4, mode, "zipf", torch.bfloat16, bias=(shape == "qkv"))
-    for depth, split, bps, xa in ((1, 3, 1, 1), (2, 1, 2, 1), (1, 2, 4, 0)):
+    for depth, split, bps, xa, unroll in ((1, 3, 1, 1, 1), (2, 1, 2, 1, 1), (1, 2, 4, 0, 1), (1, 2, 2, 1, 2)):
         cfg = {"MMA_BATCH": 1, "BLOCK_N": 64, "num_warps": 4, "SPLIT_K": split, "DEPTH": depth, "BPS": bps,
-               "X_AHEAD": xa}
+               "X_AHEAD": xa, "UNROLL": unroll}
         check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     if shape not in ("qkv", "down"):  # (the autotuner compiles its list per variant: two shapes show it)
         return

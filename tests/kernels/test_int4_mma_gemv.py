@@ -75,7 +75,7 @@ def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", 
 
 
 def _cases():
-    from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CONFIGS, _scales_asm
+    from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CANDIDATE_CONFIGS, MMA_BATCH_CONFIGS, _scales_asm
     from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
     def gemv(cfg, **kw):
@@ -90,7 +90,7 @@ def _cases():
     return ([gemv(c) for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
             + [gemv(first, mode=1, f16=True, slab="*fp32"), gemv(first, group_size=-1, slab="*bf16", s_pair=False),
                gemv(MMA_GEMV_CONFIGS[-1], mode=1, group_size=-1)]
-            + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS)]
+            + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
 
