@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [m1_figures] [read_ceiling] [attn_tests] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -75,6 +75,9 @@ for step in "${steps[@]}"; do
                     --json "$OUT/mma-sweep.json" 2>&1 | tee "$OUT/mma-sweep.log" | grep -E "best|rror"
                   timeout 280 python3 bench/kernels.py --ms 4 --modes ${SWEEP_MODES:-2} --groups 128 --mma-batch-sweep \
                     --json "$OUT/mma-batch-sweep.json" 2>&1 | tee "$OUT/mma-batch-sweep.log" | grep -E "best|rror" ;;
+    timing_check)  # does the autotuners' timing pick the MMA GEMV config that is fastest under graph replay?
+                  timeout 300 python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
+                    --json "$OUT/timing-check.json" 2>&1 | tee "$OUT/timing-check.log" | grep -E "picks|rror" ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \

@@ -103,6 +103,11 @@ def make_rows(M: int, T: int, mode: int):
 
 
 def bench_ours(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None):
+    return graph_us(ours_calls(K, N, gs, mode, M, T, copies_cache, scale_slots, config))
+
+
+def ours_calls(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None) -> list:
+    """One thunk per weight copy (enough copies that L2 cannot hold them), each our kernel on that copy."""
     from scaleserve.kernels.int4_matmul import int4_matmul, repack
 
     G = 1 if gs == -1 else math.ceil(K / gs)
@@ -132,7 +137,29 @@ def bench_ours(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None):
         calls.append(lambda w=w, c=chan, s=scales, a=alphas, b=betas:
                      int4_matmul(x, w, c, s, a, b, cidx, sidx, aidx, mode, config=config,
                                  scale_slots=scale_slots))
-    return graph_us(calls)
+    return calls
+
+
+def busy_bench_us(fn, reps: int = 60, busy_cycles: int = 200_000) -> float:
+    """Median µs of fn as triton.testing.do_bench times it (L2 cleared before each call, CUDA events around
+    it), but with the GPU kept busy (~100 µs) between the clear and the start event, so a slow host launch of
+    fn does not land inside the timed interval. A candidate for the autotuners' timing (--timing-check)."""
+    import triton
+
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        driver.clear_cache(cache)
+        torch.cuda._sleep(busy_cycles)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
 
 def chosen_config(M: int, N: int, K: int, mode: int, gs: int, scale_slots: int) -> str:
@@ -223,6 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-batch-sweep", action="store_true",
                     help="at the first M of --ms (2-16): time each MMA batch kernel config (int4_mma_batch's "
                          "autotune list and candidates) per shape / mode / group (no autotune)")
+    ap.add_argument("--timing-check", action="store_true",
+                    help="with --mma-sweep: time the MMA GEMV's autotune list three ways (graph replay over weight "
+                         "copies, the autotuners' quick_bench, busy_bench_us) and report each one's pick")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
@@ -255,6 +285,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     t0 = time.time()
 
+    if args.timing_check:
+        return timing_check(args, shapes, modes, groups)
     if args.gemv_sweep or args.mma_sweep or args.mma_batch_sweep:
         return gemv_sweep(args, shapes, modes, groups, bw, ms[0] if args.mma_batch_sweep else 1)
 
@@ -339,19 +371,19 @@ def sweep_configs(mode):
     return SWEEP_CONFIGS
 
 
-def mma_sweep_configs(batch: bool = False) -> list[dict]:
-    """The MMA GEMV's (batch: the MMA batch kernel's) autotune list, then the untuned candidates, as forced
-    configs."""
+def mma_sweep_configs(batch: bool = False, candidates: bool = True) -> list[dict]:
+    """The MMA GEMV's (batch: the MMA batch kernel's) autotune list, then (candidates) the untuned candidates,
+    as forced configs."""
     if batch:
         from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CANDIDATE_CONFIGS, MMA_BATCH_CONFIGS
 
-        key, configs = "MMA_BATCH", MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS
+        key, configs, extra = "MMA_BATCH", MMA_BATCH_CONFIGS, MMA_BATCH_CANDIDATE_CONFIGS
     else:
         from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
-        key, configs = "MMA", MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS
+        key, configs, extra = "MMA", MMA_GEMV_CONFIGS, MMA_CANDIDATE_CONFIGS
     return [{key: 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-            for c in configs]
+            for c in configs + (extra if candidates else [])]
 
 
 def config_label(c: dict) -> str:
@@ -399,6 +431,39 @@ def gemv_sweep(args, shapes, modes, groups, bw, M=1) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": out}, f, indent=1)
+    return 0
+
+
+def timing_check(args, shapes, modes, groups) -> int:
+    """Does the autotuners' timing pick the config that is fastest under graph replay? Per shape / mode / group
+    at M = 1, the MMA GEMV's autotune list timed by graph replay over weight copies (the truth, as this bench
+    reports), by quick_bench on one copy (what the autotuner does) and by busy_bench_us on one copy."""
+    from scaleserve.kernels.device import quick_bench
+
+    configs = mma_sweep_configs(candidates=False)
+    out = []
+    for shape in shapes:
+        K, N = SHAPES[shape]
+        cache: dict = {}
+        for gs in groups:
+            for mode in modes:
+                res = []
+                for cfg in configs:
+                    calls = ours_calls(K, N, gs, mode, 1, 1, cache, 1, config=cfg)
+                    t = dict(graph=graph_us(calls), quick=quick_bench(calls[0], (0.5, 0.2, 0.8))[0] * 1e3,
+                             busy=busy_bench_us(calls[0]))
+                    res.append((t, cfg))
+                    out.append(dict(shape=shape, K=K, N=N, group_size=gs, mode=mode,
+                                    **{f"{k}_us": v for k, v in t.items()}, **cfg))
+                best = {m: min(res, key=lambda r: r[0][m]) for m in ("graph", "quick", "busy")}
+                print(f"{shape:8s} g{gs:4d} mode {mode}: " + "; ".join(
+                    f"{m} picks {config_label(c)} ({t['graph']:.1f} us replayed)" for m, (t, c) in best.items()),
+                    flush=True)
+        cache.clear()
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": out}, f, indent=1)
     return 0
 
 
