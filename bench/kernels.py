@@ -437,7 +437,8 @@ def gemv_sweep(args, shapes, modes, groups, bw, M=1) -> int:
 def timing_check(args, shapes, modes, groups) -> int:
     """Does the autotuners' timing pick the config that is fastest under graph replay? Per shape / mode / group
     at M = 1, the MMA GEMV's autotune list timed by graph replay over weight copies (the truth, as this bench
-    reports), by quick_bench on one copy (what the autotuner does) and by busy_bench_us on one copy."""
+    reports), by quick_bench on one copy (what the autotuner does, though through int4_matmul's host path, which
+    costs the host more than the autotuner's own launch) and by busy_bench_us on one copy."""
     from scaleserve.kernels.device import quick_bench
 
     configs = mma_sweep_configs(candidates=False)
