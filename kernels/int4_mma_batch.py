@@ -186,14 +186,20 @@ def _step_x(blk, live, x0p, x1p, xok0, xok1, K, vword, MB2: tl.constexpr, EVEN_K
 @triton.jit
 def _step_loads(s, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword,
                 MB2: tl.constexpr, S_ASM: tl.constexpr, MODE: tl.constexpr, ONE_GROUP: tl.constexpr,
-                EVEN_K: tl.constexpr, BPS: tl.constexpr, X_AHEAD: tl.constexpr):
+                EVEN_K: tl.constexpr, BPS: tl.constexpr, X_AHEAD: tl.constexpr, CLAMP: tl.constexpr = False):
     """Everything step s reads (GPU), as [R, 16] tiles over its BPS blocks: the code words of both halves, the x
     pairs of each chain (X_AHEAD; else zeros: loaded at the step), the zero points and the scales of each chain
-    (codes and x zero past kb_hi)."""
+    (codes and x zero past kb_hi; with CLAMP the codes there are block kb_hi - 1's, real words that need no mask
+    or zero fill, and add nothing since their x is zero)."""
     blk = s * BPS + rblk  # [R, 1] each tile row's block
     live = blk < kb_hi
-    w0 = tl.load(q0 + s * (BPS * WORDS), mask=live, other=0, eviction_policy="evict_first")
-    w1 = tl.load(q1 + s * (BPS * WORDS), mask=live, other=0, eviction_policy="evict_first")
+    if CLAMP:
+        bc = (tl.minimum(blk, kb_hi - 1) - rblk) * WORDS  # [R, 1]: q0 already holds rblk's offset
+        w0 = tl.load(q0 + bc, eviction_policy="evict_first")
+        w1 = tl.load(q1 + bc, eviction_policy="evict_first")
+    else:
+        w0 = tl.load(q0 + s * (BPS * WORDS), mask=live, other=0, eviction_policy="evict_first")
+        w1 = tl.load(q1 + s * (BPS * WORDS), mask=live, other=0, eviction_policy="evict_first")
     if X_AHEAD:
         a0, a1, a2, a3, b0, b1, b2, b3 = _step_x(blk, live, x0p, x1p, xok0, xok1, K, vword, MB2, EVEN_K)
     else:
@@ -294,11 +300,11 @@ def _mma_batch_kernel(
     if FAST and UNROLL == 2:  # set A runs step s while set B loads step s + 1, then the other way round
         w0A, w1A, a0A, a1A, a2A, a3A, b0A, b1A, b2A, b3A, ztA, stA, s1A = _step_loads(
             s_lo, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2, S_ASM,
-            MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
+            MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD, True)
         for s in range(s_lo, s_hi, 2):
             w0B, w1B, a0B, a1B, a2B, a3B, b0B, b1B, b2B, b3B, ztB, stB, s1B = _step_loads(
                 s + 1, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2,
-                S_ASM, MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
+                S_ASM, MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD, True)
             if not X_AHEAD:
                 blk = s * BPS + rblk
                 a0A, a1A, a2A, a3A, b0A, b1A, b2A, b3A = _step_x(blk, blk < kb_hi, x0p, x1p, xok0, xok1, K, vword,
@@ -308,7 +314,7 @@ def _mma_batch_kernel(
                 acc1 = _chain_step(acc1, w0A, w1A, b0A, b1A, b2A, b3A, ztA, s1A, F16)
             w0A, w1A, a0A, a1A, a2A, a3A, b0A, b1A, b2A, b3A, ztA, stA, s1A = _step_loads(
                 s + 2, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, stride_zg, stride_tg, K, vword, MB2,
-                S_ASM, MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD)
+                S_ASM, MODE, ONE_GROUP, EVEN_K, BPS, X_AHEAD, True)
             if s + 1 < s_hi:  # (an odd number of steps: the last iteration's second step has no blocks)
                 if not X_AHEAD:
                     blk = (s + 1) * BPS + rblk
@@ -457,8 +463,9 @@ MMA_BATCH_CONFIGS = [
     _cfg(4, 1, 2, depth=2, x_ahead=0), _cfg(4, 2, 2, depth=2, x_ahead=0),
 ]
 # Candidates: forced configs only, which bench/kernels.py --mma-batch-sweep times beside MMA_BATCH_CONFIGS; the
-# autotuner does not see them. Two steps an iteration (UNROLL 2), offline sm_90a, mode 2, g128, 4 warps (session
-# 13), SASS a step / registers: BPS 2 375 / 128 -> 328 / 168; BPS 1 192 / 70 -> 179 / 96. Not timed yet.
+# autotuner does not see them. Two steps an iteration (UNROLL 2, code loads past the range clamped instead of
+# zero-filled), offline sm_90a, mode 2, g128, 4 warps (session 13), SASS a step / registers: BPS 2 375 / 128 ->
+# 315 / 168; BPS 1 192 / 70 -> 168 / 95. Not timed yet.
 MMA_BATCH_CANDIDATE_CONFIGS = [_cfg(4, 1, 2, unroll=2), _cfg(4, 2, 2, unroll=2), _cfg(4, 4, unroll=2),
                                _cfg(2, 8, 2, unroll=2)]
 INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "BPS": 2, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1}

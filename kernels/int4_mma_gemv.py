@@ -281,11 +281,18 @@ def _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword):
 
 
 @triton.jit
-def _kmajor_codes(kb, kb_hi, q0, q1, vblock):
-    """The code words of step kb (rows0, rows1): [HN, 128] int32 each, zeros past kb_hi."""
-    ok = kb + vblock < kb_hi
-    w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
-    w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
+def _kmajor_codes(kb, kb_hi, q0, q1, vblock, CLAMP: tl.constexpr = False):
+    """The code words of step kb (rows0, rows1): [HN, 128] int32 each, zeros past kb_hi. CLAMP: past kb_hi
+    block kb_hi - 1's words instead (real ones, so the loads need no mask and no zero fill: ~16 instructions a
+    step fewer at 32 rows); their x is zero, so they add nothing."""
+    if CLAMP:
+        kc = tl.minimum(kb + vblock, kb_hi - 1) - vblock
+        w0 = tl.load(q0 + kc * WORDS, eviction_policy="evict_first")
+        w1 = tl.load(q1 + kc * WORDS, eviction_policy="evict_first")
+    else:
+        ok = kb + vblock < kb_hi
+        w0 = tl.load(q0 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
+        w1 = tl.load(q1 + kb * WORDS, mask=ok, other=0, eviction_policy="evict_first")
     return w0, w1
 
 
@@ -310,9 +317,9 @@ def _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, v
 
 @triton.jit
 def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
-                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr):
+                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr, CLAMP: tl.constexpr = False):
     """Everything step kb reads (GPU): its code words (rows0, rows1), the lanes' tables and x pairs."""
-    w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock)
+    w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock, CLAMP)
     tt, x0, x1, x2, x3 = _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST,
                                       ONE_GROUP, S_PAIR)
     return w0, w1, tt, x0, x1, x2, x3
@@ -423,13 +430,14 @@ def _mma_gemv_kernel(
         # One step ahead as below, but two steps an iteration: step kb runs on set a while set b loads step
         # kb + 8, then the other way round. With one step an iteration the loaded set has to be copied into the
         # step's registers at the loop's end: ~45 moves a step, 9 % of its instructions (offline sm_90a, mode 2,
-        # g128, 32 rows, 4 warps; bench/NOTES-kernels.md, session 13).
+        # g128, 32 rows, 4 warps; bench/NOTES-kernels.md, session 13). Its code loads past the range read real
+        # words (CLAMP) instead of zero-filled ones.
         w0a, w1a, ta, x0a, x1a, x2a, x3a = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
+            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR, True)
         for kb in range(kb_lo, kb_hi, 16):
             w0b, w1b, tb, x0b, x1b, x2b, x3b = _kmajor_load(
                 kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
-                S_PAIR)
+                S_PAIR, True)
             if ONE_GROUP:  # (loaded once)
                 tb = ta
             if not X_AHEAD:
@@ -437,7 +445,7 @@ def _mma_gemv_kernel(
             acc = _mma_step(acc, w0a, w1a, x0a, x1a, x2a, x3a, ta, odd, F16)
             w0a, w1a, ta1, x0a, x1a, x2a, x3a = _kmajor_load(
                 kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
-                S_PAIR)
+                S_PAIR, True)
             if not ONE_GROUP:
                 ta = ta1
             if kb + 8 < kb_hi:  # (an odd number of steps: the last iteration's second step has no blocks)
@@ -557,9 +565,10 @@ MMA_CANDIDATE_CONFIGS = [
     # Session 11 autotuned these four among the list on the 7B shapes (H100): none was picked.
     _cfg1(16, 1, 1, stages=4), _cfg1(32, 1, 1, stages=3), _cfg1(16, 1, 1, warps=8, stages=4),
     _cfg1(16, 2, 1, stages=4),
-    # two steps an iteration (UNROLL 2): no copies of the prefetched set at the loop's end, but the two sets'
-    # live ranges cost registers. Offline sm_90a, mode 2, g128 (session 13), SASS a step / registers:
-    # 16 rows 285 / 96 -> 268 / 128; 32 rows 498 / 166 -> 451 / 252, or 459 / 200 capped at 200. Not timed yet.
+    # two steps an iteration (UNROLL 2): no copies of the prefetched set at the loop's end and no zero fill of
+    # the code loads, but the two sets' live ranges cost registers. Offline sm_90a, mode 2, g128 (session 13),
+    # SASS a step / registers: 16 rows 285 / 96 -> 253 / 132; 32 rows 498 / 166 -> 426 / 254, or 435 / 200
+    # capped at 200. Not timed yet.
     _cfg1(16, 1, 1, unroll=2), _cfg1(16, 2, 1, unroll=2), _cfg1(16, 1, 1, warps=8, unroll=2),
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
