@@ -433,7 +433,8 @@ def _mma_gemv_kernel(
         # g128, 32 rows, 4 warps; bench/NOTES-kernels.md, session 13). Its code loads past the range read real
         # words (CLAMP) instead of zero-filled ones.
         w0a, w1a, ta, x0a, x1a, x2a, x3a = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR, True)
+            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR,
+            True)
         for kb in range(kb_lo, kb_hi, 16):
             w0b, w1b, tb, x0b, x1b, x2b, x3b = _kmajor_load(
                 kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
