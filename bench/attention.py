@@ -80,7 +80,7 @@ def table(rows) -> None:
               f"{r['us']:>8.1f} {r['kv_GBps']:>8.0f} {r['TFLOPs']:>8.1f} {r['rel_err']:>8.1e}")
 
 
-def sweep(configs, cases, apply, label) -> dict:
+def sweep(configs, cases, apply, label, table_ctx=None) -> dict:
     """Time every case under every config (apply(cfg) sets the module's knobs); -> rows and the best."""
     rows, totals = [], {}
     for cfg in configs:
@@ -88,7 +88,7 @@ def sweep(configs, cases, apply, label) -> dict:
         tot = 0.0
         for c in cases:
             try:
-                r = case(*c, with_sdpa=False, table_ctx=TABLE_CONTEXT if label == "decode" else None)[0]
+                r = case(*c, with_sdpa=False, table_ctx=table_ctx)[0]
             except Exception as e:  # out of shared memory and the like
                 print(f"{label} config {cfg} failed on {c}: {type(e).__name__} {str(e)[:100]}")
                 tot = float("inf")
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     if args.sweep == "decode":
-        res.update(sweep(DECODE_CONFIGS, DECODE_CASES, set_decode, "decode"))
+        res.update(sweep(DECODE_CONFIGS, DECODE_CASES, set_decode, "decode", TABLE_CONTEXT))
     elif args.sweep == "prefill":
         res.update(sweep(PREFILL_CONFIGS, PREFILL_CASES, set_prefill, "prefill"))
     else:

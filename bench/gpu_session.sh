@@ -29,6 +29,10 @@ keep_triton_cache() {  # a file comes back from $OUT only up to 16 MiB: then kee
   [ "$(stat -c %s "$OUT/triton-cache.tgz")" -le $((16 << 20)) ] || { rm -f "$OUT/triton-cache.tgz"; echo "triton cache over 16 MiB: not kept"; }
 }
 trap keep_triton_cache EXIT
+link_base_tree() {  # the previous commit's tree (carried as .carry/base) as a second namespace package, /tmp/nsbase
+  mkdir -p /tmp/nsbase/scaleserve
+  for d in kernels server adapters; do ln -sfn "$PWD/.carry/base/$d" "/tmp/nsbase/scaleserve/$d"; done
+}
 for d in kernels server adapters; do ln -sfn "$PWD/$d" "/tmp/ns/scaleserve/$d"; done  # namespace package
 export PYTHONPATH=/tmp/ns:/tmp/site PYTHONUNBUFFERED=1 SCALESERVE_STORIES260K=$PWD/.carry/stories260K
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -104,8 +108,7 @@ for step in "${steps[@]}"; do
                    best=$(python3 -c "import json; print(*json.load(open('$OUT/decode-sweep.json'))['best'], sep=',')")
                  fi
                  if [ -d .carry/base ]; then  # the previous commit's tree (carried): the same-call baseline
-                   mkdir -p /tmp/nsbase/scaleserve
-                   for d in kernels server adapters; do ln -sfn "$PWD/.carry/base/$d" "/tmp/nsbase/scaleserve/$d"; done
+                   link_base_tree
                    (cd .carry/base && PYTHONPATH=/tmp/nsbase:/tmp/site timeout 150 python3 bench/decode_profile.py \
                       --presets llama2-7b --batches ${ATTN_BATCHES:-1,16} --json "$OUT/decode_profile_base.json" 2>&1 \
                       | tee "$OUT/decode_profile_base.log" | grep -E "^llama|_decode_kernel|reduce")
@@ -116,8 +119,7 @@ for step in "${steps[@]}"; do
     attn_tests) timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \
                   | tee "$OUT/attn_tests.log" | tail -3 ;;
     attn_ab)  # bench/attention.py on this tree's kernels and on the previous commit's (carried as .carry/base)
-              mkdir -p /tmp/nsbase/scaleserve
-              for d in kernels server adapters; do ln -sfn "$PWD/.carry/base/$d" "/tmp/nsbase/scaleserve/$d"; done
+              link_base_tree
               for tree in base new; do
                 ns=/tmp/ns; [ $tree = base ] && ns=/tmp/nsbase
                 PYTHONPATH=$ns:/tmp/site timeout 100 python3 bench/attention.py --json "$OUT/attn-$tree.json" 2>&1 \

@@ -251,7 +251,7 @@ def main(argv=None) -> int:
                     help="at the first M of --ms (2-16): time each MMA batch kernel config (int4_mma_batch's "
                          "autotune list and candidates) per shape / mode / group (no autotune)")
     ap.add_argument("--timing-check", action="store_true",
-                    help="with --mma-sweep: time the MMA GEMV's autotune list three ways (graph replay over weight "
+                    help="M = 1: time the MMA GEMV's autotune list three ways (graph replay over weight "
                          "copies, the autotuners' quick_bench, busy_bench_us) and report each one's pick")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")

@@ -43,12 +43,14 @@ The interpreter (CPU CI) computes the same accumulator tile with plain tensor ar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .device import quick_bench
-from .int4_mma_gemv import _X_WORD_ASM, _mma_chain_asm, _ones_sums, column_pairs_readable
+from .int4_mma_gemv import _X_WORD_ASM, _mma_chain_asm, _ones_sums, scale_pairs_readable
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
@@ -82,6 +84,7 @@ _STEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 16)
 _PAIR_ASM = tl.constexpr("ld.global.nc.v2.f32 {$0, $2}, [$4]; mov.b32 $1, $0; mov.b32 $3, $2;")
 
 
+@functools.cache  # one of six strings, asked for on every launch
 def _scales_asm(s_type: str, pair: bool) -> str:
     """Mode 2's scales of a lane: out S_t for (row t >> 1, batch column t & 1). pair: rows0 and rows1 of batch
     column 0 in one load at $4, of column 1 at $5; else one load per element at $4 + t."""
@@ -514,7 +517,7 @@ def launch_mma_batch(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
             M, N, K, x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     interpret = x.device.type == "cpu"
-    s_pair = mode == 1 or column_pairs_readable(scales)
+    s_pair = scale_pairs_readable(mode, scales)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=not interpret,
                 F16=x.dtype == torch.float16, S_PAIR=s_pair, S_ASM=_scales_asm(_S_TYPE[st.dtype], s_pair),
                 MB2=M > 8,

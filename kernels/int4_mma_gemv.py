@@ -602,7 +602,7 @@ def column_pairs_readable(table: torch.Tensor) -> bool:
             and table.data_ptr() % (2 * table.element_size()) == 0)
 
 
-def _scale_pairs(mode: int, scales: torch.Tensor | None) -> bool:
+def scale_pairs_readable(mode: int, scales: torch.Tensor | None) -> bool:
     """Whether a lane reads the scales of its two adjacent rows in one load: mode 1 (the base table,
     N contiguous, N_pad rows), or a mode-2 slab whose column pairs are readable."""
     return mode == 1 or column_pairs_readable(scales)
@@ -623,7 +623,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
             N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
-                F16=x.dtype == torch.float16, S_PAIR=_scale_pairs(mode, scales), **launch_kwargs(x))
+                F16=x.dtype == torch.float16, S_PAIR=scale_pairs_readable(mode, scales), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
