@@ -61,10 +61,9 @@ PREFILL_NUM_STAGES = 2
 
 
 @triton.jit
-def _kv_tile_offsets(block_tables_row, tok, ctx, BLOCK_SIZE: tl.constexpr, stride_kb, stride_ks):
+def _kv_tile_offsets(block_tables_row, tok, BLOCK_SIZE: tl.constexpr, stride_kb, stride_ks):
     """Element offset of token tok's row in a cache [num_blocks, block_size, KVH, D] (head 0, dim 0)."""
-    # tok: [BLOCK_N]; tokens past the context read block 0 and are masked by the caller.
-    page = tl.load(block_tables_row + tok // BLOCK_SIZE, mask=tok < ctx, other=0).to(tl.int64)
+    page = tl.load(block_tables_row + tok // BLOCK_SIZE).to(tl.int64)  # tok: [BLOCK_N], all in the context
     return page * stride_kb + (tok % BLOCK_SIZE).to(tl.int64) * stride_ks
 
 
@@ -94,25 +93,25 @@ def _attend_tile(
     offs_d = tl.arange(0, BLOCK_D)
     tok = start + offs_n  # [BLOCK_N]
     if MASK == 0:
-        tok_mask = offs_n < BLOCK_N  # all true; folded away
-        row_k = _kv_tile_offsets(bt_row, tok, start + BLOCK_N, BLOCK_SIZE, stride_kb, stride_ks)
-        row_v = _kv_tile_offsets(bt_row, tok, start + BLOCK_N, BLOCK_SIZE, stride_vb, stride_vs)
+        tok_ld = tok
     else:
-        tok_mask = tok < kv_end
-        row_k = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_kb, stride_ks)
-        row_v = _kv_tile_offsets(bt_row, tok, kv_end, BLOCK_SIZE, stride_vb, stride_vs)
-    kv_mask = tok_mask[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_N, BLOCK_D]
-    if MASK == 0 and HEAD_DIM == BLOCK_D:
+        # keys past kv_end load key kv_end - 1 again (a real one) and are masked out of the scores: no
+        # masks on the loads, which cost this loop ~60 registers (a 4-warp program spilled with them)
+        tok_ld = tl.minimum(tok, kv_end - 1)
+    row_k = _kv_tile_offsets(bt_row, tok_ld, BLOCK_SIZE, stride_kb, stride_ks)
+    row_v = _kv_tile_offsets(bt_row, tok_ld, BLOCK_SIZE, stride_vb, stride_vs)
+    if HEAD_DIM == BLOCK_D:
         kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None])  # [BLOCK_D, BLOCK_N]
         v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
     else:
-        kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None], mask=tl.trans(kv_mask), other=0.0)
-        v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        d_ok = offs_d < HEAD_DIM
+        kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
     s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
     if MASK == 1:
-        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        s = tl.where(tok[None, :] < kv_end, s, float("-inf"))
     elif MASK == 2:
-        s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
+        s = tl.where((tok[None, :] <= q_pos[:, None]) & (tok[None, :] < kv_end), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
