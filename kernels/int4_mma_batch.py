@@ -464,13 +464,16 @@ MMA_BATCH_CONFIGS = [
     _cfg(4, 1, 2), _cfg(4, 2, 2), _cfg(4, 4, 2), _cfg(4, 2, 2, x_ahead=0), _cfg(4, 4), _cfg(4, 8), _cfg(4, 4, depth=2),
     _cfg(2, 4, 2), _cfg(2, 8, 2), _cfg(8, 1, 2), _cfg(4, 1, 4, x_ahead=0), _cfg(4, 2, 4, x_ahead=0),
     _cfg(4, 1, 2, depth=2, x_ahead=0), _cfg(4, 2, 2, depth=2, x_ahead=0),
+    # two steps an iteration (UNROLL 2: no copies of the prefetched set at the loop's end, code loads past the
+    # range clamped instead of zero-filled). Offline sm_90a, mode 2, g128, 4 warps, SASS a step / registers: BPS
+    # 2 375 / 128 -> 315 / 168. H200, M = 4, g128 mode 2 (bench/results/mma-batch-sweep-s14-h200.json): the best
+    # of every config on qkv (15.0 µs; 17.6 with UNROLL 1) and gate_up (22.8; the list's best before 23.6)
+    _cfg(4, 1, 2, unroll=2), _cfg(4, 2, 2, unroll=2),
 ]
 # Candidates: forced configs only, which bench/kernels.py --mma-batch-sweep times beside MMA_BATCH_CONFIGS; the
-# autotuner does not see them. Two steps an iteration (UNROLL 2, code loads past the range clamped instead of
-# zero-filled), offline sm_90a, mode 2, g128, 4 warps (session 13), SASS a step / registers: BPS 2 375 / 128 ->
-# 315 / 168; BPS 1 192 / 70 -> 168 / 95. Not timed yet.
-MMA_BATCH_CANDIDATE_CONFIGS = [_cfg(4, 1, 2, unroll=2), _cfg(4, 2, 2, unroll=2), _cfg(4, 4, unroll=2),
-                               _cfg(2, 8, 2, unroll=2)]
+# autotuner does not see them. UNROLL 2 with BPS 1 (SASS a step 192 / 70 registers -> 168 / 95) or 2 warps:
+# slower than the list's best on every 7B shape (H200, session 14).
+MMA_BATCH_CANDIDATE_CONFIGS = [_cfg(4, 4, unroll=2), _cfg(2, 8, 2, unroll=2)]
 INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "BPS": 2, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1}
 INTERPRET_WARPS = 1
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_BATCH_CONFIGS)
@@ -479,9 +482,10 @@ _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "MB2"]  # (
 
 
 def _prune(configs, named_args, **kwargs):
-    """Two chains (M > 8) take the configs of at most 2 blocks a step (more spill)."""
+    """Two chains (M > 8) take the configs of at most 2 blocks a step and one step an iteration (BPS 2 already
+    takes 246 registers for them: a second register set would spill)."""
     if kwargs.get("MB2", named_args.get("MB2")):
-        return [c for c in configs if c.kwargs["BPS"] <= 2]
+        return [c for c in configs if c.kwargs["BPS"] <= 2 and c.kwargs["UNROLL"] == 1]
     return configs
 
 

@@ -569,7 +569,8 @@ MMA_CANDIDATE_CONFIGS = [
     # two steps an iteration (UNROLL 2): no copies of the prefetched set at the loop's end and no zero fill of
     # the code loads, but the two sets' live ranges cost registers. Offline sm_90a, mode 2, g128 (session 13),
     # SASS a step / registers: 16 rows 285 / 96 -> 253 / 132; 32 rows 498 / 166 -> 426 / 254, or 435 / 200
-    # capped at 200. Not timed yet.
+    # capped at 200. H200, M = 1, g128 mode 2 (session 14, bench/results/mma-sweep-s14-h200.json): slower than
+    # the list's best on every 7B shape, by 0.3-3.6 µs (qkv 14.3 against 11.1, gate_up 24.4 against 20.8).
     _cfg1(16, 1, 1, unroll=2), _cfg1(16, 2, 1, unroll=2), _cfg1(16, 1, 1, warps=8, unroll=2),
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
