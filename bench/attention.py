@@ -3,6 +3,7 @@
     python bench/attention.py --json out/attention.json                  # decode + prefill vs SDPA
     python bench/attention.py --sweep decode --json out/decode-sweep.json  # decode configs, engine-like tables
     python bench/attention.py --sweep prefill --json out/prefill-sweep.json
+    python bench/attention.py --sweep splits --json out/split-sweep.json   # short contexts: fewer splits
 
 Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph). A decode case's block
 table has as many entries as a 4096-token context, as the engine's do: the number of context splits
@@ -52,14 +53,21 @@ def paged_inputs(B, ctx, H, KVH, D, L, table_ctx=None, device="cuda"):
 
 def sdpa(q, k, v, B, L, H, D):
     qq = q.view(B, L, H, D).transpose(1, 2)
-    o = torch.nn.functional.scaled_dot_product_attention(qq, k, v, is_causal=L > 1, enable_gqa=k.shape[1] != H)
+    ctx = k.shape[2]
+    # the L new queries are the context's last L positions: query i sees keys j <= ctx - L + i. (SDPA's
+    # is_causal aligns the mask top-left, which is that only when L == ctx.)
+    mask = None
+    if 1 < L < ctx:
+        mask = torch.arange(ctx, device=q.device)[None, :] <= (ctx - L + torch.arange(L, device=q.device))[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(qq, k, v, attn_mask=mask, is_causal=L > 1 and mask is None,
+                                                         enable_gqa=k.shape[1] != H)
     return o.transpose(1, 2).reshape(B * L, H, D)
 
 
-def case(B, ctx, H, KVH, D, L, with_sdpa=True, table_ctx=None) -> list[dict]:
+def case(B, ctx, H, KVH, D, L, with_sdpa=True, table_ctx=None, num_splits=None) -> list[dict]:
     q, kc, vc, bt, sl, qs, k, v = paged_inputs(B, ctx, H, KVH, D, L, table_ctx)
     out = torch.empty_like(q)
-    ours = lambda: A.paged_attention(q, kc, vc, bt, sl, qs, D ** -0.5, L, out=out)  # noqa: E731
+    ours = lambda: A.paged_attention(q, kc, vc, bt, sl, qs, D ** -0.5, L, out=out, num_splits=num_splits)  # noqa: E731
     ref = sdpa(q, k, v, B, L, H, D).float()
     err = ((ours().float() - ref).norm() / ref.norm()).item()
     kv_bytes = 2 * B * ctx * KVH * D * 2
@@ -105,6 +113,20 @@ def sweep(configs, cases, apply, label, table_ctx=None) -> dict:
     return dict(rows=rows, totals={str(k): v for k, v in totals.items()}, best=list(best))
 
 
+def split_sweep(cases) -> dict:
+    """Short contexts: the engine's split count (from a 4096-token table) against fewer splits, down to one
+    program per (sequence, KV head) with no merge launch. Prints us per case and split count."""
+    rows = []
+    for B, ctx, H, KVH, D in cases:
+        auto = A.decode_num_splits(B, KVH, TABLE_CONTEXT, torch.device("cuda"))
+        for n in sorted({auto, 1, 2, 4} - {s for s in (2, 4) if s >= auto}):
+            r = case(B, ctx, H, KVH, D, 1, with_sdpa=False, table_ctx=TABLE_CONTEXT, num_splits=n)[0]
+            r.update(impl=f"splits {n}" + (" (engine)" if n == auto else ""), splits=n)
+            rows.append(r)
+    table(rows)
+    return dict(rows=rows)
+
+
 def set_decode(cfg):
     A.DECODE_BLOCK_N, A.DECODE_NUM_WARPS, A.DECODE_MIN_PARTITION = cfg
 
@@ -115,13 +137,17 @@ def set_prefill(cfg):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", choices=["decode", "prefill"], help="sweep one kernel's configs instead")
+    p.add_argument("--sweep", choices=["decode", "prefill", "splits"],
+                   help="sweep one kernel's configs instead (splits: decode's context split at short contexts)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     if args.sweep == "decode":
         res.update(sweep(DECODE_CONFIGS, DECODE_CASES, set_decode, "decode", TABLE_CONTEXT))
+    elif args.sweep == "splits":
+        res.update(split_sweep([(B, ctx, 32, kvh, 128) for kvh in (32, 8) for B in (1, 4)
+                                for ctx in (32, 64, 128, 256, 512)]))
     elif args.sweep == "prefill":
         res.update(sweep(PREFILL_CONFIGS, PREFILL_CASES, set_prefill, "prefill"))
     else:

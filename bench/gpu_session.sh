@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -28,7 +28,11 @@ keep_triton_cache() {  # a file comes back from $OUT only up to 16 MiB: then kee
   [ "$(stat -c %s "$OUT/triton-cache.tgz")" -le $((16 << 20)) ] || pack_triton_cache -newer /tmp/session-start
   [ "$(stat -c %s "$OUT/triton-cache.tgz")" -le $((16 << 20)) ] || { rm -f "$OUT/triton-cache.tgz"; echo "triton cache over 16 MiB: not kept"; }
 }
-trap keep_triton_cache EXIT
+bundle_logs() {  # a call brings back only a few files from $OUT (8): the logs travel as one archive
+  (cd "$OUT" && find . -name '*.log' -o -name device.txt | tar -czf logs.tgz -T - && find . \( -name '*.log' -o -name device.txt \) -delete)
+}
+trap 'keep_triton_cache; bundle_logs' EXIT
+trap 'exit 143' TERM  # so a call wrapped in `timeout` still packs the cache (timeout signals the whole group)
 link_base_tree() {  # the previous commit's tree (carried as .carry/base) as a second namespace package, /tmp/nsbase
   mkdir -p /tmp/nsbase/scaleserve
   for d in kernels server adapters; do ln -sfn "$PWD/.carry/base/$d" "/tmp/nsbase/scaleserve/$d"; done
@@ -116,6 +120,8 @@ for step in "${steps[@]}"; do
                  timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches ${ATTN_BATCHES:-1,16} ${best:+--decode-attention $best} \
                    --json "$OUT/decode_profile_attn.json" 2>&1 | tee "$OUT/decode_profile_attn.log" \
                    | grep -E "^llama|_decode_kernel|reduce" ;;
+    attn_splits) timeout 120 python3 bench/attention.py --sweep splits --json "$OUT/split-sweep.json" 2>&1 \
+                   | tee "$OUT/split-sweep.log" | tail -45 ;;
     attn_tests) timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \
                   | tee "$OUT/attn_tests.log" | tail -3 ;;
     attn_ab)  # bench/attention.py on this tree's kernels and on the previous commit's (carried as .carry/base)
