@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--mma-batch", default="on",
                    help="on | off | on,off: the MMA batch kernel for the small-batch layers its policy gives it "
                         "(each a run)")
+    p.add_argument("--fused-rope", default="default",
+                   help="on | off | on,off: RoPE and the KV write inside the decode attention kernel "
+                        "(kernels/attention.py DECODE_FUSED_ROPE; each a run). default: the module's setting")
     p.add_argument("--decode-attention", metavar="BLOCK_N,WARPS,MIN_PARTITION",
                    help="the decode attention kernel's tile choice (default: kernels/attention.py's); "
                         "bench/attention.py --sweep decode writes its best as `best`")
@@ -212,17 +215,20 @@ def main(argv=None) -> int:
     mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": [],
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
+    fused_default = "on" if attention.DECODE_FUSED_ROPE else "off"
+    ropes = [fused_default if f == "default" else f for f in a.fused_rope.split(",")]
     for preset in a.presets.split(","):
-        for B, pdl, mma, mmab in ((int(b), p == "on", m == "on", mb == "on") for b in a.batches.split(",")
-                                  for p in a.pdl.split(",") for m in a.mma.split(",")
-                                  for mb in a.mma_batch.split(",")):
+        for B, pdl, mma, mmab, rope in ((int(b), p == "on", m == "on", mb == "on", f == "on")
+                                        for b in a.batches.split(",") for p in a.pdl.split(",")
+                                        for m in a.mma.split(",") for mb in a.mma_batch.split(",") for f in ropes):
             im.MMA_GEMV_POLICY = mma_policy if mma else "never"
             im.MMA_BATCH_POLICY = batch_policy if mmab else "never"
+            attention.DECODE_FUSED_ROPE = rope
             r = run(preset, B, a.steps, pdl)
-            r["mma_gemv"], r["mma_batch"] = mma, mmab
+            r["mma_gemv"], r["mma_batch"], r["fused_rope"] = mma, mmab, rope
             out["runs"].append(r)
             print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'} mma {'on' if mma else 'off'} mma-batch "
-                  f"{'on' if mmab else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+                  f"{'on' if mmab else 'off'} fused-rope {'on' if rope else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")

@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -120,6 +120,13 @@ for step in "${steps[@]}"; do
                  timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches ${ATTN_BATCHES:-1,16} ${best:+--decode-attention $best} \
                    --json "$OUT/decode_profile_attn.json" 2>&1 | tee "$OUT/decode_profile_attn.log" \
                    | grep -E "^llama|_decode_kernel|reduce" ;;
+    rope_ab)  # RoPE + KV write inside the decode attention kernel (DECODE_FUSED_ROPE): GPU tests, then decode off / on
+              timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py \
+                tests/server/test_model.py tests/server/test_gpu_e2e.py -k "rope_kv or fused_rope or rtn-32" 2>&1 \
+                | tee "$OUT/rope_tests.log" | tail -3
+              timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches ${ROPE_BATCHES:-1,4} \
+                --fused-rope off,on --json "$OUT/decode_profile_rope.json" 2>&1 | tee "$OUT/decode_profile_rope.log" \
+                | grep -E "^llama|_decode_kernel|_rope_qk|reduce" ;;
     attn_splits) timeout 120 python3 bench/attention.py --sweep splits --json "$OUT/split-sweep.json" 2>&1 \
                    | tee "$OUT/split-sweep.log" | tail -45 ;;
     attn_tests) timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \

@@ -20,7 +20,9 @@ Two code paths, picked on the host from `max_query_len` (no device sync):
   equal share of the sequence's actual context, computed on the device. (Merging in the decode kernel
   itself, the last split to finish merging all of them, was measured three times, the last one vectorised
   over the splits: each time slower at batch 1 than this second launch, which PDL starts early.
-  bench/NOTES-kernels.md, sessions 6 and 13.)
+  bench/NOTES-kernels.md, sessions 6 and 13.) With `rope_kv` it also does the decode step's RoPE and KV write
+  (kernels/fused.py's rope_qk_ otherwise runs before it): every program rotates its q heads, and the split
+  that owns the new position starts its softmax with the new key from registers and writes the new K/V row.
 - otherwise: prefill kernel, flash-attention style online softmax over the paged KV with the causal
   offset n - L; a program's rows are (query token, query head of one KV head) pairs.
 
@@ -42,7 +44,7 @@ import triton.language as tl
 
 from .device import num_sms
 from .pdl import launch_kwargs, wait_for_producer
-from .reference import paged_attention_ref
+from .reference import paged_attention_ref, rope_ref
 
 LOG2E = 1.4426950408889634
 
@@ -51,6 +53,11 @@ LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_MIN_PARTITION = 256
+# Decode steps of models without q/k norms: rotate q and the new key and write the new K/V row inside the
+# decode kernel (paged_attention's rope_kv) instead of in kernels/fused.py's RoPE launch before it. Off until an
+# H100 A/B (`bench/decode_profile.py --fused-rope off,on`) says it pays: correct on the CPU (interpreter) and
+# compiled for sm_90a without spills (250 / 254 registers, 1 / 4 query heads per KV head), not timed yet.
+DECODE_FUSED_ROPE = False
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -126,6 +133,25 @@ def _attend_tile(
 
 
 @triton.jit
+def _rotate(x, x_partner, c, sn, offs_d, HEAD_DIM: tl.constexpr):
+    """x * cos + rotate_half(x) * sin in fp32, rounded to x's dtype (kernels/fused.py's RoPE, element for
+    element). x_partner[.., d] = x[.., (d + HEAD_DIM / 2) % HEAD_DIM]; c, sn: [1, BLOCK_D] fp32."""
+    sign = tl.where(offs_d < HEAD_DIM // 2, -1.0, 1.0)[None, :]
+    return (x.to(tl.float32) * c + sign * x_partner.to(tl.float32) * sn).to(x.dtype)
+
+
+@triton.jit
+def _rope_new_token(q, q_ptrs, gd_mask, kn_row, vn_row, c, sn, offs_d, d_mask, HEAD_DIM: tl.constexpr):
+    """-> (rotated q [G_PAD, BLOCK_D], rotated new key [1, BLOCK_D], new value [1, BLOCK_D]) of this KV head."""
+    partner = (offs_d + HEAD_DIM // 2) % HEAD_DIM
+    q = _rotate(q, tl.load(q_ptrs + partner[None, :], mask=gd_mask, other=0.0), c, sn, offs_d, HEAD_DIM)
+    k = tl.load(kn_row + offs_d, mask=d_mask, other=0.0)[None, :]
+    k_partner = tl.load(kn_row + partner, mask=d_mask, other=0.0)[None, :]
+    v = tl.load(vn_row + offs_d, mask=d_mask, other=0.0)[None, :]
+    return q, _rotate(k, k_partner, c, sn, offs_d, HEAD_DIM), v
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, qstart_ptr,
     o_ptr, part_o_ptr, part_ml_ptr,
@@ -135,6 +161,9 @@ def _decode_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ot, stride_oh,
+    kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,  # ROPE: the step's new k / v rows, their rope rows and slots
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
+    ROPE: tl.constexpr,  # q, k_new un-rotated: rotate them here and write k_new / v_new to the cache
     GROUP: tl.constexpr,  # query heads per KV head
     G_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's smallest M)
     HEAD_DIM: tl.constexpr,
@@ -160,8 +189,9 @@ def _decode_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     # q: [G_PAD, BLOCK_D], the GROUP query heads of this KV head (padding rows are zeros)
-    q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_ptrs = q_ptr + q_row * stride_qt + heads[:, None] * stride_qh
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptrs + offs_d[None, :], mask=gd_mask, other=0.0)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -173,18 +203,44 @@ def _decode_kernel(
     partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     kv_start = split * partition
     kv_end = tl.minimum(kv_start + partition, ctx)
+    if ROPE:
+        # the step's own key (position ctx - 1) is not in the cache yet: the split that owns it takes it from
+        # registers after its loop, and writes it to the cache for the next steps (no other program reads it)
+        c = tl.load(cos_ptr + q_row * stride_ct + offs_d, mask=d_mask, other=0.0)[None, :]  # [1, BLOCK_D] fp32
+        sn = tl.load(sin_ptr + q_row * stride_ct + offs_d, mask=d_mask, other=0.0)[None, :]
+        q, k_new, v_new = _rope_new_token(q, q_ptrs, gd_mask, kn_ptr + q_row * stride_knt + kvh * stride_knh,
+                                          vn_ptr + q_row * stride_vnt + kvh * stride_vnh, c, sn, offs_d, d_mask,
+                                          HEAD_DIM)
+        owns_new = (ctx - 1 >= kv_start) & (ctx - 1 < kv_end)
+        slot = tl.load(slot_ptr + q_row).to(tl.int64)  # -1: write nothing
+        blk = slot // BLOCK_SIZE
+        pos = slot % BLOCK_SIZE
+        w_ok = d_mask[None, :] & owns_new & (slot >= 0)
+        tl.store(k_ptr + blk * stride_kb + pos * stride_ks + kvh * stride_kh + offs_d[None, :],
+                 k_new.to(k_ptr.dtype.element_ty), mask=w_ok)
+        tl.store(v_ptr + blk * stride_vb + pos * stride_vs + kvh * stride_vh + offs_d[None, :],
+                 v_new.to(v_ptr.dtype.element_ty), mask=w_ok)
+        # the new key first (so its registers are free during the loop): the owner starts its online softmax
+        # with it (max s_new, sum 1, acc v_new); the other splits start empty, as without ROPE
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # [G_PAD]
+        m_i = tl.where(owns_new, s_new, m_i)
+        l_i = tl.where(owns_new, 1.0, l_i)
+        acc = tl.where(owns_new, v_new.to(v_ptr.dtype.element_ty).to(tl.float32) + acc, acc)
+        kv_end_cache = tl.where(owns_new, ctx - 1, kv_end)
+    else:
+        kv_end_cache = kv_end
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         start = kv_start
-        while start < kv_end:
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, 0,
+        while start < kv_end_cache:
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
                                          BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
             start += BLOCK_N
     else:
-        for start in tl.range(kv_start, kv_end, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end, 0,
+        for start in tl.range(kv_start, kv_end_cache, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
                                          BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
 
@@ -344,6 +400,33 @@ def prefill_config(g_pad: int, block_d: int, max_query_len: int) -> tuple[int, i
     return block_q, PREFILL_BLOCK_N, num_warps, PREFILL_NUM_STAGES
 
 
+def _check_rope_kv(rope_kv, T: int, KVH: int, D: int, max_query_len: int) -> tuple:
+    k_new, v_new, cos, sin, slots = rope_kv
+    if max_query_len != 1:
+        raise ValueError("rope_kv is for decode steps (max_query_len 1)")
+    if D % 2 or k_new.shape != (T, KVH, D) or v_new.shape != (T, KVH, D) or slots.shape != (T,):
+        raise ValueError(f"rope_kv: k_new {tuple(k_new.shape)} / v_new {tuple(v_new.shape)} must be [T={T}, KVH={KVH}, "
+                         f"D={D}] (D even), slot_mapping {tuple(slots.shape)} [T]")
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("rope_kv: the head dim of k_new and v_new must be contiguous")
+    cos, sin = cos.reshape(T, D), sin.reshape(T, D)
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError(f"rope_kv: cos / sin must be float32, got {cos.dtype} / {sin.dtype}")
+    if cos.stride(1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return k_new, v_new, cos, sin, slots
+
+
+def _rope_and_write_ref(q, k_cache, v_cache, k_new, v_new, cos, sin, slots) -> torch.Tensor:
+    """The torch meaning of rope_kv: -> rotated q, after writing rotated k_new and v_new at the slots."""
+    T, D = cos.shape
+    cos, sin = cos.view(T, 1, D), sin.view(T, 1, D)
+    keep = slots >= 0
+    k_cache.view(-1, *k_new.shape[1:])[slots[keep]] = rope_ref(k_new, cos, sin)[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_new.shape[1:])[slots[keep]] = v_new[keep].to(v_cache.dtype)
+    return rope_ref(q, cos, sin)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -359,10 +442,15 @@ def paged_attention(
     max_query_len: int,
     out: torch.Tensor | None = None,  # [T, H, D], q's dtype; preallocated for CUDA graphs
     num_splits: int | None = None,  # decode only: force the context split (tests); None = heuristic
+    rope_kv: tuple | None = None,  # decode only: (k_new, v_new, cos, sin, slot_mapping), see below
 ) -> torch.Tensor:
     """o [T, H, D] = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale).
 
     max_query_len must be >= every sequence's query count (1 selects the decode kernel).
+    rope_kv = (k_new [T, KVH, D], v_new [T, KVH, D], cos [T, D] float32, sin [T, D], slot_mapping [T] int64),
+    decode only: q and k_new are not rotated yet. The decode kernel rotates both (kernels/fused.py's RoPE),
+    writes k_new and v_new to the caches at the slots (-1: nowhere), as rope_qk_(..., kv_cache=...) would, and
+    attends over the context with the new token's key taken from registers: one launch instead of two.
     """
     T, H, D = q.shape
     num_blocks, block_size, KVH, Dk = k_cache.shape
@@ -381,10 +469,14 @@ def paged_attention(
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must be [T, H, D] in q's dtype with a contiguous head dim")
+    if rope_kv is not None:
+        rope_kv = _check_rope_kv(rope_kv, T, KVH, D, max_query_len)
     if T == 0 or B == 0:
         return out
     interpret = _interpreting()
     if not q.is_cuda and not interpret:  # CPU tensors run Triton only under its interpreter (tests)
+        if rope_kv is not None:
+            q = _rope_and_write_ref(q, k_cache, v_cache, *rope_kv)
         out.copy_(paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale))
         return out
 
@@ -407,10 +499,12 @@ def paged_attention(
             part_ml = torch.empty(B * H * splits * 2, dtype=torch.float32, device=q.device)
         else:
             part_o = part_ml = out  # unused
+        kn, vn, cos, sin, slots = rope_kv if rope_kv is not None else (q, q, q, q, seq_lens)  # unused: no ROPE
         _decode_kernel[(B, KVH, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
             qk_scale, *common_strides,
-            GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
+            kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
+            ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
             num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )

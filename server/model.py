@@ -99,6 +99,12 @@ def fused_ok(x: torch.Tensor, module: nn.Module) -> bool:
     return x.is_cuda and module.use_kernels and not torch.is_grad_enabled()
 
 
+def _decode_fused_rope() -> bool:
+    from scaleserve.kernels import attention  # (Triton only when the kernels run)
+
+    return attention.DECODE_FUSED_ROPE
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -154,6 +160,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache):
         # x: [T, D]; k_cache/v_cache: [num_blocks, block_size, KVH, hd]
+        if batch.max_query_len == 1 and not self.a.qk_norm and fused_ok(x, self) and _decode_fused_rope():
+            return self.o(self.decode_fused_rope(x, rows, cos, sin, batch, k_cache, v_cache).flatten(-2), rows)
         q, k, v = self.project(x, rows, cos, sin, cache=(k_cache, v_cache, batch.slot_mapping))
         if x.is_cuda and self.use_kernels:
             from scaleserve.kernels.attention import paged_attention, write_kv
@@ -169,6 +177,17 @@ class Attention(nn.Module):
             o = paged_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
                                     self.a.head_dim ** -0.5)
         return self.o(o.flatten(-2), rows)
+
+    def decode_fused_rope(self, x, rows, cos, sin, batch: Batch, k_cache, v_cache):
+        # decode, x: [B, D] -> o [B, H, hd]: RoPE and the new K/V row's cache write inside the attention kernel
+        from scaleserve.kernels.attention import paged_attention
+
+        a = self.a
+        qkv = self.qkv(x, rows)
+        q, k, v = (t.unflatten(-1, (-1, a.head_dim)) for t in qkv.split(
+            [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1))
+        return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
+                               a.head_dim ** -0.5, 1, rope_kv=(k, v, cos, sin, batch.slot_mapping))
 
     def forward_dense(self, x, rows, cos, sin):
         # x: [B, S, D] causal self-attention with no cache

@@ -13,8 +13,9 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 
 import pytest  # noqa: E402
 
+from scaleserve.kernels import attention as attention_module  # noqa: E402
 from scaleserve.kernels.attention import paged_attention, write_kv  # noqa: E402
-from scaleserve.kernels.reference import paged_attention_ref  # noqa: E402
+from scaleserve.kernels.reference import paged_attention_ref, rope_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -117,6 +118,86 @@ def test_decode_padding_and_empty_context():
         assert (o[1] == 0).all()
         ref = paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), sl.cpu(), qs.cpu(), 0.3)
         torch.testing.assert_close(o.float().cpu(), ref.float(), **TOL[torch.bfloat16])
+
+
+def rope_rows(positions: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin [T, D] float32 at the positions, HF Llama's rotate-half tables (theta 10000)."""
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    freqs = positions.float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos(), emb.sin()
+
+
+def check_rope_kv(specs, H, KVH, D, dtype, num_splits):
+    """Decode with rope_kv: each query's own key is not in the cache (NaN there) but given un-rotated in k_new,
+    with v_new; the kernel must rotate q and k_new, write both rows at the sequence's slot and attend to them.
+    A spec (0, 1) is a graph batch's padding row: no context, slot -1 (writes nothing, attends to nothing)."""
+    q, kc, vc, bt, sl, qs, _ = make_case(specs, H, KVH, D, BS, dtype)
+    g = _gen()
+    T = q.shape[0]
+    k_new = torch.randn(T, KVH, D, generator=g).to(dtype).to(q.device)
+    v_new = torch.randn(T, KVH, D, generator=g).to(dtype).to(q.device)
+    slots = torch.full((T,), -1, dtype=torch.int64)
+    for b, (n, _) in enumerate(specs):
+        if n:
+            slots[b] = int(bt[b, (n - 1) // BS]) * BS + (n - 1) % BS
+    slots = slots.to(q.device)
+    keep = slots >= 0
+    for c in (kc, vc):  # the new token's cache rows: poisoned, so a kernel reading them before writing shows it
+        c.view(-1, KVH, D)[slots[keep]] = float("nan")
+    cos, sin = (t.to(q.device) for t in rope_rows((sl.long() - 1).clamp(min=0).cpu(), D))
+    # the reference: rotate, write the new rows, attend
+    kc_ref, vc_ref = kc.cpu().clone(), vc.cpu().clone()
+    c3, s3 = cos.cpu()[:, None], sin.cpu()[:, None]
+    kc_ref.view(-1, KVH, D)[slots.cpu()[keep.cpu()]] = rope_ref(k_new.cpu(), c3, s3)[keep.cpu()]
+    vc_ref.view(-1, KVH, D)[slots.cpu()[keep.cpu()]] = v_new.cpu()[keep.cpu()]
+    ref = paged_attention_ref(rope_ref(q.cpu(), c3, s3), kc_ref, vc_ref, bt.cpu(), sl.cpu(), qs.cpu(), D ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, kc, vc, bt, sl, qs, D ** -0.5, 1, out=out, num_splits=num_splits,
+                    rope_kv=(k_new, v_new, cos, sin, slots))
+    assert not out.isnan().any(), "unwritten or NaN output rows"
+    torch.testing.assert_close(out.float().cpu(), ref.float(), **TOL[dtype])
+    # the written rows: v exactly, k rotated (one rounding apart at most: the interpreter converts fp32 -> bf16
+    # by truncation); every other cache element, NaN poison included, unchanged
+    flat_k, flat_kr = kc.cpu().view(-1, KVH, D), kc_ref.view(-1, KVH, D)
+    written = slots.cpu()[keep.cpu()]
+    torch.testing.assert_close(flat_k[written].float(), flat_kr[written].float(), **TOL[dtype])
+    flat_k[written] = flat_kr[written]
+    torch.testing.assert_close(flat_k, flat_kr, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(vc.cpu(), vc_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("D,H,KVH,dtype", [
+    (8, 4, 2, torch.bfloat16),  # GQA 2
+    (24, 3, 3, torch.float16),  # head dim below its block (32): the rotation's partner wraps at 24, not 32
+    (64, 4, 1, torch.bfloat16),  # GQA 4
+])
+# one split (the new key is the only split's last), several (it is the last non-empty split's), more than a
+# short context has tiles (splits past it are empty)
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_decode_rope_kv(D, H, KVH, dtype, num_splits):
+    check_rope_kv([(n, 1) for n in DECODE_LENS] + [(0, 1)], H, KVH, D, dtype, num_splits)
+
+
+def test_decode_rope_kv_reference_path(monkeypatch):
+    """CPU tensors outside the interpreter take the torch reference: the same meaning."""
+    monkeypatch.setattr(attention_module, "_interpreting", lambda: False)
+    if CUDA:
+        pytest.skip("the reference path is for CPU tensors")
+    check_rope_kv([(n, 1) for n in (1, BS + 3, 3 * BS)] + [(0, 1)], 4, 2, 8, torch.bfloat16, None)
+
+
+def test_decode_rope_kv_rejects():
+    q, kc, vc, bt, sl, qs, _ = make_case([(5, 1), (9, 1)], 4, 2, 8, BS, torch.bfloat16)
+    kn = torch.randn(2, 2, 8, dtype=torch.bfloat16, device=q.device)
+    cos = torch.randn(2, 8, device=q.device)
+    slots = torch.zeros(2, dtype=torch.int64, device=q.device)
+    with pytest.raises(ValueError, match="decode steps"):
+        paged_attention(q, kc, vc, bt, sl, qs, 1.0, 2, rope_kv=(kn, kn, cos, cos, slots))
+    with pytest.raises(ValueError, match="k_new"):
+        paged_attention(q, kc, vc, bt, sl, qs, 1.0, 1, rope_kv=(kn[:, :1], kn, cos, cos, slots))
+    with pytest.raises(ValueError, match="float32"):
+        paged_attention(q, kc, vc, bt, sl, qs, 1.0, 1, rope_kv=(kn, kn, cos.half(), cos.half(), slots))
 
 
 PREFILL_SPECS = [

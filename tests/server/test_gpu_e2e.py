@@ -68,8 +68,13 @@ def assert_same_greedy_tokens(lm, prompts, adapters, fast, ref, rel_margin=0.01)
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260K not present")
-@pytest.mark.parametrize("method,group_size", [("rtn", 32), ("rtn", -1), ("bcq", 64)])
-def test_stories260k_kernels_match_reference(tmp_path, method, group_size):
+@pytest.mark.parametrize("method,group_size,fused_rope", [("rtn", 32, False), ("rtn", -1, False), ("bcq", 64, False),
+                                                          ("rtn", 32, True)])
+def test_stories260k_kernels_match_reference(tmp_path, monkeypatch, method, group_size, fused_rope):
+    """fused_rope: decode steps rotate q / k and write the new K/V row inside the attention kernel."""
+    from scaleserve.kernels import attention
+
+    monkeypatch.setattr(attention, "DECODE_FUSED_ROPE", fused_rope)
     quantize_checkpoint(STORIES, tmp_path / "q", QuantConfig(method, 4, group_size), progress=False)
     lm = load_model(tmp_path / "q", device="cuda")
     prompts = [[1] + lm.tokenizer.encode(p) for p in

@@ -169,3 +169,38 @@ def test_rope_table_rows_are_the_direct_formula(tiny_lm):
     far = torch.tensor([n + 5])
     for got, want in zip(m.rope(far, n + 6), direct(far)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm):
+    """Attention.decode_fused_rope (the decode kernel rotates q / k and writes the new K/V row) gives the layer's
+    output and caches of the path that rotates first, for a decode batch of different contexts with a graph's
+    padding row (context 0, slot -1). Runs the Triton kernel: on CUDA, or on the CPU under its interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from scaleserve.kernels import attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not isinstance(attention._decode_kernel, InterpretedFunction):
+        pytest.skip("the kernels were imported without TRITON_INTERPRET=1 (run with tests/kernels, or set it)")
+    m = tiny_lm.model.to(dev)
+    a, bs = m.args, 4
+    layer = m.layers[1].attn
+    kv = [KVCache(1, 16, bs, a.n_kv_heads, a.head_dim, m.embed.weight.dtype, dev) for _ in range(2)]
+    for c in (kv[0].k[0], kv[0].v[0]):
+        c.copy_(torch.randn(c.shape))
+    kv[1].k[0].copy_(kv[0].k[0])
+    kv[1].v[0].copy_(kv[0].v[0])
+    # contexts 1, 6 and 9 after this step (so 0, 5 and 8 cached), then a padding row
+    seqs = [([7], 0, [3]), ([8], 5, [5, 2]), ([9], 8, [9, 1, 12])]
+    slab = AdapterSlab(m, 2, 2, 2)
+    batch = Batch.build(seqs + [([0], 0, [0])], bs, slab.rows([BASE] * 4, [1] * 4), dev)
+    batch.slot_mapping[3], batch.seq_lens[3] = -1, 0
+    x = torch.randn(4, a.dim, device=dev, dtype=m.embed.weight.dtype)
+    cos, sin = m.rope(batch.positions)
+    with torch.inference_mode():
+        want = layer(x, batch.rows, cos, sin, batch, kv[0].k[0], kv[0].v[0])  # CPU: the reference ops
+        got = layer.o(layer.decode_fused_rope(x, batch.rows, cos, sin, batch, kv[1].k[0], kv[1].v[0]).flatten(-2),
+                      batch.rows)
+    torch.testing.assert_close(got[:3], want[:3], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv[1].k[0], kv[0].k[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(kv[1].v[0], kv[0].v[0])
