@@ -30,13 +30,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def build_engine(preset: str, max_num_seqs: int, pdl: bool = True):
+def build_engine(preset: str, max_num_seqs: int, pdl: bool = True, quantize_lm_head: bool = False):
     from scaleserve.adapters.registry import AdapterRegistry
     from scaleserve.server.engine import Engine
     from scaleserve.server.random_model import random_model
     from scaleserve.server.settings import Settings
 
-    lm = random_model(preset, device="cuda")
+    lm = random_model(preset, device="cuda", quantize_lm_head=quantize_lm_head)
     s = Settings(device="cuda", max_num_seqs=max_num_seqs, kv_cache_max_blocks=max_num_seqs * 64,
                  data_dir=tempfile.mkdtemp(prefix="scaleserve-prof-"), log_level="warning", pdl=pdl)
     reg = AdapterRegistry.from_settings(lm, s)
@@ -133,10 +133,10 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
     return res
 
 
-def run(preset: str, batch: int, steps: int, pdl: bool = True) -> dict:
+def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head: bool = False) -> dict:
     from scaleserve.server.scheduler import SamplingParams, Sequence
 
-    engine = build_engine(preset, max(8, batch), pdl)
+    engine = build_engine(preset, max(8, batch), pdl, quantize_lm_head)
     for i in range(batch):
         prompt = [3 + (7 * i + 13 * j) % 900 for j in range(16)]
         engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=2 * steps + 64, temperature=0.0,
@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-rope", default="default",
                    help="on | off | on,off: RoPE and the KV write inside the decode attention kernel "
                         "(kernels/attention.py DECODE_FUSED_ROPE; each a run). default: the module's setting")
+    p.add_argument("--quantize-lm-head", default="off",
+                   help="on | off | on,off: the output projection in int4 (the MMA GEMV at batch 1) instead of bf16 "
+                        "cuBLAS (each a run)")
     p.add_argument("--decode-attention", metavar="BLOCK_N,WARPS,MIN_PARTITION",
                    help="the decode attention kernel's tile choice (default: kernels/attention.py's); "
                         "bench/attention.py --sweep decode writes its best as `best`")
@@ -218,17 +221,19 @@ def main(argv=None) -> int:
     fused_default = "on" if attention.DECODE_FUSED_ROPE else "off"
     ropes = [fused_default if f == "default" else f for f in a.fused_rope.split(",")]
     for preset in a.presets.split(","):
-        for B, pdl, mma, mmab, rope in ((int(b), p == "on", m == "on", mb == "on", f == "on")
-                                        for b in a.batches.split(",") for p in a.pdl.split(",")
-                                        for m in a.mma.split(",") for mb in a.mma_batch.split(",") for f in ropes):
+        for B, pdl, mma, mmab, rope, qhead in ((int(b), p == "on", m == "on", mb == "on", f == "on", h == "on")
+                                               for b in a.batches.split(",") for p in a.pdl.split(",")
+                                               for m in a.mma.split(",") for mb in a.mma_batch.split(",")
+                                               for f in ropes for h in a.quantize_lm_head.split(",")):
             im.MMA_GEMV_POLICY = mma_policy if mma else "never"
             im.MMA_BATCH_POLICY = batch_policy if mmab else "never"
             attention.DECODE_FUSED_ROPE = rope
-            r = run(preset, B, a.steps, pdl)
-            r["mma_gemv"], r["mma_batch"], r["fused_rope"] = mma, mmab, rope
+            r = run(preset, B, a.steps, pdl, qhead)
+            r["mma_gemv"], r["mma_batch"], r["fused_rope"], r["quantize_lm_head"] = mma, mmab, rope, qhead
             out["runs"].append(r)
             print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'} mma {'on' if mma else 'off'} mma-batch "
-                  f"{'on' if mmab else 'off'} fused-rope {'on' if rope else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+                  f"{'on' if mmab else 'off'} fused-rope {'on' if rope else 'off'} int4 lm_head "
+                  f"{'on' if qhead else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")

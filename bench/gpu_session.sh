@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -127,6 +127,10 @@ for step in "${steps[@]}"; do
               timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches ${ROPE_BATCHES:-1,4} \
                 --fused-rope off,on --json "$OUT/decode_profile_rope.json" 2>&1 | tee "$OUT/decode_profile_rope.log" \
                 | grep -E "^llama|_decode_kernel|_rope_qk|reduce" ;;
+    lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
+                timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
+                  --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \
+                  | grep -E "^llama|lm_head|int4 gemv" ;;
     attn_splits) timeout 120 python3 bench/attention.py --sweep splits --json "$OUT/split-sweep.json" 2>&1 \
                    | tee "$OUT/split-sweep.log" | tail -45 ;;
     attn_tests) timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \

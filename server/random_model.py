@@ -66,30 +66,38 @@ def word_tokenizer(vocab_size: int):
     return fast
 
 
+def _random_quantized(name: str, N: int, K: int, q: QuantConfig, gen: torch.Generator, device) -> dict:
+    """Uniform random codes of an [N, K] linear, with scales that keep its outputs ~unit for unit inputs."""
+    G = num_groups(K, q.group_size)
+    code_std = ((4**q.bits - 1) / 12) ** 0.5  # std of uniform codes 0 .. 2**bits - 1
+    codes = torch.randint(0, 2**q.bits, (N, K), generator=gen, device=device, dtype=torch.uint8)
+    scales = (0.75 + 0.5 * torch.rand(N, G, generator=gen, device=device)) / (code_std * K**0.5)
+    zeros = torch.full((N, G), (2**q.bits - 1) / 2, device=device)
+    if q.method == "rtn":
+        out = {f"{name}.zeros": zeros, f"{name}.scales": scales}
+    else:
+        alphas, betas = rtn_to_alphas(zeros, scales, q.bits)
+        out = {f"{name}.alphas": alphas, f"{name}.betas": betas}
+    out[f"{name}.packed"] = pack_int4(codes)
+    return out
+
+
 @torch.no_grad()
-def random_tensors(hf_config, q: QuantConfig, seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
-    """-> (tensors of our format on `device`, scaleserve.json) for hf_config's shapes."""
+def random_tensors(hf_config, q: QuantConfig, seed: int = 0, device: str = "cpu",
+                   quantize_lm_head: bool = False) -> tuple[dict, dict]:
+    """-> (tensors of our format on `device`, scaleserve.json) for hf_config's shapes. quantize_lm_head: the
+    output projection in int4 too (`scaleserve quantize --quantize-lm-head`), not bf16."""
     a = ModelArgs.from_hf_config(hf_config)
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = {"attn.qkv": ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim),
               "attn.o": (a.dim, a.n_heads * a.head_dim),
               "mlp.gate_up": (2 * a.intermediate_size, a.dim), "mlp.down": (a.dim, a.intermediate_size)}
-    code_std = ((4**q.bits - 1) / 12) ** 0.5  # std of uniform codes 0 .. 2**bits - 1
     tensors: dict[str, torch.Tensor] = {}
     for i in range(a.n_layers):
         for suffix, (N, K) in shapes.items():
-            name, G = f"layers.{i}.{suffix}", num_groups(K, q.group_size)
-            codes = torch.randint(0, 2**q.bits, (N, K), generator=gen, device=device, dtype=torch.uint8)
-            scales = (0.75 + 0.5 * torch.rand(N, G, generator=gen, device=device)) / (code_std * K**0.5)
-            zeros = torch.full((N, G), (2**q.bits - 1) / 2, device=device)
-            if q.method == "rtn":
-                tensors.update({f"{name}.zeros": zeros, f"{name}.scales": scales})
-            else:
-                alphas, betas = rtn_to_alphas(zeros, scales, q.bits)
-                tensors.update({f"{name}.alphas": alphas, f"{name}.betas": betas})
-            tensors[f"{name}.packed"] = pack_int4(codes)
+            tensors.update(_random_quantized(f"layers.{i}.{suffix}", N, K, q, gen, device))
             if a.qkv_bias and suffix == "attn.qkv":
-                tensors[f"{name}.bias"] = torch.zeros(N, dtype=torch.bfloat16, device=device)
+                tensors[f"layers.{i}.{suffix}.bias"] = torch.zeros(N, dtype=torch.bfloat16, device=device)
     ones = lambda n: torch.ones(n, dtype=torch.bfloat16, device=device)  # noqa: E731
     tensors["embed.weight"] = (torch.randn(a.vocab_size, a.dim, generator=gen, device=device) / a.dim**0.5).bfloat16()
     tensors["norm.weight"] = ones(a.dim)
@@ -99,13 +107,15 @@ def random_tensors(hf_config, q: QuantConfig, seed: int = 0, device: str = "cpu"
         if a.qk_norm:
             tensors[f"layers.{i}.attn.q_norm.weight"] = ones(a.head_dim)
             tensors[f"layers.{i}.attn.k_norm.weight"] = ones(a.head_dim)
-    if not a.tie_word_embeddings:
+    if quantize_lm_head:
+        tensors.update(_random_quantized("lm_head", a.vocab_size, a.dim, q, gen, device))
+    elif not a.tie_word_embeddings:
         tensors["lm_head.weight"] = (torch.randn(a.vocab_size, a.dim, generator=gen, device=device)
                                      / a.dim**0.5).bfloat16()
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".packed")})
     linear_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[0] in modules)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": q.method, "bits": q.bits,
-            "group_size": q.group_size, "quantize_lm_head": False, "quantized_modules": modules,
+            "group_size": q.group_size, "quantize_lm_head": quantize_lm_head, "quantized_modules": modules,
             "base_fingerprint": base_fingerprint(tensors, modules), "source": f"random (seed {seed})",
             "sqnr_db": {},
             "sizes": {"linear_bf16_bytes": sum(2 * N * K for N, K in shapes.values()) * a.n_layers,
@@ -114,10 +124,11 @@ def random_tensors(hf_config, q: QuantConfig, seed: int = 0, device: str = "cpu"
     return tensors, meta
 
 
-def random_model(preset: str, device: str = "cpu", seed: int = 0, q: QuantConfig | None = None) -> LoadedModel:
+def random_model(preset: str, device: str = "cpu", seed: int = 0, q: QuantConfig | None = None,
+                 quantize_lm_head: bool = False) -> LoadedModel:
     """A LoadedModel of a preset's shapes, built in device memory (nothing written to disk)."""
     cfg, default_q = preset_config(preset)
-    tensors, meta = random_tensors(cfg, q or default_q, seed, device)
+    tensors, meta = random_tensors(cfg, q or default_q, seed, device, quantize_lm_head)
     model = build_model(cfg, meta, tensors, device)
     return LoadedModel(model, word_tokenizer(cfg.vocab_size), cfg, meta, Path(f"random-{preset}"), f"random-{preset}")
 

@@ -1,0 +1,30 @@
+"""Random models of a preset's shapes (server/random_model.py), as the GPU benches build them."""
+
+import pytest
+import torch
+from torch import nn
+
+from scaleserve.kernels.linear import QuantLinear, RowAdapters
+from scaleserve.kernels.quant import dequantize_rtn, unpack_int4
+from scaleserve.server.random_model import random_model
+
+
+@pytest.mark.parametrize("quantize_lm_head", [False, True])
+def test_tiny_random_model_runs(quantize_lm_head):
+    lm = random_model("tiny", quantize_lm_head=quantize_lm_head)
+    m = lm.model
+    assert lm.meta["quantize_lm_head"] is quantize_lm_head
+    assert ("lm_head" in lm.meta["quantized_modules"]) is quantize_lm_head
+    assert isinstance(m.lm_head, QuantLinear if quantize_lm_head else nn.Linear)
+    ids = torch.randint(0, m.args.vocab_size, (2, 7))
+    with torch.inference_mode():
+        h = m.hidden_dense(ids, RowAdapters.base(14, "cpu"))
+        logits = m.logits(h, RowAdapters.base(14, "cpu"))
+        assert logits.shape == (2, 7, m.args.vocab_size) and logits.isfinite().all()
+        # the outputs stay ~unit scale (what the random scales are drawn for), not exploding or vanishing
+        assert 0.05 < float(logits.std()) < 20
+        if quantize_lm_head:
+            head = m.lm_head
+            w = dequantize_rtn(unpack_int4(head.packed, head.in_features), head.zeros, head.scales, head.group_size)
+            want = nn.functional.linear(m.norm(h), w.to(h.dtype))
+            torch.testing.assert_close(logits, want.float(), rtol=1e-4, atol=1e-4)
