@@ -205,7 +205,7 @@ def _decode_kernel(
     kv_end = tl.minimum(kv_start + partition, ctx)
     if ROPE:
         # the step's own key (position ctx - 1) is not in the cache yet: the split that owns it takes it from
-        # registers after its loop, and writes it to the cache for the next steps (no other program reads it)
+        # registers, and writes it to the cache for the next steps (no program of this launch reads it there)
         c = tl.load(cos_ptr + q_row * stride_ct + offs_d, mask=d_mask, other=0.0)[None, :]  # [1, BLOCK_D] fp32
         sn = tl.load(sin_ptr + q_row * stride_ct + offs_d, mask=d_mask, other=0.0)[None, :]
         q, k_new, v_new = _rope_new_token(q, q_ptrs, gd_mask, kn_ptr + q_row * stride_knt + kvh * stride_knh,
