@@ -119,7 +119,7 @@ def split_sweep(cases) -> dict:
     rows = []
     for B, ctx, H, KVH, D in cases:
         auto = A.decode_num_splits(B, KVH, TABLE_CONTEXT, torch.device("cuda"))
-        for n in sorted({auto, 1, 2, 4} - {s for s in (2, 4) if s >= auto}):
+        for n in sorted({auto, 1, 2, 4} - {s for s in (2, 4) if s >= auto}):  # the engine's, and 1 / 2 / 4 below it
             r = case(B, ctx, H, KVH, D, 1, with_sdpa=False, table_ctx=TABLE_CONTEXT, num_splits=n)[0]
             r.update(impl=f"splits {n}" + (" (engine)" if n == auto else ""), splits=n)
             rows.append(r)
