@@ -17,6 +17,7 @@ Prints a short table per preset and writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -41,6 +42,17 @@ def build_engine(preset: str, max_num_seqs: int, pdl: bool = True, quantize_lm_h
                  data_dir=tempfile.mkdtemp(prefix="scaleserve-prof-"), log_level="warning", pdl=pdl)
     reg = AdapterRegistry.from_settings(lm, s)
     return Engine(lm, reg.slab, reg, s)
+
+
+# on/off switches, each a flag taking on | off | on,off (every combination is a run): default, what it switches
+SWITCHES = {
+    "pdl": ("on", "programmatic dependent launch"),
+    "mma": ("on", "the MMA GEMV for the batch-1 layers its policy gives it"),
+    "mma-batch": ("on", "the MMA batch kernel for the small-batch layers its policy gives it"),
+    "fused-rope": ("default", "RoPE and the KV write inside the decode attention kernel (kernels/attention.py "
+                              "DECODE_FUSED_ROPE; default: the module's setting)"),
+    "quantize-lm-head": ("off", "the output projection in int4 (the MMA GEMV at batch 1) instead of bf16 cuBLAS"),
+}
 
 
 def family(name: str) -> str:
@@ -191,18 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="llama2-7b,smollm2-135m")
     p.add_argument("--batches", default="1")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--pdl", default="on", help="on | off | on,off: programmatic dependent launch (each a run)")
-    p.add_argument("--mma", default="on",
-                   help="on | off | on,off: the MMA GEMV for the batch-1 layers its policy gives it (each a run)")
-    p.add_argument("--mma-batch", default="on",
-                   help="on | off | on,off: the MMA batch kernel for the small-batch layers its policy gives it "
-                        "(each a run)")
-    p.add_argument("--fused-rope", default="default",
-                   help="on | off | on,off: RoPE and the KV write inside the decode attention kernel "
-                        "(kernels/attention.py DECODE_FUSED_ROPE; each a run). default: the module's setting")
-    p.add_argument("--quantize-lm-head", default="off",
-                   help="on | off | on,off: the output projection in int4 (the MMA GEMV at batch 1) instead of bf16 "
-                        "cuBLAS (each a run)")
+    for flag, (default, what) in SWITCHES.items():
+        p.add_argument(f"--{flag}", default=default, help=f"on | off | on,off: {what} (each a run)")
     p.add_argument("--decode-attention", metavar="BLOCK_N,WARPS,MIN_PARTITION",
                    help="the decode attention kernel's tile choice (default: kernels/attention.py's); "
                         "bench/attention.py --sweep decode writes its best as `best`")
@@ -218,22 +220,23 @@ def main(argv=None) -> int:
     mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": [],
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
-    fused_default = "on" if attention.DECODE_FUSED_ROPE else "off"
-    ropes = [fused_default if f == "default" else f for f in a.fused_rope.split(",")]
+    module_default = {"fused-rope": "on" if attention.DECODE_FUSED_ROPE else "off"}
+    choices = []  # per switch, its settings to run
+    for flag in SWITCHES:
+        given = getattr(a, flag.replace("-", "_"))
+        choices.append([v == "on" for v in (module_default[flag] if given == "default" else given).split(",")])
     for preset in a.presets.split(","):
-        for B, pdl, mma, mmab, rope, qhead in ((int(b), p == "on", m == "on", mb == "on", f == "on", h == "on")
-                                               for b in a.batches.split(",") for p in a.pdl.split(",")
-                                               for m in a.mma.split(",") for mb in a.mma_batch.split(",")
-                                               for f in ropes for h in a.quantize_lm_head.split(",")):
-            im.MMA_GEMV_POLICY = mma_policy if mma else "never"
-            im.MMA_BATCH_POLICY = batch_policy if mmab else "never"
-            attention.DECODE_FUSED_ROPE = rope
-            r = run(preset, B, a.steps, pdl, qhead)
-            r["mma_gemv"], r["mma_batch"], r["fused_rope"], r["quantize_lm_head"] = mma, mmab, rope, qhead
+        for B, setting in itertools.product([int(b) for b in a.batches.split(",")], itertools.product(*choices)):
+            on = dict(zip(SWITCHES, setting))
+            im.MMA_GEMV_POLICY = mma_policy if on["mma"] else "never"
+            im.MMA_BATCH_POLICY = batch_policy if on["mma-batch"] else "never"
+            attention.DECODE_FUSED_ROPE = on["fused-rope"]
+            r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
+            r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
+                     quantize_lm_head=on["quantize-lm-head"])
             out["runs"].append(r)
-            print(f"\n{preset} batch {B} pdl {'on' if pdl else 'off'} mma {'on' if mma else 'off'} mma-batch "
-                  f"{'on' if mmab else 'off'} fused-rope {'on' if rope else 'off'} int4 lm_head "
-                  f"{'on' if qhead else 'off'}: step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
+            print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
+                  + f": step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")

@@ -421,9 +421,7 @@ def _rope_and_write_ref(q, k_cache, v_cache, k_new, v_new, cos, sin, slots) -> t
     """The torch meaning of rope_kv: -> rotated q, after writing rotated k_new and v_new at the slots."""
     T, D = cos.shape
     cos, sin = cos.view(T, 1, D), sin.view(T, 1, D)
-    keep = slots >= 0
-    k_cache.view(-1, *k_new.shape[1:])[slots[keep]] = rope_ref(k_new, cos, sin)[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_new.shape[1:])[slots[keep]] = v_new[keep].to(v_cache.dtype)
+    write_kv(k_cache, v_cache, rope_ref(k_new, cos, sin), v_new, slots, use_triton=False)
     return rope_ref(q, cos, sin)
 
 

@@ -139,6 +139,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.use_kernels = True  # False: torch reference attention on CUDA too
 
+    def split_heads(self, qkv):
+        # qkv: [..., T, (H + 2 KVH) hd] -> views q [..., T, H, hd], k / v [..., T, KVH, hd]
+        a = self.a
+        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        return (q.unflatten(-1, (a.n_heads, a.head_dim)), k.unflatten(-1, (a.n_kv_heads, a.head_dim)),
+                v.unflatten(-1, (a.n_kv_heads, a.head_dim)))
+
     def project(self, x, rows, cos, sin, cache=None):
         # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied.
         # cache = (k_cache, v_cache, slot_mapping) on the cache path (x [T, D], cos/sin [T, 1, hd] row for
@@ -149,11 +156,8 @@ class Attention(nn.Module):
             from scaleserve.kernels.fused import rope_qk_
 
             rope_qk_(qkv, cos, sin, a.n_heads, a.n_kv_heads, a.head_dim, kv_cache=cache)
-            return qkv[:, : a.n_heads * a.head_dim].unflatten(-1, (a.n_heads, a.head_dim)), None, None
-        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
-        q = q.unflatten(-1, (a.n_heads, a.head_dim))
-        k = k.unflatten(-1, (a.n_kv_heads, a.head_dim))
-        v = v.unflatten(-1, (a.n_kv_heads, a.head_dim))
+            return self.split_heads(qkv)[0], None, None
+        q, k, v = self.split_heads(qkv)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return rope_ref(q, cos, sin), rope_ref(k, cos, sin), v
@@ -183,9 +187,7 @@ class Attention(nn.Module):
         from scaleserve.kernels.attention import paged_attention
 
         a = self.a
-        qkv = self.qkv(x, rows)
-        q, k, v = (t.unflatten(-1, (-1, a.head_dim)) for t in qkv.split(
-            [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1))
+        q, k, v = self.split_heads(self.qkv(x, rows))
         return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
                                a.head_dim ** -0.5, 1, rope_kv=(k, v, cos, sin, batch.slot_mapping))
 
