@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -127,6 +127,15 @@ for step in "${steps[@]}"; do
               timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches ${ROPE_BATCHES:-1,4} \
                 --fused-rope off,on --json "$OUT/decode_profile_rope.json" 2>&1 | tee "$OUT/decode_profile_rope.log" \
                 | grep -E "^llama|_decode_kernel|_rope_qk|reduce" ;;
+    fusion_ab)  # batch-1 fusions: RoPE + KV write in the decode attention (DECODE_FUSED_ROPE), silu(gate) * up in the
+                # gate / up GEMV's epilogue (FUSE_SILU_GATE): GPU tests, then decode at batch 1 with each off / on
+                timeout 220 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py \
+                  tests/kernels/test_int4_matmul.py tests/kernels/test_int4_mma_gemv.py tests/server/test_model.py \
+                  tests/server/test_gpu_e2e.py -k "rope_kv or fused_rope or rtn-32 or silu or layout" 2>&1 \
+                  | tee "$OUT/fusion_tests.log" | tail -3
+                timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-rope off,on \
+                  --silu-gate off,on --json "$OUT/decode_profile_fusion.json" 2>&1 | tee "$OUT/decode_profile_fusion.log" \
+                  | grep -E "^llama|_decode_kernel|_rope_qk|silu|int4 gemv" ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
                   --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \

@@ -161,8 +161,8 @@ def _silu_mul_kernel(gu_ptr, y_ptr, I, stride_t, BLOCK: tl.constexpr, PDL: tl.co
     tl.store(y_ptr + t * I + j, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [..., 2I] -> silu(gate) * up, [..., I] in gate_up's dtype."""
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up [..., 2I] -> silu(gate) * up, [..., I] in gate_up's dtype (into out, contiguous, if given)."""
     W = gate_up.shape[-1]
     if W % 2:
         raise ValueError(f"gate_up width must be even, got {W}")
@@ -171,8 +171,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gu.stride(1) != 1:
         gu = gu.contiguous()
     T = gu.shape[0]
-    y = torch.empty(T, I, dtype=gate_up.dtype, device=gate_up.device)
+    if out is not None:
+        if out.numel() != T * I or out.dtype != gate_up.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be {T * I} contiguous {gate_up.dtype} elements")
+        y = out.view(T, I)
+    else:
+        y = torch.empty(T, I, dtype=gate_up.dtype, device=gate_up.device)
     block = min(triton.next_power_of_2(I), 1024)
     if T:
         _silu_mul_kernel[(T, triton.cdiv(I, block))](gu, y, I, gu.stride(0), BLOCK=block, num_warps=4, **launch_kwargs(gu))
-    return y.view(*gate_up.shape[:-1], I)
+    return out if out is not None else y.view(*gate_up.shape[:-1], I)

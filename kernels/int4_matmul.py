@@ -481,6 +481,10 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
 # faster), group -1 49.7 vs 56.3. Until session 9 the group tables cost the MMA GEMV the shapes with many
 # short rows (qkv, gate_up); a lane now reads its two adjacent rows' tables in one load each.
 MMA_GEMV_POLICY = "auto"
+# A gate / up projection asked for silu(gate) * up (int4_matmul's silu_gate) gets it from the MMA GEMV's epilogue:
+# decode at batch 1 then launches no SiLU kernel (~1.3 µs a layer on the H100, bench/NOTES-kernels.md session
+# 15). False: the GEMV writes the projection and kernels.fused.silu_mul gates it (bench/decode_profile.py's A/B).
+FUSE_SILU_GATE = True
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
@@ -1050,8 +1054,12 @@ def int4_matmul(
     config: dict | None = None,
     out: torch.Tensor | None = None,  # [M, N] x.dtype, contiguous rows (written, never read)
     scale_slots: int = 0,  # distinct scale_idx values among the rows, if the caller knows (0: unknown)
+    silu_gate: bool = False,  # a fused gate / up projection: y [M, N / 2] = silu(y[:, :N/2]) * y[:, N/2:]
 ) -> torch.Tensor:
     """y [M, N] in x.dtype; the adapted_linear_ref semantics. Tables may have any strides.
+
+    silu_gate: the first N / 2 output columns gate the rest, y [M, N / 2] = silu(gate) * up (each rounded to
+    x.dtype first); the MMA GEMV does it in its epilogue, other paths through kernels.fused.silu_mul.
 
     `mode` is the host hint (1 channel, 2 group, 3 alpha; see the module docstring); a bcq base
     (w.zeros_t is None) always runs mode 3. `config` (BLOCK_M, BLOCK_N, SPLIT_K, optional
@@ -1081,12 +1089,15 @@ def int4_matmul(
     # the kernels index the row slots as dense vectors (older callers may hand strided views)
     chan_idx, scale_idx, alpha_idx = chan_idx.contiguous(), scale_idx.contiguous(), alpha_idx.contiguous()
     x = x.contiguous()
+    if silu_gate and N % 2:
+        raise ValueError(f"silu_gate needs an even N (gate rows, then as many up rows), got {N}")
+    n_out = N // 2 if silu_gate else N
     if out is not None:
-        if out.shape != (M, N) or out.dtype != x.dtype or out.stride(1) != 1:
-            raise ValueError(f"out must be [{M}, {N}] {x.dtype} with unit stride along N")
+        if out.shape != (M, n_out) or out.dtype != x.dtype or out.stride(1) != 1:
+            raise ValueError(f"out must be [{M}, {n_out}] {x.dtype} with unit stride along N")
         y = out
     else:
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        y = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
     interpret = x.device.type == "cpu"
@@ -1105,12 +1116,19 @@ def int4_matmul(
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
     kernel = autotuned_kernel(M, N, K, mode, w.group_size, scale_slots) if config is None and not interpret else None
-    if (config is not None and config.get("MMA")) or (
-            kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros)):
+    mma = (config is not None and config.get("MMA")) or (
+        kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros))
+    if mma and (FUSE_SILU_GATE or not silu_gate):
         ws = torch.empty((config.get("SPLIT_K", 1) if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
-                               _tile_counters(x.device, "mma"))
+                               _tile_counters(x.device, "mma"), silu=silu_gate)
+    if silu_gate:  # the other paths write the projection, then one row-wise kernel gates it
+        from .fused import silu_mul
+
+        full = int4_matmul(x, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
+                           scale_slots=scale_slots)
+        return silu_mul(full, out=y)
     if (config is not None and config.get("MMA_BATCH")) or (
             kernel == "mma batch" and mma_batch_supported(x, N, mode, w.group_size, has_zeros)):
         ws = torch.empty((config["SPLIT_K"] if config else MMA_BATCH_MAX_SPLIT_K) * M * N, dtype=torch.float32,
@@ -1256,8 +1274,9 @@ def kernel_state(layer) -> _KernelState:
     return st
 
 
-def adapted_linear(layer, x: torch.Tensor, rows) -> torch.Tensor:
-    """QuantLinear's CUDA path: x [M, K] -> y [M, N] in x.dtype (+ layer.bias), per-row adapters.
+def adapted_linear(layer, x: torch.Tensor, rows, silu_gate: bool = False) -> torch.Tensor:
+    """QuantLinear's CUDA path: x [M, K] -> y [M, N] in x.dtype (+ layer.bias), per-row adapters
+    (silu_gate: [M, N / 2], int4_matmul's).
 
     rows: RowAdapters (chan_idx, scale_idx, alpha_idx [M] int32, mode). Mode 1 assumes every
     row has scale_idx 0 and alpha_idx -1; mode 2 that every alpha_idx is -1 (the scheduler knows).
@@ -1272,4 +1291,4 @@ def adapted_linear(layer, x: torch.Tensor, rows) -> torch.Tensor:
         betas = _n_major(st, "betas", layer.slab_betas)
     chan = layer.slab_chan if layer.slab_chan.stride(-1) == 1 else layer.slab_chan.contiguous()
     return int4_matmul(x, st.weights, chan, scales, alphas, betas, rows.chan_idx.int(), rows.scale_idx.int(),
-                       rows.alpha_idx.int(), mode, layer.bias, scale_slots=rows.scale_slots)
+                       rows.alpha_idx.int(), mode, layer.bias, scale_slots=rows.scale_slots, silu_gate=silu_gate)

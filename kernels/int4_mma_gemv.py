@@ -151,6 +151,29 @@ _TAB_BF16 = tl.constexpr(_tables_asm("bf16", False))
 _TAB_BF16_PAIR = tl.constexpr(_tables_asm("bf16", True))
 
 
+# The same for the SiLU-gated GEMV, whose rows1 = rows0 + N / 2: $12 is N / 2 where the lane reads (else 0),
+# and the pointers are rows0's only ($4: zero point, $8: scale; both tables N-contiguous), so rows1's are
+# computed here instead of held as a second [HN, 128] pointer tensor (which cost 38-70 registers).
+def _apart_tables_asm(s_type: str) -> str:
+    size = 4 if s_type == "f32" else 2
+    out = ["{ .reg .pred p; .reg .b16 h0, h1; .reg .b64 a, o;", "setp.ne.s32 p, $12, 0;",
+           "mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000;",
+           "mul.wide.s32 o, $12, 4; add.s64 a, $4, o;",
+           "@p ld.global.nc.f32 $0, [$4]; @p ld.global.nc.f32 $1, [a];",
+           f"mul.wide.s32 o, $12, {size}; add.s64 a, $8, o;"]
+    if s_type == "f32":
+        out.append("@p ld.global.nc.f32 $2, [$8]; @p ld.global.nc.f32 $3, [a]; }")
+    else:
+        out.append("mov.b16 h0, 0; mov.b16 h1, 0; @p ld.global.nc.b16 h0, [$8]; @p ld.global.nc.b16 h1, [a];")
+        out.append(f"cvt.f32.{s_type} $2, h0; cvt.f32.{s_type} $3, h1; }}")
+    return "\n".join(out)
+
+
+_TAB_F32_APART = tl.constexpr(_apart_tables_asm("f32"))
+_TAB_F16_APART = tl.constexpr(_apart_tables_asm("f16"))
+_TAB_BF16_APART = tl.constexpr(_apart_tables_asm("bf16"))
+
+
 # x word (16 bytes at the pointer; zeros where ok == 0) as the pairs P_i = (x[i], x[i + 4])
 _X_WORD_ASM = tl.constexpr(
     "{ .reg .pred p; .reg .b32 h0, h1, h2, h3;\n"
@@ -188,11 +211,19 @@ def _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16: tl.constexpr):
 
 
 @triton.jit
-def _lane_tables(zp, sp, ok, S_PAIR: tl.constexpr):
+def _lane_tables(zp, sp, ok, S_PAIR: tl.constexpr, SILU: tl.constexpr):
     """(z0, z1, s0, s1) of each lane's diagonal as the 4 elements of its pack (GPU), zeros where not ok.
-    zp: the zero-point pair's pointer; sp: rows0's scale pointer at t < 2, rows1's at t >= 2."""
+    zp: the zero-point pair's pointer; sp: rows0's scale pointer at t < 2, rows1's at t >= 2. SILU: zp and sp
+    are rows0's, and ok is N / 2 (the distance to rows1) where the lane reads."""
     DT: tl.constexpr = sp.dtype.element_ty
-    if DT == tl.float32:
+    if SILU:  # rows N / 2 apart: every table in two loads
+        if DT == tl.float32:
+            ASM: tl.constexpr = _TAB_F32_APART
+        elif DT == tl.float16:
+            ASM: tl.constexpr = _TAB_F16_APART
+        else:
+            ASM: tl.constexpr = _TAB_BF16_APART
+    elif DT == tl.float32:
         if S_PAIR:
             ASM: tl.constexpr = _TAB_F32_PAIR
         else:
@@ -298,30 +329,33 @@ def _kmajor_codes(kb, kb_hi, q0, q1, vblock, CLAMP: tl.constexpr = False):
 
 @triton.jit
 def _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
-                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr):
+                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr, SILU: tl.constexpr):
     """What step kb reads beside its codes (GPU): the lanes' tables (only the first time for one group: zeros
     otherwise) and the x pairs."""
     shape: tl.constexpr = [sp.shape[0], 8 * WORDS]
     if ONE_GROUP:
         if FIRST:
-            tt = _lane_tables(zpair + 0 * vblock, sp, tl.broadcast_to(diag, shape), S_PAIR)
+            tt = _lane_tables(zpair + 0 * vblock, sp, tl.broadcast_to(diag, shape), S_PAIR, SILU)
         else:
             tt = tl.zeros(shape, tl.float32)
     else:
         g = kb + vblock  # [1, 128]: the group of each lane's block (past kb_hi: masked, no clamp needed)
-        tt = _lane_tables(zpair + g * stride_zg, sp + g * stride_tg, tl.broadcast_to(diag & (g < kb_hi), shape),
-                          S_PAIR)
+        if SILU:  # (diag is N / 2 or 0 there)
+            ok = tl.where(g < kb_hi, diag, 0)
+        else:
+            ok = diag & (g < kb_hi)
+        tt = _lane_tables(zpair + g * stride_zg, sp + g * stride_tg, tl.broadcast_to(ok, shape), S_PAIR, SILU)
     x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
     return tt, x0, x1, x2, x3
 
 
 @triton.jit
 def _kmajor_load(kb, kb_hi, q0, q1, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST: tl.constexpr,
-                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr, CLAMP: tl.constexpr = False):
+                 ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr, SILU: tl.constexpr, CLAMP: tl.constexpr = False):
     """Everything step kb reads (GPU): its code words (rows0, rows1), the lanes' tables and x pairs."""
     w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock, CLAMP)
     tt, x0, x1, x2, x3 = _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, vword, diag, FIRST,
-                                      ONE_GROUP, S_PAIR)
+                                      ONE_GROUP, S_PAIR, SILU)
     return w0, w1, tt, x0, x1, x2, x3
 
 
@@ -376,21 +410,29 @@ def _mma_gemv_kernel(
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
-    STAGES: tl.constexpr, UNROLL: tl.constexpr,
+    STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
     scales) in one load. N is even. DEPTH: how many steps ahead the codes, x and tables are loaded into
     registers; STAGES > 1 instead streams the codes through Triton's pipeliner (cp.async into shared memory,
     STAGES - 1 steps ahead, no registers held for them), x and the tables one step ahead. UNROLL 2 (DEPTH 1):
-    two steps an iteration, whose loads alternate between two sets of registers."""
+    two steps an iteration, whose loads alternate between two sets of registers.
+    SILU (a fused gate / up projection): the pairs are (j, N / 2 + j) instead, so each lane's diagonal holds a
+    gate row and its up row, and the tile writes y[j] = silu(gate_j) * up_j, [N / 2]; the tables then take two
+    loads each."""
     tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1 and STAGES == 1), "UNROLL 2 takes DEPTH 1, STAGES 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     HN: tl.constexpr = BLOCK_N // 2
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
-    rows0 = pid_n * BLOCK_N + 2 * tl.arange(0, HN)
-    rows1 = rows0 + 1
+    if SILU:
+        cols = pid_n * HN + tl.arange(0, HN)  # the outputs j of the tile
+        rows0 = tl.minimum(cols, N // 2 - 1)  # gate rows (past N / 2: the last real pair again, not stored)
+        rows1 = rows0 + N // 2  # up rows
+    else:
+        rows0 = pid_n * BLOCK_N + 2 * tl.arange(0, HN)
+        rows1 = rows0 + 1
     v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
     q0 = q_ptr + rows0[:, None] * stride_qn + v  # [HN, 128]: word v from block kb
     q1 = q_ptr + rows1[:, None] * stride_qn + v
@@ -402,18 +444,28 @@ def _mma_gemv_kernel(
         prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
-    z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1)
+    z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
+    z1p = zero_ptr + rows1[:, None]
     s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
                                             stride_sg, MODE)
-    sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
-    sp1 = sp0 + s_row
+    if SILU:
+        sp0 = s_base + rows0[:, None] * s_row
+        sp1 = s_base + rows1[:, None] * s_row
+    else:
+        sp0 = _pair_scale_ptr(s_base, rows0, N, s_row, MODE)
+        sp1 = sp0 + s_row
     acc = tl.zeros([HN, 8 * WORDS], dtype=tl.float32)
     if FAST:
-        sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
+        zp = z0p  # the pair's pointer (SILU: rows0's; the tables asm adds N / 2)
+        if SILU:
+            sp = sp0
+            diag = tl.where(diag, N // 2, 0)  # the lanes that read tables, and how far rows1 lies
+        else:
+            sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
         odd = vblock & 1  # the C register of the lane's diagonal
     if FAST and STAGES > 1:
-        tn, x0n, x1n, x2n, x3n = _kmajor_side(kb_lo, kb_hi, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword,
-                                              diag, True, ONE_GROUP, S_PAIR)
+        tn, x0n, x1n, x2n, x3n = _kmajor_side(kb_lo, kb_hi, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword,
+                                              diag, True, ONE_GROUP, S_PAIR, SILU)
         for kb in tl.range(kb_lo, kb_hi, 8, num_stages=STAGES):
             w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock)
             tt = tn
@@ -421,8 +473,8 @@ def _mma_gemv_kernel(
             p1 = x1n
             p2 = x2n
             p3 = x3n
-            tn1, x0n, x1n, x2n, x3n = _kmajor_side(kb + 8, kb_hi, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock,
-                                                   vword, diag, False, ONE_GROUP, S_PAIR)
+            tn1, x0n, x1n, x2n, x3n = _kmajor_side(kb + 8, kb_hi, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock,
+                                                   vword, diag, False, ONE_GROUP, S_PAIR, SILU)
             if not ONE_GROUP:
                 tn = tn1
             acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
@@ -433,20 +485,20 @@ def _mma_gemv_kernel(
         # g128, 32 rows, 4 warps; bench/NOTES-kernels.md, session 13). Its code loads past the range read real
         # words (CLAMP) instead of zero-filled ones.
         w0a, w1a, ta, x0a, x1a, x2a, x3a = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR,
-            True)
+            kb_lo, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR,
+            SILU, True)
         for kb in range(kb_lo, kb_hi, 16):
             w0b, w1b, tb, x0b, x1b, x2b, x3b = _kmajor_load(
-                kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
-                S_PAIR, True)
+                kb + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
+                S_PAIR, SILU, True)
             if ONE_GROUP:  # (loaded once)
                 tb = ta
             if not X_AHEAD:
                 x0a, x1a, x2a, x3a = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
             acc = _mma_step(acc, w0a, w1a, x0a, x1a, x2a, x3a, ta, odd, F16)
             w0a, w1a, ta1, x0a, x1a, x2a, x3a = _kmajor_load(
-                kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
-                S_PAIR, True)
+                kb + 16, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
+                S_PAIR, SILU, True)
             if not ONE_GROUP:
                 ta = ta1
             if kb + 8 < kb_hi:  # (an odd number of steps: the last iteration's second step has no blocks)
@@ -455,11 +507,11 @@ def _mma_gemv_kernel(
                 acc = _mma_step(acc, w0b, w1b, x0b, x1b, x2b, x3b, tb, odd, F16)
     elif FAST:  # codes, x and tables DEPTH steps ahead, in registers
         w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR)
+            kb_lo, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR, SILU)
         if DEPTH == 2:
             w0m, w1m, tm, x0m, x1m, x2m, x3m = _kmajor_load(
-                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP,
-                S_PAIR)
+                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP,
+                S_PAIR, SILU)
         for kb in range(kb_lo, kb_hi, 8):
             w0 = w0n
             w1 = w1n
@@ -477,21 +529,20 @@ def _mma_gemv_kernel(
                 x2n = x2m
                 x3n = x3m
                 w0m, w1m, tm, x0m, x1m, x2m, x3m = _kmajor_load(
-                    kb + 16, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False,
-                    ONE_GROUP, S_PAIR)
+                    kb + 16, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, False,
+                    ONE_GROUP, S_PAIR, SILU)
                 if ONE_GROUP:  # (loaded once)
                     tm = tn
             else:
                 w0n, w1n, tn1, x0n, x1n, x2n, x3n = _kmajor_load(
-                    kb + 8, kb_hi, q0, q1, x_ptr, K, z0p, sp, stride_zg, stride_tg, vblock, vword, diag, False,
-                    ONE_GROUP, S_PAIR)
+                    kb + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, False,
+                    ONE_GROUP, S_PAIR, SILU)
                 if not ONE_GROUP:
                     tn = tn1
             if not X_AHEAD:  # x at the step (an L1 hit after the first warp): fewer registers
                 p0, p1, p2, p3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
             acc = _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16)
     else:
-        z1p = zero_ptr + rows1[:, None]
         kb = kb_lo
         while kb < kb_hi:
             ok = kb + vblock < kb_hi
@@ -502,10 +553,14 @@ def _mma_gemv_kernel(
             kb += 8
     y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)  # [HN]: rows0
     y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
-    _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N, stride_cs,
-                HAS_BIAS, SPLIT_K)
-    _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N, stride_cs,
-                HAS_BIAS, SPLIT_K)
+    if SILU:
+        _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr,
+                     cnt_ptr, N, stride_cs, HAS_BIAS, SPLIT_K)
+    else:
+        _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N,
+                    stride_cs, HAS_BIAS, SPLIT_K)
+        _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N,
+                    stride_cs, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -530,11 +585,51 @@ def _finish_row(y, rows, pid_n, pid_k, HALF_ID: tl.constexpr, y_ptr, bias_ptr, c
 
 
 @triton.jit
-def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
+def _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
+    """y * chan[c_0, rows] (+ bias[rows]), float32."""
     y = y * tl.load(chan_ptr + cidx * stride_cs + rows, mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
+    y = _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _finish_silu(gate, up, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
+                 N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[cols] = silu(gate) * up, each of gate and up first adapted and rounded to y's dtype as the gate / up
+    projection's output would be (so the result is kernels.fused.silu_mul's of the unfused projection); with
+    split-K the tile's last split sums both halves' partials (one counter a tile)."""
+    ok = cols < N // 2
+    cidx = tl.load(chan_idx_ptr).to(tl.int64)
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + pid_k * N + rows0, gate, mask=ok)
+        tl.store(ws_ptr + pid_k * N + rows1, up, mask=ok)
+        tl.debug_barrier()  # every thread's partials are written before the arrival is published
+        arrived = tl.atomic_add(cnt_ptr + 2 * pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            gate = tl.zeros_like(gate)
+            up = tl.zeros_like(up)
+            for sk in tl.static_range(SPLIT_K):
+                gate += tl.load(ws_ptr + sk * N + rows0, mask=ok, other=0.0, cache_modifier=".cg")
+                up += tl.load(ws_ptr + sk * N + rows1, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + 2 * pid_n, 0)
+            _store_silu(gate, up, cols, rows0, rows1, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
+    else:
+        _store_silu(gate, up, cols, rows0, rows1, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
+
+
+@triton.jit
+def _store_silu(gate, up, cols, rows0, rows1, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    g = _adapted_row(gate, rows0, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS).to(DT).to(tl.float32)
+    u = _adapted_row(up, rows1, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS).to(DT).to(tl.float32)
+    tl.store(y_ptr + cols, (g / (1.0 + tl.exp(-g)) * u).to(DT), mask=ok)
 
 
 # BLOCK_N / 2 row pairs, one per warp per pass; DEPTH steps of loads in flight
@@ -575,7 +670,7 @@ MMA_CANDIDATE_CONFIGS = [
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
-_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR"]
+_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
@@ -609,22 +704,28 @@ def scale_pairs_readable(mode: int, scales: torch.Tensor | None) -> bool:
     return mode == 1 or column_pairs_readable(scales)
 
 
-def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt):
+def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt, silu=False):
     """y [1, N] = the modes 1/2 semantics for x [1, K]; ws: float32 workspace of at least
     MAX_SPLIT_K * N elements (SPLIT_K * N with a config), cnt: zeroed int32 counters (two per column tile).
-    config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter)."""
+    config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter).
+    silu: a fused gate / up projection (gate rows first): y [1, N / 2] = silu(gate) * up instead."""
     K = x.shape[1]
     N = w.N
     if not mma_gemv_supported(x, N, mode, w.group_size, w.zeros_t is not None):
         raise ValueError("the MMA GEMV takes one row of x, an even N, modes 1/2 with group size -1 or 128, and "
                          "on CUDA 16-bit x with a 16-byte aligned row and K a multiple of 8")
+    if y.shape != (1, N // 2 if silu else N) or y.stride(-1) != 1:
+        raise ValueError(f"y must be [1, {N // 2 if silu else N}] with unit stride")
+    if silu and scales is not None and scales.stride(1) != 1:  # the tables asm takes rows1 = rows0 + N / 2
+        scales = scales.transpose(-1, -2).contiguous().transpose(-1, -2)
     q32 = w.codes_t.view(torch.int32)
     st = scales if scales is not None else w.zeros_t
     s_strides = (st.stride(0), st.stride(1), st.stride(2)) if scales is not None else (0, 0, 0)
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
             N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
-                F16=x.dtype == torch.float16, S_PAIR=scale_pairs_readable(mode, scales), **launch_kwargs(x))
+                F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
+                **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

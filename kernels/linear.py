@@ -117,6 +117,20 @@ class QuantLinear(nn.Module):
             ).to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
+    def silu_gate(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """silu(y[..., :N/2]) * y[..., N/2:] of y = forward(x, rows), for a fused gate / up projection (gate
+        rows first), on CUDA: the one-row GEMV applies it in its epilogue, so decode at batch 1 writes the
+        gated [N / 2] and launches no SiLU kernel."""
+        from .fused import silu_mul  # (Triton)
+
+        if not (x.is_cuda and self.use_kernels):
+            return silu_mul(self(x, rows))
+        from .int4_matmul import adapted_linear
+
+        self.ensure_slab()
+        y = adapted_linear(self, x.reshape(-1, self.in_features), rows, silu_gate=True)
+        return y.reshape(*x.shape[:-1], self.out_features // 2)
+
     def invalidate_caches(self) -> None:
         self._cpu_cache = {}
         self._kernel_state = None

@@ -207,12 +207,9 @@ class FeedForward(nn.Module):
         self.use_kernels = True
 
     def forward(self, x, rows):
-        gate_up = self.gate_up(x, rows)
-        if fused_ok(gate_up, self):
-            from scaleserve.kernels.fused import silu_mul
-
-            return self.down(silu_mul(gate_up), rows)
-        return self.down(silu_mul_ref(gate_up), rows)
+        if fused_ok(x, self):
+            return self.down(self.gate_up.silu_gate(x, rows), rows)
+        return self.down(silu_mul_ref(self.gate_up(x, rows)), rows)
 
 
 class Block(nn.Module):

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 import pytest  # noqa: E402
 
 from scaleserve.kernels import int4_matmul as im  # noqa: E402
+from scaleserve.kernels.fused import silu_mul  # noqa: E402
 from scaleserve.kernels.int4_matmul import int4_matmul, repack  # noqa: E402
 from scaleserve.kernels.linear import MODE_ALPHA, MODE_CHANNEL, MODE_GROUP, QuantLinear, RowAdapters  # noqa: E402
 from scaleserve.kernels.quant import pack_int4, rtn_to_alphas  # noqa: E402
@@ -112,12 +113,12 @@ def reference(t) -> torch.Tensor:
         t["chan_idx"], t["scale_idx"], t["alpha_idx"], None if t["bias"] is None else t["bias"].float())
 
 
-def check(y: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+def check(y: torch.Tensor, ref: torch.Tensor, dtype, tol_table=TOL) -> None:
     assert y.dtype == dtype
     assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) or NaN outputs"
     err = (y.float() - ref).abs()
     scale = ref.abs().max().clamp_min(1e-6)
-    tol = TOL[dtype]
+    tol = tol_table[dtype]
     assert err.max() <= tol["elem"] * scale, f"max err {err.max():.3g} vs max|ref| {scale:.3g}"
     rel = (y.float() - ref).norm() / ref.norm().clamp_min(1e-6)
     assert rel <= tol["norm"], f"relative Frobenius error {rel:.3g}"
@@ -267,6 +268,79 @@ def test_mma_gemv_scale_layouts(sdt):
         cfg = {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": 1}
         check(run_kernel(t, MODE_GROUP, cfg, n_major=n_major), reference({**t, "scales": t["scales"].float()}),
               torch.bfloat16)
+
+
+def _silu_gated(ref: torch.Tensor, dtype) -> torch.Tensor:
+    """silu(gate) * up of a float32 gate / up reference, each half rounded to dtype first as the kernel does."""
+    gate, up = ref.to(dtype).float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# silu(gate) * up carries the roundings of gate, up and the product (the interpreter truncates to 16 bits)
+SILU_TOL = {dt: dict(elem=2 * t["elem"], norm=2.5 * t["norm"]) for dt, t in TOL.items()}
+ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23}
+
+
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,unroll,sdt", [
+    (2, 128, torch.bfloat16, "zipf", 16, 1, 1, 1, torch.float16),
+    (2, 128, torch.float16, "distinct", 32, 2, 2, 1, torch.bfloat16),
+    (2, -1, torch.bfloat16, "base-only", 8, 3, 1, 2, torch.float32),
+    (1, 128, torch.bfloat16, "uniform", 16, 2, 1, 2, torch.float32),
+    (1, -1, torch.float16, "identical", 32, 1, 2, 1, torch.float32),
+])
+def test_mma_gemv_silu_gate(mode, gs, dtype, dist, bn, split, depth, unroll, sdt):
+    """A fused gate / up projection with silu_gate: y [1, N / 2] = silu(gate) * up from the GEMV's epilogue.
+    N / 2 is not a multiple of the tile (the last tile's spare lanes repeat a real pair and must not be
+    stored), splits sum both halves, a bias on some cases; every output poisoned first."""
+    N, K = {128: (2 * 69, 1160), -1: (2 * 101, 136)}[gs]
+    t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    if mode == MODE_GROUP:
+        t["scales"] = t["scales"].to(sdt)
+    packed = pack_int4(t["codes"])
+    w = repack(packed, K, t["zeros"], t["base_scales"], gs, 4)
+    out = torch.full((1, N // 2), float("nan"), dtype=dtype, device=DEVICE)
+    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth, "UNROLL": unroll}
+    y = int4_matmul(t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"],
+                    t["alpha_idx"], mode, bias=t["bias"], config=cfg, out=out, silu_gate=True)
+    assert y.data_ptr() == out.data_ptr()
+    check(y, _silu_gated(reference({**t, "scales": t["scales"].float()}), dtype), dtype, SILU_TOL)
+    # the same as gating the unfused projection (same config, so the same sums) with kernels.fused.silu_mul,
+    # to the last bit or two of the output
+    full = int4_matmul(t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"],
+                       t["alpha_idx"], mode, bias=t["bias"], config=cfg)
+    unfused = silu_mul(full).float()
+    assert (y.float() - unfused).abs().max() <= 2 * ULP[dtype] * unfused.abs().max()
+
+
+@pytest.mark.parametrize("M,mode", [(1, MODE_ALPHA), (3, MODE_GROUP), (1, MODE_GROUP)])
+def test_silu_gate_through_the_layer(M, mode):
+    """QuantLinear.silu_gate on every path: the one-row GEMV's epilogue (mode 2, M = 1) and the projection then
+    kernels.fused.silu_mul (mode 3, several rows), against the layer's own forward gated in torch."""
+    torch.manual_seed(M + 10 * mode)
+    layer = QuantLinear(96, 2 * 40, 4, 32 if mode == MODE_ALPHA else 128, "rtn").to(DEVICE)
+    layer.packed.random_(0, 256)
+    layer.zeros.uniform_(0, 15)
+    layer.scales.uniform_(0.01, 0.03)
+    layer.invalidate_caches()
+    x = torch.randn(M, 96, device=DEVICE).to(torch.bfloat16)
+    rows = RowAdapters.base(M, DEVICE)
+    rows.mode = mode
+    y = layer.silu_gate(x, rows) if CUDA else _cpu_kernel_silu_gate(layer, x, rows)
+    assert y.shape == (M, 40)
+    check(y, _silu_gated(layer(x.float(), rows), torch.bfloat16), torch.bfloat16, SILU_TOL)
+
+
+def _cpu_kernel_silu_gate(layer, x, rows):
+    """The CUDA branch of QuantLinear.silu_gate, run on CPU tensors (the interpreter)."""
+    return im.adapted_linear(layer, x, rows, silu_gate=True)
+
+
+def test_silu_gate_rejects_an_odd_width():
+    t = make_case(1, 41, 256, 128, 4, MODE_GROUP, "uniform", torch.bfloat16)
+    w = repack(pack_int4(t["codes"]), 256, t["zeros"], t["base_scales"], 128, 4)
+    with pytest.raises(ValueError, match="even N"):
+        int4_matmul(t["x"], w, t["chan"], t["scales"], None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"],
+                    MODE_GROUP, silu_gate=True)
 
 
 def test_mma_gemv_rejects_what_it_cannot_run():
@@ -566,6 +640,25 @@ def test_llama7b_mma_gemv(shape, gs, mode):
         check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     t = make_case(1, N, K, gs, 4, mode, "distinct", torch.float16)
     check(run_kernel(t, mode, n_major=True), reference(t), torch.float16)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("gs", (-1, 128))
+@pytest.mark.parametrize("mode", (1, 2))
+def test_llama7b_silu_gate(gs, mode):
+    """silu(gate) * up from the MMA GEMV on the 7B gate / up shape: a fixed config with splits, then the autotuned
+    one (the decode path), both against the reference and against the unfused projection gated by silu_mul."""
+    K, N = LLAMA7B["gate_up"]
+    t = make_case(1, N, K, gs, 4, mode, "zipf", torch.bfloat16)
+    w = repack(pack_int4(t["codes"]), K, t["zeros"], t["base_scales"], gs, 4)
+    nm = t["scales"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    for cfg in ({"MMA": 1, "BLOCK_N": 32, "SPLIT_K": 2, "DEPTH": 1}, None):
+        args = (t["x"], w, t["chan"], nm, None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode)
+        out = torch.full((1, N // 2), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        y = int4_matmul(*args, config=cfg, out=out, silu_gate=True)
+        check(y, _silu_gated(reference(t), torch.bfloat16), torch.bfloat16, SILU_TOL)
+        unfused = silu_mul(int4_matmul(*args, config=cfg)).float()
+        assert (y.float() - unfused).abs().max() <= 2 * ULP[torch.bfloat16] * unfused.abs().max()
 
 
 @pytest.mark.gpu

@@ -51,7 +51,7 @@ for case in json.loads(sys.argv[1]):
     ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
                 scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
-                 PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, **case["meta"])
+                 PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"], **case["meta"])
     const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
@@ -69,9 +69,9 @@ WANTED = {GEMV: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
           BATCH: "sizePerThread = [1, 4], threadsPerWarp = [8, 4]"}
 
 
-def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True, **meta):
+def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True, silu=False, **meta):
     return dict(module=module, kernel=kernel, mode=mode, group_size=group_size, f16=f16, slab=slab, s_pair=s_pair,
-                meta={**cfg.kwargs, **meta}, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+                silu=silu, meta={**cfg.kwargs, **meta}, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
 
 
 def _cases():
@@ -90,6 +90,9 @@ def _cases():
     return ([gemv(c) for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
             + [gemv(first, mode=1, f16=True, slab="*fp32"), gemv(first, group_size=-1, slab="*bf16", s_pair=False),
                gemv(MMA_GEMV_CONFIGS[-1], mode=1, group_size=-1)]
+            # the SiLU-gated projection (rows N / 2 apart: the tables' two-load asm)
+            + [gemv(c, s_pair=False, silu=True) for c in MMA_GEMV_CONFIGS[:3]]
+            + [gemv(first, mode=1, group_size=-1, slab="*bf16", s_pair=False, silu=True)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
