@@ -52,6 +52,8 @@ SWITCHES = {
     "fused-rope": ("default", "RoPE and the KV write inside the decode attention kernel (kernels/attention.py "
                               "DECODE_FUSED_ROPE; default: the module's setting)"),
     "quantize-lm-head": ("off", "the output projection in int4 (the MMA GEMV at batch 1) instead of bf16 cuBLAS"),
+    "mode1-slab": ("on", "base / per-channel rows on the MMA kernels read the base scales from the slab's 16-bit "
+                         "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB) instead of the float32 base table"),
     "silu-gate": ("on", "silu(gate) * up in the gate / up MMA GEMV's epilogue at batch 1 (kernels/int4_matmul.py "
                         "FUSE_SILU_GATE) instead of a SiLU kernel"),
 }
@@ -234,9 +236,11 @@ def main(argv=None) -> int:
             im.MMA_BATCH_POLICY = batch_policy if on["mma-batch"] else "never"
             attention.DECODE_FUSED_ROPE = on["fused-rope"]
             im.FUSE_SILU_GATE = on["silu-gate"]
+            im.MODE1_FROM_SLAB = on["mode1-slab"]
             r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
-                     quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"])
+                     quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
+                     mode1_slab=on["mode1-slab"])
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
                   + f": step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "

@@ -128,14 +128,19 @@ for step in "${steps[@]}"; do
                 --fused-rope off,on --json "$OUT/decode_profile_rope.json" 2>&1 | tee "$OUT/decode_profile_rope.log" \
                 | grep -E "^llama|_decode_kernel|_rope_qk|reduce" ;;
     fusion_ab)  # batch-1 fusions: RoPE + KV write in the decode attention (DECODE_FUSED_ROPE), silu(gate) * up in the
-                # gate / up GEMV's epilogue (FUSE_SILU_GATE): GPU tests, then decode at batch 1 with each off / on
+                # gate / up GEMV's epilogue (FUSE_SILU_GATE): GPU tests, then decode at batch 1 with each off / on;
+                # then MODE1_FROM_SLAB off / on (both fusions on, the int4 head)
                 timeout 220 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py \
                   tests/kernels/test_int4_matmul.py tests/kernels/test_int4_mma_gemv.py tests/server/test_model.py \
-                  tests/server/test_gpu_e2e.py -k "rope_kv or fused_rope or rtn-32 or silu or layout" 2>&1 \
+                  tests/server/test_gpu_e2e.py -k "rope_kv or fused_rope or rtn-32 or silu or layout or mode1_rows or through_layer" 2>&1 \
                   | tee "$OUT/fusion_tests.log" | tail -3
-                timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-rope off,on \
+                timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-rope off,on \
                   --silu-gate off,on --json "$OUT/decode_profile_fusion.json" 2>&1 | tee "$OUT/decode_profile_fusion.log" \
-                  | grep -E "^llama|_decode_kernel|_rope_qk|silu|int4 gemv" ;;
+                  | grep -E "^llama|_decode_kernel|_rope_qk|silu|int4 gemv"
+                # with both on: mode 1 rows on the slab's 16-bit base slot off / on, with the int4 head
+                timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-rope on \
+                  --silu-gate on --mode1-slab off,on --quantize-lm-head on --json "$OUT/decode_profile_mode1.json" 2>&1 \
+                  | tee "$OUT/decode_profile_mode1.log" | grep -E "^llama|int4 gemv|lm_head" ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
                   --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \

@@ -55,6 +55,7 @@ import triton.language as tl
 
 from .device import quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
+from .int4_mma_gemv import GROUP_SIZES as MMA_GROUP_SIZES
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_supported
 from .int4_mma_gemv import load_f32 as _load_f32
@@ -1274,6 +1275,22 @@ def kernel_state(layer) -> _KernelState:
     return st
 
 
+# Mode 1 rows (base and per-channel adapters: scale_idx 0 by contract) on the MMA kernels run as mode 2 on the
+# slab's slot 0, the base scales in its 16-bit dtype: a lane loads its two rows' scales as one 4-byte pair
+# there, and mode 1's float32 base table costs 2 more bytes per 128 codes and row. H100, µs per 7B layer at
+# g128 (bench/NOTES-kernels.md, session 12, one call): M = 1 mode 1 58.0 against mode 2 55.5; M = 4 70.0
+# against 68.5. The base rows then also see the same (fp16) scales alone as in a batch beside group-wise
+# adapters. False: mode 1 as asked (bench/decode_profile.py's A/B).
+MODE1_FROM_SLAB = True
+
+
+def _mode1_from_slab(layer, M: int, N: int, K: int) -> bool:
+    tab = layer.slab_scales
+    return (MODE1_FROM_SLAB and tab is not None and tab.element_size() == 2 and tab.stride(1) == 1
+            and layer.group_size in MMA_GROUP_SIZES
+            and autotuned_kernel(M, N, K, MODE_GROUP, layer.group_size, 1) in ("mma gemv", "mma batch"))
+
+
 def adapted_linear(layer, x: torch.Tensor, rows, silu_gate: bool = False) -> torch.Tensor:
     """QuantLinear's CUDA path: x [M, K] -> y [M, N] in x.dtype (+ layer.bias), per-row adapters
     (silu_gate: [M, N / 2], int4_matmul's).
@@ -1284,6 +1301,8 @@ def adapted_linear(layer, x: torch.Tensor, rows, silu_gate: bool = False) -> tor
     layer.ensure_slab()
     st = kernel_state(layer)
     mode = rows.mode if layer.method == "rtn" else MODE_ALPHA
+    if mode == MODE_CHANNEL and _mode1_from_slab(layer, x.shape[0], layer.out_features, layer.in_features):
+        mode = MODE_GROUP
     scales = _n_major(st, "scales", layer.slab_scales) if mode != MODE_CHANNEL else None
     alphas = betas = None
     if mode == MODE_ALPHA:

@@ -575,6 +575,30 @@ def test_channel_and_group_mode_through_layer():
               reference(t), torch.float16)
 
 
+@pytest.mark.parametrize("M,gs", [(1, 128), (3, -1), (12, 128), (1, 32)])
+def test_mode1_rows_read_the_slabs_base_slot(M, gs, monkeypatch):
+    """Base and per-channel rows (mode 1) bound for the MMA kernels (M <= 8, group size -1 / 128) run as mode 2 on
+    the slab's 16-bit slot 0; other shapes, and MODE1_FROM_SLAB False, stay in mode 1 on the float32 base table.
+    Either way the result is the reference's with the scales the kernel read."""
+    N, K = 40, 256
+    t = make_case(M, N, K, gs, 4, MODE_CHANNEL, "uniform", torch.bfloat16)
+    layer = _layer_from_case(t, K, N, gs, 4)
+    # as AdapterSlab keeps it on the GPU: fp16, N-major, the base scales in slot 0
+    slab = t["scales"].to(torch.float16).transpose(1, 2).contiguous().transpose(1, 2)
+    layer.slab_scales = slab
+    modes = []
+    real = im.int4_matmul
+    monkeypatch.setattr(im, "int4_matmul", lambda *a, **k: modes.append(a[9]) or real(*a, **k))
+    rows = RowAdapters(t["chan_idx"], t["scale_idx"], t["alpha_idx"], MODE_CHANNEL)
+    want_group = M <= im.MMA_BATCH_AUTO_MAX_M and gs in (-1, 128)
+    for from_slab in (True, False):
+        monkeypatch.setattr(im, "MODE1_FROM_SLAB", from_slab)
+        y = im.adapted_linear(layer, t["x"], rows)
+        assert modes.pop() == (MODE_GROUP if from_slab and want_group else MODE_CHANNEL)
+        base = slab[0].float() if from_slab and want_group else t["base_scales"]
+        check(y, reference({**t, "base_scales": base, "scales": base[None].expand_as(t["scales"])}), torch.bfloat16)
+
+
 def test_rejects_bad_shapes():
     t = make_case(2, 40, 64, 32, 4, MODE_GROUP, "uniform", torch.float16)
     w = repack(pack_int4(t["codes"]), 64, t["zeros"], t["base_scales"], 32)
