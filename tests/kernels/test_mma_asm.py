@@ -5,8 +5,8 @@ their pair permutes, the chained `mma.sync.m16n8k16` and the scaled epilogue. Th
 a plain-arithmetic path instead, so it cannot show that these strings, and the lane roles the kernel gives
 its operands, compute what they should. This file emulates the instructions the strings use (mov, shr,
 shl, lop3, prmt, setp / @p ld.global, selp, cvt, f32 sub / mul / fma, and mma.sync across a warp of 32 lanes)
-and checks a whole step of one warp against float64, for the batch kernel and for the M = 1 MMA GEMV, and the
-batch kernel's table loads. (The layout Triton gives the asm, and its registers, are checked in
+and checks a whole step of one warp against float64, for the batch kernel and for the M = 1 MMA GEMV, and both
+kernels' table loads. (The layout Triton gives the asm, and its registers, are checked in
 test_int4_mma_gemv.py.)
 """
 
@@ -29,6 +29,10 @@ def _f32(bits: int) -> np.float32:
 
 def _bits(v) -> int:
     return int(np.array([v], dtype=np.float32).view(np.uint32)[0])
+
+
+def _signed(bits32: int) -> int:
+    return bits32 - (1 << 32) if bits32 & (1 << 31) else bits32
 
 
 def _half(bits16: int, f16: bool) -> float:
@@ -131,6 +135,10 @@ class Warp:
             words = self.memory[addr]
             for i, d in enumerate(dst):
                 r[d] = words[i] & (0xFFFF if op.endswith(".b16") else MASK)
+        elif op == "mul.wide.s32":  # (64-bit results: addresses)
+            r[a[0]] = _signed(v(1)) * _signed(v(2))
+        elif op == "add.s64":
+            r[a[0]] = v(1) + v(2)
         elif op in ("cvt.f32.f16", "cvt.f32.bf16"):
             r[a[0]] = _bits(_half(v(1), op.endswith(".f16")))
         elif op == "sub.f32":
@@ -299,6 +307,41 @@ def test_batch_kernel_table_asm(s_type, pair):
     out = Warp(mb._scales_asm(s_type, pair), 4, [ptrs + [0, 1, 2, 3]] * 32, memory).run()
     want = [S[t >> 1, t & 1] for t in range(4)]
     assert all(np.allclose([_f32(v) for v in lane], want, rtol=0, atol=0) for lane in out)
+
+
+@pytest.mark.parametrize("s_type", ("f32", "f16", "bf16"))
+@pytest.mark.parametrize("kind", ("pair", "single", "apart"))
+def test_gemv_table_asm(s_type, kind):
+    """The MMA GEMV's table loads give a lane (z0, z1, s0, s1) of its rows0 / rows1, zeros where it does not
+    read: adjacent rows' zero points in one load and scales in one (pair) or two (single) loads from the
+    pointers of elements 0 and 2; the SiLU-gated GEMV's rows N / 2 apart (apart) from rows0's pointers and
+    $12 = N / 2, the distance to rows1 in elements."""
+    rng = np.random.default_rng(5)
+    z = rng.random(2).astype(np.float32) * 15
+    S = rng.random(2) + 0.5
+    S = (S if s_type == "f32" else _representable(S, s_type == "f16")).astype(np.float32)
+    size, half = (4, 7) if s_type == "f32" else (2, 7)
+
+    def raw(v):
+        return _bits(v) if s_type == "f32" else int(_x_bits(np.array([v]), s_type == "f16")[0])
+
+    if kind == "apart":
+        asm = mg._apart_tables_asm(s_type)
+        memory = {100: [_bits(z[0])], 100 + 4 * half: [_bits(z[1])], 200: [raw(S[0])], 200 + size * half: [raw(S[1])]}
+        zp, sp = [100] * 4, [200] * 4
+    else:
+        asm = mg._tables_asm(s_type, kind == "pair")
+        memory = {100: [_bits(z[0]), _bits(z[1])]}
+        if kind == "pair":
+            memory[200] = [raw(S[0]), raw(S[1])] if s_type == "f32" else [raw(S[0]) | (raw(S[1]) << 16)]
+        else:
+            memory.update({200: [raw(S[0])], 300: [raw(S[1])]})
+        zp, sp = [100] * 4, [200, 200, 300, 300]
+    lanes = [zp + sp + [half if lane % 4 == 1 else 0] * 4 for lane in range(32)]
+    out = Warp(asm, 4, lanes, memory).run()
+    for lane, got in enumerate(out):
+        want = [z[0], z[1], S[0], S[1]] if lane % 4 == 1 else [0.0] * 4
+        np.testing.assert_array_equal([_f32(v) for v in got], np.array(want, dtype=np.float32))
 
 
 def test_emulator_knows_its_instructions():
