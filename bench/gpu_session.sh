@@ -84,7 +84,7 @@ for step in "${steps[@]}"; do
                   timeout 280 python3 bench/kernels.py --ms 4 --modes ${SWEEP_MODES:-2} --groups 128 --mma-batch-sweep \
                     --json "$OUT/mma-batch-sweep.json" 2>&1 | tee "$OUT/mma-batch-sweep.log" | grep -E "best|rror" ;;
     timing_check)  # does the autotuners' timing pick the MMA GEMV config that is fastest under graph replay?
-                  timeout 300 python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
+                  timeout ${TIMING_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
                     --json "$OUT/timing-check.json" 2>&1 | tee "$OUT/timing-check.log" | grep -E "picks|rror" ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
