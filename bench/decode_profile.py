@@ -52,10 +52,11 @@ SWITCHES = {
     "fused-rope": ("default", "RoPE and the KV write inside the decode attention kernel (kernels/attention.py "
                               "DECODE_FUSED_ROPE; default: the module's setting)"),
     "quantize-lm-head": ("off", "the output projection in int4 (the MMA GEMV at batch 1) instead of bf16 cuBLAS"),
-    "mode1-slab": ("on", "base / per-channel rows on the MMA kernels read the base scales from the slab's 16-bit "
-                         "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB) instead of the float32 base table"),
-    "silu-gate": ("on", "silu(gate) * up in the gate / up MMA GEMV's epilogue at batch 1 (kernels/int4_matmul.py "
-                        "FUSE_SILU_GATE) instead of a SiLU kernel"),
+    "mode1-slab": ("default", "base / per-channel rows on the MMA kernels read the base scales from the slab's 16-bit "
+                              "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB; default: its setting) instead of "
+                              "the float32 base table"),
+    "silu-gate": ("default", "silu(gate) * up in the gate / up MMA GEMV's epilogue at batch 1 (kernels/int4_matmul.py "
+                             "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
 }
 
 
@@ -224,7 +225,9 @@ def main(argv=None) -> int:
     mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": [],
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
-    module_default = {"fused-rope": "on" if attention.DECODE_FUSED_ROPE else "off"}
+    onoff = {True: "on", False: "off"}
+    module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
+                      "mode1-slab": onoff[im.MODE1_FROM_SLAB]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))

@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -141,6 +141,11 @@ for step in "${steps[@]}"; do
                 timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-rope on \
                   --silu-gate on --mode1-slab off,on --quantize-lm-head on --json "$OUT/decode_profile_mode1.json" 2>&1 \
                   | tee "$OUT/decode_profile_mode1.log" | grep -E "^llama|int4 gemv|lm_head" ;;
+    defaults_e2e)  # the layer test of the fused RoPE, then the GPU end-to-end tests, on the defaults as they are
+                   timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/server/test_model.py -k fused_rope \
+                     2>&1 | tee "$OUT/layer_test.log" | tail -15
+                   timeout ${E2E_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider --tb=short --durations=8 \
+                     tests/server/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e.log" | tail -25 ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
                   --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \

@@ -54,10 +54,11 @@ DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_MIN_PARTITION = 256
 # Decode steps of models without q/k norms: rotate q and the new key and write the new K/V row inside the
-# decode kernel (paged_attention's rope_kv) instead of in kernels/fused.py's RoPE launch before it. Off until an
-# H100 A/B (`bench/decode_profile.py --fused-rope off,on`) says it pays: correct on the CPU (interpreter) and
-# compiled for sm_90a without spills (250 / 254 registers, 1 / 4 query heads per KV head), not timed yet.
-DECODE_FUSED_ROPE = False
+# decode kernel (paged_attention's rope_kv) instead of in kernels/fused.py's RoPE launch before it. H200, random
+# Llama-2-7B g128, batch 1 (`bench/decode_profile.py --fused-rope off,on`, one call, bench/NOTES-kernels.md
+# session 15): the RoPE launches' 75 µs a token go, the attention kernel takes 38 µs more (160 -> 198), the graph
+# 2.380 -> 2.351 ms back to back, 413.7 -> 418.1 tok/s overlapped. sm_90a: 250 / 254 registers, no spills.
+DECODE_FUSED_ROPE = True
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).

@@ -482,10 +482,13 @@ GEMV_ALPHA_CONFIGS = [  # mode 3
 # faster), group -1 49.7 vs 56.3. Until session 9 the group tables cost the MMA GEMV the shapes with many
 # short rows (qkv, gate_up); a lane now reads its two adjacent rows' tables in one load each.
 MMA_GEMV_POLICY = "auto"
-# A gate / up projection asked for silu(gate) * up (int4_matmul's silu_gate) gets it from the MMA GEMV's epilogue:
-# decode at batch 1 then launches no SiLU kernel (~1.3 µs a layer on the H100, bench/NOTES-kernels.md session
-# 15). False: the GEMV writes the projection and kernels.fused.silu_mul gates it (bench/decode_profile.py's A/B).
-FUSE_SILU_GATE = True
+# A gate / up projection asked for silu(gate) * up (int4_matmul's silu_gate) can get it from the MMA GEMV's
+# epilogue, so decode at batch 1 launches no SiLU kernel. It does not pay yet: H200, random Llama-2-7B g128, batch
+# 1 (`bench/decode_profile.py --silu-gate off,on`, bench/NOTES-kernels.md session 15), the SiLU launches' 35 µs
+# a token go but the gate / up GEMV, whose row pairs then lie N / 2 apart (two code streams, tables in two loads
+# each), takes 55 µs more; the graph is the same (2.380 / 2.382 ms). Off: the GEMV writes the projection and
+# kernels.fused.silu_mul gates it. (Interleaving gate and up rows at load time would keep the pairs adjacent.)
+FUSE_SILU_GATE = False
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
@@ -1279,8 +1282,9 @@ def kernel_state(layer) -> _KernelState:
 # slab's slot 0, the base scales in its 16-bit dtype: a lane loads its two rows' scales as one 4-byte pair
 # there, and mode 1's float32 base table costs 2 more bytes per 128 codes and row. H100, µs per 7B layer at
 # g128 (bench/NOTES-kernels.md, session 12, one call): M = 1 mode 1 58.0 against mode 2 55.5; M = 4 70.0
-# against 68.5. The base rows then also see the same (fp16) scales alone as in a batch beside group-wise
-# adapters. False: mode 1 as asked (bench/decode_profile.py's A/B).
+# against 68.5. In the engine (H200, random Llama-2-7B g128, batch 1, session 15, `bench/decode_profile.py
+# --mode1-slab off,on`): the GEMVs 2,168 -> 2,074 µs a token, 391.8 -> 422.3 tok/s overlapped. The base rows
+# then also see the same (fp16) scales alone as in a batch beside group-wise adapters. False: mode 1 as asked.
 MODE1_FROM_SLAB = True
 
 

@@ -82,6 +82,14 @@ def test_stories260k_kernels_match_reference(tmp_path, monkeypatch, method, grou
     adapters = _mixed_adapters(lm, len(prompts), method == "bcq")
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 24)
     assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)
+    _base_prompt_alone(lm, prompts[0], 24)
+
+
+def _base_prompt_alone(lm, prompt, n):
+    """One prompt on the base alone: batch-1 steps in mode 1, which the MMA kernels run on the slab's base slot
+    (kernels/int4_matmul.py MODE1_FROM_SLAB) where the group size lets them."""
+    fast, ref = _tokens_both_ways(lm, [prompt], [None], n)
+    assert_same_greedy_tokens(lm, [prompt], [None], fast, ref)
 
 
 def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
@@ -91,3 +99,4 @@ def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
     adapters = _mixed_adapters(lm, len(prompts), False)
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 8)
     assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)
+    _base_prompt_alone(lm, prompts[1], 8)

@@ -201,6 +201,9 @@ def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm):
         want = layer(x, batch.rows, cos, sin, batch, kv[0].k[0], kv[0].v[0])  # CPU: the reference ops
         got = layer.o(layer.decode_fused_rope(x, batch.rows, cos, sin, batch, kv[1].k[0], kv[1].v[0]).flatten(-2),
                       batch.rows)
-    torch.testing.assert_close(got[:3], want[:3], rtol=1e-4, atol=1e-4)
+    # on CUDA the float32 model's attention dots run in TF32 (tl.dot's default), and the fused path takes the
+    # new key's score outside them: the two paths part at TF32's rounding there
+    tol = 5e-3 if dev == "cuda" else 1e-4
+    torch.testing.assert_close(got[:3], want[:3], rtol=tol, atol=tol)
     torch.testing.assert_close(kv[1].k[0], kv[0].k[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(kv[1].v[0], kv[0].v[0])
