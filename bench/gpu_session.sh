@@ -141,11 +141,14 @@ for step in "${steps[@]}"; do
                 timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-rope on \
                   --silu-gate on --mode1-slab off,on --quantize-lm-head on --json "$OUT/decode_profile_mode1.json" 2>&1 \
                   | tee "$OUT/decode_profile_mode1.log" | grep -E "^llama|int4 gemv|lm_head" ;;
-    defaults_e2e)  # the layer test of the fused RoPE, then the GPU end-to-end tests, on the defaults as they are
+    defaults_e2e)  # the layer test of the fused RoPE, the GPU end-to-end tests, then batch-1 decode, on the defaults
                    timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/server/test_model.py -k fused_rope \
                      2>&1 | tee "$OUT/layer_test.log" | tail -15
                    timeout ${E2E_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider --tb=short --durations=8 \
-                     tests/server/test_gpu_e2e.py 2>&1 | tee "$OUT/gpu_e2e.log" | tail -25 ;;
+                     tests/server/test_gpu_e2e.py ${E2E_K:+-k "$E2E_K"} 2>&1 | tee "$OUT/gpu_e2e.log" | tail -25
+                   timeout 100 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
+                     --json "$OUT/decode_profile_defaults.json" 2>&1 | tee "$OUT/decode_profile_defaults.log" \
+                     | grep -E "^llama|int4 gemv|_decode_kernel" ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
                   --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \
