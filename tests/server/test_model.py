@@ -171,7 +171,7 @@ def test_rope_table_rows_are_the_direct_formula(tiny_lm):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm):
+def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm, monkeypatch):
     """Attention.decode_fused_rope (the decode kernel rotates q / k and writes the new K/V row) gives the layer's
     output and caches of the path that rotates first, for a decode batch of different contexts with a graph's
     padding row (context 0, slot -1). Runs the Triton kernel: on CUDA, or on the CPU under its interpreter."""
@@ -197,6 +197,7 @@ def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm):
     batch.slot_mapping[3], batch.seq_lens[3] = -1, 0
     x = torch.randn(4, a.dim, device=dev, dtype=m.embed.weight.dtype)
     cos, sin = m.rope(batch.positions)
+    monkeypatch.setattr(attention, "DECODE_FUSED_ROPE", False)  # the layer's own path: RoPE launch, then attention
     with torch.inference_mode():
         want = layer(x, batch.rows, cos, sin, batch, kv[0].k[0], kv[0].v[0])  # CPU: the reference ops
         got = layer.o(layer.decode_fused_rope(x, batch.rows, cos, sin, batch, kv[1].k[0], kv[1].v[0]).flatten(-2),
