@@ -1120,9 +1120,9 @@ def int4_matmul(
         a_args = (dummy, 0, 0, 0, 0)
         b_args = (dummy, 0, 0, 0)
     kernel = autotuned_kernel(M, N, K, mode, w.group_size, scale_slots) if config is None and not interpret else None
-    mma = (config is not None and config.get("MMA")) or (
-        kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros))
-    if mma and (FUSE_SILU_GATE or not silu_gate):
+    auto_mma = kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros)
+    # (a forced MMA config takes the SiLU epilogue whatever FUSE_SILU_GATE says: that is how the tests reach it)
+    if (config is not None and config.get("MMA")) or (auto_mma and (FUSE_SILU_GATE or not silu_gate)):
         ws = torch.empty((config.get("SPLIT_K", 1) if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .quant import num_groups, rtn_to_alphas, unpack_int4
-from .reference import adapted_linear_ref
+from .reference import adapted_linear_ref, silu_mul_ref
 
 # Which kernel family a batch needs, cheapest first. The scheduler knows the kinds of the
 # adapters it admitted, so it sets this on the host and no device sync is needed to pick it.
@@ -119,11 +119,13 @@ class QuantLinear(nn.Module):
 
     def silu_gate(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """silu(y[..., :N/2]) * y[..., N/2:] of y = forward(x, rows), for a fused gate / up projection (gate
-        rows first), on CUDA: the one-row GEMV applies it in its epilogue, so decode at batch 1 writes the
-        gated [N / 2] and launches no SiLU kernel."""
-        from .fused import silu_mul  # (Triton)
+        rows first). On CUDA with the kernels, int4_matmul's silu_gate: the projection, then kernels.fused's
+        SiLU launch, or (int4_matmul.FUSE_SILU_GATE) the one-row GEMV's epilogue instead of that launch."""
+        if not x.is_cuda:
+            return silu_mul_ref(self(x, rows))
+        if not self.use_kernels:
+            from .fused import silu_mul  # (Triton)
 
-        if not (x.is_cuda and self.use_kernels):
             return silu_mul(self(x, rows))
         from .int4_matmul import adapted_linear
 
