@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .device import num_sms
+from .fused import rope_rows
 from .pdl import launch_kwargs, wait_for_producer
 from .reference import paged_attention_ref, rope_ref
 
@@ -410,12 +411,9 @@ def _check_rope_kv(rope_kv, T: int, KVH: int, D: int, max_query_len: int) -> tup
                          f"D={D}] (D even), slot_mapping {tuple(slots.shape)} [T]")
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
         raise ValueError("rope_kv: the head dim of k_new and v_new must be contiguous")
-    cos, sin = cos.reshape(T, D), sin.reshape(T, D)
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"rope_kv: cos / sin must be float32, got {cos.dtype} / {sin.dtype}")
-    if cos.stride(1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    return k_new, v_new, cos, sin, slots
+    return (k_new, v_new, *rope_rows(cos, sin, T, D), slots)
 
 
 def _rope_and_write_ref(q, k_cache, v_cache, k_new, v_new, cos, sin, slots) -> torch.Tensor:

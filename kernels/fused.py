@@ -111,6 +111,15 @@ def _rope_qk_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, n_rot_heads,
         tl.store(ck + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
 
 
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor, T: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin as the [T, head_dim] tables the RoPE kernels index with one row stride (views where they can
+    be, copies where a row is not contiguous or the two strides differ)."""
+    cos2, sin2 = cos.reshape(T, head_dim), sin.reshape(T, head_dim)
+    if cos2.stride(1) != 1 or sin2.stride() != cos2.stride():
+        cos2, sin2 = cos2.contiguous(), sin2.contiguous()
+    return cos2, sin2
+
+
 def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
              head_dim: int, kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """qkv [T, (H + 2 KVH) * hd] (rows contiguous); cos/sin [T, hd] float32 (any view that flattens
@@ -122,9 +131,7 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
         raise ValueError(f"qkv width {W} != (H {n_heads} + 2 KVH {n_kv_heads}) x head_dim {head_dim} (even)")
     if qkv.stride(1) != 1:
         raise ValueError("qkv rows must be contiguous")
-    cos2, sin2 = cos.reshape(T, head_dim), sin.reshape(T, head_dim)
-    if cos2.stride(1) != 1 or sin2.stride() != cos2.stride():
-        cos2, sin2 = cos2.contiguous(), sin2.contiguous()
+    cos2, sin2 = rope_rows(cos, sin, T, head_dim)
     n_rot = n_heads + n_kv_heads
     half = head_dim // 2
     n_grid = n_rot

@@ -129,7 +129,6 @@ class QuantLinear(nn.Module):
             return silu_mul(self(x, rows))
         from .int4_matmul import adapted_linear
 
-        self.ensure_slab()
         y = adapted_linear(self, x.reshape(-1, self.in_features), rows, silu_gate=True)
         return y.reshape(*x.shape[:-1], self.out_features // 2)
 

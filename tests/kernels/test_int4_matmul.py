@@ -300,15 +300,20 @@ def test_mma_gemv_silu_gate(mode, gs, dtype, dist, bn, split, depth, unroll, sdt
     w = repack(packed, K, t["zeros"], t["base_scales"], gs, 4)
     out = torch.full((1, N // 2), float("nan"), dtype=dtype, device=DEVICE)
     cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth, "UNROLL": unroll}
-    y = int4_matmul(t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"],
-                    t["alpha_idx"], mode, bias=t["bias"], config=cfg, out=out, silu_gate=True)
+    args = (t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"], t["alpha_idx"],
+            mode)
+    _check_silu_gate(args, dict(bias=t["bias"], config=cfg), out, reference({**t, "scales": t["scales"].float()}),
+                     dtype)
+
+
+def _check_silu_gate(args, kwargs, out, ref, dtype):
+    """int4_matmul(*args, **kwargs, silu_gate=True) into the poisoned out: against the gated reference, and the
+    same as gating the unfused projection (same config, so the same sums) with kernels.fused.silu_mul, to the
+    last bit or two of the output."""
+    y = int4_matmul(*args, **kwargs, out=out, silu_gate=True)
     assert y.data_ptr() == out.data_ptr()
-    check(y, _silu_gated(reference({**t, "scales": t["scales"].float()}), dtype), dtype, SILU_TOL)
-    # the same as gating the unfused projection (same config, so the same sums) with kernels.fused.silu_mul,
-    # to the last bit or two of the output
-    full = int4_matmul(t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"],
-                       t["alpha_idx"], mode, bias=t["bias"], config=cfg)
-    unfused = silu_mul(full).float()
+    check(y, _silu_gated(ref, dtype), dtype, SILU_TOL)
+    unfused = silu_mul(int4_matmul(*args, **kwargs)).float()
     assert (y.float() - unfused).abs().max() <= 2 * ULP[dtype] * unfused.abs().max()
 
 
@@ -676,13 +681,10 @@ def test_llama7b_silu_gate(gs, mode):
     t = make_case(1, N, K, gs, 4, mode, "zipf", torch.bfloat16)
     w = repack(pack_int4(t["codes"]), K, t["zeros"], t["base_scales"], gs, 4)
     nm = t["scales"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    args = (t["x"], w, t["chan"], nm, None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode)
     for cfg in ({"MMA": 1, "BLOCK_N": 32, "SPLIT_K": 2, "DEPTH": 1}, None):
-        args = (t["x"], w, t["chan"], nm, None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode)
         out = torch.full((1, N // 2), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        y = int4_matmul(*args, config=cfg, out=out, silu_gate=True)
-        check(y, _silu_gated(reference(t), torch.bfloat16), torch.bfloat16, SILU_TOL)
-        unfused = silu_mul(int4_matmul(*args, config=cfg)).float()
-        assert (y.float() - unfused).abs().max() <= 2 * ULP[torch.bfloat16] * unfused.abs().max()
+        _check_silu_gate(args, dict(config=cfg), out, reference(t), torch.bfloat16)
 
 
 @pytest.mark.gpu
