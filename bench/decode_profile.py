@@ -213,10 +213,18 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", metavar="BLOCK_N,WARPS,MIN_PARTITION",
                    help="the decode attention kernel's tile choice (default: kernels/attention.py's); "
                         "bench/attention.py --sweep decode writes its best as `best`")
+    p.add_argument("--autotune-timing", choices=("do_bench", "busy"),
+                   help="how the kernels' autotuners time a config (kernels/device.py AUTOTUNE_TIMING; default: "
+                        "its setting). Triton keeps autotune picks on disk: delete TRITON_CACHE_DIR's "
+                        "*.autotune.json first, or the picks of an earlier run come back")
     p.add_argument("--json")
     a = p.parse_args(argv)
     from scaleserve.kernels import attention
+    from scaleserve.kernels import device
     from scaleserve.kernels import int4_matmul as im
+
+    if a.autotune_timing:
+        device.AUTOTUNE_TIMING = a.autotune_timing
 
     if a.decode_attention:
         attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION = (
@@ -224,6 +232,7 @@ def main(argv=None) -> int:
 
     mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": [],
+           "autotune_timing": device.AUTOTUNE_TIMING,
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],

@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -49,7 +49,7 @@ for step in "${steps[@]}"; do
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     kernel_tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels \
                     2>&1 | tee "$OUT/kernel_tests.log" | tail -15 ;;
-    serve) timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py gpu --models ${SERVE_MODELS:-llama2-7b,smollm2-135m} \
+    serve) timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py gpu --models ${SERVE_MODELS:-llama2-7b,smollm2-135m} ${SERVE_ARGS:-} \
              --out "$OUT/serve" 2>&1 | tee "$OUT/serve.log" | tail -12
            cp /tmp/scaleserve-bench/*-server.log "$OUT/serve/" ;;
     adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
@@ -86,6 +86,14 @@ for step in "${steps[@]}"; do
     timing_check)  # does the autotuners' timing pick the MMA GEMV config that is fastest under graph replay?
                   timeout ${TIMING_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
                     --json "$OUT/timing-check.json" 2>&1 | tee "$OUT/timing-check.log" | grep -E "picks|rror" ;;
+    autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py);
+                  # Triton keeps autotune picks on disk, so each run starts without them
+                  for timing in do_bench busy; do
+                    find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete
+                    timeout ${AB_TIMEOUT:-150} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
+                      --autotune-timing $timing --json "$OUT/decode_profile_$timing.json" 2>&1 \
+                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv"
+                  done ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \

@@ -140,28 +140,6 @@ def ours_calls(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None) -> 
     return calls
 
 
-def busy_bench_us(fn, reps: int = 60, busy_cycles: int = 200_000) -> float:
-    """Median µs of fn as triton.testing.do_bench times it (L2 cleared before each call, CUDA events around
-    it), but with the GPU kept busy (~100 µs) between the clear and the start event, so a slow host launch of
-    fn does not land inside the timed interval. A candidate for the autotuners' timing (--timing-check)."""
-    import triton
-
-    driver = triton.runtime.driver.active
-    cache = driver.get_empty_cache_for_benchmark()
-    fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        driver.clear_cache(cache)
-        torch.cuda._sleep(busy_cycles)
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
-
-
 def chosen_config(M: int, N: int, K: int, mode: int, gs: int, scale_slots: int) -> str:
     """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
     from scaleserve.kernels import int4_matmul as im
@@ -252,7 +230,7 @@ def main(argv=None) -> int:
                          "autotune list and candidates) per shape / mode / group (no autotune)")
     ap.add_argument("--timing-check", action="store_true",
                     help="M = 1: time the MMA GEMV's autotune list three ways (graph replay over weight "
-                         "copies, the autotuners' quick_bench, busy_bench_us) and report each one's pick")
+                         "copies, the autotuners' quick_bench, device.busy_bench) and report each one's pick")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
@@ -438,7 +416,8 @@ def timing_check(args, shapes, modes, groups) -> int:
     """Does the autotuners' timing pick the config that is fastest under graph replay? Per shape / mode / group
     at M = 1, the MMA GEMV's autotune list timed by graph replay over weight copies (the truth, as this bench
     reports), by quick_bench on one copy (what the autotuner does, though through int4_matmul's host path, which
-    costs the host more than the autotuner's own launch) and by busy_bench_us on one copy."""
+    costs the host more than the autotuner's own launch) and by kernels.device.busy_bench on one copy."""
+    from scaleserve.kernels.device import busy_bench
     from scaleserve.kernels.device import quick_bench
 
     configs = mma_sweep_configs(candidates=False)
@@ -452,7 +431,7 @@ def timing_check(args, shapes, modes, groups) -> int:
                 for cfg in configs:
                     calls = ours_calls(K, N, gs, mode, 1, 1, cache, 1, config=cfg)
                     t = dict(graph=graph_us(calls), quick=quick_bench(calls[0], (0.5, 0.2, 0.8))[0] * 1e3,
-                             busy=busy_bench_us(calls[0]))
+                             busy=busy_bench(calls[0]) * 1e3)
                     res.append((t, cfg))
                     out.append(dict(shape=shape, K=K, N=N, group_size=gs, mode=mode,
                                     **{f"{k}_us": v for k, v in t.items()}, **cfg))

@@ -16,10 +16,11 @@ from scaleserve.server.random_model import PRESETS, main, write_random_model
 __all__ = ["PRESETS", "make_random_model"]
 
 
-def make_random_model(out: str | Path, preset: str = "llama2-7b", seed: int = 0, device: str = "cpu") -> Path:
+def make_random_model(out: str | Path, preset: str = "llama2-7b", seed: int = 0, device: str = "cpu",
+                      quantize_lm_head: bool = False) -> Path:
     """Write the model directory OUT (kept if OUT/scaleserve.json exists). Returns OUT."""
     t0 = time.time()
-    out = write_random_model(out, preset, seed=seed, device=device)
+    out = write_random_model(out, preset, seed=seed, device=device, quantize_lm_head=quantize_lm_head)
     print(f"random {preset} model in {out} ({time.time() - t0:.1f} s)", flush=True)
     return out
 

@@ -365,7 +365,10 @@ def hf_bf16_from(lm):
                    p + "post_attention_layernorm.weight": layer.post_attn_norm.weight})
     sd["model.embed_tokens.weight"] = m.embed.weight
     sd["model.norm.weight"] = m.norm.weight
-    sd["lm_head.weight"] = m.embed.weight if m.lm_head is None else m.lm_head.weight
+    if m.quantize_lm_head:
+        sd["lm_head.weight"] = deq(m.lm_head)
+    else:
+        sd["lm_head.weight"] = m.embed.weight if m.lm_head is None else m.lm_head.weight
     hf.load_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()}, strict=False, assign=True)
     hf.tie_weights()
     hf.model.rotary_emb.to(dev)
@@ -524,7 +527,9 @@ def cmd_gpu(a) -> int:
         if preset == "smollm2-135m" and a.smollm2_dir:
             models.append(("smollm2-135m", Path(a.smollm2_dir)))
         else:
-            models.append((preset, make_random_model(work / f"random-{preset}", preset, device="cuda")))
+            head = "-int4-head" if a.quantize_lm_head else ""
+            models.append((preset + head, make_random_model(work / f"random-{preset}{head}", preset, device="cuda",
+                                                            quantize_lm_head=a.quantize_lm_head)))
     for label, d in models:
         try:
             results["models"].append(bench_model(label, d, work, a))
@@ -576,6 +581,9 @@ def main(argv=None) -> int:
     g.add_argument("--batch1-tokens", type=int, default=256)
     g.add_argument("--kv-fraction", type=float, default=0.5)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--quantize-lm-head", action="store_true",
+                   help="random models with the output projection in int4 too (`scaleserve quantize "
+                        "--quantize-lm-head`); default bf16")
     g.add_argument("--skip-hf", action="store_true")
     g.add_argument("--in-process", action="store_true",
                    help="run the server in a thread of this process (shares the GIL with the load generator)")

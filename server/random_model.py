@@ -134,7 +134,8 @@ def random_model(preset: str, device: str = "cpu", seed: int = 0, q: QuantConfig
 
 
 def write_random_model(out: str | Path, hf_config_or_preset, q: QuantConfig | None = None, seed: int = 0,
-                       device: str = "cpu", tokenizer_dir: str | Path | None = None) -> Path:
+                       device: str = "cpu", tokenizer_dir: str | Path | None = None,
+                       quantize_lm_head: bool = False) -> Path:
     """Write a random model directory OUT (kept if OUT/scaleserve.json exists). Returns OUT."""
     out = Path(out)
     if (out / "scaleserve.json").exists():
@@ -144,7 +145,7 @@ def write_random_model(out: str | Path, hf_config_or_preset, q: QuantConfig | No
         q = q or default_q
     else:
         cfg = hf_config_or_preset
-    tensors, meta = random_tensors(cfg, q, seed, device)
+    tensors, meta = random_tensors(cfg, q, seed, device, quantize_lm_head)
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
@@ -168,9 +169,10 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda is faster)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="the output projection in int4 too (default: bf16)")
     a = p.parse_args()
     t0 = time.time()
-    write_random_model(a.out, a.preset, seed=a.seed, device=a.device)
+    write_random_model(a.out, a.preset, seed=a.seed, device=a.device, quantize_lm_head=a.quantize_lm_head)
     print(f"random {a.preset} model in {a.out} ({time.time() - t0:.1f} s)")
 
 
