@@ -217,6 +217,9 @@ def main(argv=None) -> int:
                    help="how the kernels' autotuners time a config (kernels/device.py AUTOTUNE_TIMING; default: "
                         "its setting). Triton keeps autotune picks on disk: delete TRITON_CACHE_DIR's "
                         "*.autotune.json first, or the picks of an earlier run come back")
+    p.add_argument("--mma-pins", metavar="JSON",
+                   help="pin the MMA GEMV's config per shape to the fastest of a bench/kernels.py --timing-check "
+                        "(graph_us) or --mma-sweep (us) JSON, timed on this device (kernels/int4_mma_gemv.py PINNED)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     from scaleserve.kernels import attention
@@ -225,6 +228,12 @@ def main(argv=None) -> int:
 
     if a.autotune_timing:
         device.AUTOTUNE_TIMING = a.autotune_timing
+    if a.mma_pins:
+        from scaleserve.kernels import int4_mma_gemv
+
+        rows = json.loads(Path(a.mma_pins).read_text())["rows"]
+        int4_mma_gemv.PINNED.update(int4_mma_gemv.pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us"))
+        print("MMA GEMV pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(int4_mma_gemv.PINNED.items())), flush=True)
 
     if a.decode_attention:
         attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION = (
@@ -232,7 +241,7 @@ def main(argv=None) -> int:
 
     mma_policy, batch_policy = im.MMA_GEMV_POLICY, im.MMA_BATCH_POLICY
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": [],
-           "autotune_timing": device.AUTOTUNE_TIMING,
+           "autotune_timing": device.AUTOTUNE_TIMING, "mma_pins": a.mma_pins,
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],

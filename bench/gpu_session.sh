@@ -86,13 +86,19 @@ for step in "${steps[@]}"; do
     timing_check)  # does the autotuners' timing pick the MMA GEMV config that is fastest under graph replay?
                   timeout ${TIMING_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
                     --json "$OUT/timing-check.json" 2>&1 | tee "$OUT/timing-check.log" | grep -E "picks|rror" ;;
-    autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py);
+    autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py),
+                  # then (after timing_check in the same call) with the MMA GEMV pinned to graph replay's picks.
                   # Triton keeps autotune picks on disk, so each run starts without them
-                  for timing in do_bench busy; do
+                  for timing in do_bench busy pins; do
                     find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete
+                    case $timing in
+                      pins) [ -f "$OUT/timing-check.json" ] || continue
+                            how=(--mma-pins "$OUT/timing-check.json") ;;
+                      *) how=(--autotune-timing $timing) ;;
+                    esac
                     timeout ${AB_TIMEOUT:-150} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
-                      --autotune-timing $timing --json "$OUT/decode_profile_$timing.json" 2>&1 \
-                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv"
+                      "${how[@]}" --json "$OUT/decode_profile_$timing.json" 2>&1 \
+                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|pins"
                   done ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
@@ -154,7 +160,7 @@ for step in "${steps[@]}"; do
                      2>&1 | tee "$OUT/layer_test.log" | tail -15
                    timeout ${E2E_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider --tb=short --durations=8 \
                      tests/server/test_gpu_e2e.py ${E2E_K:+-k "$E2E_K"} 2>&1 | tee "$OUT/gpu_e2e.log" | tail -25
-                   timeout 100 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
+                   [ "${E2E_DECODE:-1}" = 1 ] && timeout 100 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                      --json "$OUT/decode_profile_defaults.json" 2>&1 | tee "$OUT/decode_profile_defaults.log" \
                      | grep -E "^llama|int4 gemv|_decode_kernel" ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1

@@ -676,6 +676,27 @@ _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU"]
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
                          cache_results=True)(_mma_gemv_kernel)
 
+# Configs pinned per shape, (N, K, mode, group size) -> a config of the list's form (BLOCK_N, SPLIT_K, DEPTH, ...,
+# num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick. The
+# autotuner times one call at a time, which on a ~10 µs kernel may be coarser than the 1-3 µs between the
+# list's best configs; pins come from graph replay over cold weights (bench/kernels.py rows, pins_from_rows),
+# for the device they were timed on. Empty: every shape is autotuned.
+PINNED: dict[tuple[int, int, int, int], dict] = {}
+_CONFIG_KEYS = ("BLOCK_N", "SPLIT_K", "DEPTH", "X_AHEAD", "STAGES", "UNROLL", "num_warps", "maxnreg")
+
+
+def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int, int], dict]:
+    """The fastest MMA GEMV config by rows[time_key] per (N, K, mode, group_size), from bench/kernels.py JSON
+    rows of forced MMA configs (--mma-sweep: "us", --timing-check: "graph_us")."""
+    best: dict[tuple[int, int, int, int], dict] = {}
+    for r in rows:
+        if not r.get("MMA") or r.get(time_key) is None:
+            continue
+        key = (r["N"], r["K"], r["mode"], r["group_size"])
+        if key not in best or r[time_key] < best[key][time_key]:
+            best[key] = r
+    return {k: {c: r[c] for c in _CONFIG_KEYS if r.get(c) is not None} for k, r in best.items()}
+
 
 def mma_gemv_supported(x: torch.Tensor, N: int, mode: int, group_size: int, has_zeros: bool) -> bool:
     """Whether the inputs fit this kernel (else the caller takes the CUDA-core GEMV / tensor-core paths).
@@ -732,6 +753,8 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
 
     if config is None and x.device.type == "cpu":
         config = INTERPRET_CONFIG
+    if config is None and not silu and x.dtype == torch.bfloat16:
+        config = PINNED.get((N, K, mode, w.group_size))
     if config is None:
         _tuned[grid](*args, **meta)
         return y

@@ -722,6 +722,35 @@ def test_autotuned_path(M):
         check(run_kernel(t, mode, n_major=True), reference(t), torch.bfloat16)
 
 
+def test_mma_pins_take_the_fastest_config_per_shape():
+    from scaleserve.kernels.int4_mma_gemv import pins_from_rows
+
+    def row(N, us, bn, **kw):
+        return {"N": N, "K": 4096, "mode": 2, "group_size": 128, "graph_us": us, "MMA": 1, "BLOCK_N": bn, "SPLIT_K": 1,
+                "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1, "num_warps": 4, **kw}
+
+    rows = [row(4096, 7.0, 16), row(4096, 6.5, 32, maxnreg=168), row(4096, 6.9, 64), row(12288, 12.0, 16),
+            row(12288, 1.0, 64, MMA=0), row(12288, None, 32)]  # not an MMA config / not timed: never a pin
+    pins = pins_from_rows(rows, "graph_us")
+    assert pins == {(4096, 4096, 2, 128): {"BLOCK_N": 32, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1,
+                                           "UNROLL": 1, "num_warps": 4, "maxnreg": 168},
+                    (12288, 4096, 2, 128): {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1,
+                                            "UNROLL": 1, "num_warps": 4}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_pinned_mma_config_replaces_the_autotuner(monkeypatch):
+    from scaleserve.kernels import int4_mma_gemv as mg
+
+    K, N = LLAMA7B["o"]
+    monkeypatch.setattr(mg, "_tuned", None)  # the autotuned launch would fail: every call below takes its pin
+    for mode in (MODE_CHANNEL, MODE_GROUP):
+        monkeypatch.setitem(mg.PINNED, (N, K, mode, 128), {"BLOCK_N": 16, "SPLIT_K": 4, "DEPTH": 2, "num_warps": 8})
+        t = make_case(1, N, K, 128, 4, mode, "zipf", torch.bfloat16)
+        check(run_kernel(t, mode, n_major=True), reference(t), torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shape", list(LLAMA7B))
