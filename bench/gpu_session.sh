@@ -89,7 +89,7 @@ for step in "${steps[@]}"; do
     autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py),
                   # then (after timing_check in the same call) with the MMA GEMV pinned to graph replay's picks.
                   # Triton keeps autotune picks on disk, so each run starts without them
-                  for timing in do_bench busy pins; do
+                  for timing in ${AB_ARMS:-do_bench busy pins}; do
                     find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete
                     case $timing in
                       pins) [ -f "$OUT/timing-check.json" ] || continue
