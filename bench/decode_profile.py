@@ -55,6 +55,7 @@ SWITCHES = {
     "mode1-slab": ("default", "base / per-channel rows on the MMA kernels read the base scales from the slab's 16-bit "
                               "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB; default: its setting) instead of "
                               "the float32 base table"),
+    "pins": ("on", "the MMA GEMV pinned per shape to --mma-pins' picks (no effect without --mma-pins)"),
     "silu-gate": ("default", "silu(gate) * up in the gate / up MMA GEMV's epilogue at batch 1 (kernels/int4_matmul.py "
                              "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
 }
@@ -232,8 +233,8 @@ def main(argv=None) -> int:
         from scaleserve.kernels import int4_mma_gemv
 
         rows = json.loads(Path(a.mma_pins).read_text())["rows"]
-        int4_mma_gemv.PINNED.update(int4_mma_gemv.pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us"))
-        print("MMA GEMV pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(int4_mma_gemv.PINNED.items())), flush=True)
+        pins = int4_mma_gemv.pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us")
+        print("MMA GEMV pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(pins.items())), flush=True)
 
     if a.decode_attention:
         attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION = (
@@ -258,10 +259,14 @@ def main(argv=None) -> int:
             attention.DECODE_FUSED_ROPE = on["fused-rope"]
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
+            if a.mma_pins:
+                int4_mma_gemv.PINNED.clear()
+                if on["pins"]:
+                    int4_mma_gemv.PINNED.update(pins)
             r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
-                     mode1_slab=on["mode1-slab"])
+                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"])
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
                   + f": step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "

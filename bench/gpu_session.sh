@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -100,6 +100,11 @@ for step in "${steps[@]}"; do
                       "${how[@]}" --json "$OUT/decode_profile_$timing.json" 2>&1 \
                       | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|pins"
                   done ;;
+    pins_ab)  # batch-1 decode with the MMA GEMV autotuned, then pinned to timing_check's graph-replay picks (run
+              # timing_check first in the same call), in one process
+              timeout ${AB_TIMEOUT:-200} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
+                --mma-pins "$OUT/timing-check.json" --pins off,on --json "$OUT/decode_profile_pins.json" 2>&1 \
+                | tee "$OUT/decode_profile_pins.log" | grep -E "^llama|int4 gemv|pins" ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
