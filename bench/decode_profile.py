@@ -61,6 +61,16 @@ SWITCHES = {
 }
 
 
+def autotune_picks() -> dict[str, str]:
+    """What the int4 kernels' autotuners have picked in this process so far: "kernel key" -> config."""
+    from scaleserve.kernels import int4_gemm, int4_mma_batch, int4_mma_gemv
+    from scaleserve.kernels import int4_matmul as im
+
+    tuners = {"mma gemv": int4_mma_gemv._tuned, "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
+              "gemv": im._gemv_kernel, "decode": im._decode_kernel, "gemm": im._gemm_kernel}
+    return {f"{name} {key}": str(cfg) for name, tuner in tuners.items() for key, cfg in tuner.cache.items()}
+
+
 def family(name: str) -> str:
     """Group kernel names into the families a reader cares about."""
     n = name.lower()
@@ -267,6 +277,7 @@ def main(argv=None) -> int:
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"])
+            r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
                   + f": step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
@@ -281,6 +292,8 @@ def main(argv=None) -> int:
             print(f"  {'kernel family':<40} {'µs/step':>9} {'launches':>9}")
             for k in r["kernels"][:14]:
                 print(f"  {k['family']:<40} {k['us_per_step']:>9} {k['launches_per_step']:>9}")
+            print("  MMA GEMV picks: " + "; ".join(f"{k}: {v}" for k, v in r["autotune_picks"].items()
+                                                   if k.startswith("mma gemv")))
     for r in out["runs"]:
         print(f"--- host top functions, prefill {r['preset']}\n" + "\n".join(r["prefill16"]["host_top"].splitlines()[:30]))
     if a.json:

@@ -98,13 +98,13 @@ for step in "${steps[@]}"; do
                     esac
                     timeout ${AB_TIMEOUT:-150} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                       "${how[@]}" --json "$OUT/decode_profile_$timing.json" 2>&1 \
-                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|pins"
+                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|pins|picks"
                   done ;;
     pins_ab)  # batch-1 decode with the MMA GEMV autotuned, then pinned to timing_check's graph-replay picks (run
               # timing_check first in the same call), in one process
               timeout ${AB_TIMEOUT:-200} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                 --mma-pins "$OUT/timing-check.json" --pins off,on --json "$OUT/decode_profile_pins.json" 2>&1 \
-                | tee "$OUT/decode_profile_pins.log" | grep -E "^llama|int4 gemv|pins" ;;
+                | tee "$OUT/decode_profile_pins.log" | grep -E "^llama|int4 gemv|pins|picks" ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \

@@ -8,7 +8,6 @@ import triton.testing
 
 _SM_COUNT: dict[int, int] = {}
 _CC_MAJOR: dict[int, int] = {}
-_NAME: dict[int, str] = {}
 INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1): a small notional machine, so tests see several programs
 
 
@@ -34,16 +33,6 @@ def capability_major(device: torch.device) -> int:
     if idx not in _CC_MAJOR:
         _CC_MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
     return _CC_MAJOR[idx]
-
-
-def device_name(device: torch.device) -> str:
-    """A CUDA device's name (what per-device tuning tables are keyed by); "cpu" for the CPU."""
-    if device.type != "cuda":
-        return "cpu"
-    idx = _index(device)
-    if idx not in _NAME:
-        _NAME[idx] = torch.cuda.get_device_name(idx)
-    return _NAME[idx]
 
 
 # How the autotuners time a config: "do_bench" (triton.testing.do_bench, short runs) or "busy" (busy_bench).

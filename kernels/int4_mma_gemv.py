@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import device_name, quick_bench
+from .device import quick_bench
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
@@ -677,13 +677,11 @@ _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_benc
                          cache_results=True)(_mma_gemv_kernel)
 
 # Configs pinned per shape, (N, K, mode, group size) -> a config of the list's form (BLOCK_N, SPLIT_K, DEPTH, ...,
-# num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick. The
-# autotuner times one call at a time, which on a ~10 µs kernel may be coarser than the 1-3 µs between the
-# list's best configs; pins come from graph replay over cold weights (bench/kernels.py rows, pins_from_rows).
-# PINNED (set by a caller, e.g. bench/decode_profile.py --mma-pins) comes first, then DEVICE_PINS for the
-# device by name; a shape in neither is autotuned.
+# num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick; empty, every
+# shape is autotuned. For experiments (bench/decode_profile.py --mma-pins): session 16 pinned graph replay's
+# per-shape picks (bench/kernels.py --timing-check, cold weights, one shape at a time) and the H100 decode
+# step got slower (graph 2.277 -> 2.315 ms): the fastest config alone is not the fastest inside the step.
 PINNED: dict[tuple[int, int, int, int], dict] = {}
-DEVICE_PINS: dict[str, dict[tuple[int, int, int, int], dict]] = {}
 _CONFIG_KEYS = ("BLOCK_N", "SPLIT_K", "DEPTH", "X_AHEAD", "STAGES", "UNROLL", "num_warps", "maxnreg")
 
 
@@ -756,8 +754,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None and x.device.type == "cpu":
         config = INTERPRET_CONFIG
     if config is None and not silu and x.dtype == torch.bfloat16:
-        key = (N, K, mode, w.group_size)
-        config = PINNED.get(key) or DEVICE_PINS.get(device_name(x.device), {}).get(key)
+        config = PINNED.get((N, K, mode, w.group_size))
     if config is None:
         _tuned[grid](*args, **meta)
         return y
