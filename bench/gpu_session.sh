@@ -86,19 +86,13 @@ for step in "${steps[@]}"; do
     timing_check)  # does the autotuners' timing pick the MMA GEMV config that is fastest under graph replay?
                   timeout ${TIMING_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
                     --json "$OUT/timing-check.json" 2>&1 | tee "$OUT/timing-check.log" | grep -E "picks|rror" ;;
-    autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py),
-                  # then (after timing_check in the same call) with the MMA GEMV pinned to graph replay's picks.
+    autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py).
                   # Triton keeps autotune picks on disk, so each run starts without them
-                  for timing in ${AB_ARMS:-do_bench busy pins}; do
+                  for timing in ${AB_ARMS:-do_bench busy}; do
                     find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete
-                    case $timing in
-                      pins) [ -f "$OUT/timing-check.json" ] || continue
-                            how=(--mma-pins "$OUT/timing-check.json") ;;
-                      *) how=(--autotune-timing $timing) ;;
-                    esac
                     timeout ${AB_TIMEOUT:-150} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
-                      "${how[@]}" --json "$OUT/decode_profile_$timing.json" 2>&1 \
-                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|pins|picks"
+                      --autotune-timing $timing --json "$OUT/decode_profile_$timing.json" 2>&1 \
+                      | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|picks"
                   done ;;
     pins_ab)  # batch-1 decode with the MMA GEMV autotuned, then pinned to timing_check's graph-replay picks (run
               # timing_check first in the same call), in one process
