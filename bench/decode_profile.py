@@ -63,12 +63,9 @@ SWITCHES = {
 
 def autotune_picks() -> dict[str, str]:
     """What the int4 kernels' autotuners have picked in this process so far: "kernel key" -> config."""
-    from scaleserve.kernels import int4_gemm, int4_mma_batch, int4_mma_gemv
-    from scaleserve.kernels import int4_matmul as im
+    from scaleserve.kernels.int4_matmul import autotuners
 
-    tuners = {"mma gemv": int4_mma_gemv._tuned, "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
-              "gemv": im._gemv_kernel, "decode": im._decode_kernel, "gemm": im._gemm_kernel}
-    return {f"{name} {key}": str(cfg) for name, tuner in tuners.items() for key, cfg in tuner.cache.items()}
+    return {f"{name} {key}": str(cfg) for name, tuner in autotuners().items() for key, cfg in tuner.cache.items()}
 
 
 def family(name: str) -> str:

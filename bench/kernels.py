@@ -143,13 +143,10 @@ def ours_calls(K, N, gs, mode, M, T, copies_cache, scale_slots, config=None) -> 
 def chosen_config(M: int, N: int, K: int, mode: int, gs: int, scale_slots: int) -> str:
     """The config the autotuner picked for the shape just timed (its kernel's last key), for the JSON."""
     from scaleserve.kernels import int4_matmul as im
-    from scaleserve.kernels import int4_gemm as ig
-    from scaleserve.kernels import int4_mma_batch as mb
-    from scaleserve.kernels import int4_mma_gemv as mg
 
     kind = im.autotuned_kernel(M, N, K, mode, gs, scale_slots)
-    tuner = {"mma gemv": mg._tuned, "mma batch": mb._tuned, "fold": ig._tuned, "gemv": im._gemv_kernel}.get(
-        kind, im._decode_kernel if M <= im.DECODE_MAX_M else im._gemm_kernel)
+    tuners = im.autotuners()
+    tuner = tuners.get(kind, tuners["decode" if M <= im.DECODE_MAX_M else "gemm"])
     best = getattr(tuner, "best_config", None)
     return "" if best is None else f"{kind}: {best}"
 

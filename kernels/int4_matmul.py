@@ -981,6 +981,15 @@ _gemv_kernel = triton.autotune(configs=GEMV_CONFIGS + GEMV_ALPHA_CONFIGS, key=_G
                                prune_configs_by={"early_config_prune": _prune_gemv})(_gemv_even_k)
 
 
+def autotuners() -> dict:
+    """The int4 kernels' autotuners by the names autotuned_kernel gives them; "tensor-core" is this file's tile,
+    whose M <= DECODE_MAX_M and larger launches tune apart ("decode", "gemm"). For benches that report picks."""
+    from . import int4_gemm, int4_mma_batch, int4_mma_gemv
+
+    return {"mma gemv": int4_mma_gemv._tuned, "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
+            "gemv": _gemv_kernel, "decode": _decode_kernel, "gemm": _gemm_kernel}
+
+
 # --- host side -------------------------------------------------------------------------------
 
 

@@ -120,13 +120,10 @@ class QuantLinear(nn.Module):
     def silu_gate(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """silu(y[..., :N/2]) * y[..., N/2:] of y = forward(x, rows), for a fused gate / up projection (gate
         rows first). On CUDA with the kernels, int4_matmul's silu_gate: the projection, then kernels.fused's
-        SiLU launch, or (int4_matmul.FUSE_SILU_GATE) the one-row GEMV's epilogue instead of that launch."""
-        if not x.is_cuda:
+        SiLU launch, or (int4_matmul.FUSE_SILU_GATE) the one-row GEMV's epilogue instead of that launch; else
+        the torch reference."""
+        if not (x.is_cuda and self.use_kernels):
             return silu_mul_ref(self(x, rows))
-        if not self.use_kernels:
-            from .fused import silu_mul  # (Triton)
-
-            return silu_mul(self(x, rows))
         from .int4_matmul import adapted_linear
 
         y = adapted_linear(self, x.reshape(-1, self.in_features), rows, silu_gate=True)
