@@ -58,6 +58,8 @@ SWITCHES = {
     "pins": ("on", "the MMA GEMV pinned per shape to --mma-pins' picks (no effect without --mma-pins)"),
     "silu-gate": ("default", "silu(gate) * up in the gate / up MMA GEMV's epilogue at batch 1 (kernels/int4_matmul.py "
                              "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
+    "fused-norms": ("default", "each RMSNorm inside the MMA GEMVs around it at batch 1 (kernels/int4_matmul.py "
+                               "FUSE_NORMS; default: its setting) instead of the add + RMSNorm kernel"),
 }
 
 
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
-                      "mode1-slab": onoff[im.MODE1_FROM_SLAB]}
+                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -266,6 +268,7 @@ def main(argv=None) -> int:
             attention.DECODE_FUSED_ROPE = on["fused-rope"]
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
+            im.FUSE_NORMS = on["fused-norms"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
                 if on["pins"]:
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
             r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
-                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"])
+                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

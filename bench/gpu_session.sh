@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -162,6 +162,13 @@ for step in "${steps[@]}"; do
                    [ "${E2E_DECODE:-1}" = 1 ] && timeout 100 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                      --json "$OUT/decode_profile_defaults.json" 2>&1 | tee "$OUT/decode_profile_defaults.log" \
                      | grep -E "^llama|int4 gemv|_decode_kernel" ;;
+    norms_ab)  # each RMSNorm inside the MMA GEMVs around it (FUSE_NORMS): the GPU tests, then batch-1 decode off / on,
+               # with the bf16 head and (NORMS_HEAD=on,off) the int4 head
+              timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
+                tests/server/test_model.py -k "norm or silu or fused_rope" 2>&1 | tee "$OUT/norms_tests.log" | tail -4
+              timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-norms off,on \
+                --quantize-lm-head ${NORMS_HEAD:-off} --json "$OUT/decode_profile_norms.json" 2>&1 \
+                | tee "$OUT/decode_profile_norms.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
                   --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \

@@ -57,7 +57,7 @@ from .device import quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
 from .int4_mma_gemv import GROUP_SIZES as MMA_GROUP_SIZES
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
-from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_supported
+from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_fits, mma_gemv_supported
 from .int4_mma_gemv import load_f32 as _load_f32
 from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
 from .int4_mma_batch import MAX_SPLIT_K as MMA_BATCH_MAX_SPLIT_K
@@ -489,6 +489,11 @@ MMA_GEMV_POLICY = "auto"
 # each), takes 55 µs more; the graph is the same (2.380 / 2.382 ms). Off: the GEMV writes the projection and
 # kernels.fused.silu_mul gates it. (Interleaving gate and up rows at load time would keep the pairs adjacent.)
 FUSE_SILU_GATE = False
+# Decode of one sequence with every projection on the MMA GEMV (server/model.py Transformer.fuses_norms) runs each
+# RMSNorm inside the projections around it: the one before a norm adds its output into the residual stream and
+# writes round(h * weight) (accumulate, norm_out), the one after scales its sums by rsqrt(mean(h^2) + eps) (norm_in),
+# so no add + RMSNorm launch is left between them (64 a token on a 32-layer model). False: the add + RMSNorm kernel.
+FUSE_NORMS = True
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
@@ -986,7 +991,8 @@ def autotuners() -> dict:
     whose M <= DECODE_MAX_M and larger launches tune apart ("decode", "gemm"). For benches that report picks."""
     from . import int4_gemm, int4_mma_batch, int4_mma_gemv
 
-    return {"mma gemv": int4_mma_gemv._tuned, "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
+    return {"mma gemv": int4_mma_gemv._tuned, "mma gemv accum": int4_mma_gemv._tuned_accum,
+            "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
             "gemv": _gemv_kernel, "decode": _decode_kernel, "gemm": _gemm_kernel}
 
 
@@ -1068,11 +1074,18 @@ def int4_matmul(
     out: torch.Tensor | None = None,  # [M, N] x.dtype, contiguous rows (written, never read)
     scale_slots: int = 0,  # distinct scale_idx values among the rows, if the caller knows (0: unknown)
     silu_gate: bool = False,  # a fused gate / up projection: y [M, N / 2] = silu(y[:, :N/2]) * y[:, N/2:]
+    norm_in: tuple[torch.Tensor, float] | None = None,  # (h [1, K], eps): x = round(h * g), y *= rsqrt(mean(h^2)+eps)
+    accumulate: bool = False,  # out holds the residual stream: out = round(out + y)
+    norm_out: tuple[torch.Tensor, torch.Tensor] | None = None,  # (g [N], xg [1, N]): also xg = round(y * g)
 ) -> torch.Tensor:
     """y [M, N] in x.dtype; the adapted_linear_ref semantics. Tables may have any strides.
 
     silu_gate: the first N / 2 output columns gate the rest, y [M, N / 2] = silu(gate) * up (each rounded to
     x.dtype first); the MMA GEMV does it in its epilogue, other paths through kernels.fused.silu_mul.
+
+    norm_in, accumulate, norm_out: the RMSNorms around a projection, run in the one-row MMA GEMV's epilogue
+    (kernels.int4_mma_gemv.launch_mma_gemv has their semantics); a call that asks for them must be one that
+    kernel takes (mma_gemv_takes: M = 1, modes 1/2, ...; on CPU tensors the interpreter runs it).
 
     `mode` is the host hint (1 channel, 2 group, 3 alpha; see the module docstring); a bcq base
     (w.zeros_t is None) always runs mode 3. `config` (BLOCK_M, BLOCK_N, SPLIT_K, optional
@@ -1130,17 +1143,28 @@ def int4_matmul(
         b_args = (dummy, 0, 0, 0)
     kernel = autotuned_kernel(M, N, K, mode, w.group_size, scale_slots) if config is None and not interpret else None
     auto_mma = kernel == "mma gemv" and mma_gemv_supported(x, N, mode, w.group_size, has_zeros)
+    forced_mma = config is not None and config.get("MMA")
+    norms = norm_in is not None or accumulate or norm_out is not None
+    if norms:
+        if accumulate and out is None:
+            raise ValueError("accumulate adds into out (the residual stream): pass it")
+        if not (forced_mma or auto_mma or (interpret and config is None
+                                           and mma_gemv_supported(x, N, mode, w.group_size, has_zeros))):
+            raise ValueError("norm_in / accumulate / norm_out run in the one-row MMA GEMV's epilogue, which does not "
+                             f"take this call (M={M}, N={N}, K={K}, mode {mode}, group size {w.group_size}, "
+                             f"{x.dtype}): ask mma_gemv_takes first")
     # (a forced MMA config takes the SiLU epilogue whatever FUSE_SILU_GATE says: that is how the tests reach it)
-    if (config is not None and config.get("MMA")) or (auto_mma and (FUSE_SILU_GATE or not silu_gate)):
+    if forced_mma or ((auto_mma or norms) and (FUSE_SILU_GATE or not silu_gate)):
         ws = torch.empty((config.get("SPLIT_K", 1) if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,
                          device=x.device)
         return launch_mma_gemv(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
-                               _tile_counters(x.device, "mma"), silu=silu_gate)
+                               _tile_counters(x.device, "mma"), silu=silu_gate, norm_in=norm_in,
+                               accumulate=accumulate, norm_out=norm_out)
     if silu_gate:  # the other paths write the projection, then one row-wise kernel gates it
         from .fused import silu_mul
 
         full = int4_matmul(x, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
-                           scale_slots=scale_slots)
+                           scale_slots=scale_slots, norm_in=norm_in)
         return silu_mul(full, out=y)
     if (config is not None and config.get("MMA_BATCH")) or (
             kernel == "mma batch" and mma_batch_supported(x, N, mode, w.group_size, has_zeros)):
@@ -1304,18 +1328,37 @@ def _mode1_from_slab(layer, M: int, N: int, K: int) -> bool:
             and autotuned_kernel(M, N, K, MODE_GROUP, layer.group_size, 1) in ("mma gemv", "mma batch"))
 
 
-def adapted_linear(layer, x: torch.Tensor, rows, silu_gate: bool = False) -> torch.Tensor:
+def _kernel_mode(layer, M: int, mode: int) -> int:
+    """The mode adapted_linear runs rows of this mode in."""
+    if layer.method != "rtn":
+        return MODE_ALPHA
+    if mode == MODE_CHANNEL and _mode1_from_slab(layer, M, layer.out_features, layer.in_features):
+        return MODE_GROUP
+    return mode
+
+
+def mma_gemv_takes(layer, M: int, mode: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether adapted_linear(layer, x, rows) runs the one-row MMA GEMV, whose epilogue alone has the RMSNorms
+    (norm_in / accumulate / norm_out), for x [M, K] of this dtype on this device (its row 16-byte aligned, as
+    torch allocates) and rows of this mode; on CPU tensors the interpreter takes every call the kernel can run."""
+    layer.ensure_slab()
+    N, K, gs = layer.out_features, layer.in_features, layer.group_size
+    kmode = _kernel_mode(layer, M, mode)
+    if not mma_gemv_fits(M, N, K, kmode, gs, layer.method == "rtn", dtype, torch.device(device).type):
+        return False
+    return torch.device(device).type == "cpu" or autotuned_kernel(M, N, K, kmode, gs) == "mma gemv"
+
+
+def adapted_linear(layer, x: torch.Tensor, rows, silu_gate: bool = False, **norms) -> torch.Tensor:
     """QuantLinear's CUDA path: x [M, K] -> y [M, N] in x.dtype (+ layer.bias), per-row adapters
-    (silu_gate: [M, N / 2], int4_matmul's).
+    (silu_gate: [M, N / 2], int4_matmul's; norms: int4_matmul's out / norm_in / accumulate / norm_out).
 
     rows: RowAdapters (chan_idx, scale_idx, alpha_idx [M] int32, mode). Mode 1 assumes every
     row has scale_idx 0 and alpha_idx -1; mode 2 that every alpha_idx is -1 (the scheduler knows).
     """
     layer.ensure_slab()
     st = kernel_state(layer)
-    mode = rows.mode if layer.method == "rtn" else MODE_ALPHA
-    if mode == MODE_CHANNEL and _mode1_from_slab(layer, x.shape[0], layer.out_features, layer.in_features):
-        mode = MODE_GROUP
+    mode = _kernel_mode(layer, x.shape[0], rows.mode)
     scales = _n_major(st, "scales", layer.slab_scales) if mode != MODE_CHANNEL else None
     alphas = betas = None
     if mode == MODE_ALPHA:
@@ -1323,4 +1366,5 @@ def adapted_linear(layer, x: torch.Tensor, rows, silu_gate: bool = False) -> tor
         betas = _n_major(st, "betas", layer.slab_betas)
     chan = layer.slab_chan if layer.slab_chan.stride(-1) == 1 else layer.slab_chan.contiguous()
     return int4_matmul(x, st.weights, chan, scales, alphas, betas, rows.chan_idx.int(), rows.scale_idx.int(),
-                       rows.alpha_idx.int(), mode, layer.bias, scale_slots=rows.scale_slots, silu_gate=silu_gate)
+                       rows.alpha_idx.int(), mode, layer.bias, scale_slots=rows.scale_slots, silu_gate=silu_gate,
+                       **norms)

@@ -405,12 +405,14 @@ def _mma_gemv_kernel(
     chan_ptr, scale_ptr,  # slab tables [Sc, N], [Sg, N, G] (any float dtype, through strides)
     chan_idx_ptr, scale_idx_ptr,  # the row's slots (one element each)
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, N] f32, arrival counters (two per column tile, zero)
+    h_ptr, g_ptr, xg_ptr, eps,  # the RMSNorm epilogues: h [K] (NORM_IN), g [N] and xg [N] (NORM_OUT)
     N, K,
     stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
     F16: tl.constexpr, PDL: tl.constexpr, S_PAIR: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
+    NORM_IN: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr, NORM_CHUNK: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -420,7 +422,10 @@ def _mma_gemv_kernel(
     two steps an iteration, whose loads alternate between two sets of registers.
     SILU (a fused gate / up projection): the pairs are (j, N / 2 + j) instead, so each lane's diagonal holds a
     gate row and its up row, and the tile writes y[j] = silu(gate_j) * up_j, [N / 2]; the tables then take two
-    loads each."""
+    loads each.
+    The RMSNorms around a projection (launch_mma_gemv's docstring has the semantics): NORM_IN scales the sums by
+    rsqrt(mean(h^2) + eps), which every program computes from h itself; ACCUM adds y into the residual stream
+    y_ptr holds; NORM_OUT also writes xg = y * g."""
     tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1 and STAGES == 1), "UNROLL 2 takes DEPTH 1, STAGES 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -444,6 +449,8 @@ def _mma_gemv_kernel(
         prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
+    if NORM_IN:  # (the previous kernel wrote h: it is an L2 hit, and the first codes are on their way to L2)
+        rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
     z1p = zero_ptr + rows1[:, None]
     s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
@@ -553,20 +560,38 @@ def _mma_gemv_kernel(
             kb += 8
     y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)  # [HN]: rows0
     y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
+    if NORM_IN:
+        y0 *= rstd
+        y1 *= rstd
     if SILU:
-        _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr,
-                     cnt_ptr, N, stride_cs, HAS_BIAS, SPLIT_K)
+        _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr,
+                     ws_ptr, cnt_ptr, N, stride_cs, HAS_BIAS, SPLIT_K)
     else:
-        _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N,
-                    stride_cs, HAS_BIAS, SPLIT_K)
-        _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, N,
-                    stride_cs, HAS_BIAS, SPLIT_K)
+        _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
+                    g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
+        _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
+                    g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
+
+
+@triton.jit
+def _rms_inverse(h_ptr, K, eps, CHUNK: tl.constexpr):
+    """rsqrt(mean(h^2) + eps) of h [K], in float32; one load per CHUNK (>= K for the usual widths)."""
+    kk = tl.arange(0, CHUNK)
+    ss = tl.zeros([CHUNK], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        h = tl.load(h_ptr + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
+        ss += h * h
+        k0 += CHUNK
+    return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
 
 
 @triton.jit
 def _finish_row(y, rows, pid_n, pid_k, HALF_ID: tl.constexpr, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr,
-                cnt_ptr, N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[rows] = y * chan[c_0, rows] (+ bias); with split-K the last split of (tile, half) sums the partials."""
+                cnt_ptr, g_ptr, xg_ptr, N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                ACCUM: tl.constexpr, NORM_OUT: tl.constexpr):
+    """y[rows] = y * chan[c_0, rows] (+ bias) (ACCUM: added to y[rows]; NORM_OUT: xg[rows] = that * g[rows]); with
+    split-K the last split of (tile, half) sums the partials."""
     ok = rows < N
     cidx = tl.load(chan_idx_ptr).to(tl.int64)
     if SPLIT_K > 1:
@@ -579,9 +604,10 @@ def _finish_row(y, rows, pid_n, pid_k, HALF_ID: tl.constexpr, y_ptr, bias_ptr, c
             for sk in tl.static_range(SPLIT_K):
                 y += tl.load(ws_ptr + sk * N + rows, mask=ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
-            _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
+            _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS, ACCUM,
+                       NORM_OUT)
     else:
-        _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
+        _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS, ACCUM, NORM_OUT)
 
 
 @triton.jit
@@ -594,9 +620,17 @@ def _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.
 
 
 @triton.jit
-def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
+def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS: tl.constexpr,
+               ACCUM: tl.constexpr, NORM_OUT: tl.constexpr):
+    DT: tl.constexpr = y_ptr.dtype.element_ty
     y = _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
+    if ACCUM:  # (only this program reads or writes these elements)
+        y += tl.load(y_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    y = y.to(DT)
+    tl.store(y_ptr + rows, y, mask=ok)
+    if NORM_OUT:
+        g = tl.load(g_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        tl.store(xg_ptr + rows, (y.to(tl.float32) * g).to(DT), mask=ok)
 
 
 @triton.jit
@@ -670,11 +704,15 @@ MMA_CANDIDATE_CONFIGS = [
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
-_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU"]
+_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
                          cache_results=True)(_mma_gemv_kernel)
+# ACCUM reads y: the autotuner's timed launches would add into the residual stream again and again, so this one
+# restores y after each (a copy the other launches need not pay while they are timed)
+_tuned_accum = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench, cache_results=True,
+                               restore_value=["y_ptr"])(_mma_gemv_kernel)
 
 # Configs pinned per shape, (N, K, mode, group size) -> a config of the list's form (BLOCK_N, SPLIT_K, DEPTH, ...,
 # num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick; empty, every
@@ -698,6 +736,29 @@ def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int,
     return {k: {c: r[c] for c in _CONFIG_KEYS if r.get(c) is not None} for k, r in best.items()}
 
 
+NORM_MAX_CHUNK = 4096  # elements of h a program loads at once for NORM_IN (32 a thread at 4 warps)
+
+
+def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
+    K = x.shape[1]
+    if silu and (accumulate or norm_out is not None):
+        raise ValueError("a gate / up projection (silu) neither adds into a residual stream nor feeds a norm")
+    if norm_in is not None:
+        h, eps = norm_in
+        if h.shape not in ((K,), (1, K)) or h.dtype != x.dtype or not h.is_contiguous():
+            raise ValueError(f"norm_in's h must be a contiguous [1, {K}] {x.dtype}, got {list(h.shape)} {h.dtype}")
+        if not eps >= 0:
+            raise ValueError(f"norm_in's eps must be >= 0, got {eps}")
+    if norm_out is not None:
+        g, xg = norm_out
+        if g.shape != (N,) or not g.is_contiguous():
+            raise ValueError(f"norm_out's weight must be a contiguous [{N}], got {list(g.shape)}")
+        if xg.shape not in ((N,), (1, N)) or xg.dtype != y.dtype or not xg.is_contiguous():
+            raise ValueError(f"norm_out's xg must be a contiguous [1, {N}] {y.dtype}, got {list(xg.shape)} {xg.dtype}")
+        if xg.data_ptr() == y.data_ptr():
+            raise ValueError("norm_out's xg must not be y")
+
+
 def mma_gemv_supported(x: torch.Tensor, N: int, mode: int, group_size: int, has_zeros: bool) -> bool:
     """Whether the inputs fit this kernel (else the caller takes the CUDA-core GEMV / tensor-core paths).
 
@@ -705,11 +766,18 @@ def mma_gemv_supported(x: torch.Tensor, N: int, mode: int, group_size: int, has_
     8 and a 16-byte aligned row.
     """
     M, K = x.shape
+    return (mma_gemv_fits(M, N, K, mode, group_size, has_zeros, x.dtype, x.device.type)
+            and (x.device.type == "cpu" or (x.stride(1) == 1 and x.data_ptr() % 16 == 0)))
+
+
+def mma_gemv_fits(M: int, N: int, K: int, mode: int, group_size: int, has_zeros: bool, dtype: torch.dtype,
+                  device_type: str) -> bool:
+    """mma_gemv_supported's rules that do not look at x's memory (its row must also be 16-byte aligned)."""
     if not (M == 1 and N % 2 == 0 and mode in (1, 2) and has_zeros and group_size in GROUP_SIZES):
         return False
-    if x.device.type == "cpu":  # the interpreter computes in float32, from any float x
-        return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    return x.dtype in (torch.bfloat16, torch.float16) and K % 8 == 0 and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+    if device_type == "cpu":  # the interpreter computes in float32, from any float x
+        return dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return dtype in (torch.bfloat16, torch.float16) and K % 8 == 0
 
 
 def column_pairs_readable(table: torch.Tensor) -> bool:
@@ -725,11 +793,19 @@ def scale_pairs_readable(mode: int, scales: torch.Tensor | None) -> bool:
     return mode == 1 or column_pairs_readable(scales)
 
 
-def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt, silu=False):
+def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt, silu=False,
+                    norm_in=None, accumulate=False, norm_out=None):
     """y [1, N] = the modes 1/2 semantics for x [1, K]; ws: float32 workspace of at least
     MAX_SPLIT_K * N elements (SPLIT_K * N with a config), cnt: zeroed int32 counters (two per column tile).
     config: BLOCK_N, SPLIT_K, optional DEPTH / num_warps (else autotuned; a fixed one in the interpreter).
-    silu: a fused gate / up projection (gate rows first): y [1, N / 2] = silu(gate) * up instead."""
+    silu: a fused gate / up projection (gate rows first): y [1, N / 2] = silu(gate) * up instead.
+
+    The RMSNorms around a projection, in its epilogue (y_lin: the float32 sums above, before chan and bias):
+      norm_in = (h [1, K], eps): x is round(h * g) of an RMSNorm whose division is left here:
+                y_lin *= rsqrt(mean(h^2) + eps)
+      accumulate: y holds the residual stream, y = round(y + adapted y_lin) in place
+      norm_out = (g [N], xg [1, N]): also xg = round(y * g), the next RMSNorm's input (with its division left
+                to the projection that reads it)."""
     K = x.shape[1]
     N = w.N
     if not mma_gemv_supported(x, N, mode, w.group_size, w.zeros_t is not None):
@@ -737,16 +813,20 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
                          "on CUDA 16-bit x with a 16-byte aligned row and K a multiple of 8")
     if y.shape != (1, N // 2 if silu else N) or y.stride(-1) != 1:
         raise ValueError(f"y must be [1, {N // 2 if silu else N}] with unit stride")
+    _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out)
     if silu and scales is not None and scales.stride(1) != 1:  # the tables asm takes rows1 = rows0 + N / 2
         scales = scales.transpose(-1, -2).contiguous().transpose(-1, -2)
     q32 = w.codes_t.view(torch.int32)
     st = scales if scales is not None else w.zeros_t
     s_strides = (st.stride(0), st.stride(1), st.stride(2)) if scales is not None else (0, 0, 0)
+    h, eps = norm_in if norm_in is not None else (x, 0.0)
+    g, xg = norm_out if norm_out is not None else (x, x)
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
-            N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
+            h, g, xg, float(eps), N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
                 F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
-                **launch_kwargs(x))
+                NORM_IN=norm_in is not None, ACCUM=accumulate, NORM_OUT=norm_out is not None,
+                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -756,7 +836,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None and not silu and x.dtype == torch.bfloat16:
         config = PINNED.get((N, K, mode, w.group_size))
     if config is None:
-        _tuned[grid](*args, **meta)
+        (_tuned_accum if accumulate else _tuned)[grid](*args, **meta)
         return y
     cfg = {"DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1, **{k: v for k, v in config.items() if k != "MMA"}}
     if ws.numel() < cfg["SPLIT_K"] * N:

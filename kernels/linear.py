@@ -44,6 +44,16 @@ class RowAdapters:
         return cls(zeros, zeros.clone(), alpha.clone(), MODE_ALPHA if bcq_base else MODE_CHANNEL, 1)
 
 
+@dataclass(frozen=True)
+class NormedInput:
+    """The input of a projection that follows an RMSNorm whose division is left to the projection (the one-row
+    MMA GEMV's epilogue): xg = round(h * weight) [M, K], and h, whose rsqrt(mean(h^2) + eps) scales the sums."""
+
+    xg: torch.Tensor
+    h: torch.Tensor
+    eps: float
+
+
 class QuantLinear(nn.Module):
     """y = x @ W_{slot}^T (+ bias) for x [..., K]; W stored as int codes [N, K] packed two per byte."""
 
@@ -94,8 +104,10 @@ class QuantLinear(nn.Module):
         a, b = self.base_alphas()
         self.slab_alphas, self.slab_betas = a.unsqueeze(0), b.unsqueeze(0)
 
-    def forward(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedInput, rows: RowAdapters) -> torch.Tensor:
         # x: [..., K] -> [..., N]
+        if isinstance(x, NormedInput):
+            return self._mma_gemv(x.xg, rows, norm_in=(x.h, x.eps))
         self.ensure_slab()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -117,17 +129,32 @@ class QuantLinear(nn.Module):
             ).to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def silu_gate(self, x: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+    def silu_gate(self, x: torch.Tensor | NormedInput, rows: RowAdapters) -> torch.Tensor:
         """silu(y[..., :N/2]) * y[..., N/2:] of y = forward(x, rows), for a fused gate / up projection (gate
         rows first). On CUDA with the kernels, int4_matmul's silu_gate: the projection, then kernels.fused's
         SiLU launch, or (int4_matmul.FUSE_SILU_GATE) the one-row GEMV's epilogue instead of that launch; else
         the torch reference."""
+        if isinstance(x, NormedInput):
+            return self._mma_gemv(x.xg, rows, silu_gate=True, norm_in=(x.h, x.eps))
         if not (x.is_cuda and self.use_kernels):
             return silu_mul_ref(self(x, rows))
         from .int4_matmul import adapted_linear
 
         y = adapted_linear(self, x.reshape(-1, self.in_features), rows, silu_gate=True)
         return y.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def add_into(self, x: torch.Tensor, rows: RowAdapters, stream: torch.Tensor,
+                 next_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """stream += forward(x, rows) in place, rounded once (a residual add); next_norm = (weight, xg): also
+        xg = round(stream * weight), the NormedInput of the RMSNorm that reads the stream next."""
+        self._mma_gemv(x, rows, out=stream, accumulate=True, norm_out=next_norm)
+
+    def _mma_gemv(self, x: torch.Tensor, rows: RowAdapters, **kw) -> torch.Tensor:
+        # x [1, K]: the one-row MMA GEMV with its RMSNorm epilogues (int4_matmul.mma_gemv_takes says when it
+        # runs); on CPU tensors the Triton interpreter runs it (TRITON_INTERPRET=1)
+        from .int4_matmul import adapted_linear
+
+        return adapted_linear(self, x, rows, **kw)
 
     def invalidate_caches(self) -> None:
         self._cpu_cache = {}

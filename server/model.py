@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaleserve.kernels.linear import QuantLinear, RowAdapters
+from scaleserve.kernels.linear import NormedInput, QuantLinear, RowAdapters
 from scaleserve.kernels.reference import add_rms_norm_ref, paged_attention_ref, rope_ref, silu_mul_ref
 
 from .batch import Batch
@@ -146,12 +146,11 @@ class Attention(nn.Module):
         return (q.unflatten(-1, (a.n_heads, a.head_dim)), k.unflatten(-1, (a.n_kv_heads, a.head_dim)),
                 v.unflatten(-1, (a.n_kv_heads, a.head_dim)))
 
-    def project(self, x, rows, cos, sin, cache=None):
-        # x: [..., T, D] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied.
-        # cache = (k_cache, v_cache, slot_mapping) on the cache path (x [T, D], cos/sin [T, 1, hd] row for
+    def project(self, qkv, cos, sin, cache=None):
+        # qkv: [..., T, (H + 2 KVH) hd] -> q [..., T, H, hd], k/v [..., T, KVH, hd] with rope applied.
+        # cache = (k_cache, v_cache, slot_mapping) on the cache path (qkv [T, ...], cos/sin [T, 1, hd] row for
         # row): on CUDA one kernel rotates q and k in place and writes k and v to the cache -> (q, None, None)
         a = self.a
-        qkv = self.qkv(x, rows)
         if cache is not None and not a.qk_norm and fused_ok(qkv, self):
             from scaleserve.kernels.fused import rope_qk_
 
@@ -164,10 +163,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache):
         # x: [T, D]; k_cache/v_cache: [num_blocks, block_size, KVH, hd]
-        if batch.max_query_len == 1 and not self.a.qk_norm and fused_ok(x, self) and _decode_fused_rope():
-            return self.o(self.decode_fused_rope(x, rows, cos, sin, batch, k_cache, v_cache).flatten(-2), rows)
-        q, k, v = self.project(x, rows, cos, sin, cache=(k_cache, v_cache, batch.slot_mapping))
-        if x.is_cuda and self.use_kernels:
+        return self.o(self.attend(self.qkv(x, rows), cos, sin, batch, k_cache, v_cache), rows)
+
+    def attend(self, qkv, cos, sin, batch: Batch, k_cache, v_cache):
+        # qkv: [T, (H + 2 KVH) hd] -> o [T, H hd], the output projection's input; writes the tokens' K/V
+        if batch.max_query_len == 1 and not self.a.qk_norm and fused_ok(qkv, self) and _decode_fused_rope():
+            return self.decode_fused_rope(qkv, cos, sin, batch, k_cache, v_cache).flatten(-2)
+        q, k, v = self.project(qkv, cos, sin, cache=(k_cache, v_cache, batch.slot_mapping))
+        if qkv.is_cuda and self.use_kernels:
             from scaleserve.kernels.attention import paged_attention, write_kv
 
             if k is not None:  # not written by the RoPE kernel (q/k-norm models)
@@ -180,20 +183,21 @@ class Attention(nn.Module):
             v_cache.view(-1, *v.shape[1:])[batch.slot_mapping[keep]] = v[keep].to(v_cache.dtype)
             o = paged_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
                                     self.a.head_dim ** -0.5)
-        return self.o(o.flatten(-2), rows)
+        return o.flatten(-2)
 
-    def decode_fused_rope(self, x, rows, cos, sin, batch: Batch, k_cache, v_cache):
-        # decode, x: [B, D] -> o [B, H, hd]: RoPE and the new K/V row's cache write inside the attention kernel
+    def decode_fused_rope(self, qkv, cos, sin, batch: Batch, k_cache, v_cache):
+        # decode, qkv: [B, (H + 2 KVH) hd] -> o [B, H, hd]: RoPE and the new K/V row's cache write inside the
+        # attention kernel
         from scaleserve.kernels.attention import paged_attention
 
         a = self.a
-        q, k, v = self.split_heads(self.qkv(x, rows))
+        q, k, v = self.split_heads(qkv)
         return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
                                a.head_dim ** -0.5, 1, rope_kv=(k, v, cos, sin, batch.slot_mapping))
 
     def forward_dense(self, x, rows, cos, sin):
         # x: [B, S, D] causal self-attention with no cache
-        q, k, v = self.project(x, rows, cos, sin)
+        q, k, v = self.project(self.qkv(x, rows), cos, sin)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.a.n_heads != self.a.n_kv_heads)
         return self.o(o.transpose(1, 2).flatten(-2), rows)
@@ -219,6 +223,17 @@ class Block(nn.Module):
         self.mlp = FeedForward(a, q)
         self.input_norm = RMSNorm(a.dim, a.norm_eps)
         self.post_attn_norm = RMSNorm(a.dim, a.norm_eps)
+
+    def decode_fused_norms(self, x, xg, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache,
+                           next_norm: RMSNorm | None) -> None:
+        # one token, each norm inside the projections around it (Transformer.fuses_norms): x [1, D] the residual
+        # stream, updated in place; xg [1, D] = round(x * input_norm.weight) on entry, round(x * next_norm.weight)
+        # on return (not written when next_norm is None)
+        o = self.attn.attend(self.attn.qkv(NormedInput(xg, x, self.input_norm.eps), rows), cos, sin, batch,
+                             k_cache, v_cache)
+        self.attn.o.add_into(o, rows, x, (self.post_attn_norm.weight, xg))
+        up = self.mlp.gate_up.silu_gate(NormedInput(xg, x, self.post_attn_norm.eps), rows)
+        self.mlp.down.add_into(up, rows, x, None if next_norm is None else (next_norm.weight, xg))
 
 
 def _split_rope(rows: torch.Tensor):
@@ -282,11 +297,26 @@ class Transformer(nn.Module):
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w).float()
 
+    def fuses_norms(self, x: torch.Tensor, rows: RowAdapters) -> bool:
+        """Whether a step on x [T, D] runs every RMSNorm inside the projections around it (kernels/int4_matmul.py
+        FUSE_NORMS): one token, and every projection of a layer (all layers have the same) on the one-row MMA
+        GEMV, whose epilogue alone can do it."""
+        if x.shape[0] != 1 or not fused_ok(x, self.norm):
+            return False
+        from scaleserve.kernels import int4_matmul
+
+        first = self.layers[0]
+        return int4_matmul.FUSE_NORMS and all(
+            int4_matmul.mma_gemv_takes(m, 1, rows.mode, x.dtype, x.device)
+            for m in (first.attn.qkv, first.attn.o, first.mlp.gate_up, first.mlp.down))
+
     def forward(self, batch: Batch, k_caches: list, v_caches: list) -> torch.Tensor:
         """Logits [B, V] (float32) at each sequence's last new token; writes K/V of every token."""
         x = self.embed(batch.tokens)  # [T, D]
         cos, sin = self.rope(batch.positions)
         rows = batch.rows
+        if self.fuses_norms(x, rows):
+            return self.decode_fused_norms(x, rows, cos, sin, batch, k_caches, v_caches)
         delta = None  # the last sublayer's output, added to the residual stream x by the next norm
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
             h, x = layer.input_norm.add_forward(x, delta)
@@ -295,6 +325,27 @@ class Transformer(nn.Module):
             delta = layer.mlp(h, rows)
         # one new token per sequence (decode): every row's logits, in order
         return self.logits(x, rows, delta, None if batch.max_query_len == 1 else batch.logits_index)
+
+    def decode_fused_norms(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_caches: list,
+                           v_caches: list) -> torch.Tensor:
+        # x: [1, D], the embedding: the residual stream, updated in place -> logits [1, V] float32. Each
+        # projection before a norm adds into x and writes xg = round(x * the norm's weight); the one after reads
+        # xg and scales by the norm's rsqrt(mean(x^2) + eps). An int4 head on the MMA GEMV takes the final norm
+        # the same way; the bf16 head runs it as a kernel.
+        from scaleserve.kernels.int4_matmul import mma_gemv_takes
+
+        head_fuses = self.quantize_lm_head and mma_gemv_takes(self.lm_head, 1, rows.mode, x.dtype, x.device)
+        w0 = self.layers[0].input_norm.weight
+        xg = (x.float() * w0.float()).to(x.dtype)
+        for i, (layer, kc, vc) in enumerate(zip(self.layers, k_caches, v_caches)):
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1].input_norm
+            else:
+                nxt = self.norm if head_fuses else None
+            layer.decode_fused_norms(x, xg, rows, cos, sin, batch, kc, vc, nxt)
+        if head_fuses:
+            return self.lm_head(NormedInput(xg, x, self.norm.eps), rows).float()
+        return self.logits(x, rows)
 
     def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] float32; rows has one entry per token (B*S)."""

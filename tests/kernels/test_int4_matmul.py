@@ -348,6 +348,102 @@ def test_silu_gate_rejects_an_odd_width():
                     MODE_GROUP, silu_gate=True)
 
 
+# --- the RMSNorm epilogues of the MMA GEMV (norm_in, accumulate, norm_out) -----------------------
+
+def _norm_case(t, dtype, K, eps=1e-5):
+    """The RMSNorm a projection follows, with its division left to the projection: h [1, K], the norm weight,
+    x = round(h * g) in place of t's x, and rsqrt(mean(h^2) + eps)."""
+    g = _gen()
+    h = (torch.randn(1, K, generator=g) * 3).to(dtype).to(DEVICE)
+    weight = (0.5 + torch.rand(K, generator=g)).to(dtype).to(DEVICE)
+    t["x"] = (h.float() * weight.float()).to(dtype)
+    rstd = torch.rsqrt(h.float().pow(2).mean() + eps)
+    return h, rstd
+
+
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,norm_in,accumulate,norm_out", [
+    (2, 128, torch.bfloat16, "zipf", 16, 1, 1, True, False, False),
+    (2, 128, torch.float16, "distinct", 32, 2, 2, True, True, True),
+    (2, -1, torch.bfloat16, "base-only", 8, 3, 1, False, True, True),
+    (1, 128, torch.bfloat16, "uniform", 16, 2, 1, False, True, False),
+    (1, -1, torch.float16, "identical", 32, 1, 2, True, False, True),
+    (2, 128, torch.float32, "uniform", 16, 2, 1, True, True, True),
+])
+def test_mma_gemv_norm_epilogues(mode, gs, dtype, dist, bn, split, depth, norm_in, accumulate, norm_out):
+    """The RMSNorms around a projection in the one-row MMA GEMV's epilogue: norm_in scales the sums by
+    rsqrt(mean(h^2) + eps) of the h that x = round(h * g) came from, before the adapter's channel factor and the
+    bias; accumulate adds y into the residual stream out holds; norm_out also writes xg = round(out * g2).
+    Odd N (not a multiple of the tile), splits, biased cases; xg (and out where it is not the stream) poisoned."""
+    N, K = MMA_SHAPES[gs]
+    t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    h, rstd = _norm_case(t, dtype, K) if norm_in else (None, torch.tensor(1.0))
+    w = repack(pack_int4(t["codes"]), K, t["zeros"], t["base_scales"], gs, 4)
+    g = _gen()
+    stream = (torch.randn(1, N, generator=g) * 4).to(dtype).to(DEVICE)
+    out = stream.clone() if accumulate else torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
+    weight2 = (0.5 + torch.rand(N, generator=g)).to(dtype).to(DEVICE)
+    xg = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
+    y = int4_matmul(t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"],
+                    t["alpha_idx"], mode, bias=t["bias"], out=out,
+                    config={"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth},
+                    norm_in=(h, 1e-5) if norm_in else None, accumulate=accumulate,
+                    norm_out=(weight2, xg) if norm_out else None)
+    assert y.data_ptr() == out.data_ptr()
+    ref = reference({**t, "x": t["x"].float() * rstd.cpu().item()})
+    ref_cpu = ref.cpu()
+    if accumulate:  # the error is judged against the projection's size, not the stream's
+        err = (y.float().cpu() - (stream.float().cpu() + ref_cpu)).abs().max()
+        assert not y.isnan().any() and err <= TOL[dtype]["elem"] * ref_cpu.abs().max() + ULP[dtype] * y.abs().max()
+    else:
+        check(y, ref, dtype)
+    if norm_out:  # from the kernel's own y: the same roundings (the interpreter truncates, so one ulp)
+        want = (y.float() * weight2.float()).to(dtype).float()
+        assert not xg.isnan().any()
+        assert ((xg.float() - want).abs() <= 2 * ULP[dtype] * want.abs()).all()
+    else:
+        assert xg.isnan().all()
+
+
+def test_norm_in_reaches_the_gate_up_projection_fused_or_not():
+    """silu_gate with norm_in: the SiLU epilogue (a forced MMA config) and, under the default FUSE_SILU_GATE, the
+    MMA GEMV then kernels.fused.silu_mul; both scale gate and up before the SiLU."""
+    N, K = 2 * 69, 1160
+    t = make_case(1, N, K, 128, 4, MODE_GROUP, "zipf", torch.bfloat16)
+    h, rstd = _norm_case(t, torch.bfloat16, K)
+    w = repack(pack_int4(t["codes"]), K, t["zeros"], t["base_scales"], 128, 4)
+    want = _silu_gated(reference({**t, "x": t["x"].float() * rstd.cpu().item()}), torch.bfloat16)
+    args = (t["x"], w, t["chan"], t["scales"], None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"], MODE_GROUP)
+    for config in ({"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2}, None):
+        out = torch.full((1, N // 2), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        y = int4_matmul(*args, config=config, out=out, silu_gate=True, norm_in=(h, 1e-5))
+        check(y, want, torch.bfloat16, SILU_TOL)
+
+
+def test_norm_epilogues_refuse_what_they_cannot_do():
+    """Asked of a call the MMA GEMV does not take, or with inconsistent buffers: a clear error, nothing written."""
+    N, K = 40, 256
+    t = make_case(2, N, K, 128, 4, MODE_GROUP, "uniform", torch.bfloat16)
+    w = repack(pack_int4(t["codes"]), K, t["zeros"], t["base_scales"], 128, 4)
+    args = (w, t["chan"], t["scales"], None, None)
+    idx = (t["chan_idx"], t["scale_idx"], t["alpha_idx"])
+    h = torch.randn(1, K).to(torch.bfloat16).to(DEVICE)
+    stream = torch.randn(1, N).to(torch.bfloat16).to(DEVICE)
+    kept = stream.clone()
+    with pytest.raises(ValueError, match="MMA GEMV's epilogue"):  # two rows
+        int4_matmul(t["x"], *args, *idx, MODE_GROUP, norm_in=(h, 1e-5))
+    one = (t["x"][:1], *args, *(i[:1] for i in idx), MODE_GROUP)
+    with pytest.raises(ValueError, match="accumulate adds into out"):
+        int4_matmul(*one, accumulate=True)
+    with pytest.raises(ValueError, match="norm_in's h"):
+        int4_matmul(*one, norm_in=(h[:, :-8], 1e-5))
+    with pytest.raises(ValueError, match="norm_out's xg"):
+        int4_matmul(*one, out=stream, accumulate=True, norm_out=(torch.ones(N, device=DEVICE), stream))
+    with pytest.raises(ValueError, match="neither adds"):
+        int4_matmul(*one, out=torch.empty(1, N // 2, dtype=torch.bfloat16, device=DEVICE), accumulate=True,
+                    silu_gate=True, config={"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})
+    assert torch.equal(stream, kept)
+
+
 def test_mma_gemv_rejects_what_it_cannot_run():
     """Mode 3, group size 32, two rows and an odd N are refused with a clear error, not computed wrongly."""
     for mode, gs, M, N in ((MODE_ALPHA, 128, 1, 40), (MODE_GROUP, 32, 1, 40), (MODE_GROUP, 128, 2, 40),

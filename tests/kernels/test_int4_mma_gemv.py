@@ -49,14 +49,16 @@ for case in json.loads(sys.argv[1]):
     kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
     x = "*fp16" if case["f16"] else "*bf16"
     ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
-                scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32")
+                scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32",
+                h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
-                 PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"], **case["meta"])
+                 PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"],
+                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, **case["meta"]})
     const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if n not in const and n != "stride_sn"}
+             if n not in const and n not in ("stride_sn", "eps")}
     opts = dict(num_warps=case["num_warps"], num_stages=1, **({"maxnreg": case["maxnreg"]} if case["maxnreg"] else {}))
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 64), options=opts)
@@ -93,6 +95,9 @@ def _cases():
             # the SiLU-gated projection (rows N / 2 apart: the tables' two-load asm)
             + [gemv(c, s_pair=False, silu=True) for c in MMA_GEMV_CONFIGS[:3]]
             + [gemv(first, mode=1, group_size=-1, slab="*bf16", s_pair=False, silu=True)]
+            # the RMSNorm epilogues: a projection after a norm (its rsqrt in the prologue), one before a norm
+            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=True), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
+               gemv(first, s_pair=False, silu=True, NORM_IN=True)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])

@@ -171,6 +171,59 @@ def test_rope_table_rows_are_the_direct_formula(tiny_lm):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("int4_head", [False, True])
+def test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels(int4_head, tmp_path, make_hf_checkpoint,
+                                                                           monkeypatch):
+    """A one-token step with every RMSNorm inside the projections around it (Transformer.decode_fused_norms: the
+    o / down projections add into the residual stream and write x * weight, qkv / gate-up / an int4 head scale by
+    the norm's rsqrt) gives the logits and K/V cache writes of the step with the norm kernels. The MMA GEMV runs
+    natively on CUDA (bf16) or under the interpreter on the CPU (float32, the step forced onto that path)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from scaleserve.kernels import int4_matmul, int4_mma_gemv
+    from scaleserve.server.model import Transformer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not isinstance(int4_mma_gemv._mma_gemv_kernel, InterpretedFunction):
+        pytest.skip("the kernels were imported without TRITON_INTERPRET=1 (run with tests/kernels, or set it)")
+    # widths the MMA GEMV takes on the GPU: K a multiple of 8, group size 128 (one ragged group at K = 64)
+    src = make_hf_checkpoint(tmp_path / "hf", "llama", intermediate_size=176)
+    qdir = tmp_path / "q"
+    quantize_checkpoint(src, qdir, QuantConfig("rtn", 4, 128), quantize_lm_head=int4_head, progress=False)
+    m = load_model(qdir, device=dev).model
+    with torch.no_grad():  # (HF starts every norm weight at 1, which would hide a norm weight left out)
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    a, bs = m.args, 4
+    slab = AdapterSlab(m, 2, 2, 2)
+    kv = [KVCache(a.n_layers, 16, bs, a.n_kv_heads, a.head_dim, m.embed.weight.dtype, dev) for _ in range(2)]
+    for layer in range(a.n_layers):
+        for c0, c1 in ((kv[0].k[layer], kv[1].k[layer]), (kv[0].v[layer], kv[1].v[layer])):
+            c0.copy_(torch.randn(c0.shape))
+            c1.copy_(c0)
+    batch = Batch.build([([11], 6, [2, 5])], bs, slab.rows([BASE], [1]), dev)  # 6 cached, a 7th token
+    fused = []
+    real = Transformer.fuses_norms
+    if dev == "cpu":  # fused_ok keeps CPU tensors on the reference ops: force the step through the kernels
+        monkeypatch.setattr(Transformer, "fuses_norms", lambda self, x, rows: bool(fused.append(1)) or True)
+    else:
+        monkeypatch.setattr(Transformer, "fuses_norms",
+                            lambda self, x, rows: bool(fused.append(1)) or real(self, x, rows))
+    with torch.inference_mode():
+        got = m(batch, kv[1].k, kv[1].v)
+        assert fused and m.fuses_norms(m.embed(batch.tokens), batch.rows), "the step did not take the fused norms"
+        monkeypatch.setattr(int4_matmul, "FUSE_NORMS", False)
+        monkeypatch.setattr(Transformer, "fuses_norms", real)
+        want = m(batch, kv[0].k, kv[0].v)
+    assert not m.fuses_norms(m.embed(batch.tokens), batch.rows)
+    tol = 3e-2 if dev == "cuda" else 1e-4  # bf16 on CUDA: the roundings of x * weight and of the stream differ
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= tol * scale, float((got - want).abs().max() / scale)
+    for c_got, c_want in zip(kv[1].k + kv[1].v, kv[0].k + kv[0].v):
+        torch.testing.assert_close(c_got, c_want, rtol=tol, atol=tol)
+
+
 def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm, monkeypatch):
     """Attention.decode_fused_rope (the decode kernel rotates q / k and writes the new K/V row) gives the layer's
     output and caches of the path that rotates first, for a decode batch of different contexts with a graph's
@@ -200,7 +253,7 @@ def test_decode_fused_rope_matches_the_unfused_layer(tiny_lm, monkeypatch):
     monkeypatch.setattr(attention, "DECODE_FUSED_ROPE", False)  # the layer's own path: RoPE launch, then attention
     with torch.inference_mode():
         want = layer(x, batch.rows, cos, sin, batch, kv[0].k[0], kv[0].v[0])  # CPU: the reference ops
-        got = layer.o(layer.decode_fused_rope(x, batch.rows, cos, sin, batch, kv[1].k[0], kv[1].v[0]).flatten(-2),
+        got = layer.o(layer.decode_fused_rope(layer.qkv(x, batch.rows), cos, sin, batch, kv[1].k[0], kv[1].v[0]).flatten(-2),
                       batch.rows)
     # on CUDA the float32 model's attention dots run in TF32 (tl.dot's default), and the fused path takes the
     # new key's score outside them: the two paths part at TF32's rounding there
