@@ -335,8 +335,7 @@ class Transformer(nn.Module):
         from scaleserve.kernels.int4_matmul import mma_gemv_takes
 
         head_fuses = self.quantize_lm_head and mma_gemv_takes(self.lm_head, 1, rows.mode, x.dtype, x.device)
-        w0 = self.layers[0].input_norm.weight
-        xg = (x.float() * w0.float()).to(x.dtype)
+        xg = x * self.layers[0].input_norm.weight.to(x.dtype)  # (16-bit operands: one rounding of the product)
         for i, (layer, kc, vc) in enumerate(zip(self.layers, k_caches, v_caches)):
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1].input_norm
