@@ -205,6 +205,7 @@ def test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels(int4_
     batch = Batch.build([([11], 6, [2, 5])], bs, slab.rows([BASE], [1]), dev)  # 6 cached, a 7th token
     fused = []
     real = Transformer.fuses_norms
+    monkeypatch.setattr(int4_matmul, "FUSE_NORMS", True)
     if dev == "cpu":  # fused_ok keeps CPU tensors on the reference ops: force the step through the kernels
         monkeypatch.setattr(Transformer, "fuses_norms", lambda self, x, rows: bool(fused.append(1)) or True)
     else:
