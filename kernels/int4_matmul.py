@@ -492,8 +492,10 @@ FUSE_SILU_GATE = False
 # Decode of one sequence with every projection on the MMA GEMV (server/model.py Transformer.fuses_norms) runs each
 # RMSNorm inside the projections around it: the one before a norm adds its output into the residual stream and
 # writes round(h * weight) (accumulate, norm_out), the one after scales its sums by rsqrt(mean(h^2) + eps) (norm_in),
-# so no add + RMSNorm launch is left between them (64 a token on a 32-layer model). False: the add + RMSNorm kernel.
-FUSE_NORMS = True
+# so no add + RMSNorm launch is left between them (64 a token on a 32-layer model). Off until a GPU has measured it
+# (`bench/decode_profile.py --fused-norms off,on`; session 17 got no GPU): its tests run on the CPU (interpreter) and
+# force it on the GPU. False: the add + RMSNorm kernel.
+FUSE_NORMS = False
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
