@@ -165,7 +165,7 @@ for step in "${steps[@]}"; do
     norms_ab)  # each RMSNorm inside the MMA GEMVs around it (FUSE_NORMS): the GPU tests, then batch-1 decode off / on,
                # with the bf16 head and (NORMS_HEAD=on,off) the int4 head
               timeout ${NORMS_TESTS_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
-                tests/server/test_model.py -k "norm or silu or fused_rope" 2>&1 | tee "$OUT/norms_tests.log" | tail -4
+                tests/server/test_model.py -k "${NORMS_K:-norm or silu or fused_rope}" 2>&1 | tee "$OUT/norms_tests.log" | tail -4
               timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-norms off,on \
                 --quantize-lm-head ${NORMS_HEAD:-off} --json "$OUT/decode_profile_norms.json" 2>&1 \
                 | tee "$OUT/decode_profile_norms.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
