@@ -1073,7 +1073,7 @@ def int4_matmul(
     mode: int,
     bias: torch.Tensor | None = None,  # [N]
     config: dict | None = None,
-    out: torch.Tensor | None = None,  # [M, N] x.dtype, contiguous rows (written, never read)
+    out: torch.Tensor | None = None,  # [M, N] x.dtype, contiguous rows (written; read only to accumulate)
     scale_slots: int = 0,  # distinct scale_idx values among the rows, if the caller knows (0: unknown)
     silu_gate: bool = False,  # a fused gate / up projection: y [M, N / 2] = silu(y[:, :N/2]) * y[:, N/2:]
     norm_in: tuple[torch.Tensor, float] | None = None,  # (h [1, K], eps): x = round(h * g), y *= rsqrt(mean(h^2)+eps)
