@@ -492,10 +492,12 @@ FUSE_SILU_GATE = False
 # Decode of one sequence with every projection on the MMA GEMV (server/model.py Transformer.fuses_norms) runs each
 # RMSNorm inside the projections around it: the one before a norm adds its output into the residual stream and
 # writes round(h * weight) (accumulate, norm_out), the one after scales its sums by rsqrt(mean(h^2) + eps) (norm_in),
-# so no add + RMSNorm launch is left between them (64 a token on a 32-layer model). Off until a GPU has measured it
-# (`bench/decode_profile.py --fused-norms off,on`; session 17 got no GPU): its tests run on the CPU (interpreter) and
-# force it on the GPU. False: the add + RMSNorm kernel.
-FUSE_NORMS = False
+# so no add + RMSNorm launch is left between them (64 a token on a 32-layer model). H100, random Llama-2-7B g128, batch
+# 1, same call (`bench/decode_profile.py --fused-norms off,on`, bench/NOTES-kernels.md session 17): the norms' 122 µs
+# a token go, the GEMVs that scale by the rsqrt take 54 µs more (each program sums the stream's squares first); graph
+# 2.312 -> 2.275 ms back to back, 425.5 -> 434.2 tok/s overlapped (int4 head: 2.246 -> 2.206 ms, 437.8 -> 448.2).
+# False: the add + RMSNorm kernel.
+FUSE_NORMS = True
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
