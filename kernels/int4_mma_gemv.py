@@ -736,7 +736,10 @@ def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int,
     return {k: {c: r[c] for c in _CONFIG_KEYS if r.get(c) is not None} for k, r in best.items()}
 
 
-NORM_MAX_CHUNK = 4096  # elements of h a program loads at once for NORM_IN (32 a thread at 4 warps)
+# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps). The sum of squares comes before the
+# loop, and the loop waits for it: ~0.8 µs a consuming launch on the H100 (session 17); summing after the first
+# steps' loads are issued is untried. (Comments inside the jitted functions would change their cache keys.)
+NORM_MAX_CHUNK = 4096
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
