@@ -424,8 +424,8 @@ def _mma_gemv_kernel(
     gate row and its up row, and the tile writes y[j] = silu(gate_j) * up_j, [N / 2]; the tables then take two
     loads each.
     The RMSNorms around a projection (launch_mma_gemv's docstring has the semantics): NORM_IN scales the sums by
-    rsqrt(mean(h^2) + eps), which every program computes from h itself; ACCUM adds y into the residual stream
-    y_ptr holds; NORM_OUT also writes xg = y * g."""
+    rsqrt(mean(h^2) + eps), which every program computes from h itself (NORM_IN 1: first thing; 2: once the first
+    steps' loads are issued); ACCUM adds y into the residual stream y_ptr holds; NORM_OUT also writes xg = y * g."""
     tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1 and STAGES == 1), "UNROLL 2 takes DEPTH 1, STAGES 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -449,7 +449,7 @@ def _mma_gemv_kernel(
         prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
-    if NORM_IN:  # (the previous kernel wrote h: it is an L2 hit, and the first codes are on their way to L2)
+    if NORM_IN == 1 or (NORM_IN == 2 and not FAST):  # (the previous kernel wrote h: an L2 hit)
         rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
     z1p = zero_ptr + rows1[:, None]
@@ -473,6 +473,8 @@ def _mma_gemv_kernel(
     if FAST and STAGES > 1:
         tn, x0n, x1n, x2n, x3n = _kmajor_side(kb_lo, kb_hi, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword,
                                               diag, True, ONE_GROUP, S_PAIR, SILU)
+        if NORM_IN == 2:
+            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in tl.range(kb_lo, kb_hi, 8, num_stages=STAGES):
             w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock)
             tt = tn
@@ -494,6 +496,8 @@ def _mma_gemv_kernel(
         w0a, w1a, ta, x0a, x1a, x2a, x3a = _kmajor_load(
             kb_lo, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR,
             SILU, True)
+        if NORM_IN == 2:
+            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in range(kb_lo, kb_hi, 16):
             w0b, w1b, tb, x0b, x1b, x2b, x3b = _kmajor_load(
                 kb + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
@@ -519,6 +523,8 @@ def _mma_gemv_kernel(
             w0m, w1m, tm, x0m, x1m, x2m, x3m = _kmajor_load(
                 kb_lo + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP,
                 S_PAIR, SILU)
+        if NORM_IN == 2:
+            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in range(kb_lo, kb_hi, 8):
             w0 = w0n
             w1 = w1n
@@ -736,10 +742,13 @@ def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int,
     return {k: {c: r[c] for c in _CONFIG_KEYS if r.get(c) is not None} for k, r in best.items()}
 
 
-# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps). The sum of squares comes before the
-# loop, and the loop waits for it: ~0.8 µs a consuming launch on the H100 (session 17); summing after the first
-# steps' loads are issued is untried. (Comments inside the jitted functions would change their cache keys.)
+# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps).
 NORM_MAX_CHUNK = 4096
+# Where a NORM_IN program sums h's squares (the kernel's NORM_IN constexpr: 1 before, 2 after): right after
+# griddepcontrol.wait, before its first step's loads are issued, the loop waited for it: ~0.8 µs a consuming launch
+# on the H100 (session 17). After those loads are issued (GPU paths; the interpreter sums first either way), the
+# sum's L2 round trip overlaps theirs. (Comments inside the jitted functions would change their cache keys.)
+NORM_IN_AFTER_FIRST_LOADS = True
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
@@ -828,7 +837,8 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
             h, g, xg, float(eps), N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
                 F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
-                NORM_IN=norm_in is not None, ACCUM=accumulate, NORM_OUT=norm_out is not None,
+                NORM_IN=0 if norm_in is None else 2 if NORM_IN_AFTER_FIRST_LOADS else 1,
+                ACCUM=accumulate, NORM_OUT=norm_out is not None,
                 NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), **launch_kwargs(x))
 
     def grid(meta):

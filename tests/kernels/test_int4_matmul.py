@@ -361,20 +361,24 @@ def _norm_case(t, dtype, K, eps=1e-5):
     return h, rstd
 
 
-@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,depth,norm_in,accumulate,norm_out", [
-    (2, 128, torch.bfloat16, "zipf", 16, 1, 1, True, False, False),
-    (2, 128, torch.float16, "distinct", 32, 2, 2, True, True, True),
-    (2, -1, torch.bfloat16, "base-only", 8, 3, 1, False, True, True),
-    (1, 128, torch.bfloat16, "uniform", 16, 2, 1, False, True, False),
-    (1, -1, torch.float16, "identical", 32, 1, 2, True, False, True),
-    pytest.param(2, 128, torch.float32, "uniform", 16, 2, 1, True, True, True,
+@pytest.mark.parametrize("mode,gs,dtype,dist,bn,split,loop,norm_in,accumulate,norm_out", [
+    (2, 128, torch.bfloat16, "zipf", 16, 1, {}, True, False, False),
+    (2, 128, torch.float16, "distinct", 32, 2, {"DEPTH": 2}, True, True, True),
+    (2, -1, torch.bfloat16, "base-only", 8, 3, {}, False, True, True),
+    (1, 128, torch.bfloat16, "uniform", 16, 2, {}, False, True, False),
+    (1, -1, torch.float16, "identical", 32, 1, {"DEPTH": 2}, True, False, True),
+    # the GPU's other two loops (each sums h's squares after its own first loads)
+    (2, 128, torch.bfloat16, "uniform", 16, 2, {"UNROLL": 2}, True, True, True),
+    (1, 128, torch.float16, "zipf", 32, 1, {"STAGES": 2}, True, False, False),
+    pytest.param(2, 128, torch.float32, "uniform", 16, 2, {}, True, True, True,
                  marks=pytest.mark.skipif(CUDA, reason="on the GPU the MMA GEMV takes 16-bit x")),
 ])
-def test_mma_gemv_norm_epilogues(mode, gs, dtype, dist, bn, split, depth, norm_in, accumulate, norm_out):
+def test_mma_gemv_norm_epilogues(mode, gs, dtype, dist, bn, split, loop, norm_in, accumulate, norm_out):
     """The RMSNorms around a projection in the one-row MMA GEMV's epilogue: norm_in scales the sums by
     rsqrt(mean(h^2) + eps) of the h that x = round(h * g) came from, before the adapter's channel factor and the
     bias; accumulate adds y into the residual stream out holds; norm_out also writes xg = round(out * g2).
-    Odd N (not a multiple of the tile), splits, biased cases; xg (and out where it is not the stream) poisoned."""
+    Odd N (not a multiple of the tile), splits, biased cases, each GPU loop (DEPTH 1 / 2, UNROLL 2, STAGES 2);
+    xg (and out where it is not the stream) poisoned."""
     N, K = MMA_SHAPES[gs]
     t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
     h, rstd = _norm_case(t, dtype, K) if norm_in else (None, torch.tensor(1.0))
@@ -386,7 +390,7 @@ def test_mma_gemv_norm_epilogues(mode, gs, dtype, dist, bn, split, depth, norm_i
     xg = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
     y = int4_matmul(t["x"], w, t["chan"], t["scales"], t["alphas"], t["betas"], t["chan_idx"], t["scale_idx"],
                     t["alpha_idx"], mode, bias=t["bias"], out=out,
-                    config={"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth},
+                    config={"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, **loop},
                     norm_in=(h, 1e-5) if norm_in else None, accumulate=accumulate,
                     norm_out=(weight2, xg) if norm_out else None)
     assert y.data_ptr() == out.data_ptr()

@@ -95,9 +95,10 @@ def _cases():
             # the SiLU-gated projection (rows N / 2 apart: the tables' two-load asm)
             + [gemv(c, s_pair=False, silu=True) for c in MMA_GEMV_CONFIGS[:3]]
             + [gemv(first, mode=1, group_size=-1, slab="*bf16", s_pair=False, silu=True)]
-            # the RMSNorm epilogues: a projection after a norm (its rsqrt in the prologue), one before a norm
-            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=True), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
-               gemv(first, s_pair=False, silu=True, NORM_IN=True)]
+            # the RMSNorm epilogues: a projection after a norm (its rsqrt summed after the first loads, or first),
+            # one before a norm
+            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=2), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
+               gemv(first, s_pair=False, silu=True, NORM_IN=1)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
