@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [norm_sum_ab] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [norm_sum_ab] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -177,6 +177,16 @@ for step in "${steps[@]}"; do
               timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --norm-sum-late off,on \
                 --quantize-lm-head ${NORMS_HEAD:-on} --json "$OUT/decode_profile_norm_sum.json" 2>&1 \
                 | tee "$OUT/decode_profile_norm_sum.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
+    ncu_gemv)  # Nsight Compute on the MMA GEMV, the four 7B shapes at the decode step's configs (bench/ncu_gemv.py)
+              ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+              stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard \
+                wait math_pipe_throttle mio_throttle lg_throttle barrier not_selected selected dispatch_stall \
+                no_instruction branch_resolving drain imc_miss membar sleeping tex_throttle)
+              timeout ${NCU_TIMEOUT:-240} "$ncu_bin" --clock-control none -k regex:_mma_gemv_kernel --launch-count 16 \
+                --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+                --section MemoryWorkloadAnalysis --section LaunchStats --metrics "${stalls%,}" --csv --page details \
+                python3 bench/ncu_gemv.py > "$OUT/ncu_gemv.csv" 2> "$OUT/ncu_gemv.log"
+              tail -3 "$OUT/ncu_gemv.log"; python3 bench/ncu_gemv.py --summarize "$OUT/ncu_gemv.csv" ;;
     lm_head_ab)  # the output projection in int4 (the MMA GEMV) against bf16 cuBLAS, batch 1
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head off,on \
                   --json "$OUT/decode_profile_lm_head.json" 2>&1 | tee "$OUT/decode_profile_lm_head.log" \

@@ -1,0 +1,91 @@
+"""Hardware counters of the one-row MMA GEMV on the four Llama-2-7B shapes (g128, mode 2: one adapter's scales),
+each launched with a fixed config (default: the autotuner's H100 picks in the batch-1 decode step, session 17).
+
+Run it under Nsight Compute; it launches each shape's kernel --launches times on weights L2 cannot hold:
+
+  ncu --clock-control none -k regex:_mma_gemv_kernel --section SpeedOfLight --section Occupancy \
+      --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --csv --page details python3 bench/ncu_gemv.py > ncu.csv
+
+(bench/gpu_session.sh ncu_gemv adds the warp stall reasons as --metrics.) Without ncu it prints each shape's time per
+launch (CUDA events around --launches launches), as a sanity check. `--summarize ncu.csv` prints a table of the
+launches' key figures from that CSV (on any machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+# bench/kernels.py by path: the name `kernels` is also the repository's kernel package (and a PyPI package)
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_kernels)
+
+# (BLOCK_N, SPLIT_K, DEPTH, num_warps) per shape: the H100 decode step's picks (bench/results/
+# decode-profile-norms-int4-head-s17-h100.json, "autotune_picks")
+STEP_PICKS = {"qkv": (32, 1, 1, 4), "o": (16, 1, 2, 4), "gate_up": (32, 1, 1, 4), "down": (16, 1, 2, 8)}
+
+
+# what --summarize prints a column of, per launch: (label, metric name as ncu's details page / --metrics spell it)
+SUMMARY = (("µs", "Duration"), ("DRAM %", "DRAM Throughput"), ("mem %", "Memory Throughput"),
+           ("issue/cyc", "Issued Ipc Active"), ("warps/sched", "Active Warps Per Scheduler"),
+           ("eligible", "Eligible Warps Per Scheduler"), ("no-elig %", "No Eligible"),
+           ("occ %", "Achieved Occupancy"), ("regs", "Registers Per Thread"))
+STALL_PREFIX = "smsp__average_warps_issue_stalled_"
+
+
+def summarize(path: str) -> None:
+    """Per launch: SUMMARY's figures, then the three largest warp stall reasons (warps stalled per issue)."""
+    launches: dict[str, dict] = {}
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]  # (ncu prints its own log lines first)
+    for row in csv.DictReader(lines):
+        launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"][:20], "grid": row["Grid Size"]})
+        launch[row["Metric Name"]] = row["Metric Value"]
+    print(f"{'launch':>6} {'grid':>12} " + " ".join(f"{label:>11}" for label, _ in SUMMARY) + "  top stalls (per issue)")
+    for lid, m in launches.items():
+        stalls = sorted(((float(v.replace(",", "")), k[len(STALL_PREFIX):].split("_per_")[0])
+                         for k, v in m.items() if k.startswith(STALL_PREFIX) and v not in ("", "n/a")), reverse=True)
+        print(f"{lid:>6} {m['grid']:>12} " + " ".join(f"{m.get(name, '-'):>11}" for _, name in SUMMARY) + "  "
+              + ", ".join(f"{name} {v:.2f}" for v, name in stalls[:3]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(STEP_PICKS))
+    p.add_argument("--configs", type=json.loads, default={},
+                   help='JSON {shape: [BLOCK_N, SPLIT_K, DEPTH, num_warps]} replacing STEP_PICKS\' entries')
+    p.add_argument("--launches", type=int, default=3)
+    p.add_argument("--summarize", metavar="CSV", help="print the key figures of an ncu CSV of this script's launches")
+    a = p.parse_args(argv)
+    if a.summarize:
+        summarize(a.summarize)
+        return 0
+    picks = {**STEP_PICKS, **{k: tuple(v) for k, v in a.configs.items()}}
+    cache: dict = {}
+    for shape in a.shapes.split(","):
+        K, N = bench_kernels.SHAPES[shape]
+        bn, sk, depth, warps = picks[shape]
+        config = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "num_warps": warps}
+        calls = bench_kernels.ours_calls(K, N, 128, 2, 1, 1, cache, 1, config)
+        calls[0]()  # compile outside the timed launches
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(a.launches):
+            calls[1 + i % (len(calls) - 1)]()
+        end.record()
+        end.synchronize()
+        print(f"{shape:8} K {K:5} N {N:5} config {picks[shape]}: {start.elapsed_time(end) * 1e3 / a.launches:.1f} µs "
+              "a launch (host-launched, not graph replay)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
