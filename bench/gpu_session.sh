@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [norm_sum_ab] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [epilogue_ab] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -169,14 +169,16 @@ for step in "${steps[@]}"; do
               timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-norms off,on \
                 --quantize-lm-head ${NORMS_HEAD:-off} --json "$OUT/decode_profile_norms.json" 2>&1 \
                 | tee "$OUT/decode_profile_norms.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
-    norm_sum_ab)  # where a projection after a fused norm sums h's squares (NORM_IN_AFTER_FIRST_LOADS): the GPU tests of
-                  # the norm epilogues, then batch-1 decode with the sum before / after the first loads (int4 head)
-              timeout ${NORMS_TESTS_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
-                tests/kernels/test_int4_mma_gemv.py tests/server/test_model.py -k "norm or layout" 2>&1 \
-                | tee "$OUT/norm_sum_tests.log" | tail -4
-              timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --norm-sum-late off,on \
-                --quantize-lm-head ${NORMS_HEAD:-on} --json "$OUT/decode_profile_norm_sum.json" 2>&1 \
-                | tee "$OUT/decode_profile_norm_sum.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
+    epilogue_ab)  # the MMA GEMV's prologue / epilogue latencies: where a projection after a fused norm sums h's squares
+                  # (NORM_IN_AFTER_FIRST_LOADS), and the tile's epilogue loads all before its stores (PAIR_EPILOGUE): the
+                  # GPU tests of the MMA GEMV, then batch-1 decode with each off / on (int4 head)
+              timeout ${EPI_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
+                tests/kernels/test_int4_mma_gemv.py tests/server/test_model.py -k "${EPI_K:-norm or layout or mma_gemv_small}" 2>&1 \
+                | tee "$OUT/epilogue_tests.log" | tail -4
+              timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
+                --norm-sum-late ${EPI_NORM:-off,on} --pair-epilogue ${EPI_PAIR:-off,on} --quantize-lm-head ${NORMS_HEAD:-on} \
+                --json "$OUT/decode_profile_epilogue.json" 2>&1 | tee "$OUT/decode_profile_epilogue.log" \
+                | grep -E "^llama|int4 gemv|norm|lm_head" ;;
     ncu_gemv)  # Nsight Compute on the MMA GEMV, the four 7B shapes at the decode step's configs (bench/ncu_gemv.py)
               ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
               stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard \

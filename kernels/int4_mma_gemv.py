@@ -413,6 +413,7 @@ def _mma_gemv_kernel(
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
     NORM_IN: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr, NORM_CHUNK: tl.constexpr,
+    PAIR_EPILOGUE: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -451,6 +452,8 @@ def _mma_gemv_kernel(
     wait_for_producer(PDL)
     if NORM_IN == 1 or (NORM_IN == 2 and not FAST):  # (the previous kernel wrote h: an L2 hit)
         rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
+    if PAIR_EPILOGUE:
+        cidx = tl.load(chan_idx_ptr).to(tl.int64)  # (its round trip overlaps the first steps')
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
     z1p = zero_ptr + rows1[:, None]
     s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
@@ -572,6 +575,9 @@ def _mma_gemv_kernel(
     if SILU:
         _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr,
                      ws_ptr, cnt_ptr, N, stride_cs, HAS_BIAS, SPLIT_K)
+    elif PAIR_EPILOGUE:
+        _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr,
+                     xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
     else:
         _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
                     g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
@@ -614,6 +620,74 @@ def _finish_row(y, rows, pid_n, pid_k, HALF_ID: tl.constexpr, y_ptr, bias_ptr, c
                        NORM_OUT)
     else:
         _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS, ACCUM, NORM_OUT)
+
+
+@triton.jit
+def _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr, xg_ptr,
+                 N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ACCUM: tl.constexpr,
+                 NORM_OUT: tl.constexpr):
+    """_finish_row's y[rows0] and y[rows1] together: every load of both halves (channel factors, bias, the
+    residual stream, the norm weight) is issued before either half's store, so the tail waits for one round trip
+    instead of a chain of them; with split-K the tile's last split sums both halves (one counter a tile)."""
+    ok0 = rows0 < N
+    ok1 = rows1 < N
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + pid_k * N + rows0, y0, mask=ok0)
+        tl.store(ws_ptr + pid_k * N + rows1, y1, mask=ok1)
+        tl.debug_barrier()  # every thread's partials are written before the arrival is published
+        arrived = tl.atomic_add(cnt_ptr + 2 * pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            y0 = tl.zeros_like(y0)
+            y1 = tl.zeros_like(y1)
+            for sk in tl.static_range(SPLIT_K):
+                y0 += tl.load(ws_ptr + sk * N + rows0, mask=ok0, other=0.0, cache_modifier=".cg")
+                y1 += tl.load(ws_ptr + sk * N + rows1, mask=ok1, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + 2 * pid_n, 0)
+            _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
+                        HAS_BIAS, ACCUM, NORM_OUT)
+    else:
+        _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
+                    HAS_BIAS, ACCUM, NORM_OUT)
+
+
+@triton.jit
+def _pair_inputs(rows, ok, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, stride_cs, HAS_BIAS: tl.constexpr,
+                 ACCUM: tl.constexpr, NORM_OUT: tl.constexpr):
+    """What the epilogue reads for rows, float32: chan[c_0, rows], bias, the residual stream, the norm weight
+    (zeros where a flag leaves one out)."""
+    c = tl.load(chan_ptr + cidx * stride_cs + rows, mask=ok, other=0.0).to(tl.float32)
+    b = tl.zeros_like(c)
+    r = tl.zeros_like(c)
+    g = tl.zeros_like(c)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    if ACCUM:  # (only this program reads or writes these elements)
+        r = tl.load(y_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    if NORM_OUT:
+        g = tl.load(g_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    return c, b, r, g
+
+
+@triton.jit
+def _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
+                HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr):
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    c0, b0, r0, g0 = _pair_inputs(rows0, ok0, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, stride_cs, HAS_BIAS, ACCUM,
+                                  NORM_OUT)
+    c1, b1, r1, g1 = _pair_inputs(rows1, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, stride_cs, HAS_BIAS, ACCUM,
+                                  NORM_OUT)
+    y0 = y0 * c0 + b0  # (the order _adapted_row and _store_row add in)
+    y1 = y1 * c1 + b1
+    if ACCUM:
+        y0 += r0
+        y1 += r1
+    y0 = y0.to(DT)
+    y1 = y1.to(DT)
+    tl.store(y_ptr + rows0, y0, mask=ok0)
+    tl.store(y_ptr + rows1, y1, mask=ok1)
+    if NORM_OUT:
+        tl.store(xg_ptr + rows0, (y0.to(tl.float32) * g0).to(DT), mask=ok0)
+        tl.store(xg_ptr + rows1, (y1.to(tl.float32) * g1).to(DT), mask=ok1)
 
 
 @triton.jit
@@ -710,7 +784,8 @@ MMA_CANDIDATE_CONFIGS = [
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
-_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT"]
+_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT",
+        "PAIR_EPILOGUE"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
@@ -749,6 +824,11 @@ NORM_MAX_CHUNK = 4096
 # on the H100 (session 17). After those loads are issued (GPU paths; the interpreter sums first either way), the
 # sum's L2 round trip overlaps theirs. (Comments inside the jitted functions would change their cache keys.)
 NORM_IN_AFTER_FIRST_LOADS = True
+# The epilogue's loads (the row's channel factors, bias, residual stream, norm weight): per half of the tile, each
+# half's after the other's stores (PAIR_EPILOGUE False: the compiler cannot move a load above a store that may
+# alias it, so a program's tail was a chain of up to 8 dependent L2 round trips with ACCUM and NORM_OUT), or both
+# halves' at once before any store, with the adapter's channel slot read in the prologue (True: one round trip).
+PAIR_EPILOGUE = True
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
@@ -839,7 +919,8 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
                 F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
                 NORM_IN=0 if norm_in is None else 2 if NORM_IN_AFTER_FIRST_LOADS else 1,
                 ACCUM=accumulate, NORM_OUT=norm_out is not None,
-                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), **launch_kwargs(x))
+                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), PAIR_EPILOGUE=PAIR_EPILOGUE,
+                **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

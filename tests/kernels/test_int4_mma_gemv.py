@@ -53,7 +53,8 @@ for case in json.loads(sys.argv[1]):
                 h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
                  PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"],
-                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, **case["meta"]})
+                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, "PAIR_EPILOGUE": True,
+                    **case["meta"]})
     const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
