@@ -66,6 +66,9 @@ SWITCHES = {
     "pair-epilogue": ("default", "the MMA GEMV issues every epilogue load of its tile before any store "
                                  "(kernels/int4_mma_gemv.py PAIR_EPILOGUE; default: its setting) instead of half "
                                  "by half"),
+    "attn-early-loads": ("default", "the decode attention and its split merge read the step's uploaded inputs (and "
+                                    "pull the first KV tile into L2) before their PDL wait (kernels/attention.py "
+                                    "DECODE_EARLY_LOADS; default: its setting) instead of after it"),
 }
 
 
@@ -262,7 +265,8 @@ def main(argv=None) -> int:
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
                       "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
                       "norm-sum-late": onoff[int4_mma_gemv.NORM_IN_AFTER_FIRST_LOADS],
-                      "pair-epilogue": onoff[int4_mma_gemv.PAIR_EPILOGUE]}
+                      "pair-epilogue": onoff[int4_mma_gemv.PAIR_EPILOGUE],
+                      "attn-early-loads": onoff[attention.DECODE_EARLY_LOADS]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -278,6 +282,7 @@ def main(argv=None) -> int:
             im.FUSE_NORMS = on["fused-norms"]
             int4_mma_gemv.NORM_IN_AFTER_FIRST_LOADS = on["norm-sum-late"]
             int4_mma_gemv.PAIR_EPILOGUE = on["pair-epilogue"]
+            attention.DECODE_EARLY_LOADS = on["attn-early-loads"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
                 if on["pins"]:
@@ -286,7 +291,8 @@ def main(argv=None) -> int:
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
-                     norm_sum_late=on["norm-sum-late"], pair_epilogue=on["pair-epilogue"])
+                     norm_sum_late=on["norm-sum-late"], pair_epilogue=on["pair-epilogue"],
+                     attn_early_loads=on["attn-early-loads"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
