@@ -66,6 +66,9 @@ SWITCHES = {
     "pair-epilogue": ("default", "the MMA GEMV issues every epilogue load of its tile before any store "
                                  "(kernels/int4_mma_gemv.py PAIR_EPILOGUE; default: its setting) instead of half "
                                  "by half"),
+    "first-step-early": ("default", "the MMA GEMV reads its adapter slots, first codes and tables before its PDL wait "
+                                    "(kernels/int4_mma_gemv.py FIRST_STEP_BEFORE_WAIT; default: its setting) instead of "
+                                    "after it"),
     "attn-early-loads": ("default", "the decode attention and its split merge read the step's uploaded inputs (and "
                                     "pull the first KV tile into L2) before their PDL wait (kernels/attention.py "
                                     "DECODE_EARLY_LOADS; default: its setting) instead of after it"),
@@ -239,6 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--mma-pins", metavar="JSON",
                    help="pin the MMA GEMV's config per shape to the fastest of a bench/kernels.py --timing-check "
                         "(graph_us) or --mma-sweep (us) JSON, timed on this device (kernels/int4_mma_gemv.py PINNED)")
+    p.add_argument("--ablate", metavar="SWITCH,...",
+                   help="instead of every combination: the switches' first settings, then each of these switches "
+                        "off alone, then all of them off (one process, so the runs compare)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     from scaleserve.kernels import attention
@@ -266,13 +272,24 @@ def main(argv=None) -> int:
                       "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
                       "norm-sum-late": onoff[int4_mma_gemv.NORM_IN_AFTER_FIRST_LOADS],
                       "pair-epilogue": onoff[int4_mma_gemv.PAIR_EPILOGUE],
+                      "first-step-early": onoff[int4_mma_gemv.FIRST_STEP_BEFORE_WAIT],
                       "attn-early-loads": onoff[attention.DECODE_EARLY_LOADS]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
         choices.append([v == "on" for v in (module_default[flag] if given == "default" else given).split(",")])
+    settings = list(itertools.product(*choices))
+    if a.ablate:  # the first setting, then each named switch off alone, then all of them off
+        names = a.ablate.split(",")
+        unknown = sorted(set(names) - set(SWITCHES))
+        if unknown:
+            p.error(f"--ablate: unknown switches {unknown}")
+        first = dict(zip(SWITCHES, settings[0]))
+        settings = [tuple(first.values())]
+        for off in [[n] for n in names] + [names]:
+            settings.append(tuple(False if f in off else v for f, v in first.items()))
     for preset in a.presets.split(","):
-        for B, setting in itertools.product([int(b) for b in a.batches.split(",")], itertools.product(*choices)):
+        for B, setting in itertools.product([int(b) for b in a.batches.split(",")], settings):
             on = dict(zip(SWITCHES, setting))
             im.MMA_GEMV_POLICY = mma_policy if on["mma"] else "never"
             im.MMA_BATCH_POLICY = batch_policy if on["mma-batch"] else "never"
@@ -282,6 +299,7 @@ def main(argv=None) -> int:
             im.FUSE_NORMS = on["fused-norms"]
             int4_mma_gemv.NORM_IN_AFTER_FIRST_LOADS = on["norm-sum-late"]
             int4_mma_gemv.PAIR_EPILOGUE = on["pair-epilogue"]
+            int4_mma_gemv.FIRST_STEP_BEFORE_WAIT = on["first-step-early"]
             attention.DECODE_EARLY_LOADS = on["attn-early-loads"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -292,7 +310,7 @@ def main(argv=None) -> int:
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
                      norm_sum_late=on["norm-sum-late"], pair_epilogue=on["pair-epilogue"],
-                     attn_early_loads=on["attn-early-loads"])
+                     first_step_early=on["first-step-early"], attn_early_loads=on["attn-early-loads"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

@@ -169,20 +169,18 @@ for step in "${steps[@]}"; do
               timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-norms off,on \
                 --quantize-lm-head ${NORMS_HEAD:-off} --json "$OUT/decode_profile_norms.json" 2>&1 \
                 | tee "$OUT/decode_profile_norms.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
-    epilogue_ab)  # the decode step's kernel latencies: where a projection after a fused norm sums h's squares
-                  # (NORM_IN_AFTER_FIRST_LOADS), the MMA GEMV's epilogue loads all before its stores (PAIR_EPILOGUE), the
-                  # decode attention / merge reading the step's inputs before their PDL wait (DECODE_EARLY_LOADS): the
-                  # GPU tests, then batch-1 decode (int4 head), the last two off / on with the first on, then all three off
+    epilogue_ab)  # the decode step's kernel latencies, each a switch: where a projection after a fused norm sums h's
+                  # squares (norm-sum-late), the MMA GEMV's epilogue loads before its stores (pair-epilogue), its slots /
+                  # first codes / tables before its PDL wait (first-step-early), the decode attention's and merge's
+                  # inputs before theirs (attn-early-loads): the GPU tests, then batch-1 decode (int4 head) with all on,
+                  # each off alone, all off (bench/decode_profile.py --ablate)
               timeout ${EPI_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
                 tests/kernels/test_int4_mma_gemv.py tests/kernels/test_attention.py tests/server/test_model.py \
                 -k "${EPI_K:-norm or layout or mma_gemv_small or decode}" 2>&1 | tee "$OUT/epilogue_tests.log" | tail -4
-              timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --norm-sum-late on \
-                --pair-epilogue off,on --attn-early-loads off,on --quantize-lm-head on \
+              timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head on \
+                --ablate ${EPI_ABLATE:-norm-sum-late,pair-epilogue,first-step-early,attn-early-loads} \
+                --mma-pins ${EPI_PINS:-bench/results/mma-pins-step-s17-h100.json} \
                 --json "$OUT/decode_profile_epilogue.json" 2>&1 | tee "$OUT/decode_profile_epilogue.log" \
-                | grep -E "^llama|int4 gemv|_decode|reduce"
-              timeout ${BASE_TIMEOUT:-100} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --norm-sum-late off \
-                --pair-epilogue off --attn-early-loads off --quantize-lm-head on \
-                --json "$OUT/decode_profile_epilogue_base.json" 2>&1 | tee "$OUT/decode_profile_epilogue_base.log" \
                 | grep -E "^llama|int4 gemv|_decode|reduce" ;;
     ncu_gemv)  # Nsight Compute on the MMA GEMV, the four 7B shapes at the decode step's configs (bench/ncu_gemv.py)
               ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

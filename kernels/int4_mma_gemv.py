@@ -332,6 +332,15 @@ def _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, v
                  ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr, SILU: tl.constexpr):
     """What step kb reads beside its codes (GPU): the lanes' tables (only the first time for one group: zeros
     otherwise) and the x pairs."""
+    tt = _kmajor_tables(kb, kb_hi, zpair, sp, stride_zg, stride_tg, vblock, diag, FIRST, ONE_GROUP, S_PAIR, SILU)
+    x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
+    return tt, x0, x1, x2, x3
+
+
+@triton.jit
+def _kmajor_tables(kb, kb_hi, zpair, sp, stride_zg, stride_tg, vblock, diag, FIRST: tl.constexpr,
+                   ONE_GROUP: tl.constexpr, S_PAIR: tl.constexpr, SILU: tl.constexpr):
+    """The lanes' tables of step kb (GPU; only the first time for one group: zeros otherwise)."""
     shape: tl.constexpr = [sp.shape[0], 8 * WORDS]
     if ONE_GROUP:
         if FIRST:
@@ -345,8 +354,7 @@ def _kmajor_side(kb, kb_hi, x_ptr, K, zpair, sp, stride_zg, stride_tg, vblock, v
         else:
             ok = diag & (g < kb_hi)
         tt = _lane_tables(zpair + g * stride_zg, sp + g * stride_tg, tl.broadcast_to(ok, shape), S_PAIR, SILU)
-    x0, x1, x2, x3 = _kmajor_x(kb, x_ptr, K, kb_hi, vblock, vword)
-    return tt, x0, x1, x2, x3
+    return tt
 
 
 @triton.jit
@@ -413,7 +421,7 @@ def _mma_gemv_kernel(
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
     NORM_IN: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr, NORM_CHUNK: tl.constexpr,
-    PAIR_EPILOGUE: tl.constexpr,
+    PAIR_EPILOGUE: tl.constexpr, EARLY: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -446,12 +454,22 @@ def _mma_gemv_kernel(
     kb_per_split = tl.cdiv(tl.cdiv(num_kb, 8), SPLIT_K) * 8  # whole 8-block steps per split
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
-    if PDL:  # this program's first 8 blocks into L2 (4 lines of each row)
-        prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
-        prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
-    wait_for_producer(PDL)
-    if NORM_IN == 1 or (NORM_IN == 2 and not FAST):  # (the previous kernel wrote h: an L2 hit)
-        rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
+    # the first 8 blocks not loaded into registers before the wait (EARLY), into L2 (4 lines of each row)
+    if EARLY and STAGES == 1 and UNROLL == 1:
+        kb_pf = kb_lo + 8 * DEPTH
+    elif EARLY and STAGES == 1:
+        kb_pf = kb_lo + 8
+    else:
+        kb_pf = kb_lo
+    if PDL:
+        prefetch_l2(q0 + kb_pf * WORDS, ((v % 32) == 0) & (kb_pf < kb_hi))
+        prefetch_l2(q1 + kb_pf * WORDS, ((v % 32) == 0) & (kb_pf < kb_hi))
+    if not EARLY:
+        wait_for_producer(PDL)
+        if NORM_IN == 1 or (NORM_IN == 2 and not FAST):  # (the previous kernel wrote h: an L2 hit)
+            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
+    elif not FAST:
+        rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN != 0)
     if PAIR_EPILOGUE:
         cidx = tl.load(chan_idx_ptr).to(tl.int64)  # (its round trip overlaps the first steps')
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
@@ -474,8 +492,10 @@ def _mma_gemv_kernel(
             sp = tl.where(vreg < 2, sp0, sp1)  # [HN, 128]
         odd = vblock & 1  # the C register of the lane's diagonal
     if FAST and STAGES > 1:
-        tn, x0n, x1n, x2n, x3n = _kmajor_side(kb_lo, kb_hi, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword,
-                                              diag, True, ONE_GROUP, S_PAIR, SILU)
+        tn = _kmajor_tables(kb_lo, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR, SILU)
+        if EARLY:
+            rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN == 1)
+        x0n, x1n, x2n, x3n = _kmajor_x(kb_lo, x_ptr, K, kb_hi, vblock, vword)
         if NORM_IN == 2:
             rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in tl.range(kb_lo, kb_hi, 8, num_stages=STAGES):
@@ -496,9 +516,11 @@ def _mma_gemv_kernel(
         # step's registers at the loop's end: ~45 moves a step, 9 % of its instructions (offline sm_90a, mode 2,
         # g128, 32 rows, 4 warps; bench/NOTES-kernels.md, session 13). Its code loads past the range read real
         # words (CLAMP) instead of zero-filled ones.
-        w0a, w1a, ta, x0a, x1a, x2a, x3a = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR,
-            SILU, True)
+        w0a, w1a = _kmajor_codes(kb_lo, kb_hi, q0, q1, vblock, True)
+        ta = _kmajor_tables(kb_lo, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR, SILU)
+        if EARLY:
+            rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN == 1)
+        x0a, x1a, x2a, x3a = _kmajor_x(kb_lo, x_ptr, K, kb_hi, vblock, vword)
         if NORM_IN == 2:
             rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in range(kb_lo, kb_hi, 16):
@@ -520,12 +542,17 @@ def _mma_gemv_kernel(
                     x0b, x1b, x2b, x3b = _kmajor_x(kb + 8, x_ptr, K, kb_hi, vblock, vword)
                 acc = _mma_step(acc, w0b, w1b, x0b, x1b, x2b, x3b, tb, odd, F16)
     elif FAST:  # codes, x and tables DEPTH steps ahead, in registers
-        w0n, w1n, tn, x0n, x1n, x2n, x3n = _kmajor_load(
-            kb_lo, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP, S_PAIR, SILU)
+        w0n, w1n = _kmajor_codes(kb_lo, kb_hi, q0, q1, vblock)
+        tn = _kmajor_tables(kb_lo, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR, SILU)
         if DEPTH == 2:
-            w0m, w1m, tm, x0m, x1m, x2m, x3m = _kmajor_load(
-                kb_lo + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, True, ONE_GROUP,
-                S_PAIR, SILU)
+            w0m, w1m = _kmajor_codes(kb_lo + 8, kb_hi, q0, q1, vblock)
+            tm = _kmajor_tables(kb_lo + 8, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR,
+                                SILU)
+        if EARLY:
+            rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN == 1)
+        x0n, x1n, x2n, x3n = _kmajor_x(kb_lo, x_ptr, K, kb_hi, vblock, vword)
+        if DEPTH == 2:
+            x0m, x1m, x2m, x3m = _kmajor_x(kb_lo + 8, x_ptr, K, kb_hi, vblock, vword)
         if NORM_IN == 2:
             rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in range(kb_lo, kb_hi, 8):
@@ -583,6 +610,15 @@ def _mma_gemv_kernel(
                     g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
         _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
                     g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
+
+
+@triton.jit
+def _wait_then_rms(h_ptr, K, eps, CHUNK: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr):
+    """wait_for_producer, then (NORM) _rms_inverse of h, else 1."""
+    wait_for_producer(PDL)
+    if NORM:
+        return _rms_inverse(h_ptr, K, eps, CHUNK)
+    return 1.0
 
 
 @triton.jit
@@ -785,7 +821,7 @@ MMA_CANDIDATE_CONFIGS = [
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
 _KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT",
-        "PAIR_EPILOGUE"]
+        "PAIR_EPILOGUE", "EARLY"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
@@ -829,6 +865,10 @@ NORM_IN_AFTER_FIRST_LOADS = True
 # alias it, so a program's tail was a chain of up to 8 dependent L2 round trips with ACCUM and NORM_OUT), or both
 # halves' at once before any store, with the adapter's channel slot read in the prologue (True: one round trip).
 PAIR_EPILOGUE = True
+# What a program reads before its PDL wait (pdl.py's contract): its first codes into L2 only (False), or its adapter
+# slots, its first step's (DEPTH 2: steps') codes and tables into registers and the next step's codes into L2
+# (True), so after the wait only x stands between it and its first MMA.
+FIRST_STEP_BEFORE_WAIT = True
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
@@ -920,7 +960,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
                 NORM_IN=0 if norm_in is None else 2 if NORM_IN_AFTER_FIRST_LOADS else 1,
                 ACCUM=accumulate, NORM_OUT=norm_out is not None,
                 NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), PAIR_EPILOGUE=PAIR_EPILOGUE,
-                **launch_kwargs(x))
+                EARLY=FIRST_STEP_BEFORE_WAIT, **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
