@@ -64,7 +64,7 @@ DECODE_FUSED_ROPE = True
 # their PDL wait, and the decode kernel pulls its first KV tile (for a short context, all of its keys) into L2
 # there too, so after the wait the chain is q -> scores instead of query start -> q / block table -> KV -> scores;
 # the split merge reads its partials before its padding-slot branch. False: everything after the wait.
-DECODE_EARLY_LOADS = True
+DECODE_EARLY_LOADS = False
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).

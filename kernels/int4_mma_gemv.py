@@ -859,7 +859,7 @@ NORM_MAX_CHUNK = 4096
 # griddepcontrol.wait, before its first step's loads are issued, the loop waited for it: ~0.8 µs a consuming launch
 # on the H100 (session 17). After those loads are issued (GPU paths; the interpreter sums first either way), the
 # sum's L2 round trip overlaps theirs. (Comments inside the jitted functions would change their cache keys.)
-NORM_IN_AFTER_FIRST_LOADS = True
+NORM_IN_AFTER_FIRST_LOADS = False
 # The epilogue's loads (the row's channel factors, bias, residual stream, norm weight): per half of the tile, each
 # half's after the other's stores (PAIR_EPILOGUE False: the compiler cannot move a load above a store that may
 # alias it, so a program's tail was a chain of up to 8 dependent L2 round trips with ACCUM and NORM_OUT), or both
@@ -868,7 +868,7 @@ PAIR_EPILOGUE = True
 # What a program reads before its PDL wait (pdl.py's contract): its first codes into L2 only (False), or its adapter
 # slots, its first step's (DEPTH 2: steps') codes and tables into registers and the next step's codes into L2
 # (True), so after the wait only x stands between it and its first MMA.
-FIRST_STEP_BEFORE_WAIT = True
+FIRST_STEP_BEFORE_WAIT = False
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
