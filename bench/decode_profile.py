@@ -60,18 +60,6 @@ SWITCHES = {
                              "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
     "fused-norms": ("default", "each RMSNorm inside the MMA GEMVs around it at batch 1 (kernels/int4_matmul.py "
                                "FUSE_NORMS; default: its setting) instead of the add + RMSNorm kernel"),
-    "norm-sum-late": ("default", "with fused norms, a projection after a norm sums h's squares once its first loads "
-                                 "are issued (kernels/int4_mma_gemv.py NORM_IN_AFTER_FIRST_LOADS; default: its "
-                                 "setting) instead of before them"),
-    "pair-epilogue": ("default", "the MMA GEMV issues every epilogue load of its tile before any store "
-                                 "(kernels/int4_mma_gemv.py PAIR_EPILOGUE; default: its setting) instead of half "
-                                 "by half"),
-    "first-step-early": ("default", "the MMA GEMV reads its adapter slots, first codes and tables before its PDL wait "
-                                    "(kernels/int4_mma_gemv.py FIRST_STEP_BEFORE_WAIT; default: its setting) instead of "
-                                    "after it"),
-    "attn-early-loads": ("default", "the decode attention and its split merge read the step's uploaded inputs (and "
-                                    "pull the first KV tile into L2) before their PDL wait (kernels/attention.py "
-                                    "DECODE_EARLY_LOADS; default: its setting) instead of after it"),
 }
 
 
@@ -250,11 +238,12 @@ def main(argv=None) -> int:
     from scaleserve.kernels import attention
     from scaleserve.kernels import device
     from scaleserve.kernels import int4_matmul as im
-    from scaleserve.kernels import int4_mma_gemv
 
     if a.autotune_timing:
         device.AUTOTUNE_TIMING = a.autotune_timing
     if a.mma_pins:
+        from scaleserve.kernels import int4_mma_gemv
+
         rows = json.loads(Path(a.mma_pins).read_text())["rows"]
         pins = int4_mma_gemv.pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us")
         print("MMA GEMV pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(pins.items())), flush=True)
@@ -269,11 +258,7 @@ def main(argv=None) -> int:
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
-                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
-                      "norm-sum-late": onoff[int4_mma_gemv.NORM_IN_AFTER_FIRST_LOADS],
-                      "pair-epilogue": onoff[int4_mma_gemv.PAIR_EPILOGUE],
-                      "first-step-early": onoff[int4_mma_gemv.FIRST_STEP_BEFORE_WAIT],
-                      "attn-early-loads": onoff[attention.DECODE_EARLY_LOADS]}
+                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -297,10 +282,6 @@ def main(argv=None) -> int:
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
             im.FUSE_NORMS = on["fused-norms"]
-            int4_mma_gemv.NORM_IN_AFTER_FIRST_LOADS = on["norm-sum-late"]
-            int4_mma_gemv.PAIR_EPILOGUE = on["pair-epilogue"]
-            int4_mma_gemv.FIRST_STEP_BEFORE_WAIT = on["first-step-early"]
-            attention.DECODE_EARLY_LOADS = on["attn-early-loads"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
                 if on["pins"]:
@@ -308,9 +289,7 @@ def main(argv=None) -> int:
             r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
-                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
-                     norm_sum_late=on["norm-sum-late"], pair_epilogue=on["pair-epilogue"],
-                     first_step_early=on["first-step-early"], attn_early_loads=on["attn-early-loads"])
+                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

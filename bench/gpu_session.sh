@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [epilogue_ab] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -169,18 +169,12 @@ for step in "${steps[@]}"; do
               timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --fused-norms off,on \
                 --quantize-lm-head ${NORMS_HEAD:-off} --json "$OUT/decode_profile_norms.json" 2>&1 \
                 | tee "$OUT/decode_profile_norms.log" | grep -E "^llama|int4 gemv|norm|lm_head" ;;
-    epilogue_ab)  # the decode step's kernel latencies, each a switch: where a projection after a fused norm sums h's
-                  # squares (norm-sum-late), the MMA GEMV's epilogue loads before its stores (pair-epilogue), its slots /
-                  # first codes / tables before its PDL wait (first-step-early), the decode attention's and merge's
-                  # inputs before theirs (attn-early-loads): the GPU tests, then batch-1 decode (int4 head) with all on,
-                  # each off alone, all off (bench/decode_profile.py --ablate)
-              timeout ${EPI_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
-                tests/kernels/test_int4_mma_gemv.py tests/kernels/test_attention.py tests/server/test_model.py \
-                -k "${EPI_K:-norm or layout or mma_gemv_small or decode}" 2>&1 | tee "$OUT/epilogue_tests.log" | tail -4
+    ablate)  # batch-1 decode (int4 head) on MMA GEMV configs pinned to the step's picks, with the switches of
+             # bench/decode_profile.py named in ABLATE on, each off alone, then all off: one process, so the runs
+             # compare (session 18 ablated four latency changes this way; two calls agreed within 8 µs a step)
               timeout ${AB_TIMEOUT:-300} python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head on \
-                --ablate ${EPI_ABLATE:-norm-sum-late,pair-epilogue,first-step-early,attn-early-loads} \
-                --mma-pins ${EPI_PINS:-bench/results/mma-pins-step-s17-h100.json} \
-                --json "$OUT/decode_profile_epilogue.json" 2>&1 | tee "$OUT/decode_profile_epilogue.log" \
+                --ablate ${ABLATE:?name the switches} --mma-pins ${PINS:-bench/results/mma-pins-step-s17-h100.json} \
+                --json "$OUT/decode_profile_ablate.json" 2>&1 | tee "$OUT/decode_profile_ablate.log" \
                 | grep -E "^llama|int4 gemv|_decode|reduce" ;;
     ncu_gemv)  # Nsight Compute on the MMA GEMV, the four 7B shapes at the decode step's configs (bench/ncu_gemv.py)
               ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

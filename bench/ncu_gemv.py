@@ -32,11 +32,11 @@ _spec.loader.exec_module(bench_kernels)
 STEP_PICKS = {"qkv": (32, 1, 1, 4), "o": (16, 1, 2, 4), "gate_up": (32, 1, 1, 4), "down": (16, 1, 2, 8)}
 
 
-# what --summarize prints a column of, per launch: (label, metric name as ncu's details page / --metrics spell it)
-SUMMARY = (("µs", "Duration"), ("DRAM %", "DRAM Throughput"), ("mem %", "Memory Throughput"),
-           ("issue/cyc", "Issued Ipc Active"), ("warps/sched", "Active Warps Per Scheduler"),
-           ("eligible", "Eligible Warps Per Scheduler"), ("no-elig %", "No Eligible"),
-           ("occ %", "Achieved Occupancy"), ("regs", "Registers Per Thread"))
+# what --summarize prints a column of, per launch: (label, metric name and unit as ncu's details page spells them)
+SUMMARY = (("µs", "Duration", "ns"), ("DRAM %", "DRAM Throughput", "%"), ("L2 hit %", "L2 Hit Rate", "%"),
+           ("issued/sched", "Issued Warp Per Scheduler", ""), ("warps/sched", "Active Warps Per Scheduler", "warp"),
+           ("eligible", "Eligible Warps Per Scheduler", "warp"), ("no-elig %", "No Eligible", "%"),
+           ("occupancy %", "Achieved Occupancy", "%"), ("regs", "Registers Per Thread", "register/thread"))
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 
 
@@ -46,13 +46,19 @@ def summarize(path: str) -> None:
     with open(path, newline="") as f:
         lines = [line for line in f if line.startswith('"')]  # (ncu prints its own log lines first)
     for row in csv.DictReader(lines):
-        launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"][:20], "grid": row["Grid Size"]})
-        launch[row["Metric Name"]] = row["Metric Value"]
-    print(f"{'launch':>6} {'grid':>12} " + " ".join(f"{label:>11}" for label, _ in SUMMARY) + "  top stalls (per issue)")
+        launch = launches.setdefault(row["ID"], {"grid": row["Grid Size"]})
+        launch[(row["Metric Name"], row["Metric Unit"])] = row["Metric Value"].replace(",", "")
+    print(f"{'launch':>6} {'grid':>12} " + " ".join(f"{label:>12}" for label, _, _ in SUMMARY)
+          + "  top stalls (warps per issue)")
     for lid, m in launches.items():
-        stalls = sorted(((float(v.replace(",", "")), k[len(STALL_PREFIX):].split("_per_")[0])
-                         for k, v in m.items() if k.startswith(STALL_PREFIX) and v not in ("", "n/a")), reverse=True)
-        print(f"{lid:>6} {m['grid']:>12} " + " ".join(f"{m.get(name, '-'):>11}" for _, name in SUMMARY) + "  "
+        cells = []
+        for _, name, unit in SUMMARY:
+            v = m.get((name, unit), "-")
+            cells.append(f"{float(v) / 1000:.1f}" if unit == "ns" and v != "-" else v)
+        stalls = sorted(((float(v), k[0][len(STALL_PREFIX):].split("_per_")[0]) for k, v in m.items()
+                         if isinstance(k, tuple) and k[0].startswith(STALL_PREFIX) and v not in ("", "n/a")),
+                        reverse=True)
+        print(f"{lid:>6} {m['grid']:>12} " + " ".join(f"{c:>12}" for c in cells) + "  "
               + ", ".join(f"{name} {v:.2f}" for v, name in stalls[:3]))
 
 

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .device import num_sms
 from .fused import rope_rows
-from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
+from .pdl import launch_kwargs, wait_for_producer
 from .reference import paged_attention_ref, rope_ref
 
 LOG2E = 1.4426950408889634
@@ -60,11 +60,6 @@ DECODE_MIN_PARTITION = 256
 # session 15): the RoPE launches' 75 µs a token go, the attention kernel takes 38 µs more (160 -> 198), the graph
 # 2.380 -> 2.351 ms back to back, 413.7 -> 418.1 tok/s overlapped. sm_90a: 250 / 254 registers, no spills.
 DECODE_FUSED_ROPE = True
-# Decode launches read the step's inputs the host uploaded (query starts, context lengths, block tables) before
-# their PDL wait, and the decode kernel pulls its first KV tile (for a short context, all of its keys) into L2
-# there too, so after the wait the chain is q -> scores instead of query start -> q / block table -> KV -> scores;
-# the split merge reads its partials before its padding-slot branch. False: everything after the wait.
-DECODE_EARLY_LOADS = False
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -180,28 +175,14 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
-    EARLY: tl.constexpr,  # the step's inputs read, the first KV tile pulled into L2, before the PDL wait
 ):
+    wait_for_producer(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if not EARLY:
-        wait_for_producer(PDL)
     q_row = tl.load(qstart_ptr + b)
     ctx = tl.load(seq_lens_ptr + b)  # (before the branch: one dependent load fewer on the way to the KV)
-    q_end = tl.load(qstart_ptr + b + 1)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    # the splits share this sequence's actual context (not the block table's capacity, which sets
-    # NUM_SPLITS on the host): a short context is spread over every split, one tile each
-    partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    kv_start = split * partition
-    kv_end = tl.minimum(kv_start + partition, ctx)
-    if EARLY:
-        _prefetch_first_tile(k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_row, kv_start, kv_end,
-                             kv_start < kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
-                             BLOCK_SIZE, BLOCK_N, HEAD_DIM, BLOCK_D, PDL)
-        wait_for_producer(PDL)
-    if q_end == q_row:  # padding slot: no query this step
+    if tl.load(qstart_ptr + b + 1) == q_row:  # padding slot: no query this step
         return
 
     offs_g = tl.arange(0, G_PAD)
@@ -218,6 +199,12 @@ def _decode_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
 
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # the splits share this sequence's actual context (not the block table's capacity, which sets
+    # NUM_SPLITS on the host): a short context is spread over every split, one tile each
+    partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_start = split * partition
+    kv_end = tl.minimum(kv_start + partition, ctx)
     if ROPE:
         # the step's own key (position ctx - 1) is not in the cache yet: the split that owns it takes it from
         # registers, and writes it to the cache for the next steps (no program of this launch reads it there)
@@ -273,25 +260,6 @@ def _decode_kernel(
 
 
 @triton.jit
-def _prefetch_first_tile(k_head, v_head, bt_row, kv_start, kv_end, live, stride_kb, stride_ks, stride_vb, stride_vs,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Pull the K and V rows of the tile at kv_start (keys < kv_end) into L2 without waiting, where live: one
-    128-byte line of a row per element of a flat [BLOCK_N * lines a row] range."""
-    if PDL:
-        LINE: tl.constexpr = 1024 // k_head.dtype.element_ty.primitive_bitwidth  # elements of a 128-byte line
-        LINES: tl.constexpr = max(1, BLOCK_D // LINE)
-        i = tl.arange(0, BLOCK_N * LINES)
-        tok = kv_start + i // LINES
-        line = (i % LINES) * LINE
-        ok = live & (tok < kv_end) & (line < HEAD_DIM)
-        page = tl.load(bt_row + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        pos = (tok % BLOCK_SIZE).to(tl.int64)
-        prefetch_l2(k_head + page * stride_kb + pos * stride_ks + line, ok)
-        prefetch_l2(v_head + page * stride_vb + pos * stride_vs + line, ok)
-
-
-@triton.jit
 def _decode_reduce_kernel(
     qstart_ptr, o_ptr, part_o_ptr, part_ml_ptr,
     stride_ot, stride_oh,
@@ -301,20 +269,14 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
-    EARLY: tl.constexpr,  # the query starts read before the PDL wait, the partials before the padding branch
 ):
     """o[row(b), h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+    wait_for_producer(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    if not EARLY:
-        wait_for_producer(PDL)
-        q_row = tl.load(qstart_ptr + b)
-        if tl.load(qstart_ptr + b + 1) == q_row:
-            return
-    else:
-        q_row = tl.load(qstart_ptr + b)
-        q_end = tl.load(qstart_ptr + b + 1)
-        wait_for_producer(PDL)
+    q_row = tl.load(qstart_ptr + b)
+    if tl.load(qstart_ptr + b + 1) == q_row:
+        return
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < NUM_SPLITS
@@ -325,9 +287,6 @@ def _decode_reduce_kernel(
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: all weights 0
     w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
     acc = tl.load(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    if EARLY:
-        if q_end == q_row:  # padding slot (its partials, read above, are whatever the last step left)
-            return
     num = tl.sum(acc * w[:, None], 0)  # [BLOCK_D]
     den = tl.sum(l * w, 0)
     out = num / tl.where(den > 0, den, 1.0)
@@ -544,14 +503,13 @@ def paged_attention(
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
             ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            EARLY=DECODE_EARLY_LOADS, num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
+            num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](
                 query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), EARLY=DECODE_EARLY_LOADS, num_warps=4,
-                **launch_kwargs(q),
+                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4, **launch_kwargs(q),
             )
         return out
 

@@ -421,7 +421,6 @@ def _mma_gemv_kernel(
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
     NORM_IN: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr, NORM_CHUNK: tl.constexpr,
-    PAIR_EPILOGUE: tl.constexpr, EARLY: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -433,8 +432,8 @@ def _mma_gemv_kernel(
     gate row and its up row, and the tile writes y[j] = silu(gate_j) * up_j, [N / 2]; the tables then take two
     loads each.
     The RMSNorms around a projection (launch_mma_gemv's docstring has the semantics): NORM_IN scales the sums by
-    rsqrt(mean(h^2) + eps), which every program computes from h itself (NORM_IN 1: first thing; 2: once the first
-    steps' loads are issued); ACCUM adds y into the residual stream y_ptr holds; NORM_OUT also writes xg = y * g."""
+    rsqrt(mean(h^2) + eps), which every program computes from h itself; ACCUM adds y into the residual stream
+    y_ptr holds; NORM_OUT also writes xg = y * g."""
     tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1 and STAGES == 1), "UNROLL 2 takes DEPTH 1, STAGES 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -454,24 +453,13 @@ def _mma_gemv_kernel(
     kb_per_split = tl.cdiv(tl.cdiv(num_kb, 8), SPLIT_K) * 8  # whole 8-block steps per split
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
-    # the first 8 blocks not loaded into registers before the wait (EARLY), into L2 (4 lines of each row)
-    if EARLY and STAGES == 1 and UNROLL == 1:
-        kb_pf = kb_lo + 8 * DEPTH
-    elif EARLY and STAGES == 1:
-        kb_pf = kb_lo + 8
-    else:
-        kb_pf = kb_lo
-    if PDL:
-        prefetch_l2(q0 + kb_pf * WORDS, ((v % 32) == 0) & (kb_pf < kb_hi))
-        prefetch_l2(q1 + kb_pf * WORDS, ((v % 32) == 0) & (kb_pf < kb_hi))
-    if not EARLY:
-        wait_for_producer(PDL)
-        if NORM_IN == 1 or (NORM_IN == 2 and not FAST):  # (the previous kernel wrote h: an L2 hit)
-            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
-    elif not FAST:
-        rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN != 0)
-    if PAIR_EPILOGUE:
-        cidx = tl.load(chan_idx_ptr).to(tl.int64)  # (its round trip overlaps the first steps')
+    if PDL:  # this program's first 8 blocks into L2 (4 lines of each row)
+        prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
+        prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
+    wait_for_producer(PDL)
+    if NORM_IN:  # (the previous kernel wrote h: it is an L2 hit, and the first codes are on their way to L2)
+        rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
+    cidx = tl.load(chan_idx_ptr).to(tl.int64)  # the adapter's channel slot (its round trip overlaps the loop's)
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
     z1p = zero_ptr + rows1[:, None]
     s_base, s_row, stride_tg = _scale_table(s0_ptr, scale_ptr, scale_idx_ptr, stride_zg, stride_ss, stride_sn,
@@ -493,11 +481,7 @@ def _mma_gemv_kernel(
         odd = vblock & 1  # the C register of the lane's diagonal
     if FAST and STAGES > 1:
         tn = _kmajor_tables(kb_lo, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR, SILU)
-        if EARLY:
-            rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN == 1)
         x0n, x1n, x2n, x3n = _kmajor_x(kb_lo, x_ptr, K, kb_hi, vblock, vword)
-        if NORM_IN == 2:
-            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in tl.range(kb_lo, kb_hi, 8, num_stages=STAGES):
             w0, w1 = _kmajor_codes(kb, kb_hi, q0, q1, vblock)
             tt = tn
@@ -518,11 +502,7 @@ def _mma_gemv_kernel(
         # words (CLAMP) instead of zero-filled ones.
         w0a, w1a = _kmajor_codes(kb_lo, kb_hi, q0, q1, vblock, True)
         ta = _kmajor_tables(kb_lo, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR, SILU)
-        if EARLY:
-            rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN == 1)
         x0a, x1a, x2a, x3a = _kmajor_x(kb_lo, x_ptr, K, kb_hi, vblock, vword)
-        if NORM_IN == 2:
-            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in range(kb_lo, kb_hi, 16):
             w0b, w1b, tb, x0b, x1b, x2b, x3b = _kmajor_load(
                 kb + 8, kb_hi, q0, q1, x_ptr, K, zp, sp, stride_zg, stride_tg, vblock, vword, diag, False, ONE_GROUP,
@@ -548,13 +528,9 @@ def _mma_gemv_kernel(
             w0m, w1m = _kmajor_codes(kb_lo + 8, kb_hi, q0, q1, vblock)
             tm = _kmajor_tables(kb_lo + 8, kb_hi, zp, sp, stride_zg, stride_tg, vblock, diag, True, ONE_GROUP, S_PAIR,
                                 SILU)
-        if EARLY:
-            rstd = _wait_then_rms(h_ptr, K, eps, NORM_CHUNK, PDL, NORM_IN == 1)
         x0n, x1n, x2n, x3n = _kmajor_x(kb_lo, x_ptr, K, kb_hi, vblock, vword)
         if DEPTH == 2:
             x0m, x1m, x2m, x3m = _kmajor_x(kb_lo + 8, x_ptr, K, kb_hi, vblock, vword)
-        if NORM_IN == 2:
-            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
         for kb in range(kb_lo, kb_hi, 8):
             w0 = w0n
             w1 = w1n
@@ -602,23 +578,9 @@ def _mma_gemv_kernel(
     if SILU:
         _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr,
                      ws_ptr, cnt_ptr, N, stride_cs, HAS_BIAS, SPLIT_K)
-    elif PAIR_EPILOGUE:
+    else:
         _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr,
                      xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
-    else:
-        _finish_row(y0, rows0, pid_n, pid_k, 0, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
-                    g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
-        _finish_row(y1, rows1, pid_n, pid_k, 1, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
-                    g_ptr, xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
-
-
-@triton.jit
-def _wait_then_rms(h_ptr, K, eps, CHUNK: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr):
-    """wait_for_producer, then (NORM) _rms_inverse of h, else 1."""
-    wait_for_producer(PDL)
-    if NORM:
-        return _rms_inverse(h_ptr, K, eps, CHUNK)
-    return 1.0
 
 
 @triton.jit
@@ -635,36 +597,14 @@ def _rms_inverse(h_ptr, K, eps, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _finish_row(y, rows, pid_n, pid_k, HALF_ID: tl.constexpr, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr,
-                cnt_ptr, g_ptr, xg_ptr, N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                ACCUM: tl.constexpr, NORM_OUT: tl.constexpr):
-    """y[rows] = y * chan[c_0, rows] (+ bias) (ACCUM: added to y[rows]; NORM_OUT: xg[rows] = that * g[rows]); with
-    split-K the last split of (tile, half) sums the partials."""
-    ok = rows < N
-    cidx = tl.load(chan_idx_ptr).to(tl.int64)
-    if SPLIT_K > 1:
-        tl.store(ws_ptr + pid_k * N + rows, y, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is published
-        cnt = cnt_ptr + 2 * pid_n + HALF_ID
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            y = tl.zeros_like(y)
-            for sk in tl.static_range(SPLIT_K):
-                y += tl.load(ws_ptr + sk * N + rows, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt, 0)
-            _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS, ACCUM,
-                       NORM_OUT)
-    else:
-        _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS, ACCUM, NORM_OUT)
-
-
-@triton.jit
 def _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr, xg_ptr,
                  N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ACCUM: tl.constexpr,
                  NORM_OUT: tl.constexpr):
-    """_finish_row's y[rows0] and y[rows1] together: every load of both halves (channel factors, bias, the
-    residual stream, the norm weight) is issued before either half's store, so the tail waits for one round trip
-    instead of a chain of them; with split-K the tile's last split sums both halves (one counter a tile)."""
+    """y[rows] = y * chan[c_0, rows] (+ bias) for both halves of the tile (ACCUM: added to y[rows]; NORM_OUT:
+    xg[rows] = that * g[rows]); with split-K the tile's last split sums both halves' partials (one counter a tile).
+    Every load of both halves comes before either half's store: a load cannot pass a store that may alias it, so
+    half by half the tail was a chain of up to 8 dependent L2 round trips (session 18: 2.158 -> 2.141 ms a 7B
+    decode step on the H100)."""
     ok0 = rows0 < N
     ok1 = rows1 < N
     if SPLIT_K > 1:
@@ -733,20 +673,6 @@ def _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     return y
-
-
-@triton.jit
-def _store_row(y, rows, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, g_ptr, xg_ptr, HAS_BIAS: tl.constexpr,
-               ACCUM: tl.constexpr, NORM_OUT: tl.constexpr):
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    y = _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
-    if ACCUM:  # (only this program reads or writes these elements)
-        y += tl.load(y_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    y = y.to(DT)
-    tl.store(y_ptr + rows, y, mask=ok)
-    if NORM_OUT:
-        g = tl.load(g_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        tl.store(xg_ptr + rows, (y.to(tl.float32) * g).to(DT), mask=ok)
 
 
 @triton.jit
@@ -820,8 +746,7 @@ MMA_CANDIDATE_CONFIGS = [
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
-_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT",
-        "PAIR_EPILOGUE", "EARLY"]
+_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
@@ -853,22 +778,11 @@ def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int,
     return {k: {c: r[c] for c in _CONFIG_KEYS if r.get(c) is not None} for k, r in best.items()}
 
 
-# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps).
+# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps). The sum of squares comes right after
+# the PDL wait, and the loop waits for it: ~0.8 µs a consuming launch on the H100 (session 17). Summing once the
+# first steps' loads are issued was slower in the decode step (session 18, bench/NOTES-kernels.md), as was issuing
+# the adapter slots, first codes and tables before the wait.
 NORM_MAX_CHUNK = 4096
-# Where a NORM_IN program sums h's squares (the kernel's NORM_IN constexpr: 1 before, 2 after): right after
-# griddepcontrol.wait, before its first step's loads are issued, the loop waited for it: ~0.8 µs a consuming launch
-# on the H100 (session 17). After those loads are issued (GPU paths; the interpreter sums first either way), the
-# sum's L2 round trip overlaps theirs. (Comments inside the jitted functions would change their cache keys.)
-NORM_IN_AFTER_FIRST_LOADS = False
-# The epilogue's loads (the row's channel factors, bias, residual stream, norm weight): per half of the tile, each
-# half's after the other's stores (PAIR_EPILOGUE False: the compiler cannot move a load above a store that may
-# alias it, so a program's tail was a chain of up to 8 dependent L2 round trips with ACCUM and NORM_OUT), or both
-# halves' at once before any store, with the adapter's channel slot read in the prologue (True: one round trip).
-PAIR_EPILOGUE = True
-# What a program reads before its PDL wait (pdl.py's contract): its first codes into L2 only (False), or its adapter
-# slots, its first step's (DEPTH 2: steps') codes and tables into registers and the next step's codes into L2
-# (True), so after the wait only x stands between it and its first MMA.
-FIRST_STEP_BEFORE_WAIT = False
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
@@ -957,10 +871,8 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
             h, g, xg, float(eps), N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
                 F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
-                NORM_IN=0 if norm_in is None else 2 if NORM_IN_AFTER_FIRST_LOADS else 1,
-                ACCUM=accumulate, NORM_OUT=norm_out is not None,
-                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), PAIR_EPILOGUE=PAIR_EPILOGUE,
-                EARLY=FIRST_STEP_BEFORE_WAIT, **launch_kwargs(x))
+                NORM_IN=norm_in is not None, ACCUM=accumulate, NORM_OUT=norm_out is not None,
+                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

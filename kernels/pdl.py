@@ -9,12 +9,9 @@ gap between kernels, and most of a small kernel's time is its own chain of depen
 (bench/NOTES-kernels.md, session 6).
 
 The contract every kernel launched with `launch_kwargs(...)` keeps (PDL constexpr):
-  - before `wait_for_producer(PDL)` it reads only data that does not change during the step, all of it
-    written by stream-ordered work before the step's first kernel: base weights, the adapter slab's tables
-    and slots, the step inputs the host uploads (query starts, context lengths, block tables). It may also
-    pull anything into L2 there (a prefetch returns no data, so it cannot read a stale value);
+  - before `wait_for_producer(PDL)` it reads only data no kernel of the step writes (base weights);
   - `wait_for_producer` returns once the previous kernel has completed and its writes are visible;
-    only then does the kernel read activations or KV, or write anything;
+    only then does the kernel read activations / slot indices / KV, or write anything;
   - it then lets the next kernel launch (so at most two kernels of the chain are resident, and the
     next one's own wait still orders it after this one's writes).
 Kernels launched without it (torch, cuBLAS) keep the ordinary full serialization on both sides, and

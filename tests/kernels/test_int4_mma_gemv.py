@@ -53,8 +53,7 @@ for case in json.loads(sys.argv[1]):
                 h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
                  PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"],
-                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, "PAIR_EPILOGUE": True, "EARLY": True,
-                    **case["meta"]})
+                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, **case["meta"]})
     const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
@@ -96,12 +95,9 @@ def _cases():
             # the SiLU-gated projection (rows N / 2 apart: the tables' two-load asm)
             + [gemv(c, s_pair=False, silu=True) for c in MMA_GEMV_CONFIGS[:3]]
             + [gemv(first, mode=1, group_size=-1, slab="*bf16", s_pair=False, silu=True)]
-            # the RMSNorm epilogues: a projection after a norm (its rsqrt summed after the first loads, or first),
-            # one before a norm
-            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=2), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
-               gemv(first, s_pair=False, silu=True, NORM_IN=1)]
-            # everything after the PDL wait, and the epilogue half by half
-            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=1, EARLY=False, PAIR_EPILOGUE=False)]
+            # the RMSNorm epilogues: a projection after a norm (its rsqrt in the prologue), one before a norm
+            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=True), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
+               gemv(first, s_pair=False, silu=True, NORM_IN=True)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
