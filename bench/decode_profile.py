@@ -228,7 +228,7 @@ def main(argv=None) -> int:
                         "its setting). Triton keeps autotune picks on disk: delete TRITON_CACHE_DIR's "
                         "*.autotune.json first, or the picks of an earlier run come back")
     p.add_argument("--mma-pins", metavar="JSON",
-                   help="pin the MMA GEMV's config per shape to the fastest of a bench/kernels.py --timing-check "
+                   help="pin the MMA GEMV's config per shape to the fastest of a bench/int4_matmul.py --timing-check "
                         "(graph_us) or --mma-sweep (us) JSON, timed on this device (kernels/int4_mma_gemv.py PINNED)")
     p.add_argument("--ablate", metavar="SWITCH,...",
                    help="instead of every combination: the switches' first settings, then each of these switches "

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-# bench/kernels.py by path: the name `kernels` is also the repository's kernel package (and a PyPI package)
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+# bench/int4_matmul.py by path: the name `kernels` is also the repository's kernel package (and a PyPI package)
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("int4_matmul.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
 

@@ -6,7 +6,7 @@ distinct adapters, group size -1 / 128 and each mode, the median time of one cal
 CUDA-graph replay over enough copies of the weights (and adapter tables) that the 50 MB L2 cannot
 hold them. The floor is the int4 code bytes over the measured device-to-device copy bandwidth.
 
-  python bench/kernels.py --json out.json --png out.png
+  python bench/int4_matmul.py --json out.json --png out.png
 
 Prints one table (µs per 7B layer = sum of the 4 shapes) and writes JSON rows
 {shape,K,N,M,T,group_size,mode,us,bf16_us,tinygemm_us,tinygemm_loop_us,floor_us} (+ floor_t_us:
