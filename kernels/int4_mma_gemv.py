@@ -652,7 +652,7 @@ def _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr,
                                   NORM_OUT)
     c1, b1, r1, g1 = _pair_inputs(rows1, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, stride_cs, HAS_BIAS, ACCUM,
                                   NORM_OUT)
-    y0 = y0 * c0 + b0  # (the order _adapted_row and _store_row add in)
+    y0 = y0 * c0 + b0  # (as _adapted_row rounds: times chan, plus bias, then the stream)
     y1 = y1 * c1 + b1
     if ACCUM:
         y0 += r0
