@@ -737,6 +737,12 @@ MMA_CANDIDATE_CONFIGS = [
     # Session 11 autotuned these four among the list on the 7B shapes (H100): none was picked.
     _cfg1(16, 1, 1, stages=4), _cfg1(32, 1, 1, stages=3), _cfg1(16, 1, 1, warps=8, stages=4),
     _cfg1(16, 2, 1, stages=4),
+    # deeper rings (session 18): ncu has the register-fed configs latency bound, 0.26-0.40 instructions issued a
+    # scheduler cycle at 26-57 % of DRAM, with ~48 KB of codes in flight an SM. At K = 4096 (4 steps a program)
+    # STAGES >= 5 requests all of a program's codes at once. Offline sm_90a, mode 2: 16 rows STAGES 8 96 registers
+    # and 56 KB of shared memory (4 programs an SM, ~220 KB in flight), 8 warps STAGES 6 65 / 40 KB, 32 rows STAGES
+    # 6 130 / 80 KB. Not timed yet.
+    _cfg1(16, 1, 1, stages=8), _cfg1(16, 1, 1, warps=8, stages=6), _cfg1(32, 1, 1, stages=6),
     # two steps an iteration (UNROLL 2): no copies of the prefetched set at the loop's end and no zero fill of
     # the code loads, but the two sets' live ranges cost registers. Offline sm_90a, mode 2, g128 (session 13),
     # SASS a step / registers: 16 rows 285 / 96 -> 253 / 132; 32 rows 498 / 166 -> 426 / 254, or 435 / 200

@@ -248,12 +248,14 @@ def test_mma_gemv_small(mode, gs, dtype, dist, bn, split, depth, sdt, xa, unroll
 @pytest.mark.parametrize("mode,gs,dtype", [(1, 128, torch.bfloat16), (2, 128, torch.float16), (2, -1, torch.bfloat16),
                                            (1, -1, torch.float16)])
 def test_mma_gemv_pipelined(mode, gs, dtype):
-    """Codes streamed through Triton's pipeliner (STAGES > 1): more steps than stages and fewer, splits, both
-    tile widths, mixed slots and the base row."""
-    for (N, K), bn, split, stages, dist in ((MMA_SHAPES[gs], 16, 1, 4, "zipf"), ((136, 4000), 32, 1, 3, "base-only"),
-                                            ((200, 3000), 16, 2, 4, "uniform")):
+    """Codes streamed through Triton's pipeliner (STAGES > 1): more steps than stages and fewer (a ring deeper
+    than the loop), splits, both tile widths, 8 warps, mixed slots and the base row."""
+    for (N, K), bn, split, stages, dist, warps in (
+            (MMA_SHAPES[gs], 16, 1, 4, "zipf", 4), ((136, 4000), 32, 1, 3, "base-only", 4),
+            ((200, 3000), 16, 2, 4, "uniform", 4), ((200, 4096), 16, 1, 8, "distinct", 4),
+            ((264, 11008), 16, 1, 6, "zipf", 8)):
         t = make_case(1, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
-        cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "STAGES": stages}
+        cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "STAGES": stages, "num_warps": warps}
         check(run_kernel(t, mode, cfg, n_major=True), reference(t), dtype)
 
 
