@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -94,11 +94,19 @@ for step in "${steps[@]}"; do
                       --autotune-timing $timing --json "$OUT/decode_profile_$timing.json" 2>&1 \
                       | tee "$OUT/decode_profile_$timing.log" | grep -E "^llama|int4 gemv|picks"
                   done ;;
-    pins_ab)  # batch-1 decode with the MMA GEMV autotuned, then pinned to timing_check's graph-replay picks (run
-              # timing_check first in the same call), in one process
+    pins_ab)  # batch-1 decode with the MMA GEMV autotuned, then pinned (PINS: a pins JSON; default timing_check's
+              # graph-replay picks of the same call, so run timing_check first), in one process (NORMS_HEAD: int4 head)
               timeout ${AB_TIMEOUT:-200} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
-                --mma-pins "$OUT/timing-check.json" --pins off,on --json "$OUT/decode_profile_pins.json" 2>&1 \
-                | tee "$OUT/decode_profile_pins.log" | grep -E "^llama|int4 gemv|pins|picks" ;;
+                --mma-pins "${PINS:-$OUT/timing-check.json}" --pins off,on --quantize-lm-head ${NORMS_HEAD:-off} \
+                --json "$OUT/decode_profile_pins.json" 2>&1 | tee "$OUT/decode_profile_pins.log" \
+                | grep -E "^llama|int4 gemv|pins|picks" ;;
+    rings)  # the MMA GEMV's cp.async rings (STAGES configs, the deep ones of session 18 among the candidates): their
+            # GPU tests, then every listed and candidate config timed per 7B shape at M = 1, g128 mode 2
+            timeout ${RINGS_TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider --tb=short \
+              tests/kernels/test_int4_matmul.py tests/kernels/test_int4_mma_gemv.py -k "pipelined or layout" 2>&1 \
+              | tee "$OUT/rings_tests.log" | tail -3
+            timeout ${SWEEP_TIMEOUT:-300} python3 bench/int4_matmul.py --ms 1 --modes 2 --groups 128 --no-baselines \
+              --mma-sweep --json "$OUT/mma-sweep-rings.json" 2>&1 | tee "$OUT/mma-sweep-rings.log" | grep -E "best|rror|STAGES" ;;
     m1_figures) timeout 150 python3 bench/int4_matmul.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
