@@ -1,5 +1,5 @@
 """How fast an M = 1 kernel can read the int4 codes of a 7B layer, with no arithmetic: the ceiling the
-MMA GEMV's loads put on it, timed like bench/int4_matmul.py (CUDA-graph replay over enough copies that L2
+MMA GEMV's loads put on it, timed like bench/kernels.py (CUDA-graph replay over enough copies that L2
 cannot hold them, median).
 
     python bench/access_pattern.py [--json PATH]
@@ -26,7 +26,13 @@ import argparse
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
+
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 import torch
 import triton
@@ -34,8 +40,8 @@ import triton.language as tl
 
 from scaleserve.kernels.pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
-# bench/int4_matmul.py's timing (a script beside this one, not a package)
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("int4_matmul.py"))
+# bench/kernels.py's timing (a script beside this one, not a package)
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
 

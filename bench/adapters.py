@@ -35,6 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
 import torch
 
 def per_channel_adapter(lm, seed: int, dtype=torch.float16):

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 
 def build_engine(preset: str, max_num_seqs: int, pdl: bool = True, quantize_lm_head: bool = False):
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
                         "its setting). Triton keeps autotune picks on disk: delete TRITON_CACHE_DIR's "
                         "*.autotune.json first, or the picks of an earlier run come back")
     p.add_argument("--mma-pins", metavar="JSON",
-                   help="pin the MMA GEMV's config per shape to the fastest of a bench/int4_matmul.py --timing-check "
+                   help="pin the MMA GEMV's config per shape to the fastest of a bench/kernels.py --timing-check "
                         "(graph_us) or --mma-sweep (us) JSON, timed on this device (kernels/int4_mma_gemv.py PINNED)")
     p.add_argument("--ablate", metavar="SWITCH,...",
                    help="instead of every combination: the switches' first settings, then each of these switches "

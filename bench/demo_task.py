@@ -23,6 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
 LABELS = ("billing", "shipping", "technical", "account")
 INSTRUCTION = ("Route this customer message to one team: billing, shipping, technical or account. "
                "Reply with the team name only.\n\nMessage: ")

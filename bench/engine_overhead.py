@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 PHASES = ["schedule", "build", "forward", "sample", "process", "detokenize", "deliver"]
 

@@ -54,9 +54,9 @@ for step in "${steps[@]}"; do
            cp /tmp/scaleserve-bench/*-server.log "$OUT/serve/" ;;
     adapters) timeout 420 python3 bench/adapters.py --device cuda --json "$OUT/adapters.json" 2>&1 \
                 | tee "$OUT/adapters.log" | tail -12 ;;
-    kernels) timeout 480 python3 bench/int4_matmul.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
+    kernels) timeout 480 python3 bench/kernels.py --ms 4,16,64,256 --merge bench/kernels-h100.json \
                --json "$OUT/kernels.json" --png "$OUT/kernels.png" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
-    kernels_smollm2) timeout 150 python3 bench/int4_matmul.py --shapes sm_qkv,sm_o,sm_gate_up,sm_down --groups 32 \
+    kernels_smollm2) timeout 150 python3 bench/kernels.py --shapes sm_qkv,sm_o,sm_gate_up,sm_down --groups 32 \
                        --modes 1,2 --ms 1,16,64 --json "$OUT/kernels-smollm2.json" 2>&1 \
                        | tee "$OUT/kernels_smollm2.log" | tail -20 ;;
     train) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/adapters/test_train.py \
@@ -66,25 +66,25 @@ for step in "${steps[@]}"; do
     pdl_ab) timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --pdl off,on \
               --json "$OUT/decode_profile_pdl.json" 2>&1 | tee "$OUT/decode_profile_pdl.log" | grep -A12 " pdl " ;;
     mma_ab) for policy in auto never; do  # the MMA GEMV against the CUDA-core GEMV per shape, M = 1, same call
-              timeout 150 python3 bench/int4_matmul.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
+              timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                 --mma-policy $policy --json "$OUT/mma-$policy.json" 2>&1 | tee "$OUT/mma-$policy.log" \
                 | grep -E "^(qkv|o |gate_up|down)"
             done ;;
     mma_candidates) timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_mma_gemv.py \
                       tests/kernels/test_int4_matmul.py -k "mma or dispatch" 2>&1 | tee "$OUT/mma_tests.log" | tail -3
-                    timeout 240 python3 bench/int4_matmul.py --ms 1 --modes 2,1 --groups 128 --mma-sweep \
+                    timeout 240 python3 bench/kernels.py --ms 1 --modes 2,1 --groups 128 --mma-sweep \
                       --json "$OUT/mma-sweep.json" 2>&1 | tee "$OUT/mma-sweep.log" | grep -E "best|rror"
                     timeout 120 python3 bench/access_pattern.py --json "$OUT/access.json" 2>&1 \
                       | tee "$OUT/access.log" | tail -60 ;;
     unroll_tests) timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
                     -k "mma_gemv_small or mma_batch_small or llama7b_mma" 2>&1 | tee "$OUT/unroll_tests.log" | tail -3 ;;
     unroll_sweeps)  # the MMA GEMV (M = 1) and MMA batch kernel (M = 4) configs with their UNROLL 2 candidates, g128
-                  timeout 280 python3 bench/int4_matmul.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --mma-sweep \
+                  timeout 280 python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --mma-sweep \
                     --json "$OUT/mma-sweep.json" 2>&1 | tee "$OUT/mma-sweep.log" | grep -E "best|rror"
-                  timeout 280 python3 bench/int4_matmul.py --ms 4 --modes ${SWEEP_MODES:-2} --groups 128 --mma-batch-sweep \
+                  timeout 280 python3 bench/kernels.py --ms 4 --modes ${SWEEP_MODES:-2} --groups 128 --mma-batch-sweep \
                     --json "$OUT/mma-batch-sweep.json" 2>&1 | tee "$OUT/mma-batch-sweep.log" | grep -E "best|rror" ;;
     timing_check)  # does the autotuners' timing pick the MMA GEMV config that is fastest under graph replay?
-                  timeout ${TIMING_TIMEOUT:-300} python3 bench/int4_matmul.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
+                  timeout ${TIMING_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes ${SWEEP_MODES:-2} --groups 128 --timing-check \
                     --json "$OUT/timing-check.json" 2>&1 | tee "$OUT/timing-check.log" | grep -E "picks|rror" ;;
     autotune_ab)  # batch-1 decode with the autotuners timing by do_bench, then by busy_bench (kernels/device.py).
                   # Triton keeps autotune picks on disk, so each run starts without them
@@ -105,9 +105,9 @@ for step in "${steps[@]}"; do
             timeout ${RINGS_TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider --tb=short \
               tests/kernels/test_int4_matmul.py tests/kernels/test_int4_mma_gemv.py -k "pipelined or layout" 2>&1 \
               | tee "$OUT/rings_tests.log" | tail -3
-            timeout ${SWEEP_TIMEOUT:-300} python3 bench/int4_matmul.py --ms 1 --modes 2 --groups 128 --no-baselines \
+            timeout ${SWEEP_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes 2 --groups 128 --no-baselines \
               --mma-sweep --json "$OUT/mma-sweep-rings.json" 2>&1 | tee "$OUT/mma-sweep-rings.log" | grep -E "best|rror|STAGES" ;;
-    m1_figures) timeout 150 python3 bench/int4_matmul.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
+    m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
                   --json "$OUT/decode_profile.json" 2>&1 | tee "$OUT/decode_profile.log" | tail -25 ;;
@@ -116,7 +116,7 @@ for step in "${steps[@]}"; do
                  tests/kernels/test_int4_matmul.py -k "batch or dispatch or autotuned" 2>&1 | tee "$OUT/batch_tests.log" | tail -4
                [ "$step" = batch_tests ] && continue
                for policy in all never; do  # the MMA batch kernel (M = 1 too) against the MMA GEMV / tensor-core tile
-                 timeout 220 python3 bench/int4_matmul.py --ms 1,4,16 --modes 2,1 --groups 128 --no-baselines \
+                 timeout 220 python3 bench/kernels.py --ms 1,4,16 --modes 2,1 --groups 128 --no-baselines \
                    --mma-batch-policy $policy --json "$OUT/batch-$policy.json" 2>&1 | tee "$OUT/batch-$policy.log" \
                    | grep -A12 "per Llama"
                done ;;
@@ -212,7 +212,7 @@ for step in "${steps[@]}"; do
     read_ceiling) timeout 90 python3 bench/access_pattern.py --match 'pdl|regs BN 16 w4 d[12]$|stream x2/SM s4$|copy' \
                     --json "$OUT/access-pdl.json" 2>&1 | tee "$OUT/access-pdl.log" | tail -30 ;;
     fold_ab) for policy in always never; do  # the fold GEMM against the per-row tile, M >= 64, same call
-               timeout 200 python3 bench/int4_matmul.py --ms 64,128,256 --modes 1,2 --groups 128,-1 --no-baselines \
+               timeout 200 python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128,-1 --no-baselines \
                  --fold-policy $policy --json "$OUT/fold-$policy.json" 2>&1 | tee "$OUT/fold-$policy.log" \
                  | grep -A16 "per Llama"
              done ;;

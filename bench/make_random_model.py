@@ -8,8 +8,14 @@ The builder lives in scaleserve.server.random_model (the GPU tests use it too).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 from scaleserve.server.random_model import PRESETS, main, write_random_model
 

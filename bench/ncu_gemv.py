@@ -18,12 +18,18 @@ import argparse
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 import torch
 
-# bench/int4_matmul.py by path: the name `kernels` is also the repository's kernel package (and a PyPI package)
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("int4_matmul.py"))
+# bench/kernels.py by path: the name `kernels` is also the repository's kernel package (and a PyPI package)
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
 

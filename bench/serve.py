@@ -31,6 +31,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
 import httpx
 
 # --- load generator ---------------------------------------------------------------------------------
@@ -511,8 +516,7 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
 def cmd_gpu(a) -> int:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_random_model import make_random_model
+    from make_random_model import make_random_model  # (bench/ is on sys.path: this file runs as a script)
 
     if not torch.cuda.is_available():
         print("gpu mode needs CUDA", file=sys.stderr)

@@ -36,7 +36,7 @@ def capability_major(device: torch.device) -> int:
 
 
 # How the autotuners time a config: "do_bench" (triton.testing.do_bench, short runs) or "busy" (busy_bench).
-# bench/int4_matmul.py --timing-check compares both with graph replay; bench/decode_profile.py --autotune-timing
+# bench/kernels.py --timing-check compares both with graph replay; bench/decode_profile.py --autotune-timing
 # switches it for a run.
 AUTOTUNE_TIMING = "do_bench"
 

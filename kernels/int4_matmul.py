@@ -461,7 +461,7 @@ def _gcfg(bn, bk, sk, stages=1, warps=4, prefetch=1, maxnreg=None):
                          num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
-# measured on the H100 (bench/int4_matmul.py --gemv-sweep, M = 1, g128): the register-prefetched long-K
+# measured on the H100 (bench/kernels.py --gemv-sweep, M = 1, g128): the register-prefetched long-K
 # configs win for modes 1/2; mode 3 (more registers) prefers the compiler-pipelined code tile (STAGES 3)
 GEMV_CONFIGS = [
     _gcfg(32, 512, 1), _gcfg(16, 1024, 1), _gcfg(16, 512, 1), _gcfg(32, 512, 2), _gcfg(32, 1024, 2),

@@ -470,7 +470,7 @@ MMA_BATCH_CONFIGS = [
     # of every config on qkv (15.0 µs; 17.6 with UNROLL 1) and gate_up (22.8; the list's best before 23.6)
     _cfg(4, 1, 2, unroll=2), _cfg(4, 2, 2, unroll=2),
 ]
-# Candidates: forced configs only, which bench/int4_matmul.py --mma-batch-sweep times beside MMA_BATCH_CONFIGS; the
+# Candidates: forced configs only, which bench/kernels.py --mma-batch-sweep times beside MMA_BATCH_CONFIGS; the
 # autotuner does not see them. UNROLL 2 with BPS 1 (SASS a step 192 / 70 registers -> 168 / 95) or 2 warps:
 # slower than the list's best on every 7B shape (H200, session 14).
 MMA_BATCH_CANDIDATE_CONFIGS = [_cfg(4, 4, unroll=2), _cfg(2, 8, 2, unroll=2)]

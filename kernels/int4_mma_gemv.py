@@ -726,7 +726,7 @@ MMA_GEMV_CONFIGS = [
     _cfg1(16, 1, 1, warps=8), _cfg1(16, 4, 2),
 ]
 INTERPRET_CONFIG = {"BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1}
-# Candidates: forced configs only, which bench/int4_matmul.py --mma-sweep times beside MMA_GEMV_CONFIGS; the
+# Candidates: forced configs only, which bench/kernels.py --mma-sweep times beside MMA_GEMV_CONFIGS; the
 # autotuner does not see them.
 MMA_CANDIDATE_CONFIGS = [
     # x loaded at its step: with one row pair per warp ptxas then needs 64-76 registers instead of 72-128
@@ -765,14 +765,14 @@ _tuned_accum = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quic
 # Configs pinned per shape, (N, K, mode, group size) -> a config of the list's form (BLOCK_N, SPLIT_K, DEPTH, ...,
 # num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick; empty, every
 # shape is autotuned. For experiments (bench/decode_profile.py --mma-pins): session 16 pinned graph replay's
-# per-shape picks (bench/int4_matmul.py --timing-check, cold weights, one shape at a time) and the H100 decode
+# per-shape picks (bench/kernels.py --timing-check, cold weights, one shape at a time) and the H100 decode
 # step got slower (graph 2.277 -> 2.315 ms): the fastest config alone is not the fastest inside the step.
 PINNED: dict[tuple[int, int, int, int], dict] = {}
 _CONFIG_KEYS = ("BLOCK_N", "SPLIT_K", "DEPTH", "X_AHEAD", "STAGES", "UNROLL", "num_warps", "maxnreg")
 
 
 def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int, int], dict]:
-    """The fastest MMA GEMV config by rows[time_key] per (N, K, mode, group_size), from bench/int4_matmul.py JSON
+    """The fastest MMA GEMV config by rows[time_key] per (N, K, mode, group_size), from bench/kernels.py JSON
     rows of forced MMA configs (--mma-sweep: "us", --timing-check: "graph_us")."""
     best: dict[tuple[int, int, int, int], dict] = {}
     for r in rows:

@@ -6,7 +6,7 @@ distinct adapters, group size -1 / 128 and each mode, the median time of one cal
 CUDA-graph replay over enough copies of the weights (and adapter tables) that the 50 MB L2 cannot
 hold them. The floor is the int4 code bytes over the measured device-to-device copy bandwidth.
 
-  python bench/int4_matmul.py --json out.json --png out.png
+  python bench/kernels.py --json out.json --png out.png
 
 Prints one table (µs per 7B layer = sum of the 4 shapes) and writes JSON rows
 {shape,K,N,M,T,group_size,mode,us,bf16_us,tinygemm_us,tinygemm_loop_us,floor_us} (+ floor_t_us:
@@ -21,6 +21,12 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
+
+# `python bench/NAME.py` puts bench/ first on sys.path, where kernels.py (issue 3's benchmark) would shadow Hugging
+# Face's `kernels` package, which transformers imports: bench/ goes last
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 import torch
 import torch.nn.functional as F
