@@ -1,5 +1,6 @@
 """Hardware counters of the one-row MMA GEMV on the four Llama-2-7B shapes (g128, mode 2: one adapter's scales),
-each launched with a fixed config (default: the autotuner's H100 picks in the batch-1 decode step, session 17).
+each launched with a fixed config: a pins JSON's (default: the autotuner's H100 picks in the batch-1 decode step
+of session 17, bench/results/mma-pins-step-s17-h100.json, which bench/decode_profile.py --mma-pins also reads).
 
 Run it under Nsight Compute; it launches each shape's kernel --launches times on weights L2 cannot hold:
 
@@ -33,9 +34,8 @@ _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).w
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
 
-# (BLOCK_N, SPLIT_K, DEPTH, num_warps) per shape: the H100 decode step's picks (bench/results/
-# decode-profile-norms-int4-head-s17-h100.json, "autotune_picks")
-STEP_PICKS = {"qkv": (32, 1, 1, 4), "o": (16, 1, 2, 4), "gate_up": (32, 1, 1, 4), "down": (16, 1, 2, 8)}
+SHAPES = ("qkv", "o", "gate_up", "down")
+STEP_PINS = Path(__file__).parent / "results" / "mma-pins-step-s17-h100.json"
 
 
 # what --summarize prints a column of, per launch: (label, metric name and unit as ncu's details page spells them)
@@ -70,21 +70,24 @@ def summarize(path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(STEP_PICKS))
-    p.add_argument("--configs", type=json.loads, default={},
-                   help='JSON {shape: [BLOCK_N, SPLIT_K, DEPTH, num_warps]} replacing STEP_PICKS\' entries')
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--pins", default=str(STEP_PINS),
+                   help="a JSON of MMA GEMV configs per shape (bench/kernels.py --mma-sweep / --timing-check rows, or a "
+                        "pins file like the default)")
     p.add_argument("--launches", type=int, default=3)
     p.add_argument("--summarize", metavar="CSV", help="print the key figures of an ncu CSV of this script's launches")
     a = p.parse_args(argv)
     if a.summarize:
         summarize(a.summarize)
         return 0
-    picks = {**STEP_PICKS, **{k: tuple(v) for k, v in a.configs.items()}}
+    from scaleserve.kernels.int4_mma_gemv import pins_from_rows
+
+    rows = json.loads(Path(a.pins).read_text())["rows"]
+    pins = pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us")
     cache: dict = {}
     for shape in a.shapes.split(","):
         K, N = bench_kernels.SHAPES[shape]
-        bn, sk, depth, warps = picks[shape]
-        config = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": sk, "DEPTH": depth, "num_warps": warps}
+        config = {"MMA": 1, **pins[(N, K, 2, 128)]}
         calls = bench_kernels.ours_calls(K, N, 128, 2, 1, 1, cache, 1, config)
         calls[0]()  # compile outside the timed launches
         torch.cuda.synchronize()
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
             calls[1 + i % (len(calls) - 1)]()
         end.record()
         end.synchronize()
-        print(f"{shape:8} K {K:5} N {N:5} config {picks[shape]}: {start.elapsed_time(end) * 1e3 / a.launches:.1f} µs "
+        print(f"{shape:8} K {K:5} N {N:5} config {config}: {start.elapsed_time(end) * 1e3 / a.launches:.1f} µs "
               "a launch (host-launched, not graph replay)", flush=True)
     return 0
 

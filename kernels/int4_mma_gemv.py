@@ -576,8 +576,8 @@ def _mma_gemv_kernel(
         y0 *= rstd
         y1 *= rstd
     if SILU:
-        _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr,
-                     ws_ptr, cnt_ptr, N, stride_cs, HAS_BIAS, SPLIT_K)
+        _finish_silu(y0, y1, cols, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr,
+                     N, stride_cs, HAS_BIAS, SPLIT_K)
     else:
         _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr,
                      xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
@@ -601,29 +601,37 @@ def _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan
                  N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ACCUM: tl.constexpr,
                  NORM_OUT: tl.constexpr):
     """y[rows] = y * chan[c_0, rows] (+ bias) for both halves of the tile (ACCUM: added to y[rows]; NORM_OUT:
-    xg[rows] = that * g[rows]); with split-K the tile's last split sums both halves' partials (one counter a tile).
+    xg[rows] = that * g[rows]), by the split that finishes the tile.
     Every load of both halves comes before either half's store: a load cannot pass a store that may alias it, so
     half by half the tail was a chain of up to 8 dependent L2 round trips (session 18: 2.158 -> 2.141 ms a 7B
     decode step on the H100)."""
     ok0 = rows0 < N
     ok1 = rows1 < N
+    y0, y1, last = _split_sums(y0, y1, rows0, rows1, ok0, ok1, pid_n, pid_k, ws_ptr, cnt_ptr, N, SPLIT_K)
+    if last:
+        _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
+                    HAS_BIAS, ACCUM, NORM_OUT)
+
+
+@triton.jit
+def _split_sums(y0, y1, rows0, rows1, ok0, ok1, pid_n, pid_k, ws_ptr, cnt_ptr, N, SPLIT_K: tl.constexpr):
+    """-> (the tile's sums over its SPLIT_K splits, whether this program holds them): each split writes its
+    partials of both halves, and the last to arrive (one counter a tile, zeroed again for the next launch) sums
+    them. With one split, the program's own sums."""
+    last = True
     if SPLIT_K > 1:
         tl.store(ws_ptr + pid_k * N + rows0, y0, mask=ok0)
         tl.store(ws_ptr + pid_k * N + rows1, y1, mask=ok1)
         tl.debug_barrier()  # every thread's partials are written before the arrival is published
-        arrived = tl.atomic_add(cnt_ptr + 2 * pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        last = tl.atomic_add(cnt_ptr + 2 * pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:
             y0 = tl.zeros_like(y0)
             y1 = tl.zeros_like(y1)
             for sk in tl.static_range(SPLIT_K):
                 y0 += tl.load(ws_ptr + sk * N + rows0, mask=ok0, other=0.0, cache_modifier=".cg")
                 y1 += tl.load(ws_ptr + sk * N + rows1, mask=ok1, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + 2 * pid_n, 0)
-            _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
-                        HAS_BIAS, ACCUM, NORM_OUT)
-    else:
-        _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
-                    HAS_BIAS, ACCUM, NORM_OUT)
+    return y0, y1, last
 
 
 @triton.jit
@@ -652,7 +660,7 @@ def _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr,
                                   NORM_OUT)
     c1, b1, r1, g1 = _pair_inputs(rows1, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, stride_cs, HAS_BIAS, ACCUM,
                                   NORM_OUT)
-    y0 = y0 * c0 + b0  # (as _adapted_row rounds: times chan, plus bias, then the stream)
+    y0 = y0 * c0 + b0  # (times chan, plus bias, then the stream)
     y1 = y1 * c1 + b1
     if ACCUM:
         y0 += r0
@@ -667,45 +675,22 @@ def _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr,
 
 
 @triton.jit
-def _adapted_row(y, rows, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
-    """y * chan[c_0, rows] (+ bias[rows]), float32."""
-    y = y * tl.load(chan_ptr + cidx * stride_cs + rows, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    return y
-
-
-@triton.jit
-def _finish_silu(gate, up, cols, rows0, rows1, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr,
+def _finish_silu(gate, up, cols, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr,
                  N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[cols] = silu(gate) * up, each of gate and up first adapted and rounded to y's dtype as the gate / up
-    projection's output would be (so the result is kernels.fused.silu_mul's of the unfused projection); with
-    split-K the tile's last split sums both halves' partials (one counter a tile)."""
+    projection's output would be (so the result is kernels.fused.silu_mul's of the unfused projection), by the
+    split that finishes the tile."""
     ok = cols < N // 2
-    cidx = tl.load(chan_idx_ptr).to(tl.int64)
-    if SPLIT_K > 1:
-        tl.store(ws_ptr + pid_k * N + rows0, gate, mask=ok)
-        tl.store(ws_ptr + pid_k * N + rows1, up, mask=ok)
-        tl.debug_barrier()  # every thread's partials are written before the arrival is published
-        arrived = tl.atomic_add(cnt_ptr + 2 * pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            gate = tl.zeros_like(gate)
-            up = tl.zeros_like(up)
-            for sk in tl.static_range(SPLIT_K):
-                gate += tl.load(ws_ptr + sk * N + rows0, mask=ok, other=0.0, cache_modifier=".cg")
-                up += tl.load(ws_ptr + sk * N + rows1, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + 2 * pid_n, 0)
-            _store_silu(gate, up, cols, rows0, rows1, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
-    else:
-        _store_silu(gate, up, cols, rows0, rows1, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS)
-
-
-@triton.jit
-def _store_silu(gate, up, cols, rows0, rows1, ok, y_ptr, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS: tl.constexpr):
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    g = _adapted_row(gate, rows0, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS).to(DT).to(tl.float32)
-    u = _adapted_row(up, rows1, ok, bias_ptr, chan_ptr, cidx, stride_cs, HAS_BIAS).to(DT).to(tl.float32)
-    tl.store(y_ptr + cols, (g / (1.0 + tl.exp(-g)) * u).to(DT), mask=ok)
+    gate, up, last = _split_sums(gate, up, rows0, rows1, ok, ok, pid_n, pid_k, ws_ptr, cnt_ptr, N, SPLIT_K)
+    if last:
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        c0, b0, _, _ = _pair_inputs(rows0, ok, cidx, y_ptr, bias_ptr, chan_ptr, bias_ptr, stride_cs, HAS_BIAS, False,
+                                    False)
+        c1, b1, _, _ = _pair_inputs(rows1, ok, cidx, y_ptr, bias_ptr, chan_ptr, bias_ptr, stride_cs, HAS_BIAS, False,
+                                    False)
+        g = (gate * c0 + b0).to(DT).to(tl.float32)
+        u = (up * c1 + b1).to(DT).to(tl.float32)
+        tl.store(y_ptr + cols, (g / (1.0 + tl.exp(-g)) * u).to(DT), mask=ok)
 
 
 # BLOCK_N / 2 row pairs, one per warp per pass; DEPTH steps of loads in flight
