@@ -5,7 +5,7 @@ streaming, with the model's forward replaced by a stub on a virtual GPU (Virtual
 With --gpu-ms 0 the figures are the host path's ceiling. 1 vs T adapters shows what adapters cost the host.
 
 The server (uvicorn + engine thread) runs in this process; the load generator (bench/serve.py's run_load)
-runs in a child process so the two do not share a GIL. For each scenario it prints throughput, ITL p50/p99
+runs in a child process so the two do not share a GIL. For each scenario it prints throughput, ITL p50/p99/mean
 and the engine's host ms per step by phase (bench/engine_overhead.py's instrumentation).
 
     OMP_NUM_THREADS=1 python bench/host_path.py --gpu-ms 3.2 --json bench/results/host-path-cpu-3.2ms.json
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -64,6 +65,27 @@ class VirtualGPU:
         engine._dispatch, engine._complete = dispatched, completed
 
 
+class CollectAt:
+    """A full gc.collect() inside the engine's `step`-th step after arm(), timed (ms)."""
+
+    def __init__(self, engine, step: int):
+        self.engine, self.step, self.at, self.ms = engine, step, None, None
+        step_fn = engine.step
+
+        def stepped():
+            if self.at is not None and engine.steps >= self.at:
+                self.at = None
+                t0 = time.perf_counter()
+                gc.collect()
+                self.ms = round((time.perf_counter() - t0) * 1e3, 3)
+            step_fn()
+
+        engine.step = stepped
+
+    def arm(self) -> None:
+        self.at, self.ms = self.engine.steps + self.step, None
+
+
 def client(url: str, models: list[str], streams: int, prompt_len: int, output_len: int, vocab: int) -> dict:
     from serve import run_load
 
@@ -91,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-ms", type=float, default=0.0, help="device time of one step on the virtual GPU")
     p.add_argument("--overlap", default="0,1", help="Engine overlap settings to run (0 = serial, 1 = overlap)")
     p.add_argument("--repeat", type=int, default=2, help="runs per scenario (the best is kept, all are stored)")
+    p.add_argument("--collect-at-step", type=int,
+                   help="a full gc.collect() on the engine thread at this step of each run: what a full collection "
+                        "of the server's heap costs the streams (the server freezes its startup heap: main.py)")
     p.add_argument("--label", default="")
     p.add_argument("--json")
     p.add_argument("--client", help=argparse.SUPPRESS)  # child mode: the load generator against this URL
@@ -130,6 +155,7 @@ def main(argv=None) -> int:
             engine = srv.app.state.engine
             pt = instrument(engine)
             VirtualGPU(engine, vocab, a.gpu_ms)
+            collect = CollectAt(engine, a.collect_at_step) if a.collect_at_step else None
             run_client(srv.url, names[:1], 1, a.prompt_len, 16, vocab)  # warm-up
             for n in streams:
                 for T in [t for t in Ts if t <= n]:
@@ -137,12 +163,16 @@ def main(argv=None) -> int:
                     for _ in range(a.repeat):
                         pt.acc.update(dict.fromkeys(PHASES, 0.0))  # in place: the wrappers hold this dict
                         steps0, overlapped0 = engine.steps, engine.overlapped_steps
+                        if collect:
+                            collect.arm()
                         pt.on = True
                         r = run_client(srv.url, names[:T], n, a.prompt_len, a.output_len, vocab)
                         pt.on = False
                         steps = max(1, engine.steps - steps0)
                         r.update(engine_steps=steps, overlapped_steps=engine.overlapped_steps - overlapped0,
                                  host_ms_per_step={k: round(v / steps * 1e3, 3) for k, v in pt.acc.items()})
+                        if collect:
+                            r["gc_collect_ms"] = collect.ms
                         runs.append(r)
                     best = max(runs, key=lambda r: r["throughput_tok_s"] or 0)
                     out["scenarios"].append({"overlap": overlap, "streams": n, "adapters": T, "best": best,
@@ -150,12 +180,15 @@ def main(argv=None) -> int:
     print(f"host path: virtual GPU of {a.gpu_ms} ms per step, {a.output_len} tokens per stream ({a.preset}, "
           f"{a.device}); host ms per step by phase")
     print(f"{'overlap':>7} | {'streams':>7} | {'T':>3} | {'tok/s':>8} | {'ITL p50':>8} | {'ITL p99':>8} | "
-          f"{'overlapped':>10} | " + " | ".join(f"{k:>10}" for k in PHASES))
+          f"{'ITL mean':>8} | {'overlapped':>10} | " + " | ".join(f"{k:>10}" for k in PHASES))
     for sc in out["scenarios"]:
         b = sc["best"]
         print(f"{sc['overlap']!s:>7} | {sc['streams']:>7} | {sc['adapters']:>3} | {b['throughput_tok_s']!s:>8} | "
-              f"{b['itl_ms_p50']!s:>8} | {b['itl_ms_p99']!s:>8} | {b['overlapped_steps']:>10} | "
+              f"{b['itl_ms_p50']!s:>8} | {b['itl_ms_p99']!s:>8} | {b['itl_ms_mean']!s:>8} | "
+              f"{b['overlapped_steps']:>10} | "
               + " | ".join(f"{b['host_ms_per_step'][k]:>10.3f}" for k in PHASES))
+        if b.get("gc_collect_ms") is not None:
+            print(f"        a full gc.collect() at step {a.collect_at_step} took {b['gc_collect_ms']} ms")
         if b["errors"]:  # e.g. 400s: prompt + output longer than the model's context
             print(f"        errors by status: {b['errors']}")
     if a.json:

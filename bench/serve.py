@@ -131,6 +131,9 @@ def summarize(results: list[dict], wall: float) -> dict:
         "per_stream_decode_tok_s_p50": _r(pct(decode_rates, 50)),
         "ttft_s_p50": _r(pct(ttft, 50)), "ttft_s_p99": _r(pct(ttft, 99)),
         "itl_ms_p50": _r(pct(itl, 50), 1000), "itl_ms_p99": _r(pct(itl, 99), 1000),
+        # the whole distribution: a mean above the p50 says slow intervals in the tail, p10 / p90 where they start
+        "itl_ms_p10": _r(pct(itl, 10), 1000), "itl_ms_p90": _r(pct(itl, 90), 1000),
+        "itl_ms_mean": _r(sum(itl) / len(itl) if itl else None, 1000),
         "e2e_s_p50": _r(pct([r["end"] - r["start"] for r in ok], 50)),
     }
 
@@ -484,6 +487,8 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
         r["scenario"] = "batch-1 decode (base)"
         scen.append(r)
         print_table([r], ["scenario"])
+        print("batch-1 ITL ms: " + ", ".join(f"{k} {r[f'itl_ms_{k}']}" for k in ("p10", "p50", "p90", "p99", "mean"))
+              + f"; engine steps {r['engine_steps']}", flush=True)
         pair = ((f"{args.streams} streams, 1 adapter", names[:1]),
                 (f"{args.streams} streams, {args.streams} adapters", names[: args.streams]))
         for _, models in pair:  # warm-up: graphs, autotune, slab
