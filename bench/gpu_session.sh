@@ -100,13 +100,15 @@ for step in "${steps[@]}"; do
                 --mma-pins "${PINS:-$OUT/timing-check.json}" --pins off,on --quantize-lm-head ${NORMS_HEAD:-off} \
                 --json "$OUT/decode_profile_pins.json" 2>&1 | tee "$OUT/decode_profile_pins.log" \
                 | grep -E "^llama|int4 gemv|pins|picks" ;;
-    rings)  # the MMA GEMV's cp.async rings (STAGES configs, the deep ones of session 18 among the candidates): their
-            # GPU tests, then every listed and candidate config timed per 7B shape at M = 1, g128 mode 2
-            timeout ${RINGS_TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider --tb=short \
-              tests/kernels/test_int4_matmul.py tests/kernels/test_int4_mma_gemv.py -k "pipelined or layout" 2>&1 \
-              | tee "$OUT/rings_tests.log" | tail -3
+    rings)  # the MMA GEMV's cp.async rings (STAGES configs, the deep ones of session 18 among the candidates): every
+            # listed and candidate config (SWEEP_MATCH: those whose label the regex matches) timed per 7B shape at
+            # M = 1, g128 mode 2, then their GPU tests (RINGS_K: pytest -k)
             timeout ${SWEEP_TIMEOUT:-300} python3 bench/kernels.py --ms 1 --modes 2 --groups 128 --no-baselines \
-              --mma-sweep --json "$OUT/mma-sweep-rings.json" 2>&1 | tee "$OUT/mma-sweep-rings.log" | grep -E "best|rror|STAGES" ;;
+              --mma-sweep ${SWEEP_MATCH:+--sweep-match "$SWEEP_MATCH"} --json "$OUT/mma-sweep-rings.json" 2>&1 \
+              | tee "$OUT/mma-sweep-rings.log" | grep -E "best|rror"
+            timeout ${RINGS_TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider --tb=short \
+              tests/kernels/test_int4_matmul.py tests/kernels/test_int4_mma_gemv.py -k "${RINGS_K:-pipelined or layout}" 2>&1 \
+              | tee "$OUT/rings_tests.log" | tail -3 ;;
     m1_figures) timeout 150 python3 bench/kernels.py --ms 1 --modes 1,2 --groups 128,-1 --no-baselines \
                   --json "$OUT/mma-auto.json" 2>&1 | tee "$OUT/mma-auto.log" | grep -E "^(qkv|o |gate_up|down)|layer"
                 timeout 200 python3 bench/decode_profile.py --presets llama2-7b --batches 1 \

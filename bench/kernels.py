@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-batch-sweep", action="store_true",
                     help="at the first M of --ms (2-16): time each MMA batch kernel config (int4_mma_batch's "
                          "autotune list and candidates) per shape / mode / group (no autotune)")
+    ap.add_argument("--sweep-match", default=None, metavar="REGEX",
+                    help="the sweeps time only the configs whose label (as printed, e.g. 16/sk1/d1/w4/xa1/s8) "
+                         "REGEX matches: fewer compiles where a device call's minutes are few")
     ap.add_argument("--timing-check", action="store_true",
                     help="M = 1: time the MMA GEMV's autotune list three ways (graph replay over weight "
                          "copies, the autotuners' quick_bench, device.busy_bench) and report each one's pick")
@@ -395,6 +399,8 @@ def gemv_sweep(args, shapes, modes, groups, bw, M=1) -> int:
                 res = []
                 configs = (mma_sweep_configs(batch=True) if args.mma_batch_sweep else
                            mma_sweep_configs() if args.mma_sweep else sweep_configs(mode))
+                if args.sweep_match:
+                    configs = [c for c in configs if re.search(args.sweep_match, config_label(c))]
                 for cfg in configs:
                     try:
                         us = bench_ours(K, N, gs, mode, M, 1, cache, 1, config=cfg)
