@@ -24,6 +24,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from .api.common import error_body, install_error_handlers
+from .compile_watch import watch_compiles
 from .metrics import Metrics
 from .settings import Settings
 
@@ -38,6 +39,12 @@ def _load_model(settings: Settings):
     # the embedded default answers to its own name, not to its cache directory's
     return load_model(ensure_default_model(settings.data_dir), device=settings.resolved_device(),
                       name=DEFAULT_MODEL_NAME)
+
+
+def _compiled_while_serving(metrics: Metrics, kernel: str, spec: str) -> None:
+    log.warning("kernel %s compiled while serving (every stream waited for it; warm-up missed this shape): %s",
+                kernel, spec)
+    metrics.kernel_compiles.labels(kernel=kernel).inc()
 
 
 async def _maybe_await(x):
@@ -97,6 +104,7 @@ def create_app(settings: Settings | None = None, lm=None) -> FastAPI:
         # so startup's garbage cycles are freed, not kept. See docs/serving.md.
         gc.collect()
         gc.freeze()
+        st.unwatch_compiles = watch_compiles(lambda kernel, spec: _compiled_while_serving(st.metrics, kernel, spec))
         st.started_at = time.time()
         st.ready = True
         log.info("ready: model %s on %s, max_model_len %d, %d KV blocks, in %.1f s", st.served_model_name,
@@ -105,6 +113,7 @@ def create_app(settings: Settings | None = None, lm=None) -> FastAPI:
             yield
         finally:
             st.ready = False
+            st.unwatch_compiles()
             if hasattr(st.registry, "stop"):
                 await _maybe_await(st.registry.stop())
             st.engine.stop()

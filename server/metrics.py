@@ -45,6 +45,10 @@ class Metrics:
         self.overlapped_steps = Counter("scaleserve_engine_overlapped_steps_total",
                                         "engine steps dispatched while the host still processed the step before "
                                         "(settings.overlap_steps)", registry=r)
+        self.kernel_compiles = Counter("scaleserve_kernel_compiles_after_ready_total",
+                                       "Triton kernels compiled while serving, by kernel: warm-up missed their "
+                                       "shape, and each compile stalled every running stream", ["kernel"],
+                                       registry=r)
         self.errors = Counter("scaleserve_errors_total", "error responses and failed requests by type", ["type"],
                               registry=r)
         # bounded label cardinality: the first `max_adapter_labels` adapter names seen get their own

@@ -1,0 +1,46 @@
+"""Kernel compiles while serving: each one stalls every running stream.
+
+The engine's warm-up compiles and tunes every kernel shape it knows serving can meet (Engine.warm_up). A
+Triton kernel that still compiles after that (a new specialization: an integer argument divisible by 16 for
+the first time, a dtype, an autotune key) holds the engine thread for the compile, seconds on a cold cache,
+and every stream waits. Seen on the H100 (session 19): one 64-stream pass over 64 adapters stalled ~1.4 s at
+once for all its requests, where the same pass before it did not.
+
+watch_compiles() chains a callback onto Triton's jit_post_compile_hook (called after each compile of a
+JITFunction, from its disk cache or not); main.py installs it once the server is ready, so what it reports
+is exactly what warm-up missed: a log line naming the kernel and its specialization, and a counter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("scaleserve.server")
+
+
+def watch_compiles(on_compile: Callable[[str, str], None]) -> Callable[[], None]:
+    """Call on_compile(kernel name, specialization) after every Triton JIT compile from now on. Returns the
+    function that removes the watch (restoring whatever hook was installed before). Without Triton, a no-op."""
+    try:
+        from triton import knobs
+    except ImportError:  # (the CPU reference path needs no Triton)
+        return lambda: None
+    runtime = knobs.runtime
+    before = runtime.jit_post_compile_hook
+
+    def hook(*args, **kwargs):
+        fn, spec = kwargs.get("fn"), kwargs.get("repr", "")
+        try:
+            on_compile(getattr(fn, "name", None) or str(fn), spec)
+        except Exception:  # a report must never break the launch it reports
+            log.exception("compile watch failed")
+        return before(*args, **kwargs) if before is not None else None
+
+    runtime.jit_post_compile_hook = hook
+
+    def unwatch() -> None:
+        if runtime.jit_post_compile_hook is hook:
+            runtime.jit_post_compile_hook = before
+
+    return unwatch
