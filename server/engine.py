@@ -24,6 +24,7 @@ one at a time as before.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -167,6 +168,12 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Sampled | None = None  # the last step's tokens, not processed yet (overlap)
         self.overlapped_steps = 0
+        # a step this long stalled every stream: 100x a 7B decode step on the H100, above the longest prefill
+        # chunk (2048 tokens), far below a kernel compile or a collection of the whole heap (seconds)
+        warn_ms = settings.slow_step_warn_ms
+        warn_ms = (250.0 if self.device.type == "cuda" else 0.0) if warn_ms is None else warn_ms
+        self.slow_step_s = warn_ms / 1e3 if warn_ms > 0 else math.inf
+        self._step_kind = ""
         self._pinned = None
         if self.device.type == "cuda":  # two: the step in flight and the one being processed
             self._pinned = [torch.empty(settings.max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
@@ -306,6 +313,7 @@ class Engine:
                 time.sleep(0.001)  # waiting on an adapter slot / KV that nobody will free: avoid a hot spin
             return
         self.steps += 1
+        t0 = time.perf_counter()
         seqs = [s for s, _ in sched]
         scoring = [i for i, (s, _) in enumerate(sched) if s.params.prompt_logprobs is not None
                    and len(s.prompt_logprobs) < len(s.prompt_ids) - 1]
@@ -331,6 +339,15 @@ class Engine:
                 self._inflight = cur
             else:
                 self._complete(cur)
+        if time.perf_counter() - t0 > self.slow_step_s:
+            self._warn_slow_step(sched, time.perf_counter() - t0)
+
+    def _warn_slow_step(self, sched: list[tuple[Sequence, int]], seconds: float) -> None:
+        """What the stalled step was, for finding why (a kernel compiled mid-serving logs its own line)."""
+        prefill = [n for _, n in sched if n > 1]
+        log.warning("slow engine step: %.0f ms (%s; %d sequences, %d decoding, %d prefilling %d tokens; "
+                    "the step's wall time, including the wait for the step before it)", seconds * 1e3,
+                    self._step_kind, len(sched), len(sched) - len(prefill), len(prefill), sum(prefill))
 
     def _can_overlap(self, prev: _Sampled) -> bool:
         """Whether the next step is exactly prev's (still running) sequences decoding one more token each,
@@ -413,6 +430,7 @@ class Engine:
             logits = self.lm.model(batch, self.kv.k, self.kv.v)
             if scoring:
                 logits = self._score_prompts(sched, scoring, logits)
+        self._step_kind = kind
         self.step_kinds[kind] = self.step_kinds.get(kind, 0) + 1
         if self.metrics:
             self.metrics.engine_steps.labels(kind).inc()

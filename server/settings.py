@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     overlap_steps: bool | None = Field(None, description="dispatch the next decode step before the host has "
                                        "processed the last one's tokens (hides host time behind the GPU); "
                                        "default: on with CUDA")
+    slow_step_warn_ms: float | None = Field(None, ge=0, description="log a warning for every engine step that "
+                                            "takes longer (its kind, sequences, tokens): a stall every stream "
+                                            "sees; 0 turns it off; default: 250 with CUDA, off on CPU")
     pdl: bool = Field(True, description="programmatic dependent launch of the Triton kernels (Hopper and newer): "
                                         "each kernel starts while the one before it finishes")
     drain_grace_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")

@@ -3,6 +3,9 @@ seeded), equal to the offline generate_ids; chunked prefill, preemption, stop ha
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 import torch
 
@@ -543,3 +546,24 @@ def test_context_end_stops_at_the_same_token(engine_lm, tmp_path, overlap_on):
     run(engine, [seq])
     assert seq.finish_reason == "length"
     assert len(seq.prompt_ids) + len(seq.output_ids) == 24
+
+
+def test_slow_steps_are_logged_with_what_they_ran(engine_lm, tmp_path, caplog, monkeypatch):
+    """A step past settings.slow_step_warn_ms logs its kind and composition (what every stream waited for);
+    off on CPU by default, where the reference path's prefill is slow by nature."""
+    engine, _ = make_engine(engine_lm, tmp_path)
+    assert engine.slow_step_s == float("inf")
+    engine, _ = make_engine(engine_lm, tmp_path, slow_step_warn_ms=50)
+    forward = engine._forward
+
+    def stalled(sched, *args, **kwargs):  # a stall inside the step's prefill, as a mid-serving compile would be
+        if any(n > 1 for _, n in sched):
+            time.sleep(0.08)
+        return forward(sched, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", stalled)
+    with caplog.at_level(logging.WARNING, logger="scaleserve.server.engine"):
+        run(engine, [new_seq(PROMPTS[1], max_tokens=3), new_seq(PROMPTS[0], max_tokens=3)])
+    slow = [r.getMessage() for r in caplog.records if "slow engine step" in r.getMessage()]
+    assert len(slow) == 1, slow  # the prefill step only: decode steps ran at full speed
+    assert "(eager; 2 sequences, 0 decoding, 2 prefilling 42 tokens;" in slow[0]
