@@ -726,7 +726,8 @@ MMA_CANDIDATE_CONFIGS = [
     # scheduler cycle at 26-57 % of DRAM, with ~48 KB of codes in flight an SM. At K = 4096 (4 steps a program)
     # STAGES >= 5 requests all of a program's codes at once. Offline sm_90a, mode 2: 16 rows STAGES 8 96 registers
     # and 56 KB of shared memory (4 programs an SM, ~220 KB in flight), 8 warps STAGES 6 65 / 40 KB, 32 rows STAGES
-    # 6 130 / 80 KB. Not timed yet.
+    # 6 130 / 80 KB. H100 (session 19, bench/results/mma-sweep-rings-s19-h100.json): slower than STAGES 3-4, which
+    # are slower than the list's best on every 7B shape (qkv 21.6 / 15.3 / 13.3 µs, gate_up 33.5 / 27.0 / 22.5).
     _cfg1(16, 1, 1, stages=8), _cfg1(16, 1, 1, warps=8, stages=6), _cfg1(32, 1, 1, stages=6),
     # two steps an iteration (UNROLL 2): no copies of the prefetched set at the loop's end and no zero fill of
     # the code loads, but the two sets' live ranges cost registers. Offline sm_90a, mode 2, g128 (session 13),
