@@ -276,13 +276,17 @@ class SubprocessServer:
             time.sleep(0.25)
 
     def engine_info(self) -> dict:
-        """The KV size and the warm-up (graphs captured, seconds) from the server's log."""
+        """The KV size, the warm-up (graphs captured, seconds) and the stalls logged while serving, from the
+        server's log."""
         import re
 
         text = self.log_path.read_text(errors="replace")
         kv = re.findall(r"KV cache: (\d+) blocks", text)
         warm = re.findall(r"warm-up: (\d+) prefill sizes, (\d+) graphs, modes \[([\d, ]*)\], in ([\d.]+) s", text)
-        out = {"kv_blocks": int(kv[-1]) if kv else None}
+        # what stalled every stream while serving (server/compile_watch.py, the engine's slow_step_warn_ms)
+        stalls = re.findall(r"^(\S+ \S+) WARNING \S+: ((?:kernel \S+ compiled while serving|slow engine step).*)$",
+                            text, re.M)
+        out = {"kv_blocks": int(kv[-1]) if kv else None, "stalls": [f"{t} {m}" for t, m in stalls]}
         if warm:
             sizes, graphs, modes, secs = warm[-1]
             out["warmup"] = {"prefill_sizes": int(sizes), "graphs": int(graphs),
@@ -508,6 +512,8 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
             res["engine"] = {"kv_blocks": eng.kv.num_blocks, "graphs": len(eng.graphs.graphs) if eng.graphs else 0}
         else:
             res["engine"] = srv.engine_info()
+            for line in res["engine"]["stalls"]:
+                print("server stall:", line, flush=True)
     res["scenarios"] = scen
     one, many = scen[1]["throughput_tok_s"], scen[2]["throughput_tok_s"]
     res["multi_adapter_ratio"] = round(many / one, 3) if one else None

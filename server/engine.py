@@ -168,7 +168,7 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Sampled | None = None  # the last step's tokens, not processed yet (overlap)
         self.overlapped_steps = 0
-        # a step this long stalled every stream: 100x a 7B decode step on the H100, above the longest prefill
+        # a step this long stalled every stream: over 100x a 7B decode step on the H100, above the longest prefill
         # chunk (2048 tokens), far below a kernel compile or a collection of the whole heap (seconds)
         warn_ms = settings.slow_step_warn_ms
         warn_ms = (250.0 if self.device.type == "cuda" else 0.0) if warn_ms is None else warn_ms
@@ -339,8 +339,9 @@ class Engine:
                 self._inflight = cur
             else:
                 self._complete(cur)
-        if time.perf_counter() - t0 > self.slow_step_s:
-            self._warn_slow_step(sched, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        if took > self.slow_step_s:  # (with no compile logged, an autotune of a key warm-up missed is likely)
+            self._warn_slow_step(sched, took)
 
     def _warn_slow_step(self, sched: list[tuple[Sequence, int]], seconds: float) -> None:
         """What the stalled step was, for finding why (a kernel compiled mid-serving logs its own line)."""

@@ -1,0 +1,35 @@
+"""bench/serve.py reads the server's log back: the warm-up, and the stalls the server logged while serving
+(kernels compiled after ready, slow engine steps), which the GPU run prints so a call's output names them."""
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+LOG = """\
+2026-12-07 06:14:45,193 INFO scaleserve.server.engine: KV cache: 4346 blocks of 16 tokens (34768.0 MiB)
+2026-12-07 06:17:06,304 INFO scaleserve.server.engine: warm-up: 12 prefill sizes, 42 graphs, modes [1, 2, 3], in 141.1 s
+2026-12-07 06:17:09,001 INFO scaleserve.requests: {"event": "request", "ttft_s": 0.25}
+2026-12-07 06:17:18,410 WARNING scaleserve.server: kernel _prefill_kernel compiled while serving (every stream \
+waited for it; warm-up missed this shape): _prefill_kernel[num_warps=4](q_ptr: ('*bf16', 'D'))
+2026-12-07 06:17:18,902 WARNING scaleserve.server.engine: slow engine step: 1412 ms (eager; 64 sequences, 55 \
+decoding, 9 prefilling 1152 tokens; the step's wall time, including the wait for the step before it)
+2026-12-07 06:17:19,000 WARNING scaleserve.auth: AUTHENTICATION IS OFF
+"""
+
+
+def test_engine_info_reads_warm_up_and_stalls(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("serve", None)
+    from serve import SubprocessServer
+
+    log = tmp_path / "server.log"
+    log.write_text(LOG)
+    info = SubprocessServer(tmp_path, {}, {}, log).engine_info()
+    assert info["kv_blocks"] == 4346
+    assert info["warmup"] == {"prefill_sizes": 12, "graphs": 42, "modes": [1, 2, 3], "seconds": 141.1}
+    assert info["stalls"] == [
+        "2026-12-07 06:17:18,410 kernel _prefill_kernel compiled while serving (every stream waited for it; warm-up "
+        "missed this shape): _prefill_kernel[num_warps=4](q_ptr: ('*bf16', 'D'))",
+        "2026-12-07 06:17:18,902 slow engine step: 1412 ms (eager; 64 sequences, 55 decoding, 9 prefilling 1152 "
+        "tokens; the step's wall time, including the wait for the step before it)"]
