@@ -35,6 +35,14 @@ def capability_major(device: torch.device) -> int:
     return _CC_MAJOR[idx]
 
 
+# The per-row adapter slots (chan_idx, scale_idx, alpha_idx [M]) reach the kernels as views into one packed
+# upload (server/engine.py), 16-byte aligned or not depending on the step's token count; Triton compiles a
+# kernel once per pointer alignment it meets, so an alignment first met mid-serving (a step of an odd number of
+# tokens, say) would be a compile that stalls every stream. The kernels do not specialize on these pointers:
+# their loads are a few words a program, so the lost vector width costs nothing measurable.
+ROW_INDEX_ARGS = ["chan_idx_ptr", "scale_idx_ptr"]  # (+ "alpha_idx_ptr" where a kernel takes it)
+
+
 # How the autotuners time a config: "do_bench" (triton.testing.do_bench, short runs) or "busy" (busy_bench).
 # bench/kernels.py --timing-check compares both with graph replay; bench/decode_profile.py --autotune-timing
 # switches it for a run.

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import quick_bench
+from .device import ROW_INDEX_ARGS, quick_bench
 from .pdl import launch_kwargs, wait_for_producer
 from .tile_epilogue import k_blocks, park_partial, store_rows, summed_partials
 
@@ -142,7 +142,7 @@ def _dequant(words, s, z, FAST: tl.constexpr):
     return tl.reshape(a, [BN, 8 * W])  # [BN, W, 2, 2, 2] -> nibble 4a + 2b + c of word w
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", *ROW_INDEX_ARGS])
 def _int4_gemm_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
     q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 words [N_pad, KW], zeros_t / scales_t [G, N_pad] f32

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import quick_bench
+from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
 from .int4_mma_gemv import GROUP_SIZES as MMA_GROUP_SIZES
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
@@ -327,7 +327,7 @@ def _load_b32(ptrs):
                                      pack=1)
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", *ROW_INDEX_ARGS, "alpha_idx_ptr"])
 def _adapted_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
     q_ptr, zero_ptr, s0_ptr,  # codes_t [N_pad, Kh_pad] u8, zeros_t / scales_t [G, N_pad] f32
@@ -870,7 +870,7 @@ def _gemv_plane_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, N, K, G, KW, word
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*ROW_INDEX_ARGS, "alpha_idx_ptr"])
 def _gemv_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
     q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW = Kh_pad/4], zeros_t / scales_t [G, N_pad] f32

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import quick_bench
+from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_mma_gemv import _X_WORD_ASM, _mma_chain_asm, _ones_sums, scale_pairs_readable
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
@@ -231,7 +231,7 @@ def _step_loads(s, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, strid
     return w0, w1, a0, a1, a2, a3, b0, b1, b2, b3, zt, st, st1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_INDEX_ARGS)
 def _mma_batch_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
     q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t / scales_t [G, N_pad] f32

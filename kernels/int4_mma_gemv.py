@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import quick_bench
+from .device import ROW_INDEX_ARGS, quick_bench
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
@@ -406,7 +406,7 @@ def _pair_scale_ptr(s_base, rows0, N, s_row, MODE: tl.constexpr):
     return s_base + tl.minimum(rows0, N - 2)[:, None] * s_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_INDEX_ARGS)
 def _mma_gemv_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
     q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t / scales_t [G, N_pad] f32
