@@ -192,7 +192,7 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
     engine.overlap = False
     engine.step()
     b = engine.graphs.bucket(batch)
-    (graph, _), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
+    (graph, *_), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
     _, gpu = timed(graph.replay, steps)
     # back-to-back replays: the GPU time without the per-step sync bubble
     torch.cuda.synchronize()

@@ -39,7 +39,7 @@ from scaleserve.kernels.pdl import set_pdl
 from .batch import Batch
 from .detokenizer import Detokenizer, cut_stop, window_delta
 from .generate import eos_ids
-from .graphs import DecodeGraphs, PrefillGraphs
+from .graphs import DecodeGraphs, PrefillGraphs, decode_nbytes, decode_views
 from .kv_cache import KVCache
 from .sampler import SamplingTensors, apply_penalties, sample
 from .scheduler import Scheduler, Sequence, Status
@@ -324,10 +324,13 @@ class Engine:
             s.num_computed += n
         cur = None
         if done:
+            # a decode graph's replay also took the argmax of its logits: a greedy step's tokens, ready
+            greedy = self.graphs.greedy[: len(seqs)] if self._step_kind == "decode_graph" else None
             if len(done) < len(seqs):
                 logits = logits[torch.tensor(done, device=logits.device)]
                 seqs = [seqs[i] for i in done]
-            cur = self._dispatch(seqs, *self._sample(seqs, logits))
+                greedy = None
+            cur = self._dispatch(seqs, *self._sample(seqs, logits, greedy))
         if prev is not None:  # the GPU runs this step while the host finishes the last one
             self.overlapped_steps += 1
             if self.metrics:
@@ -467,9 +470,10 @@ class Engine:
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
-        self.graphs.load(b, self._upload(self._pack_decode(sched, b)))
+        packed = torch.from_numpy(self._pack_decode(sched, b))
+        self.graphs.load(b, packed.pin_memory() if self.device.type == "cuda" else packed)
         if tokens is not None:
-            self.graphs.tokens[: len(sched)].copy_(tokens)
+            self.graphs.tokens(b)[: len(sched)].copy_(tokens)
         return self.graphs.run(b, mode)[: len(sched)]
 
     def _tokens_from(self, prev: _Sampled, sched) -> torch.Tensor:
@@ -504,21 +508,20 @@ class Engine:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _pack_decode(self, sched, b: int) -> np.ndarray:
-        """int64 [b * (7 + width)]: tokens, positions, slots, seq_lens, rows (3 x b), block tables [b, width]."""
+        """uint8 [decode_nbytes(b, width)], graphs.decode_views' layout: tokens, positions, slots (int64), seq_lens,
+        the rows' slab indices, block tables [b, width] (int32) of the decode rows, padded to the bucket b."""
         B, bs, W = len(sched), self.block_size, self.width
-        buf = np.zeros(b * (7 + W), dtype=np.int64)
+        buf = np.zeros(decode_nbytes(b, W), dtype=np.uint8)
+        tokens, positions, slots, seq_lens, *r, tables = decode_views(buf, b, W, np.int64, np.int32)
         pos = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
-        buf[0:B] = [0 if s.inflight else s.token_slice(s.num_computed, s.num_computed + 1)[0] for s, _ in sched]
-        buf[b : b + B] = pos
-        buf[2 * b : 2 * b + B] = [s.blocks[p // bs] * bs + p % bs for (s, _), p in zip(sched, pos.tolist())]
-        buf[2 * b + B : 3 * b] = -1
-        buf[3 * b : 3 * b + B] = pos + 1
+        tokens[:B] = [0 if s.inflight else s.token_slice(s.num_computed, s.num_computed + 1)[0] for s, _ in sched]
+        positions[:B] = pos
+        slots[:B] = [s.blocks[p // bs] * bs + p % bs for (s, _), p in zip(sched, pos.tolist())]
+        slots[B:] = -1
+        seq_lens[:B] = pos + 1
         rows = np.array([self._row_indices(s) for s, _ in sched], dtype=np.int64).reshape(B, 3)
-        base = self.slab.row_indices(BASE)
-        r = buf[4 * b : 7 * b].reshape(3, b)
-        r[:, :B] = rows.T
-        r[:, B:] = np.array(base, dtype=np.int64)[:, None]
-        tables = buf[7 * b :].reshape(b, W)
+        for idx, mine, base in zip(r, rows.T, self.slab.row_indices(BASE)):
+            idx[:B], idx[B:] = mine, base
         for i, (s, _) in enumerate(sched):
             tables[i, : len(s.blocks)] = s.blocks
         return buf
@@ -601,12 +604,13 @@ class Engine:
         return Batch(tokens, pos_t, slot_t, bt, seq_lens, qs, logits_index,
                      RowAdapters(r[0], r[1], r[2], mode, scale_slots), int(counts.max()))
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, greedy: torch.Tensor | None = None):
+        """-> (tokens [B], logprobs or None). greedy: logits.argmax(-1) where a graph already took it."""
         B, dev = len(seqs), logits.device
         ps = [s.params for s in seqs]
         if all(p.temperature <= 0 and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty)
                for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
-            return logits.argmax(-1), None
+            return (logits.argmax(-1) if greedy is None else greedy), None
         floats = torch.tensor([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty] for p in ps],
                               dtype=torch.float32)
         # the noise counter: tokens generated so far, the one still in flight included

@@ -2,7 +2,8 @@
 host that is ~0.1 ms per launch, more than the GPU work of a decode step. A graph replays them all
 with one launch. The engine packs each step's inputs into the static buffers here, then replays.
 
-  DecodeGraphs   every row decodes one token: keyed by (batch bucket, RowAdapters.mode)
+  DecodeGraphs   every row decodes one token: keyed by (batch bucket, RowAdapters.mode); each bucket's inputs
+                 are views of one byte buffer, filled by one copy a step
   PrefillGraphs  up to PREFILL_GRAPH_SEQS sequences prefill a chunk each: keyed by (token bucket, mode),
                  padded by empty sequences and a last, KV-less one that takes the leftover tokens
 """
@@ -47,15 +48,18 @@ class _StepGraphs:
 
     def __init__(self, model, kv: KVCache, pool):
         self.model, self.kv, self.pool = model, kv, pool
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.greedy: torch.Tensor | None = None  # the last replay's argmax tokens (its graph's output buffer)
 
     def run(self, b: int, mode: int) -> torch.Tensor:
+        """Replay (capturing first if new); -> its logits. self.greedy: their argmax, from the same replay."""
         key = (b, mode)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(b, mode)
             self.graphs[key] = entry
         entry[0].replay()
+        self.greedy = entry[2]
         return entry[1]
 
     def _capture(self, b: int, mode: int):
@@ -65,17 +69,51 @@ class _StepGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: Triton compiles and autotunes outside the capture
             for _ in range(2):
-                self.model(batch, self.kv.k, self.kv.v)
+                self.forward(batch)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            logits = self.model(batch, self.kv.k, self.kv.v)
+            logits, greedy = self.forward(batch)
         log.debug("captured %s graph %d mode %d in %.2f s", type(self).__name__, b, mode, time.perf_counter() - t0)
-        return g, logits
+        return g, logits, greedy
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a graph runs: the logits [rows, V] and their argmax [rows] (a greedy step's tokens: one kernel
+        less between replays than sampling them outside)."""
+        logits = self.model(batch, self.kv.k, self.kv.v)
+        return logits, logits.argmax(-1)
+
+
+def _decode_regions(b: int, width: int) -> list[tuple[int, int, bool]]:
+    """(byte offset, elements, int64?) of each decode input: tokens, positions, slots, seq_lens, the rows' three
+    slab indices, block tables [b, width]. Each region starts 16-byte aligned, as a tensor of its own would: the
+    kernels' compiles are keyed by their pointers' alignment."""
+    regions, offset = [], 0
+    for n, wide in [(b, True)] * 3 + [(b, False)] * 4 + [(b * width, False)]:
+        regions.append((offset, n, wide))
+        offset += -(-n * (8 if wide else 4) // 16) * 16  # (rounded up to 16 bytes)
+    return regions
+
+
+def decode_nbytes(b: int, width: int) -> int:
+    """Bytes of one decode bucket's inputs (decode_views)."""
+    offset, n, _ = _decode_regions(b, width)[-1]
+    return offset + -(-n * 4 // 16) * 16
+
+
+def decode_views(buf, b: int, width: int, i64, i32) -> tuple:
+    """(tokens, positions, slots [b] int64; seq_lens, chan_idx, scale_idx, alpha_idx [b], block tables [b, width]
+    int32) as views of buf, decode_nbytes(b, width) bytes: a uint8 numpy array (i64, i32: numpy's dtypes), where
+    the engine packs a step, or a uint8 tensor (torch's), the bucket's graph inputs that one copy fills."""
+    views = [buf[o : o + n * (8 if wide else 4)].view(i64 if wide else i32) for o, n, wide in _decode_regions(b, width)]
+    views[-1] = views[-1].reshape(b, width)
+    return tuple(views)
 
 
 class DecodeGraphs(_StepGraphs):
-    """Static input buffers and graphs of the model's decode step, keyed by (batch bucket, rows.mode).
+    """Static inputs and graphs of the model's decode step, keyed by (batch bucket, rows.mode). Each bucket's
+    graphs read their inputs as views of one byte buffer (decode_views), so a step's inputs arrive in one
+    host->device copy with no kernel between it and the replay (a scatter into typed buffers was six).
     Padded rows: token 0, slot -1 (writes nothing), block 0, context 0, base adapter row."""
 
     def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool):
@@ -83,12 +121,10 @@ class DecodeGraphs(_StepGraphs):
         self.buckets = graph_buckets(max_bs)
         self.max_bs, self.width = self.buckets[-1], width
         B, dev = self.max_bs, device
-        self.tokens = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.slots = torch.full((B,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(B, width, dtype=torch.int32, device=dev)
-        self.rows = torch.zeros(3, B, dtype=torch.int32, device=dev)
+        self.inputs = {b: torch.zeros(decode_nbytes(b, width), dtype=torch.uint8, device=dev) for b in self.buckets}
+        self.views = {b: decode_views(buf, b, width, torch.int64, torch.int32) for b, buf in self.inputs.items()}
+        for v in self.views.values():
+            v[2].fill_(-1)  # slots: a padded row writes no KV
         self.query_start = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.logits_index = torch.arange(B, dtype=torch.int64, device=dev)
 
@@ -99,14 +135,17 @@ class DecodeGraphs(_StepGraphs):
         return None
 
     def batch(self, b: int, mode: int) -> Batch:
-        rows = RowAdapters(self.rows[0, :b], self.rows[1, :b], self.rows[2, :b], mode)
-        return Batch(self.tokens[:b], self.positions[:b], self.slots[:b], self.block_tables[:b],
-                     self.seq_lens[:b], self.query_start[: b + 1], self.logits_index[:b], rows, 1)
+        tokens, positions, slots, seq_lens, chan_idx, scale_idx, alpha_idx, tables = self.views[b]
+        return Batch(tokens, positions, slots, tables, seq_lens, self.query_start[: b + 1], self.logits_index[:b],
+                     RowAdapters(chan_idx, scale_idx, alpha_idx, mode), 1)
 
-    def load(self, b: int, staged: torch.Tensor) -> None:
-        """staged: int64 [b * (7 + width)] on the device, laid out as Engine._pack_decode writes it."""
-        scatter(staged, [self.tokens[:b], self.positions[:b], self.slots[:b], self.seq_lens[:b], self.rows[:, :b],
-                         self.block_tables[:b]])
+    def tokens(self, b: int) -> torch.Tensor:
+        return self.views[b][0]
+
+    def load(self, b: int, packed: torch.Tensor) -> None:
+        """packed: uint8 [decode_nbytes(b, width)] on the host (pinned, for an asynchronous copy), laid out as
+        decode_views reads it: Engine._pack_decode writes it."""
+        self.inputs[b].copy_(packed, non_blocking=True)
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:

@@ -397,7 +397,7 @@ def test_padded_decode_batch_equals_eager(engine_lm, adapter_files, tmp_path):
     graphs = DecodeGraphs(engine.lm.model, engine.kv, 8, engine.width, engine.device, pool=None)
     b = graphs.bucket(len(sched))
     assert b == 4
-    graphs.load(b, engine._upload(engine._pack_decode(sched, b)))
+    graphs.load(b, torch.from_numpy(engine._pack_decode(sched, b)))
     padded = engine.lm.model(graphs.batch(b, mode), engine.kv.k, engine.kv.v)[:3]
     eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
@@ -476,7 +476,7 @@ def with_eager_graphs(engine):
 
     def eager_run(graphs):
         def run(b, mode):
-            logits = graphs.model(graphs.batch(b, mode), graphs.kv.k, graphs.kv.v)
+            logits, graphs.greedy = graphs.forward(graphs.batch(b, mode))
             return pool[: len(logits)].copy_(logits)
         return run
 
