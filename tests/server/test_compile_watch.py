@@ -14,13 +14,18 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.nvidia.compiler import CUDAOptions  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 from scaleserve.server.compile_watch import watch_compiles  # noqa: E402
 
 
-@triton.jit
-def _probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
+def _probe_kernel_fn(x_ptr, n, BLOCK: tl.constexpr):
     pass
+
+
+# a JITFunction even where TRITON_INTERPRET is set (the suite's kernel tests set it): the compile path is the
+# GPU's, whose hook the server watches
+_probe_kernel = JITFunction(_probe_kernel_fn)
 
 
 def _compiled(n_divisible_by_16: bool) -> None:
@@ -46,10 +51,10 @@ def test_watch_reports_each_compile_and_chains_the_earlier_hook(earlier_hook):
     unwatch = watch_compiles(lambda kernel, spec: seen.append((kernel, spec)))
     _compiled(True)
     _compiled(False)
-    assert [k for k, _ in seen] == ["_probe_kernel", "_probe_kernel"]
+    assert [k for k, _ in seen] == ["_probe_kernel_fn", "_probe_kernel_fn"]
     # the specialization tells the two apart: what warm-up would have to cover
     assert "n: ('i32', 'D')" in seen[0][1] and "n: ('i32', '')" in seen[1][1]
-    assert earlier_hook == ["_probe_kernel", "_probe_kernel"]
+    assert earlier_hook == ["_probe_kernel_fn", "_probe_kernel_fn"]
     unwatch()
     _compiled(True)
     assert len(seen) == 2 and len(earlier_hook) == 3  # the watch is gone, the earlier hook is back
@@ -65,7 +70,7 @@ def test_a_failing_report_does_not_break_the_launch(earlier_hook, caplog):
             _compiled(True)  # no exception reaches Triton's launch
     finally:
         unwatch()
-    assert earlier_hook == ["_probe_kernel"]
+    assert earlier_hook == ["_probe_kernel_fn"]
     assert "compile watch failed" in caplog.text
 
 
@@ -73,7 +78,7 @@ def _compiles_metric(server) -> float:
     with server.client() as c:
         text = c.get("/metrics").text
     line = [ln for ln in text.splitlines()
-            if ln.startswith('scaleserve_kernel_compiles_after_ready_total{kernel="_probe_kernel"}')]
+            if ln.startswith('scaleserve_kernel_compiles_after_ready_total{kernel="_probe_kernel_fn"}')]
     return float(line[0].split()[-1]) if line else 0.0
 
 
@@ -87,4 +92,4 @@ def test_server_counts_compiles_after_ready(start_server, caplog):
     with caplog.at_level(logging.WARNING, logger="scaleserve.server"):
         _compiled(False)
     assert _compiles_metric(server) == before + 1
-    assert "kernel _probe_kernel compiled while serving" in caplog.text
+    assert "kernel _probe_kernel_fn compiled while serving" in caplog.text
