@@ -19,28 +19,38 @@ from collections.abc import Callable
 log = logging.getLogger("scaleserve.server")
 
 
+_watchers: list[Callable[[str, str], None]] = []  # every app's callback (tests run several apps in one process)
+_earlier: list = []  # the hook installed before the first watch, restored after the last
+
+
+def _hook(*args, **kwargs):
+    fn, spec = kwargs.get("fn"), kwargs.get("repr", "")
+    for on_compile in list(_watchers):
+        try:
+            on_compile(getattr(fn, "name", None) or str(fn), spec)
+        except Exception:  # a report must never break the launch it reports
+            log.exception("compile watch failed")
+    return _earlier[0](*args, **kwargs) if _earlier and _earlier[0] is not None else None
+
+
 def watch_compiles(on_compile: Callable[[str, str], None]) -> Callable[[], None]:
     """Call on_compile(kernel name, specialization) after every Triton JIT compile from now on. Returns the
-    function that removes the watch (restoring whatever hook was installed before). Without Triton, a no-op."""
+    function that removes the watch; when the last one goes, whatever hook was installed before is back.
+    Without Triton, a no-op."""
     try:
         from triton import knobs
     except ImportError:  # (the CPU reference path needs no Triton)
         return lambda: None
     runtime = knobs.runtime
-    before = runtime.jit_post_compile_hook
-
-    def hook(*args, **kwargs):
-        fn, spec = kwargs.get("fn"), kwargs.get("repr", "")
-        try:
-            on_compile(getattr(fn, "name", None) or str(fn), spec)
-        except Exception:  # a report must never break the launch it reports
-            log.exception("compile watch failed")
-        return before(*args, **kwargs) if before is not None else None
-
-    runtime.jit_post_compile_hook = hook
+    if runtime.jit_post_compile_hook is not _hook:  # (first watch, or someone replaced the hook since)
+        _earlier[:] = [runtime.jit_post_compile_hook]
+        runtime.jit_post_compile_hook = _hook
+    _watchers.append(on_compile)
 
     def unwatch() -> None:
-        if runtime.jit_post_compile_hook is hook:
-            runtime.jit_post_compile_hook = before
+        if on_compile in _watchers:
+            _watchers.remove(on_compile)
+            if not _watchers and runtime.jit_post_compile_hook is _hook:
+                runtime.jit_post_compile_hook = _earlier[0]
 
     return unwatch

@@ -37,13 +37,16 @@ def _compiled(n_divisible_by_16: bool) -> None:
 
 
 @pytest.fixture
-def earlier_hook():
-    """A hook installed before the watch (e.g. a profiler's): it must keep being called, then be restored."""
-    saved = knobs.runtime.jit_post_compile_hook
+def earlier_hook(monkeypatch):
+    """A hook installed before the watch (e.g. a profiler's): it must keep being called, then be restored. The
+    watch's module state starts empty here (a session-wide test server may be watching) and is put back after."""
+    from scaleserve.server import compile_watch
+
     seen = []
-    knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(kw["fn"].name)
-    yield seen
-    knobs.runtime.jit_post_compile_hook = saved
+    monkeypatch.setattr(compile_watch, "_watchers", [])
+    monkeypatch.setattr(compile_watch, "_earlier", [])
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append(kw["fn"].name))
+    return seen
 
 
 def test_watch_reports_each_compile_and_chains_the_earlier_hook(earlier_hook):
@@ -58,6 +61,19 @@ def test_watch_reports_each_compile_and_chains_the_earlier_hook(earlier_hook):
     unwatch()
     _compiled(True)
     assert len(seen) == 2 and len(earlier_hook) == 3  # the watch is gone, the earlier hook is back
+
+
+def test_watches_of_several_apps_come_and_go_in_any_order(earlier_hook):
+    a, b = [], []
+    unwatch_a = watch_compiles(lambda kernel, spec: a.append(kernel))
+    unwatch_b = watch_compiles(lambda kernel, spec: b.append(kernel))
+    _compiled(True)
+    unwatch_a()  # the first app stops first: the second still hears of compiles
+    _compiled(True)
+    assert (len(a), len(b), len(earlier_hook)) == (1, 2, 2)
+    unwatch_b()
+    _compiled(True)
+    assert (len(a), len(b), len(earlier_hook)) == (1, 2, 3)  # the earlier hook alone again
 
 
 def test_a_failing_report_does_not_break_the_launch(earlier_hook, caplog):
