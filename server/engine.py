@@ -566,7 +566,10 @@ class Engine:
         counts = np.fromiter((n for _, n in sched), np.int64, B)
         starts = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
         T = int(counts.sum())
-        W = max(len(s.blocks) for s, _ in sched)
+        # every block table as wide as the longest sequence can need, as in warm-up and the graphs: the attention
+        # kernels' compiles are keyed by the table's row stride (== 1, a multiple of 16, or else), so a width of the
+        # step's longest sequence would compile them again mid-serving for the first step of each kind
+        W = self.width
         qstart = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(counts, out=qstart[1:])
         tok = np.fromiter((t for s, n in sched for t in ([0] if s.inflight else  # its token is on the device

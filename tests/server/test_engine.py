@@ -567,3 +567,24 @@ def test_slow_steps_are_logged_with_what_they_ran(engine_lm, tmp_path, caplog, m
     slow = [r.getMessage() for r in caplog.records if "slow engine step" in r.getMessage()]
     assert len(slow) == 1, slow  # the prefill step only: decode steps ran at full speed
     assert "(eager; 2 sequences, 0 decoding, 2 prefilling 42 tokens;" in slow[0]
+
+
+def test_eager_steps_key_the_attention_compiles_of_warm_up(engine_lm, tmp_path):
+    """Triton keys the attention kernels' compiles by the block table's row stride (== 1, a multiple of 16, or
+    else). An eager step's table as wide as its longest sequence would be new to the kernels at each step kind
+    warm-up never made (a 1-block prompt, a 9-block one): a compile mid-serving that stalls every stream. Every
+    eager step's table is as wide as warm-up's and the graphs'."""
+    engine, _ = make_engine(engine_lm, tmp_path, max_num_batched_tokens=32)
+    seqs = [new_seq(PROMPTS[2]), new_seq(PROMPTS[1])]  # a 2-token prompt (one block) and a 37-token one
+    widths = []
+    build = engine._build_batch
+
+    def recording(*args, **kwargs):
+        batch = build(*args, **kwargs)
+        widths.append(batch.block_tables.stride(0))
+        return batch
+
+    engine._build_batch = recording
+    run(engine, seqs)
+    warm = engine._warm_batch(4, 1).block_tables.stride(0)
+    assert widths and set(widths) == {warm} == {engine.width}
