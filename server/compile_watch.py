@@ -20,7 +20,7 @@ log = logging.getLogger("scaleserve.server")
 
 
 _watchers: list[Callable[[str, str], None]] = []  # every app's callback (tests run several apps in one process)
-_earlier: list = []  # the hook installed before the first watch, restored after the last
+_earlier_hook = None  # the hook installed before the first watch, restored after the last
 
 
 def _hook(*args, **kwargs):
@@ -30,7 +30,7 @@ def _hook(*args, **kwargs):
             on_compile(getattr(fn, "name", None) or str(fn), spec)
         except Exception:  # a report must never break the launch it reports
             log.exception("compile watch failed")
-    return _earlier[0](*args, **kwargs) if _earlier and _earlier[0] is not None else None
+    return _earlier_hook(*args, **kwargs) if _earlier_hook is not None else None
 
 
 def watch_compiles(on_compile: Callable[[str, str], None]) -> Callable[[], None]:
@@ -41,9 +41,10 @@ def watch_compiles(on_compile: Callable[[str, str], None]) -> Callable[[], None]
         from triton import knobs
     except ImportError:  # (the CPU reference path needs no Triton)
         return lambda: None
+    global _earlier_hook
     runtime = knobs.runtime
     if runtime.jit_post_compile_hook is not _hook:  # (first watch, or someone replaced the hook since)
-        _earlier[:] = [runtime.jit_post_compile_hook]
+        _earlier_hook = runtime.jit_post_compile_hook
         runtime.jit_post_compile_hook = _hook
     _watchers.append(on_compile)
 
@@ -51,6 +52,6 @@ def watch_compiles(on_compile: Callable[[str, str], None]) -> Callable[[], None]
         if on_compile in _watchers:
             _watchers.remove(on_compile)
             if not _watchers and runtime.jit_post_compile_hook is _hook:
-                runtime.jit_post_compile_hook = _earlier[0]
+                runtime.jit_post_compile_hook = _earlier_hook
 
     return unwatch

@@ -470,8 +470,7 @@ class Engine:
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
-        packed = torch.from_numpy(self._pack_decode(sched, b))
-        self.graphs.load(b, packed.pin_memory() if self.device.type == "cuda" else packed)
+        self.graphs.load(b, self._staged(self._pack_decode(sched, b)))
         if tokens is not None:
             self.graphs.tokens(b)[: len(sched)].copy_(tokens)
         return self.graphs.run(b, mode)[: len(sched)]
@@ -504,8 +503,12 @@ class Engine:
 
     def _upload(self, buf: np.ndarray) -> torch.Tensor:
         """A step's packed int64 inputs on the device: one (pinned, asynchronous) host->device copy."""
+        return self._staged(buf).to(self.device, non_blocking=True)
+
+    def _staged(self, buf: np.ndarray) -> torch.Tensor:
+        """buf as a host tensor a host->device copy can run asynchronously from (pinned with CUDA)."""
         t = torch.from_numpy(buf)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _pack_decode(self, sched, b: int) -> np.ndarray:
         """uint8 [decode_nbytes(b, width)], graphs.decode_views' layout: tokens, positions, slots (int64), seq_lens,

@@ -10,6 +10,7 @@ with one launch. The engine packs each step's inputs into the static buffers her
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -84,7 +85,8 @@ class _StepGraphs:
         return logits, logits.argmax(-1)
 
 
-def _decode_regions(b: int, width: int) -> list[tuple[int, int, bool]]:
+@functools.cache  # (per step on the host: a handful of buckets, one width)
+def _decode_regions(b: int, width: int) -> tuple[tuple[int, int, bool], ...]:
     """(byte offset, elements, int64?) of each decode input: tokens, positions, slots, seq_lens, the rows' three
     slab indices, block tables [b, width]. Each region starts 16-byte aligned, as a tensor of its own would: the
     kernels' compiles are keyed by their pointers' alignment."""
@@ -92,7 +94,7 @@ def _decode_regions(b: int, width: int) -> list[tuple[int, int, bool]]:
     for n, wide in [(b, True)] * 3 + [(b, False)] * 4 + [(b * width, False)]:
         regions.append((offset, n, wide))
         offset += -(-n * (8 if wide else 4) // 16) * 16  # (rounded up to 16 bytes)
-    return regions
+    return tuple(regions)
 
 
 def decode_nbytes(b: int, width: int) -> int:

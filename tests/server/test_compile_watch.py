@@ -44,7 +44,7 @@ def earlier_hook(monkeypatch):
 
     seen = []
     monkeypatch.setattr(compile_watch, "_watchers", [])
-    monkeypatch.setattr(compile_watch, "_earlier", [])
+    monkeypatch.setattr(compile_watch, "_earlier_hook", None)
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append(kw["fn"].name))
     return seen
 
