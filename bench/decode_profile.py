@@ -47,16 +47,12 @@ def build_engine(preset: str, max_num_seqs: int, pdl: bool = True, quantize_lm_h
 
 
 # on/off switches, each a flag taking on | off | on,off (every combination is a run): default, what it switches
-L2_AHEAD = 6  # the l2-ahead switch's steps: all of a K = 4096 program's 4, a split-K 2 down program's 6
-
 SWITCHES = {
     "pdl": ("on", "programmatic dependent launch"),
     "mma": ("on", "the MMA GEMV for the batch-1 layers its policy gives it"),
     "mma-batch": ("on", "the MMA batch kernel for the small-batch layers its policy gives it"),
     "fused-rope": ("default", "RoPE and the KV write inside the decode attention kernel (kernels/attention.py "
                               "DECODE_FUSED_ROPE; default: the module's setting)"),
-    "l2-ahead": ("default", "the MMA GEMV asks 6 steps of its codes into L2 before its PDL wait (kernels/"
-                            "int4_mma_gemv.py L2_AHEAD_STEPS; default: its setting) instead of its first step"),
     "quantize-lm-head": ("off", "the output projection in int4 (the MMA GEMV at batch 1) instead of bf16 cuBLAS"),
     "mode1-slab": ("default", "base / per-channel rows on the MMA kernels read the base scales from the slab's 16-bit "
                               "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB; default: its setting) instead of "
@@ -244,11 +240,12 @@ def main(argv=None) -> int:
     from scaleserve.kernels import attention
     from scaleserve.kernels import device
     from scaleserve.kernels import int4_matmul as im
-    from scaleserve.kernels import int4_mma_gemv
 
     if a.autotune_timing:
         device.AUTOTUNE_TIMING = a.autotune_timing
     if a.mma_pins:
+        from scaleserve.kernels import int4_mma_gemv
+
         rows = json.loads(Path(a.mma_pins).read_text())["rows"]
         pins = int4_mma_gemv.pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us")
         print("MMA GEMV pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(pins.items())), flush=True)
@@ -263,9 +260,7 @@ def main(argv=None) -> int:
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
-                      "l2-ahead": onoff[int4_mma_gemv.L2_AHEAD_STEPS > 1], "mode1-slab": onoff[im.MODE1_FROM_SLAB],
-                      "fused-norms": onoff[im.FUSE_NORMS]}
-    l2_ahead = max(int4_mma_gemv.L2_AHEAD_STEPS, L2_AHEAD)
+                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -286,7 +281,6 @@ def main(argv=None) -> int:
             im.MMA_GEMV_POLICY = mma_policy if on["mma"] else "never"
             im.MMA_BATCH_POLICY = batch_policy if on["mma-batch"] else "never"
             attention.DECODE_FUSED_ROPE = on["fused-rope"]
-            int4_mma_gemv.L2_AHEAD_STEPS = l2_ahead if on["l2-ahead"] else 1
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
             im.FUSE_NORMS = on["fused-norms"]
@@ -295,7 +289,7 @@ def main(argv=None) -> int:
                 if on["pins"]:
                     int4_mma_gemv.PINNED.update(pins)
             r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
-            r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"], l2_ahead=on["l2-ahead"],
+            r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)

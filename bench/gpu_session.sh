@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [l2_ab] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -204,19 +204,6 @@ for step in "${steps[@]}"; do
                    | tee "$OUT/split-sweep.log" | tail -45 ;;
     attn_tests) timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_attention.py 2>&1 \
                   | tee "$OUT/attn_tests.log" | tail -3 ;;
-    l2_ab)  # batch-1 decode with the MMA GEMV asking only its first step of codes into L2 before its PDL wait, then
-            # 6 steps (decode_profile's l2-ahead switch), one process; then again in the other order in a second one,
-            # then the MMA GEMV's GPU tests and the end-to-end tests with 6 steps
-            timeout 240 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --l2-ahead off,on \
-              --quantize-lm-head on --json "$OUT/decode_profile_l2.json" 2>&1 | tee "$OUT/decode_profile_l2.log" \
-              | grep -E "^llama|int4 gemv"
-            timeout 150 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --l2-ahead on,off \
-              --quantize-lm-head on --json "$OUT/decode_profile_l2_again.json" 2>&1 | tee "$OUT/decode_profile_l2_again.log" \
-              | grep -E "^llama|int4 gemv"
-            timeout ${L2_TESTS_TIMEOUT:-150} python3 -c "import sys, pytest; from scaleserve.kernels import int4_mma_gemv as g
-g.L2_AHEAD_STEPS = 6
-sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--tb=short', '-k', '${L2_K:-llama7b_mma_gemv or llama2_7b}', 'tests/kernels/test_int4_matmul.py', 'tests/server/test_gpu_e2e.py']))" \
-              2>&1 | tee "$OUT/l2_tests.log" | tail -4 ;;
     attn_ab)  # bench/attention.py on this tree's kernels and on the previous commit's (carried as .carry/base)
               link_base_tree
               for tree in base new; do

@@ -52,10 +52,6 @@ from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 BLOCK_K = tl.constexpr(128)  # codes per K block: 16 words of a row, one group at group size 128
 WORDS = tl.constexpr(16)  # words of a row per K block
 GROUP_SIZES = (-1, 128)  # a K block must lie in one group
-# Steps of its codes (8 blocks: 4 lines of each row) a program asks into L2 before its PDL wait. The codes are
-# base weights, which no kernel of the step writes, so they may stream in while the previous kernel finishes; at
-# K = 4096 a program has 4 steps, so 4 asks for all of them at once, and its register loads then meet L2.
-L2_AHEAD_STEPS = 1
 
 
 def _deq(dst: str, word: str, i: int, f16: bool) -> str:
@@ -425,7 +421,6 @@ def _mma_gemv_kernel(
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
     NORM_IN: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr, NORM_CHUNK: tl.constexpr,
-    L2_STEPS: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -461,14 +456,6 @@ def _mma_gemv_kernel(
     if PDL:  # this program's first 8 blocks into L2 (4 lines of each row)
         prefetch_l2(q0 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
-        if L2_STEPS > 1:  # and its next L2_STEPS - 1 steps: one address a line, [HN, 4] a step
-            lines = tl.arange(0, 4)[None, :] * 32  # the word of each 128-byte line
-            l0 = q_ptr + rows0[:, None] * stride_qn + lines
-            l1 = q_ptr + rows1[:, None] * stride_qn + lines
-            for s in tl.static_range(1, L2_STEPS):
-                ok = (lines >= 0) & (kb_lo + 8 * s < kb_hi)
-                prefetch_l2(l0 + (kb_lo + 8 * s) * WORDS, ok)
-                prefetch_l2(l1 + (kb_lo + 8 * s) * WORDS, ok)
     wait_for_producer(PDL)
     if NORM_IN:  # (the previous kernel wrote h: it is an L2 hit, and the first codes are on their way to L2)
         rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
@@ -877,8 +864,7 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
                 F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
                 NORM_IN=norm_in is not None, ACCUM=accumulate, NORM_OUT=norm_out is not None,
-                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), L2_STEPS=L2_AHEAD_STEPS,
-                **launch_kwargs(x))
+                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

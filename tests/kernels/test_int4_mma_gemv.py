@@ -53,8 +53,7 @@ for case in json.loads(sys.argv[1]):
                 h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
                  PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"],
-                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, "L2_STEPS": 1,
-                    **case["meta"]})
+                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, **case["meta"]})
     const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
@@ -63,13 +62,11 @@ for case in json.loads(sys.argv[1]):
     opts = dict(num_warps=case["num_warps"], num_stages=1, **({"maxnreg": case["maxnreg"]} if case["maxnreg"] else {}))
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 64), options=opts)
-    out.append(dict(layouts=layouts(c.asm["ttgir"]), zeros=zero_point_operands(c.asm["ptx"]),
-                    prefetches=c.asm["ptx"].count("prefetch.global.L2")))
+    out.append(dict(layouts=layouts(c.asm["ttgir"]), zeros=zero_point_operands(c.asm["ptx"])))
 print(json.dumps(out))
 """
 
 GEMV, BATCH = "scaleserve.kernels.int4_mma_gemv", "scaleserve.kernels.int4_mma_batch"
-L2_STEPS = 6
 WANTED = {GEMV: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
           BATCH: "sizePerThread = [1, 4], threadsPerWarp = [8, 4]"}
 
@@ -91,7 +88,6 @@ def _cases():
         return _case(BATCH, "_mma_batch_kernel", cfg, MB2=mb2, S_ASM=s_asm, slab=slab, s_pair=s_pair, **kw)
 
     first = MMA_GEMV_CONFIGS[0]
-    assert "L2_STEPS" not in first.kwargs
     b0 = MMA_BATCH_CONFIGS[0]
     return ([gemv(c) for c in MMA_GEMV_CONFIGS + MMA_CANDIDATE_CONFIGS]
             + [gemv(first, mode=1, f16=True, slab="*fp32"), gemv(first, group_size=-1, slab="*bf16", s_pair=False),
@@ -102,8 +98,6 @@ def _cases():
             # the RMSNorm epilogues: a projection after a norm (its rsqrt in the prologue), one before a norm
             + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=True), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
                gemv(first, s_pair=False, silu=True, NORM_IN=True)]
-            # codes asked into L2 several steps ahead (L2_AHEAD_STEPS), beside the first config's one step
-            + [gemv(first, L2_STEPS=L2_STEPS)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
@@ -119,10 +113,6 @@ def test_mma_asm_gets_its_layout():
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(found) == len(cases)
-    # the first config with L2_STEPS asks its 5 later steps of both row halves into L2 too (a lane at least one
-    # line a step and half); the default asks the first step only
-    ahead = [got["prefetches"] for case, got in zip(cases, found) if case["meta"].get("L2_STEPS") == L2_STEPS]
-    assert len(ahead) == 1 and ahead[0] >= found[0]["prefetches"] + 2 * (L2_STEPS - 1), (ahead, found[0])
     for case, got in zip(cases, found):
         layouts = got["layouts"]
         assert len(layouts) >= 2, (case, layouts)  # the step and its tables, at least
