@@ -232,18 +232,22 @@ async def next_outputs(sub: Submitted) -> list[StepOutput]:
     return outs
 
 
-async def collect(request: Request, sub: Submitted) -> tuple[list[StepOutput], StepOutput]:
-    """Wait for the whole sequence (non-streaming); aborts it if the client goes away."""
+async def collect(sub: Submitted) -> tuple[list[StepOutput], StepOutput]:
+    """Wait for the whole sequence (non-streaming)."""
     outs = []
     while True:
-        try:
-            outs += await asyncio.wait_for(next_outputs(sub), timeout=1.0)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected") from None
-            continue
+        outs += await next_outputs(sub)
         if sub.finished:
             return outs, outs[-1]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away. The body was read already, so the server's next message
+    is the disconnect (read the way Request.is_disconnected reads it)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def finish_error(out: StepOutput) -> APIError | None:
@@ -294,8 +298,14 @@ async def complete(request: Request, subs: list[Submitted], render) -> JSONRespo
     (in prompt order) into the response body, and release the slots whatever happens (499 if the
     client went away)."""
     status = 200
+    gathered = asyncio.ensure_future(asyncio.gather(*(collect(sub) for sub in subs)))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        results = await asyncio.gather(*(collect(request, sub) for sub in subs))
+        # the client may leave while tokens still come: watch for it all along, not only in a lull
+        await asyncio.wait((gathered, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not gathered.done():
+            raise asyncio.CancelledError("client disconnected")
+        results = gathered.result()
         for _, last in results:
             err = finish_error(last)
             if err is not None:
@@ -306,6 +316,8 @@ async def complete(request: Request, subs: list[Submitted], render) -> JSONRespo
         status = 499
         raise
     finally:
+        gone.cancel()
+        gathered.cancel()
         for sub in subs:
             release(request, sub, status)
 

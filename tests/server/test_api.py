@@ -129,6 +129,36 @@ def test_disconnect_frees_kv_blocks(server):
     assert engine.num_running == 0
 
 
+def test_disconnect_cancels_a_non_streamed_request_while_it_generates(server):
+    """A non-streamed request whose client goes away is aborted at once, even while its tokens keep coming
+    (it used to notice only after a full second without output, i.e. never while it generated, and ran to
+    max_tokens for nobody)."""
+    import socket
+
+    engine = server.state.engine
+    alloc = engine.kv.allocator
+    body = json.dumps({"model": "chan-b", "prompt": "Once upon a time", "max_tokens": 230,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    t0 = time.monotonic()
+    while not (engine.scheduler.running and engine.scheduler.running[0].output_ids):
+        assert time.monotonic() - t0 < 30, "the request never started generating"
+        time.sleep(0.001)
+    seq = engine.scheduler.running[0]
+    sock.close()
+    t0 = time.monotonic()
+    while seq.finish_reason is None or server.state.inflight:
+        assert time.monotonic() - t0 < 30, "the request was never released"
+        time.sleep(0.01)
+    assert seq.finish_reason == "abort" and len(seq.output_ids) < 230, (seq.finish_reason, len(seq.output_ids))
+    t0 = time.monotonic()
+    while alloc.num_free != alloc.usable:
+        assert time.monotonic() - t0 < 5, "KV blocks not freed after disconnect"
+        time.sleep(0.01)
+
+
 def test_errors_in_openai_shape(server):
     with httpx.Client(base_url=server.url, timeout=30) as h:
         cases = [
