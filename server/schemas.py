@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # --- requests -----------------------------------------------------------------------------------
 
@@ -48,6 +48,17 @@ class _SamplingRequest(BaseModel):
     tool_choice: Union[str, dict, None] = Field(None, description='not supported beyond "none" / "auto"')
     functions: list[dict] | None = Field(None, description="not supported; must be empty")
     function_call: Union[str, dict, None] = Field(None, description='not supported beyond "none" / "auto"')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """null means "not given", as OpenAI's API takes it (its spec marks these fields nullable, and the
+        openai client sends an explicit None as null): a field with a non-null default gets that default."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in fields and fields[k].default is not None)}
+        return data
 
     @field_validator("logit_bias", "tools", "functions")
     @classmethod

@@ -159,6 +159,24 @@ def test_disconnect_cancels_a_non_streamed_request_while_it_generates(server):
         time.sleep(0.01)
 
 
+def test_null_optional_fields_mean_their_defaults(server):
+    """The openai client sends an explicit None as null, and OpenAI's API takes null for its optional fields
+    as "not given": the same answer as leaving them out, not a 400."""
+    c = client(server)
+    nulls = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, stream=None,
+                 seed=None, stop=None, user=None, logit_bias=None)
+    plain = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    r = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6,
+                             **{**nulls, "temperature": 0}, echo=None, logprobs=None, best_of=None, suffix=None)
+    assert r.choices[0].text == plain.choices[0].text and len(r.choices) == 1 and r.choices[0].logprobs is None
+    r = c.completions.create(model="tiny", prompt="Once", max_tokens=3, **nulls)
+    assert len(r.choices) == 1 and r.usage.completion_tokens <= 3
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                     **nulls, logprobs=None, top_logprobs=None, max_completion_tokens=None,
+                                     stream_options=None, response_format=None, tools=None, tool_choice=None)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].logprobs is None
+
+
 def test_errors_in_openai_shape(server):
     with httpx.Client(base_url=server.url, timeout=30) as h:
         cases = [
