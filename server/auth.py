@@ -67,7 +67,8 @@ async def openai_error_handler(request: Request, exc: OpenAIError) -> JSONRespon
 
 
 class OpenAIErrorRoute(APIRoute):
-    """An APIRoute whose handler (dependencies included) renders OpenAIError itself."""
+    """An APIRoute whose handler (dependencies included) renders OpenAIError itself (and counts it in the
+    app's metrics, if it has any)."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -76,6 +77,9 @@ class OpenAIErrorRoute(APIRoute):
             try:
                 return await handler(request)
             except OpenAIError as e:
+                metrics = getattr(request.app.state, "metrics", None)
+                if metrics is not None:  # scaleserve_errors_total, as the app-level handler counts the others
+                    metrics.error(e.code or e.type)
                 return e.response()
 
         return route

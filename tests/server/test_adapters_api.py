@@ -476,6 +476,23 @@ def test_malformed_file_matrix(lms, settings_for):
         assert put(c, "good", rand_adapter(lm).to_bytes()).status_code == 201
 
 
+def test_adapter_errors_are_counted_in_metrics(lms, settings_for):
+    """scaleserve_errors_total counts the adapter routes' error responses too (by code), as it does the
+    generation routes': a bad upload, an unknown adapter."""
+    import re
+
+    def errors(c, code):
+        m = re.search(rf'^scaleserve_errors_total{{type="{code}"}} ([0-9.e+]+)$', c.get("/metrics").text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    with app_client(settings_for(), lms[0]) as c:
+        assert put(c, "bad", b"not an adapter").status_code == 400
+        assert c.post("/v1/adapters", data={"name": "bad"},
+                      files={"file": ("bad.safetensors", b"not an adapter")}).status_code == 400
+        assert c.delete("/v1/adapters/ghost").status_code == 404
+        assert errors(c, "invalid_adapter") == 2 and errors(c, "adapter_not_found") == 1
+
+
 # --- CLI -----------------------------------------------------------------------------------------------
 
 
