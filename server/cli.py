@@ -47,6 +47,11 @@ def cmd_generate(args) -> int:
     from .generate import generate
     from .loader import load_model
 
+    for ok, msg in ((args.max_new_tokens >= 0, "--max-new-tokens must be at least 0"),
+                    (args.temperature >= 0, "--temperature must be at least 0 (0 = greedy)"),
+                    (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.top_k >= 0, "--top-k must be at least 0")):
+        if not ok:
+            raise ValueError(msg)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     lm = load_model(_model_dir(args.model_dir), device=device)
     adapter = load_adapter(args.adapter) if args.adapter else None

@@ -57,3 +57,20 @@ def test_adapter_for_another_base(tmp_path, make_tiny_model, capsys):
 def test_console_script(tmp_path):
     r = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "quantize" in r.stdout and "serve" in r.stdout
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 0"),
+    (["--prompt", "hi", "--max-new-tokens", "100000"], "context of 256 tokens"),
+    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be at least 0"),
+    (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-k", "-1"], "--top-k must be at least 0"),
+])
+def test_generate_bad_arguments_exit_2_with_message(tiny_model_dir, extra, msg, capsys):
+    """Out-of-range generate flags are one clear line (exit 2): an empty prompt was an IndexError traceback,
+    a negative --max-new-tokens 'the KV cache needs at least 2 blocks', one past the context allocated a KV
+    cache for all of it and generated past the model's positions, and a negative temperature ran silently."""
+    assert main(["generate", str(tiny_model_dir), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err, err
