@@ -496,6 +496,23 @@ def test_adapter_errors_are_counted_in_metrics(lms, settings_for):
 # --- CLI -----------------------------------------------------------------------------------------------
 
 
+def test_push_rejects_a_name_that_is_not_an_adapter_name(lms, settings_for, tmp_path):
+    """push() puts the name in the URL: a name with '?', '#' or '/' was sent as is, so 'x?tenant=bob' stored
+    adapter 'x' in tenant bob (auth off: the caller is admin), 'y#z' stored 'y', and 'a/b' was an opaque
+    'HTTP 404: Not Found'. Now such a name is refused before anything is sent, with the naming rule."""
+    from scaleserve.adapters.client import PushError, push
+
+    f = tmp_path / "task.safetensors"
+    rand_adapter(lms[0], seed=91).save(f)
+    with live_server(settings_for(), lms[0]) as (url, app):
+        for name in ("x?tenant=bob", "y#z", "a/b", "caf\u00e9", ""):
+            with pytest.raises(PushError, match="1-64 characters"):
+                push(f, name, url)
+        reg = app.state.registry
+        assert reg.list(None) == []
+        assert push(f, "ok-name", url)["name"] == "ok-name"
+
+
 def test_cli_push_against_live_server(lms, settings_for, tmp_path):
     lm = lms[0]
     f = tmp_path / "task.safetensors"
