@@ -237,6 +237,10 @@ def serve(args) -> int:
     import uvicorn
 
     settings = settings_from_args(args)
+    if settings.model:  # a missing or foreign --model: the CLI's one-line error (exit 2), before uvicorn's lifespan
+        from .loader import read_meta  # loads it and would print its startup traceback instead
+
+        read_meta(settings.model)
     level = settings.log_level.upper()
     logging.getLogger().setLevel(level)
     logging.getLogger("scaleserve").setLevel(level)

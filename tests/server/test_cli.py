@@ -59,6 +59,20 @@ def test_console_script(tmp_path):
     assert r.returncode == 0 and "quantize" in r.stdout and "serve" in r.stdout
 
 
+def test_serve_with_a_bad_model_dir_exits_2_with_message(tmp_path):
+    """`scaleserve serve --model` naming no model: one clear line and exit 2, as the other commands do, not
+    uvicorn's startup traceback (exit 3)."""
+    empty, foreign = tmp_path / "empty", tmp_path / "foreign"
+    empty.mkdir()
+    foreign.mkdir()
+    (foreign / "scaleserve.json").write_text('{"format": "something-else", "format_version": 1}')
+    for model, msg in ((tmp_path / "nonexistent", "does not exist"), (empty, "no scaleserve.json"),
+                       (foreign, "is not scaleserve-int4")):
+        r = subprocess.run([str(SCRIPT), "serve", "--model", str(model), "--port", "0", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 0"),
