@@ -53,6 +53,13 @@ def generate_ids(lm: LoadedModel, prompts: list[list[int]], adapters: list[Adapt
                  seed: int | None = None, stop_ids: set[int] | None = None, block_size: int = 16):
     """Token-level generation for B prompts. Returns (new token ids per prompt, finish reasons)."""
     B = len(prompts)
+    limit = lm.model.args.max_position_embeddings
+    for p in prompts:
+        if not p:
+            raise ValueError("the prompt is empty: it encodes to no tokens")
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(f"the prompt ({len(p)} tokens) plus {max_new_tokens} new tokens exceed the model's "
+                             f"context of {limit} tokens")
     adapters = adapters or [None] * B
     model, dev = lm.model, lm.device
     a = model.args
@@ -118,13 +125,6 @@ def generate(lm: LoadedModel, prompts: str | list[str], adapters: list[Adapter |
     if adapters is None or isinstance(adapters, Adapter):
         adapters = [adapters] * len(prompts)
     ids = [encode_prompt(lm, p, chat) for p in prompts]
-    limit, new = lm.model.args.max_position_embeddings, kw.get("max_new_tokens", 64)
-    for p in ids:
-        if not p:
-            raise ValueError("the prompt is empty: it encodes to no tokens")
-        if len(p) + new > limit:
-            raise ValueError(f"the prompt ({len(p)} tokens) plus {new} new tokens exceed the model's context of "
-                             f"{limit} tokens")
     toks, reasons = generate_ids(lm, ids, adapters, **kw)
     return [GenerationResult(lm.tokenizer.decode(t, skip_special_tokens=True), t, len(p), r)
             for t, p, r in zip(toks, ids, reasons)]
