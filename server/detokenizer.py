@@ -64,6 +64,11 @@ def window_delta(seq: Sequence, prefix: str, full: str, final: bool) -> str:
     return ""
 
 
+def tail(text: str, n: int) -> str:
+    """The last n characters of text ("" for n = 0, where text[-0:] would be all of it)."""
+    return text[max(0, len(text) - n) :] if n > 0 else ""
+
+
 def cut_stop(seq: Sequence, delta: str, stops: list[str], final: bool) -> tuple[str, bool]:
     """-> (text to emit now, whether a stop string matched). Withholds a suffix that could still grow
     into a stop string; `final` flushes it."""
@@ -71,7 +76,7 @@ def cut_stop(seq: Sequence, delta: str, stops: list[str], final: bool) -> tuple[
     if not stops:
         seq.held = ""
         return pending, False
-    window = seq.text[-(max(len(s) for s in stops) - 1) :] if len(seq.text) else ""
+    window = tail(seq.text, max(len(s) for s in stops) - 1)  # emitted text a stop string may start in
     hay = window + pending
     best = -1
     for s in stops:

@@ -13,7 +13,7 @@ from scaleserve.adapters.format import load_adapter
 from scaleserve.adapters.registry import AdapterRegistry
 from scaleserve.adapters.format import BaseSpec
 from scaleserve.adapters.slab import AdapterSlab
-from scaleserve.server.detokenizer import cut_stop
+from scaleserve.server.detokenizer import cut_stop, tail
 from scaleserve.server.engine import Engine
 from scaleserve.server.generate import generate_ids
 from scaleserve.server.loader import load_model
@@ -181,6 +181,7 @@ def test_abort_frees_blocks_next_step(engine_lm, tmp_path):
     (["ab", "c"], ["bcd"], "abc"),
     (["x", "ST", "OP", "y"], ["STOP"], "x"),
     (["a\n", "\nb"], ["\n\n"], "a"),
+    (["ab", "c", "d;e"], [";", "!"], "abcd"),
 ])
 def test_cut_stop(text, stops, expect):
     seq = Sequence("x", [1], SamplingParams(max_tokens=10, stop=stops))
@@ -192,6 +193,12 @@ def test_cut_stop(text, stops, expect):
         if hit:
             break
     assert emitted == expect
+
+
+def test_stop_window_is_the_tail_a_stop_string_can_start_in():
+    """Only the last len(longest stop) - 1 characters are searched again: with one-character stops none (the
+    window was text[-0:], all of the text, every step: quadratic in the output's length)."""
+    assert tail("hello", 0) == "" and tail("hello", 2) == "lo" and tail("hi", 5) == "hi" and tail("", 3) == ""
 
 
 def test_fast_detokenizer_equals_tokenizer_decode(engine_lm):
