@@ -60,6 +60,13 @@ class _SamplingRequest(BaseModel):
                     if not (v is None and k in fields and fields[k].default is not None)}
         return data
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v, info):
+        if v is not None and not info.data.get("stream"):  # (OpenAI refuses it too, rather than ignore it)
+            raise ValueError("only allowed when stream is true")
+        return v
+
     @field_validator("logit_bias", "tools", "functions")
     @classmethod
     def _empty(cls, v, info):

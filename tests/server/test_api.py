@@ -213,7 +213,14 @@ def test_errors_in_openai_shape(server):
             r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **extra})
             assert r.status_code == 200, (extra, r.text)
         r = h.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-        assert r.status_code == 400 and "error" in r.json()
+        err = r.json()["error"]  # (it said "1: JSON decode error", with the byte offset as its param)
+        assert r.status_code == 400 and err["message"].startswith("the request body is not valid JSON") and \
+            "position 1" in err["message"] and err["param"] is None, err
+        # stream_options without stream: OpenAI refuses it rather than ignore it
+        for path, body in (("/v1/completions", {"model": "tiny", "prompt": "x"}), ("/v1/chat/completions", chat)):
+            r = h.post(path, json={**body, "max_tokens": 2, "stream_options": {"include_usage": True}})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "stream_options" and "stream" in err["message"], err
         assert h.get("/health").json() == {"status": "ok"}
         assert h.get("/ready").status_code == 200
 
