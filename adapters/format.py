@@ -96,11 +96,11 @@ def read_header(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> dict:
     if len(data) < 8:
         raise AdapterError("not a safetensors file: shorter than its 8-byte header length", "file")
     (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):  # (first: any other file, text for one, reads as an absurd header length)
+        raise AdapterError(f"not a safetensors file (or truncated): its first 8 bytes give a {n}-byte header, "
+                           f"the file has {len(data) - 8} bytes after them", "file")
     if n > max_header_bytes:
         raise AdapterError(f"safetensors header of {n} bytes exceeds the {max_header_bytes}-byte limit", "file")
-    if 8 + n > len(data):
-        raise AdapterError(f"not a safetensors file (or truncated): header claims {n} bytes, file has {len(data) - 8}",
-                           "file")
     try:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -146,6 +146,8 @@ def parse_adapter(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Adap
 
 def load_adapter(path: str | Path) -> Adapter:
     path = Path(path)
+    if path.is_dir():
+        raise AdapterError(f"{path} is a directory, not an adapter file", "file")
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
     return parse_adapter(path.read_bytes())

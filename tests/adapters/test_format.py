@@ -83,13 +83,17 @@ def test_container_errors(tiny_lm):
     cases = [
         (b"PK\x03\x04 this is a zip", "header"),
         (good[:-10], "truncated"),
-        (struct.pack("<Q", 1 << 40) + b"{}", "exceeds the"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "not a safetensors file .or truncated.: its first 8 bytes give a "
+                                               "1099511627776-byte header, the file has 2 bytes"),
+        (b"a text file, not an adapter\n", "not a safetensors file"),  # (it said: a header exceeding the limit)
         (b"abc", "shorter than"),
         (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
     ]
     for data, msg in cases:
         with pytest.raises(AdapterError, match=msg):
             parse_adapter(data)
+    with pytest.raises(AdapterError, match="header of [0-9]+ bytes exceeds the 64-byte limit"):
+        parse_adapter(good, max_header_bytes=64)
     import json
 
     n = struct.unpack("<Q", good[:8])[0]

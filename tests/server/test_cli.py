@@ -54,6 +54,14 @@ def test_adapter_for_another_base(tmp_path, make_tiny_model, capsys):
     assert "adapter was made for base" in capsys.readouterr().err
 
 
+def test_adapter_inspect_of_a_directory_or_nothing(tmp_path, capsys):
+    """A directory is not an adapter file (it said "does not exist"); a missing path does not exist."""
+    assert main(["adapter", "inspect", str(tmp_path)]) == 2
+    assert "is a directory, not an adapter file" in capsys.readouterr().err
+    assert main(["adapter", "inspect", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_console_script(tmp_path):
     r = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "quantize" in r.stdout and "serve" in r.stdout
