@@ -193,6 +193,7 @@ def test_errors_in_openai_shape(server):
             assert r.status_code == status, (body, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
+            assert err["type"] == "invalid_request_error", err  # OpenAI's type for all of these, 404 included
         # OpenAI features this server does not implement: a 400 that names them, never silently ignored
         unsupported = [
             ("logit_bias", {"50": 100}), ("response_format", {"type": "json_object"}),
