@@ -31,7 +31,7 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="extension: 0 = off")
-    seed: int | None = Field(None, ge=-(2**62), le=2**62)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: Stop = Field(None, description="up to 4 strings; output ends before the first match")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="extension")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -119,8 +119,9 @@ def resolve_model(request: Request, tenant, model: str):
 
 def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                     sample: int = 0) -> SamplingParams:
-    """The engine's parameters of one sequence; `sample` j of a request's n gets seed + j (or a random one)."""
-    seed = (req.seed + sample) if req.seed is not None else random.getrandbits(62)
+    """The engine's parameters of one sequence; `sample` j of a request's n gets seed + j (or a random one),
+    wrapped into int64 (the sampler's seeds are an int64 tensor; OpenAI takes any int64 seed)."""
+    seed = ((req.seed + sample + 2**63) % 2**64 - 2**63) if req.seed is not None else random.getrandbits(62)
     stops = req.stop_list()
     if len(stops) > 4:
         raise APIError(400, "stop: at most 4 stop sequences", "stop", "invalid_value")

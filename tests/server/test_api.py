@@ -323,6 +323,11 @@ def test_n_completions_per_prompt(server):
             texts[ch.index] += ch.delta.content or ""
             finishes[ch.index] += ch.finish_reason is not None
     assert texts == [ch.message.content for ch in full.choices] and roles == [1, 1] and finishes == [1, 1]
+    # any int64 seed (OpenAI's range; 2^62 and up were a 400): the samples past 2^63 - 1 wrap, reproducibly
+    top = dict(prompt="Bolt", model="chan-b", max_tokens=6, temperature=1.0, n=2)
+    r = c.completions.create(**top, seed=2**63 - 1)
+    assert [ch.text for ch in r.choices] == [ch.text for ch in c.completions.create(**top, seed=2**63 - 1).choices]
+    assert r.choices[1].text == c.completions.create(**{**top, "n": 1}, seed=-(2**63)).choices[0].text
     with httpx.Client(base_url=server.url, timeout=30) as h:
         r = h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 9, "n": 8, "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
