@@ -20,7 +20,8 @@ def _owner(tenant: str) -> str:
 def _cards(request: Request, tenant: Tenant) -> list[ModelCard]:
     st = request.app.state
     base = st.served_model_name
-    cards = [ModelCard(id=base, created=int(st.started_at), owned_by="scaleserve", root=str(st.lm.path),
+    # root: the base's name, not its directory (every tenant reads this list: no host paths in it)
+    cards = [ModelCard(id=base, created=int(st.started_at), owned_by="scaleserve", root=base,
                        max_model_len=st.engine.max_model_len)]
     for av in st.registry.list(tenant.name):
         cards.append(ModelCard(id=av.name, created=int(av.created_at), owned_by=_owner(av.tenant), parent=base,

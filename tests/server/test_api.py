@@ -55,6 +55,7 @@ def test_openai_client_completion_chat_and_models(server):
     models = {m.id: m for m in c.models.list().data}
     assert set(models) >= {"tiny", "chan-a", "chan-b", "group-a", "alpha-a"} and "broken" not in models
     assert models["chan-a"].parent == "tiny" and models["tiny"].parent is None
+    assert models["tiny"].root == "tiny" and models["chan-a"].root.startswith("chan-a@v")  # no host paths
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
