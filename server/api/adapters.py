@@ -55,7 +55,7 @@ def _target(tenant: Tenant, tenant_param: str | None) -> str:
         # a non-admin naming another tenant learns nothing: same answer as an unknown adapter
         raise OpenAIError(404, "adapter not found", code="adapter_not_found")
     if not valid_name(tenant_param):
-        raise OpenAIError(400, f"tenant {tenant_param!r} is invalid", param="tenant")
+        raise OpenAIError(400, f"tenant {tenant_param!r} is invalid", param="tenant", code="invalid_value")
     return tenant_param
 
 
@@ -82,7 +82,7 @@ def _check_length_header(request: Request, limit: int) -> None:
         try:
             n = int(cl)
         except ValueError:
-            raise OpenAIError(400, "invalid Content-Length") from None
+            raise OpenAIError(400, "invalid Content-Length", code="invalid_request") from None
         if n > limit:
             raise _too_large(limit)
 
@@ -110,15 +110,16 @@ async def upload_adapter(request: Request, tenant: Tenant = Depends(get_tenant))
     _check_length_header(request, limit + MULTIPART_OVERHEAD)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise OpenAIError(400, "POST /v1/adapters takes multipart/form-data with fields 'name' and 'file' "
-                               "(or PUT /v1/adapters/{name} with the raw file)", param="file")
+                               "(or PUT /v1/adapters/{name} with the raw file)", param="file", code="invalid_request")
     try:
         async with request.form(max_files=1, max_fields=8) as form:
             name = form.get("name")
             upload = form.get("file")
             if not isinstance(name, str) or not name:
-                raise OpenAIError(400, "form field 'name' is missing", param="name")
+                raise OpenAIError(400, "form field 'name' is missing", param="name", code="invalid_request")
             if upload is None or isinstance(upload, str):
-                raise OpenAIError(400, "form field 'file' is missing (send it as a file part)", param="file")
+                raise OpenAIError(400, "form field 'file' is missing (send it as a file part)", param="file",
+                                  code="invalid_request")
             data = await upload.read(limit + 1)
     except ClientDisconnect:
         log.info("adapter upload cut off by the client; nothing stored")
@@ -126,7 +127,7 @@ async def upload_adapter(request: Request, tenant: Tenant = Depends(get_tenant))
     except OpenAIError:
         raise
     except Exception as e:  # multipart parser errors
-        raise OpenAIError(400, f"malformed multipart body: {e}", param="file") from None
+        raise OpenAIError(400, f"malformed multipart body: {e}", param="file", code="invalid_request") from None
     if len(data) > limit:
         raise _too_large(limit)
     return await _store(request, target, name, data)
@@ -150,7 +151,8 @@ async def put_adapter(name: str, request: Request, tenant: Tenant = Depends(get_
         return JSONResponse({}, status_code=400)
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) != len(buf):
-        raise OpenAIError(400, f"body has {len(buf)} bytes, Content-Length said {cl}; nothing stored", param="file")
+        raise OpenAIError(400, f"body has {len(buf)} bytes, Content-Length said {cl}; nothing stored", param="file",
+                          code="invalid_request")
     return await _store(request, target, name, bytes(buf))
 
 

@@ -111,6 +111,7 @@ def assert_openai_error(r, status, *fragments):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) >= {"message", "type", "param", "code"}
+    assert err["code"], err  # every error names its code (some upload errors had none)
     for f in fragments:
         assert f in err["message"], (f, err)
     return err
