@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -51,7 +50,11 @@ def push(file: str | Path, name: str, server_url: str, api_key: str | None = Non
     if not valid_name(name):  # the name goes into the URL: '?', '#' or '/' would upload under another name
         raise PushError(f"adapter name {name!r} is invalid: 1-64 characters of A-Z a-z 0-9 . _ -, starting with "
                         "a letter or digit")
-    api_key = api_key or os.environ.get("SCALESERVE_API_KEY") or None
+    if not api_key:
+        from scaleserve.server.settings import ClientSettings
+
+        env_key = ClientSettings().api_key
+        api_key = env_key.get_secret_value() if env_key is not None else None
     url = f"{server_url.rstrip('/')}/v1/adapters/{name}"
     try:
         resp = httpx.put(url, content=path.read_bytes(), timeout=timeout,

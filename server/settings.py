@@ -86,3 +86,12 @@ class Settings(BaseSettings):
 
     def store_url(self) -> str:
         return self.adapter_store or (self.data_dir / "adapters").resolve().as_uri()
+
+
+class ClientSettings(BaseSettings):
+    """What the client commands (`scaleserve adapter push`, adapters.client) read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SCALESERVE_", extra="ignore")
+
+    api_key: SecretStr | None = Field(None, description="the key a push sends (Authorization: Bearer) when none "
+                                                        "is given")

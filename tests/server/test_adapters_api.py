@@ -6,6 +6,7 @@ replicas sharing one store, and `scaleserve adapter push` against a live server.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -536,3 +537,12 @@ def test_cli_push_against_live_server(lms, settings_for, tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and "HTTP 401" in r.stderr, r.stderr
         assert app.state.registry.resolve("alice", "cli-task").version == 1
+        # no --api-key: SCALESERVE_API_KEY's (read through server/settings.py's ClientSettings)
+        env = {**os.environ, "SCALESERVE_API_KEY": KEYS["alice"]}
+        r = subprocess.run(cli + [str(f), "--name", "cli-task", "--server", url], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and json.loads(r.stdout)["version"] == 2, r.stderr
+        env.pop("SCALESERVE_API_KEY")
+        r = subprocess.run(cli + [str(f), "--name", "cli-task", "--server", url], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "HTTP 401" in r.stderr, r.stderr
