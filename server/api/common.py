@@ -68,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # our validators' text
         msg = f"{'.'.join(loc) or 'request'}: {detail}"
         if first.get("type") == "json_invalid":  # (its loc is the byte offset, not a field)
-            msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', detail)} " \
+            msg = f"the request body is not valid JSON: {(first.get('ctx') or {}).get('error', detail)} " \
                   f"(position {'.'.join(loc) or '?'})"
             loc = []
         m = _metrics(request)
