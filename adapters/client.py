@@ -42,14 +42,13 @@ def push(file: str | Path, name: str, server_url: str, api_key: str | None = Non
     """Upload an adapter file as `name` (PUT /v1/adapters/{name}); returns the server's adapter object.
     api_key defaults to $SCALESERVE_API_KEY. Raises PushError on any HTTP error, FileNotFoundError if
     the file is missing."""
-    from .store import valid_name
+    from .store import NAME_RULE, valid_name
 
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
     if not valid_name(name):  # the name goes into the URL: '?', '#' or '/' would upload under another name
-        raise PushError(f"adapter name {name!r} is invalid: 1-64 characters of A-Z a-z 0-9 . _ -, starting with "
-                        "a letter or digit")
+        raise PushError(f"adapter name {name!r} is invalid: {NAME_RULE}")
     if not api_key:
         from scaleserve.server.settings import ClientSettings
 

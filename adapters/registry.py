@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .format import MAX_HEADER_BYTES, Adapter, AdapterError, BaseSpec, parse_adapter, validate
 from .slab import BASE, AdapterSlab, SlabFull, SlotRef
-from .store import AdapterStore, StoreRecord, valid_name
+from .store import NAME_RULE, AdapterStore, StoreRecord, valid_name
 
 log = logging.getLogger("scaleserve.adapters")
 
@@ -139,8 +139,7 @@ class AdapterRegistry:
 
     def check_name(self, name: str) -> None:
         if not valid_name(name):
-            raise AdapterError(f"adapter name {name!r} is invalid: 1-64 characters of A-Z a-z 0-9 . _ -, "
-                               "starting with a letter or digit", "name")
+            raise AdapterError(f"adapter name {name!r} is invalid: {NAME_RULE}", "name")
         if name in self.reserved_names:
             raise AdapterError(f"adapter name {name!r} is the base model's name", "name")
 

@@ -52,8 +52,12 @@ CLAIM_DEADLINE_S = 60.0  # a claim slower than this from its listing is withdraw
 _CLAIM_ATTEMPTS = 64
 
 
+NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"  # (for error messages)
+
+
 def valid_name(name: str) -> bool:
-    """1-64 characters of [A-Za-z0-9._-], starting with a letter or digit ('..' cannot be formed alone)."""
+    """NAME_RULE: 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit ('..' cannot be formed
+    alone)."""
     return isinstance(name, str) and bool(_NAME_RE.fullmatch(name)) and name not in (".", "..")
 
 

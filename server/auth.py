@@ -27,7 +27,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from scaleserve.adapters.store import valid_name
+from scaleserve.adapters.store import NAME_RULE, valid_name
 
 log = logging.getLogger("scaleserve.auth")
 
@@ -104,8 +104,7 @@ def parse_keys(text: str, source: str = "api keys") -> list[tuple[str, str]]:
         if not sep or not key or not tenant:
             raise ValueError(f"{source}: entry {lineno} is not 'key=tenant'")
         if not valid_name(tenant):
-            raise ValueError(f"{source}: entry {lineno}: tenant {tenant!r} is invalid "
-                             "(1-64 characters of A-Z a-z 0-9 . _ -)")
+            raise ValueError(f"{source}: entry {lineno}: tenant {tenant!r} is invalid ({NAME_RULE})")
         out.append((key, tenant))
     return out
 

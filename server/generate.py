@@ -53,16 +53,15 @@ def generate_ids(lm: LoadedModel, prompts: list[list[int]], adapters: list[Adapt
                  seed: int | None = None, stop_ids: set[int] | None = None, block_size: int = 16):
     """Token-level generation for B prompts. Returns (new token ids per prompt, finish reasons)."""
     B = len(prompts)
-    limit = lm.model.args.max_position_embeddings
-    for p in prompts:
-        if not p:
-            raise ValueError("the prompt is empty: it encodes to no tokens")
-        if len(p) + max_new_tokens > limit:
-            raise ValueError(f"the prompt ({len(p)} tokens) plus {max_new_tokens} new tokens exceed the model's "
-                             f"context of {limit} tokens")
     adapters = adapters or [None] * B
     model, dev = lm.model, lm.device
     a = model.args
+    for p in prompts:
+        if not p:
+            raise ValueError("the prompt is empty: it encodes to no tokens")
+        if len(p) + max_new_tokens > a.max_position_embeddings:
+            raise ValueError(f"the prompt ({len(p)} tokens) plus {max_new_tokens} new tokens exceed the model's "
+                             f"context of {a.max_position_embeddings} tokens")
     stop_ids = eos_ids(lm) if stop_ids is None else stop_ids
     spec = BaseSpec.from_model(lm)
     distinct = {id(x): x for x in adapters if x is not None}
