@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -47,6 +47,19 @@ for step in "${steps[@]}"; do
   case $step in
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused.py tests/server/test_gpu_e2e.py \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    norm_tests)  # the MMA GEMV's RMSNorm epilogues (sums of squares included), its layouts, the model's fused-norm step
+            timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py -k norm \
+              tests/kernels/test_int4_mma_gemv.py "tests/server/test_model.py::test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels" \
+              2>&1 | tee "$OUT/norm_tests.log" | tail -8 ;;
+    profile1) timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --quantize-lm-head on \
+                --json "$OUT/decode_profile1.json" 2>&1 | tee "$OUT/decode_profile1.log" | grep -B2 -A12 "^llama" ;;
+    tune)  # the MMA GEMV's per-shape configs by timing the whole batch-1 decode graph (the device's pins)
+          timeout ${TUNE_TIMEOUT:-330} python3 bench/tune_decode.py --quantize-lm-head ${TUNE_ARGS:-} \
+            --json "$OUT/$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))").json" \
+            2>&1 | tee "$OUT/tune.log" | tail -12 ;;
+    bounds)  # the batch-1 decode graph with kernel families left out (timing only; BOUNDS_ARGS: more flags)
+            timeout ${BOUNDS_TIMEOUT:-400} python3 bench/decode_bounds.py --quantize-lm-head ${BOUNDS_ARGS:-} \
+              --json "$OUT/decode-bounds.json" 2>&1 | tee "$OUT/decode_bounds.log" | tail -14 ;;
     kernel_tests) timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels \
                     2>&1 | tee "$OUT/kernel_tests.log" | tail -15 ;;
     serve) timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py gpu --models ${SERVE_MODELS:-llama2-7b,smollm2-135m} ${SERVE_ARGS:-} \

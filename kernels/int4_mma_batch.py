@@ -536,7 +536,9 @@ def launch_mma_batch(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
     if config is None:
         _tuned[grid](*args, **meta)
         return y
-    cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1, **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
+    # (num_stages 1 as in the autotune list: another value is another compile of the same loop)
+    cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1, "num_stages": 1,
+           **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
     if cfg["BLOCK_N"] != 16 * cfg.get("num_warps", 4):
         raise ValueError("BLOCK_N must be 16 x num_warps (one row pair per lane group)")
     if ws.numel() < cfg["SPLIT_K"] * M * N:

@@ -42,6 +42,11 @@ same tile with plain tensor arithmetic (the block dots on the diagonal elements)
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -414,6 +419,7 @@ def _mma_gemv_kernel(
     chan_idx_ptr, scale_idx_ptr,  # the row's slots (one element each)
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, N] f32, arrival counters (two per column tile, zero)
     h_ptr, g_ptr, xg_ptr, eps,  # the RMSNorm epilogues: h [K] (NORM_IN), g [N] and xg [N] (NORM_OUT)
+    sq_in_ptr, sq_out_ptr,  # h's sums of squares per 16 elements, [cdiv(K, 16)] (SQ_IN) / y's, [cdiv(N, 16)] (SQ_OUT)
     N, K,
     stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
     MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
@@ -421,6 +427,7 @@ def _mma_gemv_kernel(
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr, SILU: tl.constexpr,
     NORM_IN: tl.constexpr, ACCUM: tl.constexpr, NORM_OUT: tl.constexpr, NORM_CHUNK: tl.constexpr,
+    SQ_IN: tl.constexpr, SQ_OUT: tl.constexpr,
 ):
     """y[n] for one column tile and one of SPLIT_K ranges of 8-block steps. The tile's row pairs (rows0[i],
     rows1[i]) = (2i, 2i + 1) are adjacent, so a lane reads both rows' zero points (and, where S_PAIR,
@@ -433,7 +440,9 @@ def _mma_gemv_kernel(
     loads each.
     The RMSNorms around a projection (launch_mma_gemv's docstring has the semantics): NORM_IN scales the sums by
     rsqrt(mean(h^2) + eps), which every program computes from h itself; ACCUM adds y into the residual stream
-    y_ptr holds; NORM_OUT also writes xg = y * g."""
+    y_ptr holds; NORM_OUT also writes xg = y * g. SQ_OUT: the sums of y^2 over every 16 rows as well, which a
+    NORM_IN projection reading y as its h takes instead of h (SQ_IN): its loads go out with the first step's, and
+    the sum waits until after the loop."""
     tl.static_assert(UNROLL == 1 or (UNROLL == 2 and DEPTH == 1 and STAGES == 1), "UNROLL 2 takes DEPTH 1, STAGES 1")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -458,7 +467,11 @@ def _mma_gemv_kernel(
         prefetch_l2(q1 + kb_lo * WORDS, ((v % 32) == 0) & (kb_lo < kb_hi))
     wait_for_producer(PDL)
     if NORM_IN:  # (the previous kernel wrote h: it is an L2 hit, and the first codes are on their way to L2)
-        rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
+        if SQ_IN:  # the producer's sums: loaded now, added up after the loop (the loop does not wait for them)
+            sq = tl.load(sq_in_ptr + tl.arange(0, NORM_CHUNK), mask=tl.arange(0, NORM_CHUNK) < tl.cdiv(K, 16),
+                         other=0.0)
+        else:
+            rstd = _rms_inverse(h_ptr, K, eps, NORM_CHUNK)
     cidx = tl.load(chan_idx_ptr).to(tl.int64)  # the adapter's channel slot (its round trip overlaps the loop's)
     z0p = zero_ptr + rows0[:, None]  # [HN, 1] (padded tables): the pair (rows0, rows1), adjacent unless SILU
     z1p = zero_ptr + rows1[:, None]
@@ -573,6 +586,8 @@ def _mma_gemv_kernel(
     y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)  # [HN]: rows0
     y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
     if NORM_IN:
+        if SQ_IN:
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
         y0 *= rstd
         y1 *= rstd
     if SILU:
@@ -580,7 +595,7 @@ def _mma_gemv_kernel(
                      N, stride_cs, HAS_BIAS, SPLIT_K)
     else:
         _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr,
-                     xg_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT)
+                     xg_ptr, sq_out_ptr, N, stride_cs, HAS_BIAS, SPLIT_K, ACCUM, NORM_OUT, SQ_OUT)
 
 
 @triton.jit
@@ -598,8 +613,8 @@ def _rms_inverse(h_ptr, K, eps, CHUNK: tl.constexpr):
 
 @triton.jit
 def _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan_ptr, ws_ptr, cnt_ptr, g_ptr, xg_ptr,
-                 N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ACCUM: tl.constexpr,
-                 NORM_OUT: tl.constexpr):
+                 sq_ptr, N, stride_cs, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ACCUM: tl.constexpr,
+                 NORM_OUT: tl.constexpr, SQ_OUT: tl.constexpr):
     """y[rows] = y * chan[c_0, rows] (+ bias) for both halves of the tile (ACCUM: added to y[rows]; NORM_OUT:
     xg[rows] = that * g[rows]), by the split that finishes the tile.
     Every load of both halves comes before either half's store: a load cannot pass a store that may alias it, so
@@ -609,8 +624,23 @@ def _finish_pair(y0, y1, rows0, rows1, pid_n, pid_k, cidx, y_ptr, bias_ptr, chan
     ok1 = rows1 < N
     y0, y1, last = _split_sums(y0, y1, rows0, rows1, ok0, ok1, pid_n, pid_k, ws_ptr, cnt_ptr, N, SPLIT_K)
     if last:
-        _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr, stride_cs,
-                    HAS_BIAS, ACCUM, NORM_OUT)
+        out0, out1 = _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr, g_ptr, xg_ptr,
+                                 stride_cs, HAS_BIAS, ACCUM, NORM_OUT)
+        if SQ_OUT:
+            _store_sumsq(out0, out1, ok0, ok1, pid_n, sq_ptr, N)
+
+
+@triton.jit
+def _store_sumsq(y0, y1, ok0, ok1, pid_n, sq_ptr, N):
+    """sq[j] = sum of y[n]^2 over the 16 rows 16 j .. 16 j + 15 of the tile's stored (rounded) values: the tile's
+    BLOCK_N / 16 entries, from pid_n * BLOCK_N / 16 (its row pairs in order: entry j holds pairs 8 j .. 8 j + 7)."""
+    HN: tl.constexpr = y0.shape[0]
+    a = tl.where(ok0, y0.to(tl.float32), 0.0)
+    b = tl.where(ok1, y1.to(tl.float32), 0.0)
+    sums = tl.sum(tl.reshape(a * a + b * b, [HN // 8, 8]), 1)
+    j = pid_n * (HN // 8) + tl.arange(0, HN // 8)
+    tl.store(sq_ptr + j, sums, mask=j < tl.cdiv(N, 16))
+
 
 
 @triton.jit
@@ -672,6 +702,7 @@ def _store_pair(y0, y1, rows0, rows1, ok0, ok1, cidx, y_ptr, bias_ptr, chan_ptr,
     if NORM_OUT:
         tl.store(xg_ptr + rows0, (y0.to(tl.float32) * g0).to(DT), mask=ok0)
         tl.store(xg_ptr + rows1, (y1.to(tl.float32) * g1).to(DT), mask=ok1)
+    return y0, y1
 
 
 @triton.jit
@@ -738,7 +769,8 @@ MMA_CANDIDATE_CONFIGS = [
     _cfg1(32, 1, 1, maxnreg=200, unroll=2),
 ]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in MMA_GEMV_CONFIGS)
-_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT"]
+_KEY = ["N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS", "F16", "S_PAIR", "SILU", "NORM_IN", "ACCUM", "NORM_OUT", "SQ_IN",
+        "SQ_OUT"]
 
 
 _tuned = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quick_bench,
@@ -749,11 +781,33 @@ _tuned_accum = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quic
                                restore_value=["y_ptr"])(_mma_gemv_kernel)
 
 # Configs pinned per shape, (N, K, mode, group size) -> a config of the list's form (BLOCK_N, SPLIT_K, DEPTH, ...,
-# num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick; empty, every
-# shape is autotuned. For experiments (bench/decode_profile.py --mma-pins): session 16 pinned graph replay's
-# per-shape picks (bench/kernels.py --timing-check, cold weights, one shape at a time) and the H100 decode
-# step got slower (graph 2.277 -> 2.315 ms): the fastest config alone is not the fastest inside the step.
+# num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick (experiments set it:
+# bench/decode_profile.py --mma-pins, bench/tune_decode.py). Session 16 pinned graph replay's per-shape picks
+# (bench/kernels.py --timing-check, cold weights, one shape at a time) and the H100 decode step got slower (graph
+# 2.277 -> 2.315 ms): the fastest config alone is not the fastest inside the step.
 PINNED: dict[tuple[int, int, int, int], dict] = {}
+# Below PINNED, the device's own pins, where kernels/pins/<device name>.json exists: configs that bench/tune_decode.py
+# picked by timing the whole batch-1 decode graph of a model with those shapes on that GPU. The autotuner times each
+# kernel alone (its L2 flushed, nothing before it): inside the step it picked differently from run to run, and the
+# H100 step moved by up to ~40 µs with the picks (bench/NOTES-kernels.md, session 21).
+DEVICE_PINS_DIR = Path(__file__).resolve().parent / "pins"
+
+
+@functools.cache
+def device_pins(name: str) -> dict[tuple[int, int, int, int], dict]:
+    """The pins of kernels/pins/<name>.json (name: torch.cuda.get_device_name, non-alphanumerics as "_"); {} if none."""
+    path = DEVICE_PINS_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")
+    if not path.is_file():
+        return {}
+    pins = json.loads(path.read_text())["pins"]
+    return {tuple(int(v) for v in key.split(",")): cfg for key, cfg in pins.items()}
+
+
+def _pinned(x: torch.Tensor, N: int, K: int, mode: int, group_size: int) -> dict | None:
+    key = (N, K, mode, group_size)
+    if key in PINNED:
+        return PINNED[key]
+    return device_pins(torch.cuda.get_device_name(x.device)).get(key) if x.is_cuda else None
 _CONFIG_KEYS = ("BLOCK_N", "SPLIT_K", "DEPTH", "X_AHEAD", "STAGES", "UNROLL", "num_warps", "maxnreg")
 
 
@@ -770,11 +824,25 @@ def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int,
     return {k: {c: r[c] for c in _CONFIG_KEYS if r.get(c) is not None} for k, r in best.items()}
 
 
-# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps). The sum of squares comes right after
+# Whether a NORM_IN launch given the producer's sums of squares (norm_in's sumsq) takes them; False: it reads h and
+# sums its squares itself before the loop, as it did before the sums were passed (bench/decode_bounds.py's A/B).
+NORM_SUMSQ = True
+# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps); with SQ_IN, of the producer's sums. The sum of squares comes right after
 # the PDL wait, and the loop waits for it: ~0.8 µs a consuming launch on the H100 (session 17). Summing once the
 # first steps' loads are issued was slower in the decode step (session 18, bench/NOTES-kernels.md), as was issuing
 # the adapter slots, first codes and tables before the wait.
 NORM_MAX_CHUNK = 4096
+
+
+def sumsq_parts(n: int) -> int:
+    """Entries of a sums-of-squares vector over n elements (one per 16): norm_in's / norm_out's sumsq."""
+    return -(-n // 16)
+
+
+def _check_sumsq(sq: torch.Tensor | None, n: int, what: str) -> None:
+    if sq is not None and (sq.shape != (sumsq_parts(n),) or sq.dtype != torch.float32 or not sq.is_contiguous()):
+        raise ValueError(f"{what}'s sumsq must be a contiguous float32 [{sumsq_parts(n)}], got {list(sq.shape)} "
+                         f"{sq.dtype}")
 
 
 def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
@@ -782,19 +850,23 @@ def _check_norm_args(x, y, N, silu, norm_in, accumulate, norm_out):
     if silu and (accumulate or norm_out is not None):
         raise ValueError("a gate / up projection (silu) neither adds into a residual stream nor feeds a norm")
     if norm_in is not None:
-        h, eps = norm_in
+        h, eps, sq = (*norm_in, None)[:3]
         if h.shape not in ((K,), (1, K)) or h.dtype != x.dtype or not h.is_contiguous():
             raise ValueError(f"norm_in's h must be a contiguous [1, {K}] {x.dtype}, got {list(h.shape)} {h.dtype}")
         if not eps >= 0:
             raise ValueError(f"norm_in's eps must be >= 0, got {eps}")
+        _check_sumsq(sq, K, "norm_in")
+        if sq is not None and sumsq_parts(K) > NORM_MAX_CHUNK:
+            raise ValueError(f"norm_in's sumsq takes K <= {16 * NORM_MAX_CHUNK}, got {K}")
     if norm_out is not None:
-        g, xg = norm_out
+        g, xg, sq = (*norm_out, None)[:3]
         if g.shape != (N,) or not g.is_contiguous():
             raise ValueError(f"norm_out's weight must be a contiguous [{N}], got {list(g.shape)}")
         if xg.shape not in ((N,), (1, N)) or xg.dtype != y.dtype or not xg.is_contiguous():
             raise ValueError(f"norm_out's xg must be a contiguous [1, {N}] {y.dtype}, got {list(xg.shape)} {xg.dtype}")
         if xg.data_ptr() == y.data_ptr():
             raise ValueError("norm_out's xg must not be y")
+        _check_sumsq(sq, N, "norm_out")
 
 
 def mma_gemv_supported(x: torch.Tensor, N: int, mode: int, group_size: int, has_zeros: bool) -> bool:
@@ -843,7 +915,10 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
                 y_lin *= rsqrt(mean(h^2) + eps)
       accumulate: y holds the residual stream, y = round(y + adapted y_lin) in place
       norm_out = (g [N], xg [1, N]): also xg = round(y * g), the next RMSNorm's input (with its division left
-                to the projection that reads it)."""
+                to the projection that reads it).
+    A third element sumsq, float32 [ceil(dim / 16)], passes h's sums of squares from one to the other: norm_out's
+    gets sumsq[j] = sum of y[n]^2 over n in [16 j, 16 j + 16) (y as stored), and a norm_in that is given them
+    takes mean(h^2) from them instead of reading h (norm_in's h must then be the y they were made from)."""
     K = x.shape[1]
     N = w.N
     if not mma_gemv_supported(x, N, mode, w.group_size, w.zeros_t is not None):
@@ -857,14 +932,18 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     q32 = w.codes_t.view(torch.int32)
     st = scales if scales is not None else w.zeros_t
     s_strides = (st.stride(0), st.stride(1), st.stride(2)) if scales is not None else (0, 0, 0)
-    h, eps = norm_in if norm_in is not None else (x, 0.0)
-    g, xg = norm_out if norm_out is not None else (x, x)
+    h, eps, sq_in = (*norm_in, None)[:3] if norm_in is not None else (x, 0.0, None)
+    sq_in = sq_in if NORM_SUMSQ else None
+    g, xg, sq_out = (*norm_out, None)[:3] if norm_out is not None else (x, x, None)
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
-            h, g, xg, float(eps), N, K, q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
+            h, g, xg, float(eps), sq_in if sq_in is not None else ws, sq_out if sq_out is not None else ws, N, K,
+            q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=x.device.type != "cpu",
                 F16=x.dtype == torch.float16, S_PAIR=not silu and scale_pairs_readable(mode, scales), SILU=silu,
                 NORM_IN=norm_in is not None, ACCUM=accumulate, NORM_OUT=norm_out is not None,
-                NORM_CHUNK=min(triton.next_power_of_2(K), NORM_MAX_CHUNK), **launch_kwargs(x))
+                NORM_CHUNK=(triton.next_power_of_2(sumsq_parts(K)) if sq_in is not None
+                            else min(triton.next_power_of_2(K), NORM_MAX_CHUNK)),
+                SQ_IN=sq_in is not None, SQ_OUT=sq_out is not None, **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -872,11 +951,13 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None and x.device.type == "cpu":
         config = INTERPRET_CONFIG
     if config is None and not silu and x.dtype == torch.bfloat16:
-        config = PINNED.get((N, K, mode, w.group_size))
+        config = _pinned(x, N, K, mode, w.group_size)
     if config is None:
         (_tuned_accum if accumulate else _tuned)[grid](*args, **meta)
         return y
-    cfg = {"DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1, **{k: v for k, v in config.items() if k != "MMA"}}
+    # (num_stages 1 as in the autotune list: the loops pipeline by hand, and another value is another compile)
+    cfg = {"DEPTH": 1, "X_AHEAD": 1, "STAGES": 1, "UNROLL": 1, "num_stages": 1,
+           **{k: v for k, v in config.items() if k != "MMA"}}
     if ws.numel() < cfg["SPLIT_K"] * N:
         raise ValueError("workspace too small for SPLIT_K")
     _mma_gemv_kernel[grid](*args, **meta, **cfg)

@@ -47,11 +47,13 @@ class RowAdapters:
 @dataclass(frozen=True)
 class NormedInput:
     """The input of a projection that follows an RMSNorm whose division is left to the projection (the one-row
-    MMA GEMV's epilogue): xg = round(h * weight) [M, K], and h, whose rsqrt(mean(h^2) + eps) scales the sums."""
+    MMA GEMV's epilogue): xg = round(h * weight) [M, K], and h, whose rsqrt(mean(h^2) + eps) scales the sums;
+    sumsq: h's sums of squares per 16 elements, where the projection that wrote h made them (add_into's next_norm)."""
 
     xg: torch.Tensor
     h: torch.Tensor
     eps: float
+    sumsq: torch.Tensor | None = None
 
 
 class QuantLinear(nn.Module):
@@ -107,7 +109,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor | NormedInput, rows: RowAdapters) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         if isinstance(x, NormedInput):
-            return self._mma_gemv(x.xg, rows, norm_in=(x.h, x.eps))
+            return self._mma_gemv(x.xg, rows, norm_in=(x.h, x.eps, x.sumsq))
         self.ensure_slab()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -135,7 +137,7 @@ class QuantLinear(nn.Module):
         SiLU launch, or (int4_matmul.FUSE_SILU_GATE) the one-row GEMV's epilogue instead of that launch; else
         the torch reference."""
         if isinstance(x, NormedInput):
-            return self._mma_gemv(x.xg, rows, silu_gate=True, norm_in=(x.h, x.eps))
+            return self._mma_gemv(x.xg, rows, silu_gate=True, norm_in=(x.h, x.eps, x.sumsq))
         if not (x.is_cuda and self.use_kernels):
             return silu_mul_ref(self(x, rows))
         from .int4_matmul import adapted_linear
@@ -144,9 +146,10 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features // 2)
 
     def add_into(self, x: torch.Tensor, rows: RowAdapters, stream: torch.Tensor,
-                 next_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """stream += forward(x, rows) in place, rounded once (a residual add); next_norm = (weight, xg): also
-        xg = round(stream * weight), the NormedInput of the RMSNorm that reads the stream next."""
+                 next_norm: tuple[torch.Tensor, ...] | None = None) -> None:
+        """stream += forward(x, rows) in place, rounded once (a residual add); next_norm = (weight, xg[, sumsq]):
+        also xg = round(stream * weight), the NormedInput of the RMSNorm that reads the stream next, and the stream's
+        sums of squares per 16 elements into sumsq (float32 [ceil(N / 16)]) for that NormedInput."""
         self._mma_gemv(x, rows, out=stream, accumulate=True, norm_out=next_norm)
 
     def _mma_gemv(self, x: torch.Tensor, rows: RowAdapters, **kw) -> torch.Tensor:

@@ -225,15 +225,16 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(a.dim, a.norm_eps)
 
     def decode_fused_norms(self, x, xg, rows: RowAdapters, cos, sin, batch: Batch, k_cache, v_cache,
-                           next_norm: RMSNorm | None) -> None:
+                           next_norm: RMSNorm | None, sumsq: torch.Tensor, sumsq_in: bool) -> None:
         # one token, each norm inside the projections around it (Transformer.fuses_norms): x [1, D] the residual
         # stream, updated in place; xg [1, D] = round(x * input_norm.weight) on entry, round(x * next_norm.weight)
-        # on return (not written when next_norm is None)
-        o = self.attn.attend(self.attn.qkv(NormedInput(xg, x, self.input_norm.eps), rows), cos, sin, batch,
-                             k_cache, v_cache)
-        self.attn.o.add_into(o, rows, x, (self.post_attn_norm.weight, xg))
-        up = self.mlp.gate_up.silu_gate(NormedInput(xg, x, self.post_attn_norm.eps), rows)
-        self.mlp.down.add_into(up, rows, x, None if next_norm is None else (next_norm.weight, xg))
+        # on return (not written when next_norm is None). sumsq [ceil(D / 16)]: x's sums of squares per 16
+        # elements, which each projection into x writes for the one after the norm (on entry where sumsq_in)
+        o = self.attn.attend(self.attn.qkv(NormedInput(xg, x, self.input_norm.eps, sumsq if sumsq_in else None),
+                                           rows), cos, sin, batch, k_cache, v_cache)
+        self.attn.o.add_into(o, rows, x, (self.post_attn_norm.weight, xg, sumsq))
+        up = self.mlp.gate_up.silu_gate(NormedInput(xg, x, self.post_attn_norm.eps, sumsq), rows)
+        self.mlp.down.add_into(up, rows, x, None if next_norm is None else (next_norm.weight, xg, sumsq))
 
 
 def _split_rope(rows: torch.Tensor):
@@ -336,14 +337,17 @@ class Transformer(nn.Module):
 
         head_fuses = self.quantize_lm_head and mma_gemv_takes(self.lm_head, 1, rows.mode, x.dtype, x.device)
         xg = x * self.layers[0].input_norm.weight.to(x.dtype)  # (16-bit operands: one rounding of the product)
+        # the stream's sums of squares, written by each projection into it and read by the one after the next norm
+        # (whose sum then waits until after its loop); the first layer's input norm reads the embedding itself
+        sumsq = torch.empty(-(-x.shape[-1] // 16), dtype=torch.float32, device=x.device)
         for i, (layer, kc, vc) in enumerate(zip(self.layers, k_caches, v_caches)):
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1].input_norm
             else:
                 nxt = self.norm if head_fuses else None
-            layer.decode_fused_norms(x, xg, rows, cos, sin, batch, kc, vc, nxt)
+            layer.decode_fused_norms(x, xg, rows, cos, sin, batch, kc, vc, nxt, sumsq, i > 0)
         if head_fuses:
-            return self.lm_head(NormedInput(xg, x, self.norm.eps), rows).float()
+            return self.lm_head(NormedInput(xg, x, self.norm.eps, sumsq), rows).float()
         return self.logits(x, rows)
 
     def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:

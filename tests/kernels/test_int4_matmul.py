@@ -411,6 +411,46 @@ def test_mma_gemv_norm_epilogues(mode, gs, dtype, dist, bn, split, loop, norm_in
         assert xg.isnan().all()
 
 
+def _sums_of_squares(v: torch.Tensor) -> torch.Tensor:
+    """float32 [ceil(n / 16)]: the sums of v^2 over each 16 consecutive elements of v [1, n] (the last ragged)."""
+    n = v.shape[-1]
+    padded = torch.zeros(-(-n // 16) * 16, device=v.device)
+    padded[:n] = v.float().reshape(-1)
+    return padded.pow(2).reshape(-1, 16).sum(1)
+
+
+@pytest.mark.parametrize("mode,gs,dtype,bn,split,loop", [
+    (2, 128, torch.bfloat16, 16, 1, {}),
+    (2, -1, torch.float16, 32, 3, {"DEPTH": 2}),
+    (1, 128, torch.bfloat16, 64, 2, {"UNROLL": 2}),
+    (2, 128, torch.float16, 32, 1, {"STAGES": 2}),
+])
+def test_mma_gemv_passes_the_norms_sums_of_squares(mode, gs, dtype, bn, split, loop):
+    """norm_out's sumsq: the projection into the stream writes the sums of its stored y^2 per 16 rows (N ragged, every
+    entry poisoned first); norm_in's sumsq: the projection after the norm takes mean(h^2) from them and not from h,
+    which here is a decoy (so a kernel that read h would be off by the ratio of the two norms)."""
+    N, K = MMA_SHAPES[gs]
+    t = make_case(1, N, K, gs, 4, mode, "zipf", dtype)
+    w = repack(pack_int4(t["codes"]), K, t["zeros"], t["base_scales"], gs, 4)
+    args = (w, t["chan"], t["scales"], None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"], mode)
+    config = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, **loop}
+    g = _gen()
+    stream = (torch.randn(1, N, generator=g) * 4).to(dtype).to(DEVICE)
+    weight2 = (0.5 + torch.rand(N, generator=g)).to(dtype).to(DEVICE)
+    xg = torch.empty(1, N, dtype=dtype, device=DEVICE)
+    sumsq = torch.full((-(-N // 16),), float("nan"), device=DEVICE)
+    y = int4_matmul(t["x"], *args, out=stream, accumulate=True, norm_out=(weight2, xg, sumsq), config=config)
+    want = _sums_of_squares(y)
+    assert not sumsq.isnan().any(), "an entry of sumsq left unwritten"
+    torch.testing.assert_close(sumsq, want, rtol=1e-5, atol=0)
+
+    h, rstd = _norm_case(t, dtype, K)
+    decoy = (torch.randn(1, K, generator=g) * 7).to(dtype).to(DEVICE)
+    out = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
+    y = int4_matmul(t["x"], *args, out=out, norm_in=(decoy, 1e-5, _sums_of_squares(h)), config=config)
+    check(y, reference({**t, "x": t["x"].float() * rstd.cpu().item()}), dtype)
+
+
 def test_norm_in_reaches_the_gate_up_projection_fused_or_not():
     """silu_gate with norm_in: the SiLU epilogue (a forced MMA config) and, under the default FUSE_SILU_GATE, the
     MMA GEMV then kernels.fused.silu_mul; both scale gate and up before the SiLU."""
@@ -445,6 +485,11 @@ def test_norm_epilogues_refuse_what_they_cannot_do():
         int4_matmul(*one, norm_in=(h[:, :-8], 1e-5))
     with pytest.raises(ValueError, match="norm_out's xg"):
         int4_matmul(*one, out=stream, accumulate=True, norm_out=(torch.ones(N, device=DEVICE), stream))
+    with pytest.raises(ValueError, match=r"norm_out's sumsq must be a contiguous float32 \[3\]"):
+        int4_matmul(*one, out=stream, accumulate=True,
+                    norm_out=(torch.ones(N, device=DEVICE), torch.empty_like(stream), torch.empty(2, device=DEVICE)))
+    with pytest.raises(ValueError, match=r"norm_in's sumsq must be a contiguous float32 \[16\]"):
+        int4_matmul(*one, norm_in=(h, 1e-5, torch.empty(16, dtype=torch.float16, device=DEVICE)))
     with pytest.raises(ValueError, match="neither adds"):
         int4_matmul(*one, out=torch.empty(1, N // 2, dtype=torch.bfloat16, device=DEVICE), accumulate=True,
                     silu_gate=True, config={"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})

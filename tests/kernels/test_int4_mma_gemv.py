@@ -50,10 +50,11 @@ for case in json.loads(sys.argv[1]):
     x = "*fp16" if case["f16"] else "*bf16"
     ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
                 scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32",
-                h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32")
+                h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32", sq_in_ptr="*fp32", sq_out_ptr="*fp32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
                  PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"],
-                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, **case["meta"]})
+                 **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, "SQ_IN": False,
+                    "SQ_OUT": False, **case["meta"]})
     const = {n: v for n, v in const.items() if n in kernel.arg_names}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
@@ -98,6 +99,9 @@ def _cases():
             # the RMSNorm epilogues: a projection after a norm (its rsqrt in the prologue), one before a norm
             + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=True), gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True),
                gemv(first, s_pair=False, silu=True, NORM_IN=True)]
+            # the same with the norm's sums of squares passed from the projection into the stream to the one after
+            + [gemv(MMA_GEMV_CONFIGS[2], NORM_IN=True, SQ_IN=True, NORM_CHUNK=256),
+               gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True, SQ_OUT=True)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
                batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
@@ -125,3 +129,56 @@ def test_mma_asm_gets_its_layout():
             assert zeros and len(zeros) % 4 == 0, (case, zeros)
             same = [zeros[j:j + 4] for j in range(0, len(zeros), 4) if len(set(zeros[j:j + 4])) < 4]
             assert not same, f"{case}: one register for a lane's 4 zero points: {same}"
+
+
+def _config_dicts() -> list[dict]:
+    from scaleserve.kernels.int4_mma_gemv import MMA_GEMV_CONFIGS
+
+    return [{**c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
+            for c in MMA_GEMV_CONFIGS]
+
+
+def test_shipped_device_pins_are_configs_of_the_autotune_list():
+    """Each kernels/pins/<device>.json (bench/tune_decode.py's output) parses, names (N, K, mode, group size) keys the
+    kernel takes, and pins only configs of MMA_GEMV_CONFIGS: the ones the GPU tests and the layout check cover."""
+    from scaleserve.kernels.int4_mma_gemv import DEVICE_PINS_DIR, GROUP_SIZES, device_pins
+
+    files = sorted(DEVICE_PINS_DIR.glob("*.json"))
+    assert files, "no device pins shipped"
+    configs = _config_dicts()
+    for f in files:
+        pins = device_pins(f.stem)
+        assert pins, f
+        for (N, K, mode, gs), cfg in pins.items():
+            assert N % 2 == 0 and K % 8 == 0 and mode in (1, 2) and gs in GROUP_SIZES, (f.name, N, K, mode, gs)
+            assert cfg in configs, (f.name, cfg)
+
+
+def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monkeypatch):
+    """kernels/pins/<device name>.json by the name's alphanumerics; PINNED wins over it; an unknown device or a CPU
+    tensor has no pins (the autotuner, or the interpreter's config)."""
+    import torch
+
+    from scaleserve.kernels import int4_mma_gemv as mg
+
+    cfg = _config_dicts()[1]
+    (tmp_path / "Some_GPU_80GB.json").write_text(json.dumps({"pins": {"64,128,2,128": cfg}}))
+    monkeypatch.setattr(mg, "DEVICE_PINS_DIR", tmp_path)
+    mg.device_pins.cache_clear()
+    try:
+        assert mg.device_pins("Some GPU 80GB") == {(64, 128, 2, 128): cfg}
+        assert mg.device_pins("Other GPU") == {}
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU 80GB")
+
+        class FakeCuda:
+            is_cuda, device = True, "cuda:0"
+
+        assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == cfg
+        assert mg._pinned(FakeCuda(), 64, 128, 1, 128) is None
+        monkeypatch.setitem(mg.PINNED, (64, 128, 2, 128), _config_dicts()[0])
+        assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == _config_dicts()[0]
+        assert mg._pinned(torch.zeros(1), 64, 128, 2, 128) == _config_dicts()[0]  # (PINNED applies everywhere)
+        monkeypatch.delitem(mg.PINNED, (64, 128, 2, 128))
+        assert mg._pinned(torch.zeros(1), 64, 128, 2, 128) is None
+    finally:
+        mg.device_pins.cache_clear()

@@ -1,0 +1,234 @@
+"""What a fusion could at most save in the batch-1 decode step: the CUDA graph with one kernel family left out.
+
+    python bench/decode_bounds.py --preset llama2-7b --quantize-lm-head --json out/decode-bounds.json
+
+Timing only: a variant that leaves kernels out computes wrong tokens (a random model does not care). One engine,
+one sequence at a --context of tokens; each variant's decode graph is captured once, then every graph is replayed
+back to back in rounds (round-robin, so drift hits every variant alike), median ms per replay. Variants:
+
+  base       the step as it ships (the MMA GEMV configs pinned to the autotuner's picks for every variant)
+  silu       without the SiLU launches (what the gate / up GEMV's SiLU epilogue could at most save)
+  merge      without the decode attention's split merge launches
+  attention  without the decode attention and its merge (the o projection reads q)
+  norm-in    the MMA GEMVs after a norm without the rsqrt(mean(h^2)) of h (no h loads, no reduction)
+  silu-real  the gate / up GEMV's SiLU epilogue as it exists (kernels/int4_matmul.py FUSE_SILU_GATE), autotuned
+  sumsq-off  the MMA GEMVs after a norm sum h's squares themselves (kernels/int4_mma_gemv.py NORM_SUMSQ False)
+             instead of taking the sums the projection into the stream wrote
+  spacers    an empty kernel after each projection into the residual stream (o, down): the next GEMV launches only
+             once that one has finished
+  a+b        several of the above at once (e.g. silu+merge+norm-in)
+
+Prints one row per variant (ms, µs saved against base) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))  # (bench/kernels.py would shadow Hugging Face's `kernels`; see decode_profile)
+
+from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
+
+LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
+
+
+@triton.jit
+def _spacer(PDL: tl.constexpr):
+    wait_for_producer(PDL)
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def leaving_out(parts: set[str]):
+    """Patch the package so the decode step launches without the named parts (see the module docstring)."""
+    from scaleserve.kernels import attention, fused, pdl
+    from scaleserve.kernels import int4_matmul as im
+    from scaleserve.kernels import int4_mma_gemv as mg
+    from scaleserve.kernels.linear import QuantLinear
+
+    saved = [(fused, "silu_mul", fused.silu_mul), (attention, "_decode_reduce_kernel", attention._decode_reduce_kernel),
+             (attention, "paged_attention", attention.paged_attention), (im, "launch_mma_gemv", im.launch_mma_gemv),
+             (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
+             (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
+    launch = im.launch_mma_gemv
+    try:
+        if "silu" in parts:
+            fused.silu_mul = lambda gate_up, out=None: out if out is not None else gate_up[..., : gate_up.shape[-1] // 2]
+        if "merge" in parts:
+            attention._decode_reduce_kernel = _NoLaunch()
+        if "attention" in parts:
+            attention.paged_attention = lambda q, *args, **kwargs: q
+        if "norm-in" in parts:
+            im.launch_mma_gemv = lambda *args, norm_in=None, **kwargs: launch(*args, **kwargs)
+        if "silu-real" in parts:
+            im.FUSE_SILU_GATE = True
+        if "sumsq-off" in parts:
+            mg.NORM_SUMSQ = False
+        if "spacers" in parts:
+            add_into = QuantLinear.add_into
+
+            def spaced(self, x, rows, stream, next_norm=None):
+                add_into(self, x, rows, stream, next_norm)
+                _spacer[(1,)](**pdl.launch_kwargs(stream))
+
+            QuantLinear.add_into = spaced
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+def pins_from_autotuner() -> dict:
+    """The MMA GEMV autotuners' picks so far as int4_mma_gemv.PINNED entries (the SiLU epilogue's keys left out)."""
+    from scaleserve.kernels import int4_mma_gemv as mg
+
+    pins = {}
+    for tuner in (mg._tuned, mg._tuned_accum):
+        for key, cfg in tuner.cache.items():
+            N, K, mode, gs, silu = key[0], key[1], key[2], key[3], key[7]
+            if not silu:
+                pins[(N, K, mode, gs)] = {**cfg.kwargs, "num_warps": cfg.num_warps}
+                if cfg.maxnreg is not None:
+                    pins[(N, K, mode, gs)]["maxnreg"] = cfg.maxnreg
+    return pins
+
+
+def kernel_families(graph, reps: int = 5) -> list[tuple[str, float, float]]:
+    """(family, µs, launches) per replay of graph, most time first."""
+    from decode_profile import family
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    fams: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0)
+        if us > 0 and e.count:
+            f = fams.setdefault(family(e.key), [0.0, 0.0])
+            f[0] += us / reps
+            f[1] += e.count / reps
+    return sorted(((k, v[0], v[1]) for k, v in fams.items()), key=lambda r: -r[1])
+
+
+def decode_engine(preset: str, context: int, quantize_lm_head: bool):
+    """-> (an engine decoding one sequence at context tokens, its decode graph's key, that graph): every kernel of
+    the step compiled and autotuned."""
+    from decode_profile import build_engine
+
+    from scaleserve.server.scheduler import SamplingParams, Sequence
+
+    engine = build_engine(preset, 8, True, quantize_lm_head)
+    prompt = [3 + (13 * j) % 900 for j in range(context - 8)]
+    engine.scheduler.add(Sequence("p", prompt, SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)))
+    for _ in range(12):
+        engine.step()  # prefill, then decode steps: the decode graph is captured (and every kernel autotuned)
+    torch.cuda.synchronize()
+    key, (graph, *_) = next(iter(engine.graphs.graphs.items()))
+    return engine, key, graph
+
+
+def capture(engine, b: int, mode: int) -> torch.cuda.CUDAGraph:
+    """The decode graph of bucket b captured afresh with the package as it is now (patched, pinned), kept apart from
+    the engine's own."""
+    engine.graphs.graphs.clear()
+    with torch.inference_mode():  # (as the engine runs it: the fused kernels run only without autograd)
+        engine.graphs.run(b, mode)
+    graph = engine.graphs.graphs.pop((b, mode))[0]
+    torch.cuda.synchronize()
+    return graph
+
+
+def replay_ms(graphs: dict, rounds: int, replays: int) -> dict[str, list[float]]:
+    """ms per replay of each graph, one figure a round; the graphs take turns, so drift hits them alike."""
+    times: dict[str, list[float]] = {n: [] for n in graphs}
+    for _ in range(rounds):
+        for n, g in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g.replay()
+            start.record()
+            for _ in range(replays):
+                g.replay()
+            end.record()
+            end.synchronize()
+            times[n].append(start.elapsed_time(end) / replays)
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--context", type=int, default=256, help="the sequence's tokens when the graphs are timed")
+    p.add_argument("--variants", default="base,silu,merge,attention,norm-in,silu+merge+norm-in,silu+attention+norm-in,silu-real,base",
+                   help="comma-separated; a+b leaves out several parts at once")
+    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--replays", type=int, default=200, help="back-to-back replays per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-pins", action="store_true", help="let the autotuner's picks stand (no PINNED configs)")
+    p.add_argument("--pins", metavar="JSON", help='MMA GEMV configs from the start, {"pins": {"N,K,mode,group_size": '
+                                                  'config}} (no autotuning of those shapes)')
+    p.add_argument("--profile", action="store_true", help="also each graph's kernels by family (torch.profiler)")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    from scaleserve.kernels import int4_mma_gemv as mg
+
+    variants = a.variants.split(",")
+    for v in variants:
+        bad = set(v.split("+")) - set(LEAVE_OUT) - {"base"}
+        if bad:
+            p.error(f"unknown parts {sorted(bad)}; known: {', '.join(LEAVE_OUT)}")
+    if a.pins:
+        given = json.loads(Path(a.pins).read_text())["pins"]
+        mg.PINNED.update({tuple(int(v) for v in k.split(",")): cfg for k, cfg in given.items()})
+    engine, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)
+    if not a.no_pins:  # every variant runs the same GEMV configs (silu-real's epilogue excepted)
+        mg.PINNED.update(pins_from_autotuner())
+        print("pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(mg.PINNED.items())))
+    graphs = {"engine's graph": first}
+    for v in variants:
+        name = v if v not in graphs else f"{v} (again)"
+        parts = set(v.split("+")) - {"base"}
+        with leaving_out(parts):  # (pins skip the SiLU epilogue)
+            graphs[name] = capture(engine, b, mode)
+    times = replay_ms(graphs, a.rounds, a.replays)
+    if a.profile:
+        for n, g in graphs.items():
+            print(f"  {n}: " + ", ".join(f"{k} {us:.0f} µs x{c:.0f}" for k, us, c in kernel_families(g)[:8]))
+    base = statistics.median(times[variants[0]])
+    rows = []
+    print(f"{a.preset} batch 1, context {a.context}, {torch.cuda.get_device_name()}: decode graph, back-to-back "
+          f"replays ({a.rounds} rounds x {a.replays})")
+    print(f"{'variant':<28} {'ms':>7} {'saved µs':>9} {'spread µs':>10}")
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"variant": n, "ms": round(med, 4), "saved_us": round((base - med) * 1e3, 1),
+                     "spread_us": round((max(ts) - min(ts)) * 1e3, 1), "rounds_ms": [round(t, 4) for t in ts]})
+        print(f"{n:<28} {med:>7.4f} {rows[-1]['saved_us']:>9.1f} {rows[-1]['spread_us']:>10.1f}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "preset": a.preset,
+                                            "context": a.context, "quantize_lm_head": a.quantize_lm_head,
+                                            "command": "python3 bench/decode_bounds.py " + " ".join(argv or sys.argv[1:]),
+                                            "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Pick the MMA GEMV's config per shape by timing the whole batch-1 decode graph, not each kernel alone.
+
+    python bench/tune_decode.py --preset llama2-7b --quantize-lm-head --json kernels/pins/NVIDIA_H100_80GB_HBM3.json
+
+Why: the autotuner times each kernel on its own, with its L2 flushed and nothing before or after it; inside the step a
+GEMV follows another kernel under PDL, and its picks move from run to run (bench/NOTES-kernels.md, session 21). Here
+every config of MMA_GEMV_CONFIGS is tried for one shape at a time (the other shapes held at their current pick) by
+capturing the decode graph and replaying it back to back; the fastest stays, and the rounds repeat over the shapes
+(coordinate descent) until a round changes nothing or --rounds are done.
+
+The JSON written is what kernels/int4_mma_gemv.py loads as its device's pins (kernels/pins/<device name>.json):
+{"device": ..., "pins": {"N,K,mode,group_size": config}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))  # (bench/kernels.py would shadow Hugging Face's `kernels`; see decode_profile)
+
+
+def main(argv=None) -> int:
+    from decode_bounds import capture, decode_engine, pins_from_autotuner, replay_ms
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--context", type=int, default=256, help="the sequence's tokens when the graphs are timed")
+    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="passes over the shapes at most")
+    p.add_argument("--replays", type=int, default=100, help="back-to-back replays per timing")
+    p.add_argument("--repeats", type=int, default=3, help="timings per config (their median counts)")
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+    from scaleserve.kernels import int4_mma_gemv as mg
+
+    mg.PINNED.clear()
+    engine, (b, mode), _ = decode_engine(a.preset, a.context, a.quantize_lm_head)
+    pins = pins_from_autotuner()
+    mg.PINNED.update(pins)
+    candidates = [{**c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
+                  for c in mg.MMA_GEMV_CONFIGS]
+
+    def step_ms() -> float:
+        times = replay_ms({"g": capture(engine, b, mode)}, a.repeats, a.replays)["g"]
+        return statistics.median(times)
+
+    start = step_ms()
+    print(f"{a.preset} batch 1, context {a.context}, {torch.cuda.get_device_name()}: the autotuner's picks "
+          f"{start:.4f} ms a step")
+    log = []
+
+    def write(tuned_ms: float | None) -> None:  # (after every round: a time limit that cuts the next keeps this one)
+        out = {"device": torch.cuda.get_device_name(), "preset": a.preset, "context": a.context,
+               "quantize_lm_head": a.quantize_lm_head, "step_ms_autotuned": round(start, 4),
+               "step_ms_tuned": None if tuned_ms is None else round(tuned_ms, 4),
+               "command": "python3 bench/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "pins": {",".join(str(v) for v in k): cfg for k, cfg in sorted(pins.items())}, "rounds": log}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+    for r in range(a.rounds):
+        changed = False
+        for shape in sorted(pins):
+            timed = []
+            for cfg in candidates:
+                mg.PINNED[shape] = cfg
+                timed.append((step_ms(), cfg))
+            best_ms, best = min(timed, key=lambda t: t[0])
+            was = next(t for t, c in timed if c == pins[shape])
+            log.append({"round": r, "shape": list(shape), "ms": [round(t, 4) for t, _ in timed],
+                        "best": best, "best_ms": round(best_ms, 4), "was_ms": round(was, 4)})
+            print(f"round {r} {shape}: best {best_ms:.4f} ms ({best}), the current pick {was:.4f} ms")
+            if best != pins[shape] and best_ms < was - 0.002:  # (2 µs: below that it is noise, keep the pick)
+                pins[shape] = best
+                changed = True
+            mg.PINNED[shape] = pins[shape]
+        write(None)
+        if not changed:
+            break
+    end = step_ms()
+    print(f"tuned: {end:.4f} ms a step (from {start:.4f})")
+    write(end)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
