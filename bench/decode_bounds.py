@@ -14,6 +14,8 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
   silu-real  the gate / up GEMV's SiLU epilogue as it exists (kernels/int4_matmul.py FUSE_SILU_GATE), autotuned
   sumsq-off  the MMA GEMVs after a norm sum h's squares themselves (kernels/int4_mma_gemv.py NORM_SUMSQ False)
              instead of taking the sums the projection into the stream wrote
+  attn-vec   decode attention without tl.dot where each KV head has one query head (kernels/attention.py
+             DECODE_ONE_HEAD_VEC)
   spacers    an empty kernel after each projection into the residual stream (o, down): the next GEMV launches only
              once that one has finished
   a+b        several of the above at once (e.g. silu+merge+norm-in)
@@ -39,7 +41,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
-LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
+LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off", "attn-vec")
 
 
 @triton.jit
@@ -65,7 +67,7 @@ def leaving_out(parts: set[str]):
     saved = [(fused, "silu_mul", fused.silu_mul), (attention, "_decode_reduce_kernel", attention._decode_reduce_kernel),
              (attention, "paged_attention", attention.paged_attention), (im, "launch_mma_gemv", im.launch_mma_gemv),
              (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
-             (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
+             (mg, "NORM_SUMSQ", mg.NORM_SUMSQ), (attention, "DECODE_ONE_HEAD_VEC", attention.DECODE_ONE_HEAD_VEC)]
     launch = im.launch_mma_gemv
     try:
         if "silu" in parts:
@@ -78,6 +80,8 @@ def leaving_out(parts: set[str]):
             im.launch_mma_gemv = lambda *args, norm_in=None, **kwargs: launch(*args, **kwargs)
         if "silu-real" in parts:
             im.FUSE_SILU_GATE = True
+        if "attn-vec" in parts:
+            attention.DECODE_ONE_HEAD_VEC = True
         if "sumsq-off" in parts:
             mg.NORM_SUMSQ = False
         if "spacers" in parts:
