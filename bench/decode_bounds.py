@@ -6,7 +6,8 @@ Timing only: a variant that leaves kernels out computes wrong tokens (a random m
 one sequence at a --context of tokens; each variant's decode graph is captured once, then every graph is replayed
 back to back in rounds (round-robin, so drift hits every variant alike), median ms per replay. Variants:
 
-  base       the step as it ships (the MMA GEMV configs pinned to the autotuner's picks for every variant)
+  base       the step as it ships (every variant runs the same MMA GEMV configs: the device's pins, else the
+             autotuner's picks, pinned)
   silu       without the SiLU launches (what the gate / up GEMV's SiLU epilogue could at most save)
   merge      without the decode attention's split merge launches
   attention  without the decode attention and its merge (the o projection reads q)
@@ -71,7 +72,10 @@ def leaving_out(parts: set[str]):
     launch = im.launch_mma_gemv
     try:
         if "silu" in parts:
-            fused.silu_mul = lambda gate_up, out=None: out if out is not None else gate_up[..., : gate_up.shape[-1] // 2]
+            def no_silu(gate_up, out=None):
+                return out if out is not None else gate_up[..., : gate_up.shape[-1] // 2]
+
+            fused.silu_mul = no_silu
         if "merge" in parts:
             attention._decode_reduce_kernel = _NoLaunch()
         if "attention" in parts:
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama2-7b")
     p.add_argument("--context", type=int, default=256, help="the sequence's tokens when the graphs are timed")
-    p.add_argument("--variants", default="base,silu,merge,attention,norm-in,silu+merge+norm-in,silu+attention+norm-in,silu-real,base",
+    p.add_argument("--variants", default="base,silu,merge,attention,norm-in,silu+merge+norm-in,silu+attention+norm-in,"
+                                         "silu-real,base",
                    help="comma-separated; a+b leaves out several parts at once")
     p.add_argument("--quantize-lm-head", action="store_true")
     p.add_argument("--replays", type=int, default=200, help="back-to-back replays per round")
@@ -227,10 +232,10 @@ def main(argv=None) -> int:
         print(f"{n:<28} {med:>7.4f} {rows[-1]['saved_us']:>9.1f} {rows[-1]['spread_us']:>10.1f}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        command = "python3 bench/decode_bounds.py " + " ".join(argv or sys.argv[1:])
         Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "preset": a.preset,
                                             "context": a.context, "quantize_lm_head": a.quantize_lm_head,
-                                            "command": "python3 bench/decode_bounds.py " + " ".join(argv or sys.argv[1:]),
-                                            "rows": rows}, indent=2))
+                                            "command": command, "rows": rows}, indent=2))
     return 0
 
 

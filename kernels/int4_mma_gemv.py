@@ -642,7 +642,6 @@ def _store_sumsq(y0, y1, ok0, ok1, pid_n, sq_ptr, N):
     tl.store(sq_ptr + j, sums, mask=j < tl.cdiv(N, 16))
 
 
-
 @triton.jit
 def _split_sums(y0, y1, rows0, rows1, ok0, ok1, pid_n, pid_k, ws_ptr, cnt_ptr, N, SPLIT_K: tl.constexpr):
     """-> (the tile's sums over its SPLIT_K splits, whether this program holds them): each split writes its
@@ -789,8 +788,13 @@ PINNED: dict[tuple[int, int, int, int], dict] = {}
 # Below PINNED, the device's own pins, where kernels/pins/<device name>.json exists: configs that bench/tune_decode.py
 # picked by timing the whole batch-1 decode graph of a model with those shapes on that GPU. The autotuner times each
 # kernel alone (its L2 flushed, nothing before it): inside the step it picked differently from run to run, and the
-# H100 step moved by up to ~40 µs with the picks (bench/NOTES-kernels.md, session 21).
+# H100 step moved by up to ~80 µs with the picks (bench/NOTES-kernels.md, session 21).
 DEVICE_PINS_DIR = Path(__file__).resolve().parent / "pins"
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 @functools.cache
@@ -807,7 +811,9 @@ def _pinned(x: torch.Tensor, N: int, K: int, mode: int, group_size: int) -> dict
     key = (N, K, mode, group_size)
     if key in PINNED:
         return PINNED[key]
-    return device_pins(torch.cuda.get_device_name(x.device)).get(key) if x.is_cuda else None
+    return device_pins(_device_name(x.device.index or 0)).get(key) if x.is_cuda else None
+
+
 _CONFIG_KEYS = ("BLOCK_N", "SPLIT_K", "DEPTH", "X_AHEAD", "STAGES", "UNROLL", "num_warps", "maxnreg")
 
 
@@ -827,10 +833,10 @@ def pins_from_rows(rows: list[dict], time_key: str) -> dict[tuple[int, int, int,
 # Whether a NORM_IN launch given the producer's sums of squares (norm_in's sumsq) takes them; False: it reads h and
 # sums its squares itself before the loop, as it did before the sums were passed (bench/decode_bounds.py's A/B).
 NORM_SUMSQ = True
-# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps); with SQ_IN, of the producer's sums. The sum of squares comes right after
-# the PDL wait, and the loop waits for it: ~0.8 µs a consuming launch on the H100 (session 17). Summing once the
-# first steps' loads are issued was slower in the decode step (session 18, bench/NOTES-kernels.md), as was issuing
-# the adapter slots, first codes and tables before the wait.
+# Elements of h a program loads at once for NORM_IN (32 a thread at 4 warps; with SQ_IN, of the producer's sums).
+# Without SQ_IN the sum of squares comes right after the PDL wait, and the loop waits for it: ~0.8 µs a consuming
+# launch on the H100 (session 17). Summing once the first steps' loads are issued was slower in the decode step
+# (session 18, bench/NOTES-kernels.md), as was issuing the adapter slots, first codes and tables before the wait.
 NORM_MAX_CHUNK = 4096
 
 

@@ -168,10 +168,10 @@ def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monke
     try:
         assert mg.device_pins("Some GPU 80GB") == {(64, 128, 2, 128): cfg}
         assert mg.device_pins("Other GPU") == {}
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU 80GB")
+        monkeypatch.setattr(mg, "_device_name", lambda index: "Some GPU 80GB")
 
         class FakeCuda:
-            is_cuda, device = True, "cuda:0"
+            is_cuda, device = True, torch.device("cuda", 0)
 
         assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == cfg
         assert mg._pinned(FakeCuda(), 64, 128, 1, 128) is None
