@@ -58,6 +58,8 @@ SWITCHES = {
                               "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB; default: its setting) instead of "
                               "the float32 base table"),
     "pins": ("on", "the MMA GEMV pinned per shape to --mma-pins' picks (no effect without --mma-pins)"),
+    "device-pins": ("on", "the MMA GEMV's configs from kernels/pins/<this GPU>.json where it has them (kernels/"
+                          "int4_mma_gemv.py USE_DEVICE_PINS) instead of the autotuner's picks"),
     "silu-gate": ("default", "silu(gate) * up in the gate / up MMA GEMV's epilogue at batch 1 (kernels/int4_matmul.py "
                              "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
     "fused-norms": ("default", "each RMSNorm inside the MMA GEMVs around it at batch 1 (kernels/int4_matmul.py "
@@ -240,12 +242,11 @@ def main(argv=None) -> int:
     from scaleserve.kernels import attention
     from scaleserve.kernels import device
     from scaleserve.kernels import int4_matmul as im
+    from scaleserve.kernels import int4_mma_gemv
 
     if a.autotune_timing:
         device.AUTOTUNE_TIMING = a.autotune_timing
     if a.mma_pins:
-        from scaleserve.kernels import int4_mma_gemv
-
         rows = json.loads(Path(a.mma_pins).read_text())["rows"]
         pins = int4_mma_gemv.pins_from_rows(rows, "graph_us" if "graph_us" in rows[0] else "us")
         print("MMA GEMV pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(pins.items())), flush=True)
@@ -284,6 +285,7 @@ def main(argv=None) -> int:
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
             im.FUSE_NORMS = on["fused-norms"]
+            int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
                 if on["pins"]:
@@ -291,7 +293,8 @@ def main(argv=None) -> int:
             r = run(preset, B, a.steps, on["pdl"], on["quantize-lm-head"])
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
-                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"])
+                     mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
+                     device_pins=on["device-pins"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

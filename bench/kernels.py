@@ -242,6 +242,9 @@ def main(argv=None) -> int:
                     help="launch our kernels without programmatic dependent launch (each waits for the last to drain)")
     ap.add_argument("--merge", default=None,
                     help="earlier JSON: its rows for points not measured in this run are kept (table, JSON, PNG)")
+    ap.add_argument("--device-pins", action="store_true",
+                    help="the MMA GEMV's configs from kernels/pins/<this GPU>.json where it has them, as the server "
+                         "runs them (picked inside the decode graph); default: the autotuner's, timed alone")
     args = ap.parse_args(argv)
     import triton
 
@@ -259,6 +262,9 @@ def main(argv=None) -> int:
         im.MMA_BATCH_POLICY = args.mma_batch_policy
     if args.fold_policy is not None:
         im.FOLD_POLICY = args.fold_policy
+    from scaleserve.kernels import int4_mma_gemv
+
+    int4_mma_gemv.USE_DEVICE_PINS = args.device_pins
     dev = torch.cuda.get_device_name()
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     bw = copy_bandwidth()

@@ -790,6 +790,7 @@ PINNED: dict[tuple[int, int, int, int], dict] = {}
 # kernel alone (its L2 flushed, nothing before it): inside the step it picked differently from run to run, and the
 # H100 step moved by up to ~80 µs with the picks (bench/NOTES-kernels.md, session 21).
 DEVICE_PINS_DIR = Path(__file__).resolve().parent / "pins"
+USE_DEVICE_PINS = True  # False: the autotuner where PINNED has nothing (benches compare the two)
 
 
 @functools.cache
@@ -811,7 +812,9 @@ def _pinned(x: torch.Tensor, N: int, K: int, mode: int, group_size: int) -> dict
     key = (N, K, mode, group_size)
     if key in PINNED:
         return PINNED[key]
-    return device_pins(_device_name(x.device.index or 0)).get(key) if x.is_cuda else None
+    if not (USE_DEVICE_PINS and x.is_cuda):
+        return None
+    return device_pins(_device_name(x.device.index)).get(key)
 
 
 _CONFIG_KEYS = ("BLOCK_N", "SPLIT_K", "DEPTH", "X_AHEAD", "STAGES", "UNROLL", "num_warps", "maxnreg")

@@ -155,8 +155,8 @@ def test_shipped_device_pins_are_configs_of_the_autotune_list():
 
 
 def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monkeypatch):
-    """kernels/pins/<device name>.json by the name's alphanumerics; PINNED wins over it; an unknown device or a CPU
-    tensor has no pins (the autotuner, or the interpreter's config)."""
+    """kernels/pins/<device name>.json by the name's alphanumerics; PINNED wins over it; an unknown device, a CPU
+    tensor or USE_DEVICE_PINS off has no device pins (the autotuner, or the interpreter's config)."""
     import torch
 
     from scaleserve.kernels import int4_mma_gemv as mg
@@ -175,6 +175,9 @@ def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monke
 
         assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == cfg
         assert mg._pinned(FakeCuda(), 64, 128, 1, 128) is None
+        monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)  # (benches: the autotuner instead)
+        assert mg._pinned(FakeCuda(), 64, 128, 2, 128) is None
+        monkeypatch.setattr(mg, "USE_DEVICE_PINS", True)
         monkeypatch.setitem(mg.PINNED, (64, 128, 2, 128), _config_dicts()[0])
         assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == _config_dicts()[0]
         assert mg._pinned(torch.zeros(1), 64, 128, 2, 128) == _config_dicts()[0]  # (PINNED applies everywhere)
