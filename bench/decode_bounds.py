@@ -8,8 +8,9 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
 
   base       the step as it ships (every variant runs the same MMA GEMV configs: the device's pins, else the
              autotuner's picks, pinned)
-  silu       without the SiLU launches (what the gate / up GEMV's SiLU epilogue could at most save)
-  merge      without the decode attention's split merge launches
+  silu       without the SiLU launches (what the gate / up GEMV's SiLU epilogue could at most save); down reads
+             the gate half of the gate / up output instead
+  merge      without the decode attention's split merge launches; o reads q instead
   attention  without the decode attention and its merge (the o projection reads q)
   norm-in    the MMA GEMVs after a norm without the rsqrt(mean(h^2)) of h (no h loads, no reduction)
   silu-real  the gate / up GEMV's SiLU epilogue as it exists (kernels/int4_matmul.py FUSE_SILU_GATE), autotuned
@@ -71,13 +72,20 @@ def leaving_out(parts: set[str]):
              (mg, "NORM_SUMSQ", mg.NORM_SUMSQ), (attention, "DECODE_ONE_HEAD_VEC", attention.DECODE_ONE_HEAD_VEC)]
     launch = im.launch_mma_gemv
     try:
+        # What a left-out kernel would have written, the next projection reads from a tensor the step has just written
+        # (so from L2, as it would have): not from the unwritten output buffer, which after a step's 3.5 GB of weights
+        # is in DRAM only. (Session 21's first runs read the unwritten buffers: their silu / merge rows were off.)
         if "silu" in parts:
-            def no_silu(gate_up, out=None):
-                return out if out is not None else gate_up[..., : gate_up.shape[-1] // 2]
-
-            fused.silu_mul = no_silu
+            fused.silu_mul = lambda gate_up, out=None: gate_up[..., : gate_up.shape[-1] // 2]  # (the gate half)
         if "merge" in parts:
             attention._decode_reduce_kernel = _NoLaunch()
+            attend = attention.paged_attention
+
+            def unmerged(q, *args, **kwargs):
+                attend(q, *args, **kwargs)
+                return q
+
+            attention.paged_attention = unmerged
         if "attention" in parts:
             attention.paged_attention = lambda q, *args, **kwargs: q
         if "norm-in" in parts:
