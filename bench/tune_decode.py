@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     from scaleserve.kernels import int4_mma_gemv as mg
 
     mg.PINNED.clear()
+    mg.USE_DEVICE_PINS = False  # (the autotuner's picks are where the descent starts, also on a GPU with pins)
     engine, (b, mode), _ = decode_engine(a.preset, a.context, a.quantize_lm_head)
     pins = pins_from_autotuner()
     mg.PINNED.update(pins)
