@@ -452,8 +452,9 @@ def test_mma_gemv_passes_the_norms_sums_of_squares(mode, gs, dtype, bn, split, l
 
 
 def test_norm_in_reaches_the_gate_up_projection_fused_or_not():
-    """silu_gate with norm_in: the SiLU epilogue (a forced MMA config) and, under the default FUSE_SILU_GATE, the
-    MMA GEMV then kernels.fused.silu_mul; both scale gate and up before the SiLU."""
+    """silu_gate with norm_in (h, or the sums of squares it came with): the SiLU epilogue (a forced MMA config) and,
+    under the default FUSE_SILU_GATE, the MMA GEMV then kernels.fused.silu_mul; both scale gate and up before the
+    SiLU."""
     N, K = 2 * 69, 1160
     t = make_case(1, N, K, 128, 4, MODE_GROUP, "zipf", torch.bfloat16)
     h, rstd = _norm_case(t, torch.bfloat16, K)
@@ -461,9 +462,10 @@ def test_norm_in_reaches_the_gate_up_projection_fused_or_not():
     want = _silu_gated(reference({**t, "x": t["x"].float() * rstd.cpu().item()}), torch.bfloat16)
     args = (t["x"], w, t["chan"], t["scales"], None, None, t["chan_idx"], t["scale_idx"], t["alpha_idx"], MODE_GROUP)
     for config in ({"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2}, None):
-        out = torch.full((1, N // 2), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        y = int4_matmul(*args, config=config, out=out, silu_gate=True, norm_in=(h, 1e-5))
-        check(y, want, torch.bfloat16, SILU_TOL)
+        for norm_in in ((h, 1e-5), (torch.zeros_like(h), 1e-5, _sums_of_squares(h))):  # (h, or its sums: a zero h)
+            out = torch.full((1, N // 2), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            y = int4_matmul(*args, config=config, out=out, silu_gate=True, norm_in=norm_in)
+            check(y, want, torch.bfloat16, SILU_TOL)
 
 
 def test_norm_epilogues_refuse_what_they_cannot_do():
