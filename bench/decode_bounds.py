@@ -14,6 +14,7 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
   attention  without the decode attention and its merge (the o projection reads q)
   norm-in    the MMA GEMVs after a norm without the rsqrt(mean(h^2)) of h (no h loads, no reduction)
   silu-real  the gate / up GEMV's SiLU epilogue as it exists (kernels/int4_matmul.py FUSE_SILU_GATE), autotuned
+             (or as pinned: a pins file may have its key, "N,K,mode,group_size,1")
   sumsq-off  the MMA GEMVs after a norm sum h's squares themselves (kernels/int4_mma_gemv.py NORM_SUMSQ False)
              instead of taking the sums the projection into the stream wrote
   attn-vec   decode attention without tl.dot where each KV head has one query head (kernels/attention.py
@@ -111,17 +112,14 @@ def leaving_out(parts: set[str]):
 
 
 def pins_from_autotuner() -> dict:
-    """The MMA GEMV autotuners' picks so far as int4_mma_gemv.PINNED entries (the SiLU epilogue's keys left out)."""
+    """The MMA GEMV autotuners' picks so far as int4_mma_gemv.PINNED entries (int4_mma_gemv.pin_key)."""
     from scaleserve.kernels import int4_mma_gemv as mg
 
     pins = {}
     for tuner in (mg._tuned, mg._tuned_accum):
-        for key, cfg in tuner.cache.items():
-            N, K, mode, gs, silu = key[0], key[1], key[2], key[3], key[7]
-            if not silu:
-                pins[(N, K, mode, gs)] = {**cfg.kwargs, "num_warps": cfg.num_warps}
-                if cfg.maxnreg is not None:
-                    pins[(N, K, mode, gs)]["maxnreg"] = cfg.maxnreg
+        for key, cfg in tuner.cache.items():  # (the autotuners' key: int4_mma_gemv._KEY, then the tensors' dtypes)
+            pin = mg.pin_key(key[0], key[1], key[2], key[3], bool(key[7]))
+            pins[pin] = {**cfg.kwargs, "num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
     return pins
 
 
@@ -222,7 +220,7 @@ def main(argv=None) -> int:
     for v in variants:
         name = v if v not in graphs else f"{v} (again)"
         parts = set(v.split("+")) - {"base"}
-        with leaving_out(parts):  # (pins skip the SiLU epilogue)
+        with leaving_out(parts):
             graphs[name] = capture(engine, b, mode)
     times = replay_ms(graphs, a.rounds, a.replays)
     if a.profile:

@@ -36,10 +36,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="passes over the shapes at most")
     p.add_argument("--replays", type=int, default=100, help="back-to-back replays per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per config (their median counts)")
+    p.add_argument("--silu-gate", action="store_true",
+                   help="the gate / up projection with its SiLU epilogue (kernels/int4_matmul.py FUSE_SILU_GATE), "
+                        "whose configs are tuned then too (their pins' key ends in 1)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
+    from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_mma_gemv as mg
 
+    im.FUSE_SILU_GATE = a.silu_gate
     mg.PINNED.clear()
     mg.USE_DEVICE_PINS = False  # (the autotuner's picks are where the descent starts, also on a GPU with pins)
     engine, (b, mode), _ = decode_engine(a.preset, a.context, a.quantize_lm_head)
@@ -59,7 +64,7 @@ def main(argv=None) -> int:
 
     def write(tuned_ms: float | None) -> None:  # (after every round: a time limit that cuts the next keeps this one)
         out = {"device": torch.cuda.get_device_name(), "preset": a.preset, "context": a.context,
-               "quantize_lm_head": a.quantize_lm_head, "step_ms_autotuned": round(start, 4),
+               "quantize_lm_head": a.quantize_lm_head, "silu_gate": a.silu_gate, "step_ms_autotuned": round(start, 4),
                "step_ms_tuned": None if tuned_ms is None else round(tuned_ms, 4),
                "command": "python3 bench/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "pins": {",".join(str(v) for v in k): cfg for k, cfg in sorted(pins.items())}, "rounds": log}

@@ -780,11 +780,12 @@ _tuned_accum = triton.autotune(configs=MMA_GEMV_CONFIGS, key=_KEY, do_bench=quic
                                restore_value=["y_ptr"])(_mma_gemv_kernel)
 
 # Configs pinned per shape, (N, K, mode, group size) -> a config of the list's form (BLOCK_N, SPLIT_K, DEPTH, ...,
-# num_warps, maxnreg), taken for bf16 x without the SiLU epilogue instead of the autotuner's pick (experiments set it:
+# num_warps, maxnreg), taken for bf16 x instead of the autotuner's pick; a launch with the SiLU epilogue looks up
+# (N, K, mode, group size, 1) instead (experiments set it:
 # bench/decode_profile.py --mma-pins, bench/tune_decode.py). Session 16 pinned graph replay's per-shape picks
 # (bench/kernels.py --timing-check, cold weights, one shape at a time) and the H100 decode step got slower (graph
 # 2.277 -> 2.315 ms): the fastest config alone is not the fastest inside the step.
-PINNED: dict[tuple[int, int, int, int], dict] = {}
+PINNED: dict[tuple[int, ...], dict] = {}
 # Below PINNED, the device's own pins, where kernels/pins/<device name>.json exists: configs that bench/tune_decode.py
 # picked by timing the whole batch-1 decode graph of a model with those shapes on that GPU. The autotuner times each
 # kernel alone (its L2 flushed, nothing before it): inside the step it picked differently from run to run, and the
@@ -799,8 +800,9 @@ def _device_name(index: int) -> str:
 
 
 @functools.cache
-def device_pins(name: str) -> dict[tuple[int, int, int, int], dict]:
-    """The pins of kernels/pins/<name>.json (name: torch.cuda.get_device_name, non-alphanumerics as "_"); {} if none."""
+def device_pins(name: str) -> dict[tuple[int, ...], dict]:
+    """The pins of kernels/pins/<name>.json (name: torch.cuda.get_device_name, non-alphanumerics as "_"), keyed as
+    PINNED ("N,K,mode,group_size" or, for the SiLU epilogue, "N,K,mode,group_size,1"); {} if none."""
     path = DEVICE_PINS_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")
     if not path.is_file():
         return {}
@@ -808,8 +810,11 @@ def device_pins(name: str) -> dict[tuple[int, int, int, int], dict]:
     return {tuple(int(v) for v in key.split(",")): cfg for key, cfg in pins.items()}
 
 
-def _pinned(x: torch.Tensor, N: int, K: int, mode: int, group_size: int) -> dict | None:
-    key = (N, K, mode, group_size)
+def pin_key(N: int, K: int, mode: int, group_size: int, silu: bool) -> tuple[int, ...]:
+    return (N, K, mode, group_size, 1) if silu else (N, K, mode, group_size)
+
+
+def _pinned(x: torch.Tensor, key: tuple[int, ...]) -> dict | None:
     if key in PINNED:
         return PINNED[key]
     if not (USE_DEVICE_PINS and x.is_cuda):
@@ -959,8 +964,8 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
 
     if config is None and x.device.type == "cpu":
         config = INTERPRET_CONFIG
-    if config is None and not silu and x.dtype == torch.bfloat16:
-        config = _pinned(x, N, K, mode, w.group_size)
+    if config is None and x.dtype == torch.bfloat16:
+        config = _pinned(x, pin_key(N, K, mode, w.group_size, silu))
     if config is None:
         (_tuned_accum if accumulate else _tuned)[grid](*args, **meta)
         return y

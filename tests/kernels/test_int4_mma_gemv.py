@@ -149,8 +149,10 @@ def test_shipped_device_pins_are_configs_of_the_autotune_list():
     for f in files:
         pins = device_pins(f.stem)
         assert pins, f
-        for (N, K, mode, gs), cfg in pins.items():
-            assert N % 2 == 0 and K % 8 == 0 and mode in (1, 2) and gs in GROUP_SIZES, (f.name, N, K, mode, gs)
+        for key, cfg in pins.items():
+            N, K, mode, gs, *silu = key
+            assert N % 2 == 0 and K % 8 == 0 and mode in (1, 2) and gs in GROUP_SIZES, (f.name, key)
+            assert silu in ([], [1]), (f.name, key)
             assert cfg in configs, (f.name, cfg)
 
 
@@ -161,27 +163,29 @@ def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monke
 
     from scaleserve.kernels import int4_mma_gemv as mg
 
-    cfg = _config_dicts()[1]
-    (tmp_path / "Some_GPU_80GB.json").write_text(json.dumps({"pins": {"64,128,2,128": cfg}}))
+    cfg, silu_cfg = _config_dicts()[1], _config_dicts()[2]
+    pins = {"64,128,2,128": cfg, "64,128,2,128,1": silu_cfg}
+    (tmp_path / "Some_GPU_80GB.json").write_text(json.dumps({"pins": pins}))
     monkeypatch.setattr(mg, "DEVICE_PINS_DIR", tmp_path)
     mg.device_pins.cache_clear()
     try:
-        assert mg.device_pins("Some GPU 80GB") == {(64, 128, 2, 128): cfg}
+        assert mg.device_pins("Some GPU 80GB") == {(64, 128, 2, 128): cfg, (64, 128, 2, 128, 1): silu_cfg}
         assert mg.device_pins("Other GPU") == {}
         monkeypatch.setattr(mg, "_device_name", lambda index: "Some GPU 80GB")
 
         class FakeCuda:
             is_cuda, device = True, torch.device("cuda", 0)
 
-        assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == cfg
-        assert mg._pinned(FakeCuda(), 64, 128, 1, 128) is None
+        assert mg._pinned(FakeCuda(), (64, 128, 2, 128)) == cfg
+        assert mg._pinned(FakeCuda(), (64, 128, 1, 128)) is None
+        assert mg._pinned(FakeCuda(), mg.pin_key(64, 128, 2, 128, silu=True)) == silu_cfg  # (the SiLU epilogue's own)
         monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)  # (benches: the autotuner instead)
-        assert mg._pinned(FakeCuda(), 64, 128, 2, 128) is None
+        assert mg._pinned(FakeCuda(), (64, 128, 2, 128)) is None
         monkeypatch.setattr(mg, "USE_DEVICE_PINS", True)
         monkeypatch.setitem(mg.PINNED, (64, 128, 2, 128), _config_dicts()[0])
-        assert mg._pinned(FakeCuda(), 64, 128, 2, 128) == _config_dicts()[0]
-        assert mg._pinned(torch.zeros(1), 64, 128, 2, 128) == _config_dicts()[0]  # (PINNED applies everywhere)
+        assert mg._pinned(FakeCuda(), (64, 128, 2, 128)) == _config_dicts()[0]
+        assert mg._pinned(torch.zeros(1), (64, 128, 2, 128)) == _config_dicts()[0]  # (PINNED applies everywhere)
         monkeypatch.delitem(mg.PINNED, (64, 128, 2, 128))
-        assert mg._pinned(torch.zeros(1), 64, 128, 2, 128) is None
+        assert mg._pinned(torch.zeros(1), (64, 128, 2, 128)) is None
     finally:
         mg.device_pins.cache_clear()
