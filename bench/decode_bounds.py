@@ -111,18 +111,6 @@ def leaving_out(parts: set[str]):
             setattr(mod, name, value)
 
 
-def pins_from_autotuner() -> dict:
-    """The MMA GEMV autotuners' picks so far as int4_mma_gemv.PINNED entries (int4_mma_gemv.pin_key)."""
-    from scaleserve.kernels import int4_mma_gemv as mg
-
-    pins = {}
-    for tuner in (mg._tuned, mg._tuned_accum):
-        for key, cfg in tuner.cache.items():  # (the autotuners' key: int4_mma_gemv._KEY, then the tensors' dtypes)
-            pin = mg.pin_key(key[0], key[1], key[2], key[3], bool(key[7]))
-            pins[pin] = {**cfg.kwargs, "num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
-    return pins
-
-
 def kernel_families(graph, reps: int = 5) -> list[tuple[str, float, float]]:
     """(family, µs, launches) per replay of graph, most time first."""
     from decode_profile import family
@@ -159,30 +147,14 @@ def decode_engine(preset: str, context: int, quantize_lm_head: bool):
     return engine, key, graph
 
 
-def capture(engine, b: int, mode: int) -> torch.cuda.CUDAGraph:
-    """The decode graph of bucket b captured afresh with the package as it is now (patched, pinned), kept apart from
-    the engine's own."""
-    engine.graphs.graphs.clear()
-    with torch.inference_mode():  # (as the engine runs it: the fused kernels run only without autograd)
-        engine.graphs.run(b, mode)
-    graph = engine.graphs.graphs.pop((b, mode))[0]
-    torch.cuda.synchronize()
-    return graph
-
-
 def replay_ms(graphs: dict, rounds: int, replays: int) -> dict[str, list[float]]:
     """ms per replay of each graph, one figure a round; the graphs take turns, so drift hits them alike."""
+    from scaleserve.server import graph_tune
+
     times: dict[str, list[float]] = {n: [] for n in graphs}
     for _ in range(rounds):
         for n, g in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            g.replay()
-            start.record()
-            for _ in range(replays):
-                g.replay()
-            end.record()
-            end.synchronize()
-            times[n].append(start.elapsed_time(end) / replays)
+            times[n].append(graph_tune.replay_ms(g, replays))
     return times
 
 
@@ -203,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     a = p.parse_args(argv)
     from scaleserve.kernels import int4_mma_gemv as mg
+    from scaleserve.server import graph_tune
 
     variants = a.variants.split(",")
     for v in variants:
@@ -210,18 +183,17 @@ def main(argv=None) -> int:
         if bad:
             p.error(f"unknown parts {sorted(bad)}; known: {', '.join(LEAVE_OUT)}")
     if a.pins:
-        given = json.loads(Path(a.pins).read_text())["pins"]
-        mg.PINNED.update({tuple(int(v) for v in k.split(",")): cfg for k, cfg in given.items()})
+        mg.PINNED.update(mg.read_pins(Path(a.pins)))
     engine, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)
     if not a.no_pins:  # every variant runs the same GEMV configs (silu-real's epilogue excepted)
-        mg.PINNED.update(pins_from_autotuner())
+        mg.PINNED.update(graph_tune.autotuned_picks())
         print("pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(mg.PINNED.items())))
     graphs = {"engine's graph": first}
     for v in variants:
         name = v if v not in graphs else f"{v} (again)"
         parts = set(v.split("+")) - {"base"}
         with leaving_out(parts):
-            graphs[name] = capture(engine, b, mode)
+            graphs[name] = graph_tune.capture(engine.graphs, b, mode)
     times = replay_ms(graphs, a.rounds, a.replays)
     if a.profile:
         for n, g in graphs.items():

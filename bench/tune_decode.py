@@ -9,14 +9,13 @@ capturing the decode graph and replaying it back to back; the fastest stays, and
 (coordinate descent) until a round changes nothing or --rounds are done.
 
 The JSON written is what kernels/int4_mma_gemv.py loads as its device's pins (kernels/pins/<device name>.json):
-{"device": ..., "pins": {"N,K,mode,group_size": config}, ...}.
+{"device": ..., "pins": {"N,K,mode,group_size": config}, ...}. The search is server/graph_tune.py's, which the server
+also runs on its own model after warm-up (`scaleserve serve --tune-decode-graph`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 
 def main(argv=None) -> int:
-    from decode_bounds import capture, decode_engine, pins_from_autotuner, replay_ms
+    from decode_bounds import decode_engine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama2-7b")
@@ -43,56 +42,29 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_mma_gemv as mg
+    from scaleserve.server import graph_tune
 
     im.FUSE_SILU_GATE = a.silu_gate
     mg.PINNED.clear()
     mg.USE_DEVICE_PINS = False  # (the autotuner's picks are where the descent starts, also on a GPU with pins)
     engine, (b, mode), _ = decode_engine(a.preset, a.context, a.quantize_lm_head)
-    pins = pins_from_autotuner()
-    mg.PINNED.update(pins)
-    candidates = [{**c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-                  for c in mg.MMA_GEMV_CONFIGS]
-
-    def step_ms() -> float:
-        times = replay_ms({"g": capture(engine, b, mode)}, a.repeats, a.replays)["g"]
-        return statistics.median(times)
-
-    start = step_ms()
-    print(f"{a.preset} batch 1, context {a.context}, {torch.cuda.get_device_name()}: the autotuner's picks "
-          f"{start:.4f} ms a step")
     log = []
 
-    def write(tuned_ms: float | None) -> None:  # (after every round: a time limit that cuts the next keeps this one)
-        out = {"device": torch.cuda.get_device_name(), "preset": a.preset, "context": a.context,
-               "quantize_lm_head": a.quantize_lm_head, "silu_gate": a.silu_gate, "step_ms_autotuned": round(start, 4),
-               "step_ms_tuned": None if tuned_ms is None else round(tuned_ms, 4),
-               "command": "python3 bench/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "pins": {",".join(str(v) for v in k): cfg for k, cfg in sorted(pins.items())}, "rounds": log}
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
+    def report(row: dict) -> None:
+        log.append(row)
+        print(f"round {row['round']} {tuple(row['shape'])}: best {row['best_ms']:.4f} ms ({row['best']}), the "
+              f"current pick {row['was_ms']:.4f} ms", flush=True)
 
-    for r in range(a.rounds):
-        changed = False
-        for shape in sorted(pins):
-            timed = []
-            for cfg in candidates:
-                mg.PINNED[shape] = cfg
-                timed.append((step_ms(), cfg))
-            best_ms, best = min(timed, key=lambda t: t[0])
-            was = next(t for t, c in timed if c == pins[shape])
-            log.append({"round": r, "shape": list(shape), "ms": [round(t, 4) for t, _ in timed],
-                        "best": best, "best_ms": round(best_ms, 4), "was_ms": round(was, 4)})
-            print(f"round {r} {shape}: best {best_ms:.4f} ms ({best}), the current pick {was:.4f} ms")
-            if best != pins[shape] and best_ms < was - 0.002:  # (2 µs: below that it is noise, keep the pick)
-                pins[shape] = best
-                changed = True
-            mg.PINNED[shape] = pins[shape]
-        write(None)
-        if not changed:
-            break
-    end = step_ms()
-    print(f"tuned: {end:.4f} ms a step (from {start:.4f})")
-    write(end)
+    step_ms = graph_tune.decode_step_timer(engine.graphs, b, mode, a.replays, a.repeats)
+    pins, start, end = graph_tune.descend(graph_tune.autotuned_picks(), graph_tune.candidates(), step_ms, a.rounds,
+                                          report=report)
+    print(f"{a.preset} batch 1, context {a.context}, {torch.cuda.get_device_name()}: the autotuner's picks "
+          f"{start:.4f} ms a step, tuned {end:.4f}")
+    mg.write_pins(Path(a.json), pins, device=torch.cuda.get_device_name(), preset=a.preset, context=a.context,
+                  quantize_lm_head=a.quantize_lm_head, silu_gate=a.silu_gate, step_ms_autotuned=round(start, 4),
+                  step_ms_tuned=round(end, 4),
+                  command="python3 bench/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  rounds=log)
     return 0
 
 

@@ -794,6 +794,47 @@ DEVICE_PINS_DIR = Path(__file__).resolve().parent / "pins"
 USE_DEVICE_PINS = True  # False: the autotuner where PINNED has nothing (benches compare the two)
 
 
+def config_pin(cfg: triton.Config) -> dict:
+    """A config of the autotune list as a pin: its kwargs, num_warps, maxnreg where set."""
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
+
+
+def pins_file(directory: Path, device_name: str) -> Path:
+    """<directory>/<the device name's alphanumerics joined by _>.json."""
+    return Path(directory) / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def read_pins(path: Path) -> dict[tuple[int, ...], dict]:
+    """A pins file's entries, {"pins": {"N,K,mode,group_size[,1]": config}} (",1": the SiLU epilogue's launches), each
+    checked: ValueError names the file and the entry whose key is not that or whose config is not in the autotune
+    list (the configs the GPU tests cover)."""
+    try:
+        raw = json.loads(Path(path).read_text())["pins"]
+        items = list(raw.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a pins file ({e})") from e
+    allowed = [config_pin(c) for c in MMA_GEMV_CONFIGS]
+    pins = {}
+    for key, cfg in items:
+        k = tuple(int(v) for v in key.split(",")) if re.fullmatch(r"\d+(,\d+){3}(,1)?", key) else None
+        if k is None:
+            raise ValueError(f"{path}: pin key {key!r} is not N,K,mode,group_size[,1]")
+        if cfg not in allowed:
+            raise ValueError(f"{path}: pin {key} is not a config of the MMA GEMV's autotune list: {cfg}")
+        pins[k] = cfg
+    return pins
+
+
+def write_pins(path: Path, pins: dict[tuple[int, ...], dict], **about) -> None:
+    """read_pins' format (with `about` beside the pins), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**about, "pins": {",".join(map(str, k)): cfg for k, cfg in sorted(pins.items())}},
+                              indent=1))
+    tmp.replace(path)
+
+
 @functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -801,20 +842,21 @@ def _device_name(index: int) -> str:
 
 @functools.cache
 def device_pins(name: str) -> dict[tuple[int, ...], dict]:
-    """The pins of kernels/pins/<name>.json (name: torch.cuda.get_device_name, non-alphanumerics as "_"), keyed as
-    PINNED ("N,K,mode,group_size" or, for the SiLU epilogue, "N,K,mode,group_size,1"); {} if none."""
-    path = DEVICE_PINS_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")
-    if not path.is_file():
-        return {}
-    pins = json.loads(path.read_text())["pins"]
-    return {tuple(int(v) for v in key.split(",")): cfg for key, cfg in pins.items()}
+    """The pins of kernels/pins/<name>.json (name: torch.cuda.get_device_name), keyed as PINNED; {} if none."""
+    path = pins_file(DEVICE_PINS_DIR, name)
+    return read_pins(path) if path.is_file() else {}
 
 
 def pin_key(N: int, K: int, mode: int, group_size: int, silu: bool) -> tuple[int, ...]:
     return (N, K, mode, group_size, 1) if silu else (N, K, mode, group_size)
 
 
-def _pinned(x: torch.Tensor, key: tuple[int, ...]) -> dict | None:
+# the pin keys launches have looked up (server/graph_tune.py tunes those the process has met)
+LOOKED_UP: set[tuple[int, ...]] = set()
+
+
+def current_pin(x: torch.Tensor, key: tuple[int, ...]) -> dict | None:
+    """PINNED's config for key, else the device's (USE_DEVICE_PINS, CUDA x), else None (the autotuner's turn)."""
     if key in PINNED:
         return PINNED[key]
     if not (USE_DEVICE_PINS and x.is_cuda):
@@ -965,7 +1007,9 @@ def launch_mma_gemv(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, conf
     if config is None and x.device.type == "cpu":
         config = INTERPRET_CONFIG
     if config is None and x.dtype == torch.bfloat16:
-        config = _pinned(x, pin_key(N, K, mode, w.group_size, silu))
+        key = pin_key(N, K, mode, w.group_size, silu)
+        LOOKED_UP.add(key)
+        config = current_pin(x, key)
     if config is None:
         (_tuned_accum if accumulate else _tuned)[grid](*args, **meta)
         return y

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-adapter-slots", type=int, help="per-channel adapters resident on the device")
     s.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                    help="programmatic dependent launch of the kernels on Hopper+ (default on)")
+    s.add_argument("--tune-decode-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="after warm-up, pick the batch-1 GEMV configs by timing the decode graph (kept in "
+                        "--data-dir/kernel-pins/ for later starts; default off)")
     s.add_argument("--api-keys-file")
     s.add_argument("--data-dir")
     s.add_argument("--log-level")

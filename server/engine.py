@@ -208,6 +208,8 @@ class Engine:
         def run():
             if self.device.type == "cuda" and self.settings.cuda_warmup:
                 self.warm_up()
+                if self.settings.tune_decode_graph:
+                    self.tune_decode_graph()
             self._loop()
 
         self._thread = threading.Thread(target=run, name="scaleserve-engine", daemon=True)
@@ -220,7 +222,7 @@ class Engine:
         Shapes: prefill chunks of each power-of-two token count (the kernels' tuning buckets) up to the
         step's token budget, and each decode bucket; each for every adapter mode the slab can produce."""
         t0 = time.perf_counter()
-        modes = (MODE_ALPHA,) if self.slab.bcq_base else (MODE_CHANNEL, MODE_GROUP, MODE_ALPHA)
+        modes = self._modes()
         budget = min(self.settings.max_num_batched_tokens, self.max_model_len)
         counts = sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)})
         with torch.inference_mode():
@@ -237,6 +239,39 @@ class Engine:
         n_graphs = sum(len(g.graphs) for g in (self.graphs, self.prefill_graphs) if g is not None)
         log.info("warm-up: %d prefill sizes, %d graphs, modes %s, in %.1f s", len(counts), n_graphs, list(modes),
                  time.perf_counter() - t0)
+
+    def tune_decode_graph(self) -> None:
+        """The one-row GEMV's configs picked by timing the batch-1 decode graph (server/graph_tune.py), read from
+        data_dir/kernel-pins/<GPU>.json where an earlier start saved them, else tuned now (after warm-up: the
+        kernels are compiled and autotuned) and saved there; then pinned, and the batch-1 graphs captured again."""
+        from scaleserve.kernels import int4_mma_gemv as mg
+
+        from . import graph_tune
+
+        if self.graphs is None or 1 not in self.graphs.buckets or self.slab.bcq_base:
+            return  # (no batch-1 graph, or a bcq base: no row takes the one-row GEMV)
+        t0 = time.perf_counter()
+        path = mg.pins_file(self.settings.data_dir / "kernel-pins", torch.cuda.get_device_name(self.device))
+
+        def tune() -> dict:
+            step_ms = graph_tune.decode_step_timer(self.graphs, 1, MODE_CHANNEL)
+            start = graph_tune.current_picks(self.device)
+            pins, before, after = graph_tune.descend(start, graph_tune.candidates(), step_ms)
+            log.info("decode graph tuning: batch-1 step %.3f -> %.3f ms", before, after)
+            return pins
+
+        pins, how = graph_tune.load_or_tune(path, tune)
+        mg.PINNED.update(pins)
+        with torch.inference_mode():
+            for mode in self._modes():  # (the tuning dropped the mode-1 graph; every batch-1 graph takes the pins)
+                self.graphs.graphs.pop((1, mode), None)
+                self.graphs.run(1, mode)
+        torch.cuda.synchronize(self.device)
+        log.info("decode graph pins %s (%s, %d shapes) in %.1f s", path, how, len(pins), time.perf_counter() - t0)
+
+    def _modes(self) -> tuple[int, ...]:
+        """The adapter modes the slab can produce (each takes its own kernels and graphs)."""
+        return (MODE_ALPHA,) if self.slab.bcq_base else (MODE_CHANNEL, MODE_GROUP, MODE_ALPHA)
 
     def _warm_batch(self, T: int, mode: int, scale_slots: int = 1) -> Batch:
         """One sequence prefilling T tokens on base rows with a given kernel mode and scale-slot count (the

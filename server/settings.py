@@ -48,6 +48,9 @@ class Settings(BaseSettings):
                                             "sees; 0 turns it off; default: 250 with CUDA, off on CPU")
     pdl: bool = Field(True, description="programmatic dependent launch of the Triton kernels (Hopper and newer): "
                                         "each kernel starts while the one before it finishes")
+    tune_decode_graph: bool = Field(False, description="after warm-up, pick the one-row GEMV's configs by timing the "
+                                    "batch-1 decode graph (server/graph_tune.py; ~1-2 min on a 7B), kept in "
+                                    "data_dir/kernel-pins/ and reused by later starts on the same GPU")
     drain_grace_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
     # adapters

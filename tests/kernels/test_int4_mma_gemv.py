@@ -176,16 +176,16 @@ def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monke
         class FakeCuda:
             is_cuda, device = True, torch.device("cuda", 0)
 
-        assert mg._pinned(FakeCuda(), (64, 128, 2, 128)) == cfg
-        assert mg._pinned(FakeCuda(), (64, 128, 1, 128)) is None
-        assert mg._pinned(FakeCuda(), mg.pin_key(64, 128, 2, 128, silu=True)) == silu_cfg  # (the SiLU epilogue's own)
+        assert mg.current_pin(FakeCuda(), (64, 128, 2, 128)) == cfg
+        assert mg.current_pin(FakeCuda(), (64, 128, 1, 128)) is None
+        assert mg.current_pin(FakeCuda(), mg.pin_key(64, 128, 2, 128, silu=True)) == silu_cfg  # (the SiLU epilogue's own)
         monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)  # (benches: the autotuner instead)
-        assert mg._pinned(FakeCuda(), (64, 128, 2, 128)) is None
+        assert mg.current_pin(FakeCuda(), (64, 128, 2, 128)) is None
         monkeypatch.setattr(mg, "USE_DEVICE_PINS", True)
         monkeypatch.setitem(mg.PINNED, (64, 128, 2, 128), _config_dicts()[0])
-        assert mg._pinned(FakeCuda(), (64, 128, 2, 128)) == _config_dicts()[0]
-        assert mg._pinned(torch.zeros(1), (64, 128, 2, 128)) == _config_dicts()[0]  # (PINNED applies everywhere)
+        assert mg.current_pin(FakeCuda(), (64, 128, 2, 128)) == _config_dicts()[0]
+        assert mg.current_pin(torch.zeros(1), (64, 128, 2, 128)) == _config_dicts()[0]  # (PINNED applies everywhere)
         monkeypatch.delitem(mg.PINNED, (64, 128, 2, 128))
-        assert mg._pinned(torch.zeros(1), (64, 128, 2, 128)) is None
+        assert mg.current_pin(torch.zeros(1), (64, 128, 2, 128)) is None
     finally:
         mg.device_pins.cache_clear()

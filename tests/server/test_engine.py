@@ -595,3 +595,32 @@ def test_eager_steps_key_the_attention_compiles_of_warm_up(engine_lm, tmp_path):
     run(engine, seqs)
     warm = engine._warm_batch(4, 1).block_tables.stride(0)
     assert widths and set(widths) == {warm} == {engine.width}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_graph_tuning_pins_saves_and_reuses_its_picks(make_tiny_model, tmp_path, monkeypatch):
+    """Settings.tune_decode_graph on CUDA: after warm-up the batch-1 GEMV configs are picked in the decode graph,
+    pinned, saved under data_dir/kernel-pins/, and read back by the next start."""
+    from scaleserve.kernels import int4_mma_gemv as mg
+    from scaleserve.server import graph_tune
+
+    monkeypatch.setattr(mg, "PINNED", {})
+    monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)
+    monkeypatch.setattr(mg, "LOOKED_UP", set())
+    lm = load_model(make_tiny_model(group_size=128), device="cuda", dtype=torch.bfloat16)
+    engine, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True)
+    engine.warm_up()
+    assert mg.LOOKED_UP, "the tiny model's batch-1 step never reached the one-row MMA GEMV"
+    engine.tune_decode_graph()
+    path = mg.pins_file(tmp_path / "t" / "kernel-pins", torch.cuda.get_device_name())
+    pins = mg.read_pins(path)
+    assert pins and all(cfg in graph_tune.candidates() for cfg in pins.values())
+    assert {k: mg.PINNED[k] for k in pins} == pins
+    assert len(run(engine, [new_seq([5, 9, 13, 2, 7], max_tokens=8)])[0]) == 8  # (the graphs captured again run)
+    mg.PINNED.clear()
+    mg.write_pins(path, {k: graph_tune.candidates()[0] for k in pins})  # (what a later start must take as it is)
+    again, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True)
+    again.warm_up()
+    again.tune_decode_graph()
+    assert {k: mg.PINNED[k] for k in pins} == {k: graph_tune.candidates()[0] for k in pins}
