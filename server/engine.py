@@ -260,7 +260,7 @@ class Engine:
             log.info("decode graph tuning: batch-1 step %.3f -> %.3f ms", before, after)
             return pins
 
-        pins, how = graph_tune.load_or_tune(path, tune)
+        pins, how = graph_tune.load_or_tune(path, set(mg.LOOKED_UP), tune)
         mg.PINNED.update(pins)
         with torch.inference_mode():
             for mode in self._modes():  # (the tuning dropped the mode-1 graph; every batch-1 graph takes the pins)

@@ -85,17 +85,21 @@ def current_picks(device: torch.device) -> dict[Key, dict]:
     return picks
 
 
-def load_or_tune(path: Path, tune: Callable[[], dict[Key, dict]]) -> tuple[dict[Key, dict], str]:
-    """The pins saved at path by an earlier start, or tune() now and save them there -> (pins, "read" | "tuned").
-    A file that does not read as pins is tuned again and replaced (a warning says why)."""
+def load_or_tune(path: Path, needed: set[Key], tune: Callable[[], dict[Key, dict]]) -> tuple[dict[Key, dict], str]:
+    """The pins an earlier start saved at path where they cover every needed key, else tune() now and save its picks
+    there beside the other shapes' (another model's on the same GPU) -> (pins, "read" | "tuned"). A file that does
+    not read as pins is tuned again and replaced (a warning says why)."""
     from scaleserve.kernels import int4_mma_gemv as mg
 
+    saved = {}
     if path.is_file():
         try:
-            return mg.read_pins(path), "read"
+            saved = mg.read_pins(path)
         except ValueError as e:
             log.warning("%s; tuning again", e)
-    pins = tune()
+        if needed <= saved.keys():
+            return saved, "read"
+    pins = {**saved, **tune()}
     mg.write_pins(path, pins)
     return pins, "tuned"
 

@@ -63,19 +63,25 @@ def test_pins_files_round_trip_and_name_what_is_wrong(tmp_path):
 
 
 def test_load_or_tune_reads_a_saved_file_and_retunes_a_broken_one(tmp_path, caplog):
+    """A later start reads what an earlier one tuned; a start whose shapes the file lacks (another model on the same
+    GPU) tunes and keeps both; a broken file is tuned again and replaced."""
     path = tmp_path / "kernel-pins" / "GPU.json"
     tuned = []
 
-    def tune():
-        tuned.append(1)
-        return {A: CONFIGS[len(tuned)]}
+    def tune(shape=A):
+        def run():
+            tuned.append(shape)
+            return {shape: CONFIGS[len(tuned)]}
+        return run
 
-    assert graph_tune.load_or_tune(path, tune) == ({A: CONFIGS[1]}, "tuned")
-    assert graph_tune.load_or_tune(path, tune) == ({A: CONFIGS[1]}, "read")  # (a later start: no tuning)
-    assert len(tuned) == 1
+    assert graph_tune.load_or_tune(path, {A}, tune()) == ({A: CONFIGS[1]}, "tuned")
+    assert graph_tune.load_or_tune(path, {A}, tune()) == ({A: CONFIGS[1]}, "read")
+    assert tuned == [A]
+    assert graph_tune.load_or_tune(path, {B}, tune(B)) == ({A: CONFIGS[1], B: CONFIGS[2]}, "tuned")
+    assert mg.read_pins(path) == {A: CONFIGS[1], B: CONFIGS[2]}
     path.write_text('{"pins": {"64,128": {}}}')
-    assert graph_tune.load_or_tune(path, tune) == ({A: CONFIGS[2]}, "tuned")
-    assert "tuning again" in caplog.text and mg.read_pins(path) == {A: CONFIGS[2]}
+    assert graph_tune.load_or_tune(path, {A}, tune()) == ({A: CONFIGS[3]}, "tuned")
+    assert "tuning again" in caplog.text and mg.read_pins(path) == {A: CONFIGS[3]}
 
 
 def test_the_descent_starts_from_what_each_looked_up_shape_runs_now(monkeypatch):
