@@ -248,8 +248,8 @@ class Engine:
 
         from . import graph_tune
 
-        if self.graphs is None or 1 not in self.graphs.buckets or self.slab.bcq_base:
-            return  # (no batch-1 graph, or a bcq base: no row takes the one-row GEMV)
+        if self.graphs is None or 1 not in self.graphs.buckets or not mg.LOOKED_UP:
+            return  # (no batch-1 graph, or the model's batch-1 step never took the one-row GEMV: nothing to tune)
         t0 = time.perf_counter()
         path = mg.pins_file(self.settings.data_dir / "kernel-pins", torch.cuda.get_device_name(self.device))
 
