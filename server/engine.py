@@ -209,7 +209,10 @@ class Engine:
             if self.device.type == "cuda" and self.settings.cuda_warmup:
                 self.warm_up()
                 if self.settings.tune_decode_graph:
-                    self.tune_decode_graph()
+                    try:
+                        self.tune_decode_graph()
+                    except Exception:  # (an opt-in speed-up: a failure costs the pins, not the server)
+                        log.exception("decode graph tuning failed; serving with the autotuner's configs")
             self._loop()
 
         self._thread = threading.Thread(target=run, name="scaleserve-engine", daemon=True)
