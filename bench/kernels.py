@@ -373,8 +373,9 @@ def mma_sweep_configs(batch: bool = False, candidates: bool = True) -> list[dict
         from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
         key, configs, extra = "MMA", MMA_GEMV_CONFIGS, MMA_CANDIDATE_CONFIGS
-    return [{key: 1, **c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-            for c in configs + (extra if candidates else [])]
+    from scaleserve.kernels.int4_mma_gemv import config_pin
+
+    return [{key: 1, **config_pin(c)} for c in configs + (extra if candidates else [])]
 
 
 def config_label(c: dict) -> str:

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
               f"current pick {row['was_ms']:.4f} ms", flush=True)
 
     step_ms = graph_tune.decode_step_timer(engine.graphs, b, mode, a.replays, a.repeats)
-    pins, start, end = graph_tune.descend(graph_tune.autotuned_picks(), graph_tune.candidates(), step_ms, a.rounds,
+    pins, start, end = graph_tune.descend(graph_tune.autotuned_picks(), mg.PIN_CONFIGS, step_ms, a.rounds,
                                           report=report)
     print(f"{a.preset} batch 1, context {a.context}, {torch.cuda.get_device_name()}: the autotuner's picks "
           f"{start:.4f} ms a step, tuned {end:.4f}")

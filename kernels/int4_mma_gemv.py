@@ -799,6 +799,10 @@ def config_pin(cfg: triton.Config) -> dict:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
 
 
+# the autotune list as pins: what a pins file may hold (the configs the GPU tests cover) and what graph tuning tries
+PIN_CONFIGS = [config_pin(c) for c in MMA_GEMV_CONFIGS]
+
+
 def pins_file(directory: Path, device_name: str) -> Path:
     """<directory>/<the device name's alphanumerics joined by _>.json."""
     return Path(directory) / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
@@ -813,13 +817,12 @@ def read_pins(path: Path) -> dict[tuple[int, ...], dict]:
         items = list(raw.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a pins file ({e})") from e
-    allowed = [config_pin(c) for c in MMA_GEMV_CONFIGS]
     pins = {}
     for key, cfg in items:
         k = tuple(int(v) for v in key.split(",")) if re.fullmatch(r"\d+(,\d+){3}(,1)?", key) else None
         if k is None:
             raise ValueError(f"{path}: pin key {key!r} is not N,K,mode,group_size[,1]")
-        if cfg not in allowed:
+        if cfg not in PIN_CONFIGS:
             raise ValueError(f"{path}: pin {key} is not a config of the MMA GEMV's autotune list: {cfg}")
         pins[k] = cfg
     return pins

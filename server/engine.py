@@ -259,7 +259,7 @@ class Engine:
         def tune() -> dict:
             step_ms = graph_tune.decode_step_timer(self.graphs, 1, MODE_CHANNEL)
             start = graph_tune.current_picks(self.device)
-            pins, before, after = graph_tune.descend(start, graph_tune.candidates(), step_ms)
+            pins, before, after = graph_tune.descend(start, mg.PIN_CONFIGS, step_ms)
             log.info("decode graph tuning: batch-1 step %.3f -> %.3f ms", before, after)
             return pins
 

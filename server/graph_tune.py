@@ -63,13 +63,6 @@ def autotuned_picks() -> dict[Key, dict]:
     return picks
 
 
-def candidates() -> list[dict]:
-    """Every config of the MMA GEMV's autotune list, as pins."""
-    from scaleserve.kernels import int4_mma_gemv as mg
-
-    return [mg.config_pin(c) for c in mg.MMA_GEMV_CONFIGS]
-
-
 def current_picks(device: torch.device) -> dict[Key, dict]:
     """What each pin key launches have looked up in this process runs now: a pin (PINNED or the device's), else the
     autotuner's pick; the descent's start."""

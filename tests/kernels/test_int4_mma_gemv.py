@@ -131,21 +131,13 @@ def test_mma_asm_gets_its_layout():
             assert not same, f"{case}: one register for a lane's 4 zero points: {same}"
 
 
-def _config_dicts() -> list[dict]:
-    from scaleserve.kernels.int4_mma_gemv import MMA_GEMV_CONFIGS
-
-    return [{**c.kwargs, "num_warps": c.num_warps, **({"maxnreg": c.maxnreg} if c.maxnreg else {})}
-            for c in MMA_GEMV_CONFIGS]
-
-
 def test_shipped_device_pins_are_configs_of_the_autotune_list():
     """Each kernels/pins/<device>.json (bench/tune_decode.py's output) parses, names (N, K, mode, group size) keys the
     kernel takes, and pins only configs of MMA_GEMV_CONFIGS: the ones the GPU tests and the layout check cover."""
-    from scaleserve.kernels.int4_mma_gemv import DEVICE_PINS_DIR, GROUP_SIZES, device_pins
+    from scaleserve.kernels.int4_mma_gemv import DEVICE_PINS_DIR, GROUP_SIZES, PIN_CONFIGS, device_pins
 
     files = sorted(DEVICE_PINS_DIR.glob("*.json"))
     assert files, "no device pins shipped"
-    configs = _config_dicts()
     for f in files:
         pins = device_pins(f.stem)
         assert pins, f
@@ -153,7 +145,7 @@ def test_shipped_device_pins_are_configs_of_the_autotune_list():
             N, K, mode, gs, *silu = key
             assert N % 2 == 0 and K % 8 == 0 and mode in (1, 2) and gs in GROUP_SIZES, (f.name, key)
             assert silu in ([], [1]), (f.name, key)
-            assert cfg in configs, (f.name, cfg)
+            assert cfg in PIN_CONFIGS, (f.name, cfg)
 
 
 def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monkeypatch):
@@ -163,7 +155,7 @@ def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monke
 
     from scaleserve.kernels import int4_mma_gemv as mg
 
-    cfg, silu_cfg = _config_dicts()[1], _config_dicts()[2]
+    cfg, silu_cfg = mg.PIN_CONFIGS[1], mg.PIN_CONFIGS[2]
     pins = {"64,128,2,128": cfg, "64,128,2,128,1": silu_cfg}
     (tmp_path / "Some_GPU_80GB.json").write_text(json.dumps({"pins": pins}))
     monkeypatch.setattr(mg, "DEVICE_PINS_DIR", tmp_path)
@@ -182,9 +174,9 @@ def test_device_pins_come_below_pinned_and_only_for_their_device(tmp_path, monke
         monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)  # (benches: the autotuner instead)
         assert mg.current_pin(FakeCuda(), (64, 128, 2, 128)) is None
         monkeypatch.setattr(mg, "USE_DEVICE_PINS", True)
-        monkeypatch.setitem(mg.PINNED, (64, 128, 2, 128), _config_dicts()[0])
-        assert mg.current_pin(FakeCuda(), (64, 128, 2, 128)) == _config_dicts()[0]
-        assert mg.current_pin(torch.zeros(1), (64, 128, 2, 128)) == _config_dicts()[0]  # (PINNED applies everywhere)
+        monkeypatch.setitem(mg.PINNED, (64, 128, 2, 128), mg.PIN_CONFIGS[0])
+        assert mg.current_pin(FakeCuda(), (64, 128, 2, 128)) == mg.PIN_CONFIGS[0]
+        assert mg.current_pin(torch.zeros(1), (64, 128, 2, 128)) == mg.PIN_CONFIGS[0]  # (PINNED applies everywhere)
         monkeypatch.delitem(mg.PINNED, (64, 128, 2, 128))
         assert mg.current_pin(torch.zeros(1), (64, 128, 2, 128)) is None
     finally:

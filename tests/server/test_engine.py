@@ -603,7 +603,6 @@ def test_decode_graph_tuning_pins_saves_and_reuses_its_picks(make_tiny_model, tm
     """Settings.tune_decode_graph on CUDA: after warm-up the batch-1 GEMV configs are picked in the decode graph,
     pinned, saved under data_dir/kernel-pins/, and read back by the next start."""
     from scaleserve.kernels import int4_mma_gemv as mg
-    from scaleserve.server import graph_tune
 
     monkeypatch.setattr(mg, "PINNED", {})
     monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)
@@ -615,12 +614,12 @@ def test_decode_graph_tuning_pins_saves_and_reuses_its_picks(make_tiny_model, tm
     engine.tune_decode_graph()
     path = mg.pins_file(tmp_path / "t" / "kernel-pins", torch.cuda.get_device_name())
     pins = mg.read_pins(path)
-    assert pins and all(cfg in graph_tune.candidates() for cfg in pins.values())
+    assert pins and all(cfg in mg.PIN_CONFIGS for cfg in pins.values())
     assert {k: mg.PINNED[k] for k in pins} == pins
     assert len(run(engine, [new_seq([5, 9, 13, 2, 7], max_tokens=8)])[0]) == 8  # (the graphs captured again run)
     mg.PINNED.clear()
-    mg.write_pins(path, {k: graph_tune.candidates()[0] for k in pins})  # (what a later start must take as it is)
+    mg.write_pins(path, {k: mg.PIN_CONFIGS[0] for k in pins})  # (what a later start must take as it is)
     again, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True)
     again.warm_up()
     again.tune_decode_graph()
-    assert {k: mg.PINNED[k] for k in pins} == {k: graph_tune.candidates()[0] for k in pins}
+    assert {k: mg.PINNED[k] for k in pins} == {k: mg.PIN_CONFIGS[0] for k in pins}

@@ -11,7 +11,7 @@ import torch
 from scaleserve.kernels import int4_mma_gemv as mg
 from scaleserve.server import graph_tune
 
-CONFIGS = graph_tune.candidates()
+CONFIGS = mg.PIN_CONFIGS
 A, B = (4096, 4096, 2, 128), (12288, 4096, 2, 128, 1)
 
 
