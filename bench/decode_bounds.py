@@ -17,8 +17,6 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
              (or as pinned: a pins file may have its key, "N,K,mode,group_size,1")
   sumsq-off  the MMA GEMVs after a norm sum h's squares themselves (kernels/int4_mma_gemv.py NORM_SUMSQ False)
              instead of taking the sums the projection into the stream wrote
-  attn-vec   decode attention without tl.dot where each KV head has one query head (kernels/attention.py
-             DECODE_ONE_HEAD_VEC)
   spacers    an empty kernel after each projection into the residual stream (o, down): the next GEMV launches only
              once that one has finished
   a+b        several of the above at once (e.g. silu+merge+norm-in)
@@ -44,7 +42,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
-LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off", "attn-vec")
+LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
 
 
 @triton.jit
@@ -70,7 +68,7 @@ def leaving_out(parts: set[str]):
     saved = [(fused, "silu_mul", fused.silu_mul), (attention, "_decode_reduce_kernel", attention._decode_reduce_kernel),
              (attention, "paged_attention", attention.paged_attention), (im, "launch_mma_gemv", im.launch_mma_gemv),
              (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
-             (mg, "NORM_SUMSQ", mg.NORM_SUMSQ), (attention, "DECODE_ONE_HEAD_VEC", attention.DECODE_ONE_HEAD_VEC)]
+             (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
     launch = im.launch_mma_gemv
     try:
         # What a left-out kernel would have written, the next projection reads from a tensor the step has just written
@@ -93,8 +91,6 @@ def leaving_out(parts: set[str]):
             im.launch_mma_gemv = lambda *args, norm_in=None, **kwargs: launch(*args, **kwargs)
         if "silu-real" in parts:
             im.FUSE_SILU_GATE = True
-        if "attn-vec" in parts:
-            attention.DECODE_ONE_HEAD_VEC = True
         if "sumsq-off" in parts:
             mg.NORM_SUMSQ = False
         if "spacers" in parts:

@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [next_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -57,12 +57,14 @@ for step in "${steps[@]}"; do
           timeout ${TUNE_TIMEOUT:-330} python3 bench/tune_decode.py --quantize-lm-head ${TUNE_ARGS:-} \
             --json "$OUT/$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))").json" \
             2>&1 | tee "$OUT/tune.log" | tail -12 ;;
-    next_ab)  # session 21's open questions in one call: the attention path without tl.dot and the silu / merge bounds
-             # (measured right now), then the graph-tuned step with the SiLU epilogue (against 2.092 ms without it)
-             timeout 200 python3 bench/decode_bounds.py --quantize-lm-head --variants base,attn-vec,silu,merge,base \
-               --json "$OUT/decode-bounds-next.json" 2>&1 | tee "$OUT/decode_bounds_next.log" | tail -9
-             timeout 330 python3 bench/tune_decode.py --quantize-lm-head --rounds 2 --silu-gate \
-               --json "$OUT/tune-silu-gate.json" 2>&1 | tee "$OUT/tune_silu.log" | tail -3 ;;
+    alpha_ab)  # the MMA alpha GEMV (mode 3, M = 1): its GPU tests, then against the CUDA-core plane GEMV and mode 2
+              timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
+                -k "mma_alpha" 2>&1 | tee "$OUT/alpha_tests.log" | tail -3
+              for policy in auto never; do
+                timeout 150 python3 bench/kernels.py --ms 1 --modes 2,3 --groups 128 --no-baselines \
+                  --mma-alpha-policy $policy --json "$OUT/alpha-$policy.json" 2>&1 | tee "$OUT/alpha-$policy.log" \
+                  | grep -E "^(qkv|o |gate_up|down)|layer"
+              done ;;
     bounds)  # the batch-1 decode graph with kernel families left out (timing only; BOUNDS_ARGS: more flags)
             timeout ${BOUNDS_TIMEOUT:-400} python3 bench/decode_bounds.py --quantize-lm-head ${BOUNDS_ARGS:-} \
               --json "$OUT/decode-bounds.json" 2>&1 | tee "$OUT/decode_bounds.log" | tail -14 ;;

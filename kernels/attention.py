@@ -60,14 +60,6 @@ DECODE_MIN_PARTITION = 256
 # session 15): the RoPE launches' 75 µs a token go, the attention kernel takes 38 µs more (160 -> 198), the graph
 # 2.380 -> 2.351 ms back to back, 413.7 -> 418.1 tok/s overlapped. sm_90a: 250 / 254 registers, no spills.
 DECODE_FUSED_ROPE = True
-# Decode with one query head per KV head (Llama-2-7B: 32 and 32): both dots as sums over the [BLOCK_N, BLOCK_D] tile
-# (CUDA cores, K read row by row) instead of tl.dot on the query row padded to 16. The padded dot stages K through
-# shared memory and holds a [16, BLOCK_D] accumulator: 254 registers, 2 programs an SM at BLOCK_N 64 (sm_90a).
-# Its KV tile is DECODE_VEC_BLOCK_N tokens: offline sm_90a (bf16, D 128, fused RoPE, 4 warps) it takes 96 registers
-# and 512 B of shared memory at 32 tokens, 224 at 64, against 255 and 36 KB for the padded dot at 64. Off until a GPU
-# A/B (bench/decode_bounds.py's attn-vec variant).
-DECODE_ONE_HEAD_VEC = False
-DECODE_VEC_BLOCK_N = 32
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -102,7 +94,6 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,  # 0: every key live and visible; 1: keys < kv_end; 2: also key <= q_pos (causal)
     INTERPRET: tl.constexpr,
-    VEC: tl.constexpr = False,  # one query row (M = 1): both dots as sums over the tile, no tl.dot
 ):
     """One online-softmax step over keys start .. start + BLOCK_N - 1.
     k_ptr / v_ptr already point at this program's KV head. The caller guarantees every row sees at
@@ -118,24 +109,14 @@ def _attend_tile(
         tok_ld = tl.minimum(tok, kv_end - 1)
     row_k = _kv_tile_offsets(bt_row, tok_ld, BLOCK_SIZE, stride_kb, stride_ks)
     row_v = _kv_tile_offsets(bt_row, tok_ld, BLOCK_SIZE, stride_vb, stride_vs)
-    if VEC:  # K row by row as V ([BLOCK_N, BLOCK_D]), its dot with the one query row a sum along D
-        if HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptr + row_k[:, None] + offs_d[None, :])
-            v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :])
-        else:
-            d_ok = offs_d < HEAD_DIM
-            k = tl.load(k_ptr + row_k[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q.to(tl.float32), 1)[None, :] * qk_scale  # [1, BLOCK_N], base-2 logits
+    if HEAD_DIM == BLOCK_D:
+        kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None])  # [BLOCK_D, BLOCK_N]
+        v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
     else:
-        if HEAD_DIM == BLOCK_D:
-            kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None])  # [BLOCK_D, BLOCK_N]
-            v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
-        else:
-            d_ok = offs_d < HEAD_DIM
-            kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
+        d_ok = offs_d < HEAD_DIM
+        kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
     if MASK == 1:
         s = tl.where(tok[None, :] < kv_end, s, float("-inf"))
     elif MASK == 2:
@@ -144,11 +125,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if VEC:  # (p rounded to V's dtype, as the tensor-core dot takes it)
-        pv = tl.sum(v.to(tl.float32) * tl.reshape(p.to(v.dtype).to(tl.float32), [BLOCK_N, 1]), 0)[None, :]
-        acc = acc * alpha[:, None] + pv
-    else:
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
     return m_new, l_i, acc
 
 
@@ -190,8 +167,7 @@ def _decode_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
     ROPE: tl.constexpr,  # q, k_new un-rotated: rotate them here and write k_new / v_new to the cache
     GROUP: tl.constexpr,  # query heads per KV head
-    G_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's smallest M); 1 where VEC
-    VEC: tl.constexpr,  # one query head per KV head: no tl.dot (_attend_tile's VEC)
+    G_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's smallest M)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per KV cache block
@@ -262,13 +238,13 @@ def _decode_kernel(
         while start < kv_end_cache:
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET, VEC)
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
             start += BLOCK_N
     else:
         for start in tl.range(kv_start, kv_end_cache, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET, VEC)
+                                         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for an empty context: its output is zeros, as in the reference
@@ -521,15 +497,12 @@ def paged_attention(
         else:
             part_o = part_ml = out  # unused
         kn, vn, cos, sin, slots = rope_kv if rope_kv is not None else (q, q, q, q, seq_lens)  # unused: no ROPE
-        vec = DECODE_ONE_HEAD_VEC and group == 1
         _decode_kernel[(B, KVH, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
             qk_scale, *common_strides,
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
-            ROPE=rope_kv is not None, GROUP=group, G_PAD=1 if vec else max(16, triton.next_power_of_2(group)), VEC=vec,
-            HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, BLOCK_N=DECODE_VEC_BLOCK_N if vec else DECODE_BLOCK_N, NUM_SPLITS=splits,
-            INTERPRET=interpret,
+            ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
             num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:

@@ -55,6 +55,8 @@ import triton.language as tl
 
 from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
+from .int4_mma_alpha import MAX_SPLIT_K as MMA_ALPHA_MAX_SPLIT_K
+from .int4_mma_alpha import launch_mma_alpha, mma_alpha_supported
 from .int4_mma_gemv import GROUP_SIZES as MMA_GROUP_SIZES
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_fits, mma_gemv_supported
@@ -500,6 +502,19 @@ FUSE_SILU_GATE = False
 FUSE_NORMS = True
 
 
+# M = 1 in mode 3 (an AlphaTuning row, or a bcq base) at group size -1 / 128 runs the MMA alpha GEMV
+# (kernels/int4_mma_alpha.py: one mma.sync chain per bit plane over the mode-2 GEMV's loads) under MMA_ALPHA_POLICY
+# "auto", this file's CUDA-core plane GEMV under "never". H100, g128, 4-bit planes, µs per 7B layer, same call
+# (`bash bench/gpu_session.sh alpha_ab`, bench/NOTES-kernels.md session 22): 92.3 against 138.5 (qkv 23.5 / 31.9,
+# o 8.9 / 16.9, gate_up 39.3 / 55.6, down 20.6 / 34.1); mode 2 58.3 in the same call.
+MMA_ALPHA_POLICY = "auto"
+
+
+def mma_alpha_chosen(M: int, mode: int, group_size: int) -> bool:
+    """Whether MMA_ALPHA_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA alpha GEMV."""
+    return M == 1 and mode == MODE_ALPHA and group_size in MMA_GROUP_SIZES and MMA_ALPHA_POLICY == "auto"
+
+
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
     """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV."""
     if M != 1 or mode not in (MODE_CHANNEL, MODE_GROUP) or MMA_GEMV_POLICY == "never":
@@ -551,9 +566,12 @@ GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs ma
 
 def autotuned_kernel(M: int, N: int, K: int, mode: int, group_size: int, scale_slots: int = 0) -> str:
     """The kernel int4_matmul runs on CUDA without a config, for inputs that kernel supports (else the next
-    one): "mma gemv", "mma batch", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's tile)."""
+    one): "mma gemv", "mma alpha", "mma batch", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's
+    tile)."""
     if mma_batch_chosen(M, mode, group_size):
         return "mma batch"
+    if mma_alpha_chosen(M, mode, group_size):
+        return "mma alpha"
     if mma_gemv_chosen(M, mode, group_size):
         return "mma gemv"
     if fold_gemm_chosen(M, mode, group_size, scale_slots):
@@ -993,9 +1011,10 @@ _gemv_kernel = triton.autotune(configs=GEMV_CONFIGS + GEMV_ALPHA_CONFIGS, key=_G
 def autotuners() -> dict:
     """The int4 kernels' autotuners by the names autotuned_kernel gives them; "tensor-core" is this file's tile,
     whose M <= DECODE_MAX_M and larger launches tune apart ("decode", "gemm"). For benches that report picks."""
-    from . import int4_gemm, int4_mma_batch, int4_mma_gemv
+    from . import int4_gemm, int4_mma_alpha, int4_mma_batch, int4_mma_gemv
 
     return {"mma gemv": int4_mma_gemv._tuned, "mma gemv accum": int4_mma_gemv._tuned_accum,
+            "mma alpha": int4_mma_alpha._tuned,
             "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
             "gemv": _gemv_kernel, "decode": _decode_kernel, "gemm": _gemm_kernel}
 
@@ -1157,6 +1176,12 @@ def int4_matmul(
             raise ValueError("norm_in / accumulate / norm_out run in the one-row MMA GEMV's epilogue, which does not "
                              f"take this call (M={M}, N={N}, K={K}, mode {mode}, group size {w.group_size}, "
                              f"{x.dtype}): ask mma_gemv_takes first")
+    if mode == MODE_ALPHA and not silu_gate and not norms and (
+            forced_mma or (kernel == "mma alpha" and mma_alpha_supported(x, w, alphas))):
+        ws = torch.empty((config.get("SPLIT_K", 1) if config else MMA_ALPHA_MAX_SPLIT_K) * N, dtype=torch.float32,
+                         device=x.device)
+        return launch_mma_alpha(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, bias, config, ws,
+                                _tile_counters(x.device, "mma alpha"))
     # (a forced MMA config takes the SiLU epilogue whatever FUSE_SILU_GATE says: that is how the tests reach it)
     if forced_mma or ((auto_mma or norms) and (FUSE_SILU_GATE or not silu_gate)):
         ws = torch.empty((config.get("SPLIT_K", 1) if config else MMA_MAX_SPLIT_K) * N, dtype=torch.float32,

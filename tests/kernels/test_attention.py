@@ -93,16 +93,6 @@ def test_decode(D, H, KVH, dtype, num_splits):
     check([(n, 1) for n in DECODE_LENS], H, KVH, D, BS, dtype, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("D,dtype", [(8, torch.bfloat16), (64, torch.float16), (24, torch.bfloat16)])
-@pytest.mark.parametrize("num_splits", [None, 3, 16])
-def test_decode_one_head_per_kv_head_without_dots(D, dtype, num_splits, monkeypatch):
-    """DECODE_ONE_HEAD_VEC: with as many query heads as KV heads the decode kernel's dots are sums over the tile
-    (no 16-row padding); the same meaning, the head dim in its block (24 in 32) and every context length."""
-    monkeypatch.setattr(attention_module, "DECODE_ONE_HEAD_VEC", True)
-    check([(n, 1) for n in DECODE_LENS], 3, 3, D, BS, dtype, num_splits=num_splits)
-    check_rope_kv([(n, 1) for n in DECODE_LENS] + [(0, 1)], 3, 3, D, dtype, num_splits)
-
-
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_decode_block_sizes(block_size):
     specs = [(n, 1) for n in (1, block_size - 1, block_size + 1, 3 * block_size + 3)]

@@ -350,6 +350,98 @@ def test_silu_gate_rejects_an_odd_width():
                     MODE_GROUP, silu_gate=True)
 
 
+# --- MMA alpha GEMV (M = 1, mode 3: AlphaTuning rows, PEQA rows, a bcq base; configs with MMA) ------------------
+
+
+def _alpha_cases():
+    """Row kinds x group sizes x dtypes; bits, tiles, splits, load depth, table dtypes and bias rotate."""
+    out = []
+    kinds = ("alpha", "peqa", "alpha-base", "bcq")
+    for i, (kind, gs, dtype) in enumerate(itertools.product(kinds, (-1, 128), DTYPES)):
+        bits = (4, 3, 2)[i % 3] if kind != "peqa" else (4, 3)[i % 2]
+        bn, split, depth = (16, 32, 8)[(i + i // 3) % 3], (1, 2, 3)[i % 3], 1 + (i // 2) % 2
+        tdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
+        out.append(pytest.param(kind, gs, dtype, bits, bn, split, depth, tdt,
+                                id=f"{kind}-g{gs}-{str(dtype)[6:]}-b{bits}-bn{bn}-sk{split}-d{depth}-t{str(tdt)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("kind,gs,dtype,bits,bn,split,depth,tdt", _alpha_cases())
+def test_mma_alpha_gemv_small(kind, gs, dtype, bits, bn, split, depth, tdt):
+    """kernels/int4_mma_alpha.py against the reference: an adapter's AlphaTuning row, the base in alpha form (slot
+    0), a PEQA row in a mode-3 call (its tables made from the scales and zero points), a bcq base; N not a multiple
+    of the tile, K over two 8-block steps with a ragged last block, slab tables in any float dtype; outputs
+    poisoned first."""
+    if CUDA and dtype == torch.float32:
+        pytest.skip("the MMA alpha GEMV takes 16-bit x on CUDA")
+    N, K = MMA_SHAPES[gs]
+    t = make_case(1, N, K, gs, bits, MODE_ALPHA, "uniform", dtype, bcq=kind == "bcq", bias=(split == 2))
+    slot = int(torch.randint(1, SLOTS, (1,)))
+    if kind == "alpha":
+        t["chan_idx"][0], t["scale_idx"][0], t["alpha_idx"][0] = slot, SLOTS - slot, slot  # junk in chan / scale
+    elif kind == "peqa":
+        t["chan_idx"][0], t["scale_idx"][0], t["alpha_idx"][0] = slot, SLOTS - slot, -1
+    else:
+        t["chan_idx"][0], t["scale_idx"][0], t["alpha_idx"][0] = 0, 0, 0
+    tables = {k: t[k].to(tdt) for k in ("chan", "alphas", "betas") + (("scales",) if kind != "bcq" else ())}
+    t.update(tables)
+    cfg = {"MMA": 1, "BLOCK_N": bn, "SPLIT_K": split, "DEPTH": depth}
+    y = run_kernel(t, MODE_ALPHA, cfg, n_major=(split != 3))
+    check(y, reference({**t, **{k: v.float() for k, v in tables.items()}}), dtype)
+
+
+def test_mma_alpha_gemv_takes_the_default_path_under_its_policy(monkeypatch):
+    """MMA_ALPHA_POLICY "auto" (the default) sends one mode-3 row at group size -1 / 128 to the MMA alpha GEMV (on
+    the CPU a forced config: without one the interpreter runs the CUDA-core GEMV's); batches, other group sizes and
+    other modes stay on the other kernels, and "never" keeps every call off it."""
+    assert im.mma_alpha_chosen(1, MODE_ALPHA, 128) and im.mma_alpha_chosen(1, MODE_ALPHA, -1)
+    assert not im.mma_alpha_chosen(2, MODE_ALPHA, 128) and not im.mma_alpha_chosen(1, MODE_ALPHA, 32)
+    assert not im.mma_alpha_chosen(1, MODE_GROUP, 128)
+    assert im.autotuned_kernel(1, 64, 256, MODE_ALPHA, 128) == "mma alpha"
+    monkeypatch.setattr(im, "MMA_ALPHA_POLICY", "never")
+    assert not im.mma_alpha_chosen(1, MODE_ALPHA, 128) and im.autotuned_kernel(1, 64, 256, MODE_ALPHA, 128) == "gemv"
+    monkeypatch.setattr(im, "MMA_ALPHA_POLICY", "auto")
+    N, K = MMA_SHAPES[128]
+    t = make_case(1, N, K, 128, 4, MODE_ALPHA, "distinct", torch.bfloat16)
+    t["alpha_idx"][0] = 2
+    launched = []
+    real = im.launch_mma_alpha
+    monkeypatch.setattr(im, "launch_mma_alpha", lambda *a, **k: launched.append(1) or real(*a, **k))
+    if CUDA:
+        check(run_kernel(t, MODE_ALPHA, n_major=True), reference(t), torch.bfloat16)
+        assert launched
+    else:  # no config on the CPU is the CUDA-core GEMV's interpreter config: force the MMA kernel's
+        check(run_kernel(t, MODE_ALPHA, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1}, n_major=True), reference(t),
+              torch.bfloat16)
+        assert launched
+
+
+@pytest.mark.skipif(not CUDA, reason="TABLE_PAIRS only changes the GPU path (the interpreter reads plain tables)")
+@pytest.mark.parametrize("bits,gs,tdt", [(4, 128, torch.float16), (3, -1, torch.bfloat16), (2, 128, torch.float32)])
+def test_mma_alpha_gemv_table_pairs(bits, gs, tdt, monkeypatch):
+    """TABLE_PAIRS: the alpha and beta tables read a lane's two rows in one load, one step ahead."""
+    from scaleserve.kernels import int4_mma_alpha
+
+    monkeypatch.setattr(int4_mma_alpha, "TABLE_PAIRS", True)
+    N, K = MMA_SHAPES[gs]
+    t = make_case(1, N, K, gs, bits, MODE_ALPHA, "uniform", torch.bfloat16, bias=True)
+    t["alpha_idx"][0] = 3
+    tables = {k: t[k].to(tdt) for k in ("chan", "alphas", "betas", "scales")}
+    t.update(tables)
+    for cfg in ({"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": 1}, {"MMA": 1, "BLOCK_N": 32, "SPLIT_K": 1,
+                                                                       "DEPTH": 2, "num_warps": 8}):
+        y = run_kernel(t, MODE_ALPHA, cfg, n_major=True)
+        check(y, reference({**t, **{k: v.float() for k, v in tables.items()}}), torch.bfloat16)
+
+
+def test_mma_alpha_gemv_rejects_what_it_cannot_run():
+    """An odd N, group size 32, two rows: a clear error before anything is launched."""
+    for M, N, gs in ((1, 41, 128), (1, 40, 32), (2, 40, 128)):
+        t = make_case(M, N, 256, gs, 4, MODE_ALPHA, "uniform", torch.bfloat16)
+        with pytest.raises(ValueError, match="MMA alpha GEMV"):
+            run_kernel(t, MODE_ALPHA, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1}, n_major=True)
+
+
 # --- the RMSNorm epilogues of the MMA GEMV (norm_in, accumulate, norm_out) -----------------------
 
 def _norm_case(t, dtype, K, eps=1e-5):

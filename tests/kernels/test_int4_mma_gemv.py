@@ -50,7 +50,8 @@ for case in json.loads(sys.argv[1]):
     x = "*fp16" if case["f16"] else "*bf16"
     ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
                 scale_ptr=case["slab"], chan_idx_ptr="*i32", scale_idx_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32",
-                h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32", sq_in_ptr="*fp32", sq_out_ptr="*fp32")
+                h_ptr=x, g_ptr=x, xg_ptr=x, eps="fp32", sq_in_ptr="*fp32", sq_out_ptr="*fp32", alpha_ptr=case["slab"],
+                beta_ptr=case["slab"], alpha_idx_ptr="*i32")
     const = dict(MODE=case["mode"], GROUP_SIZE=case["group_size"], HAS_BIAS=False, FAST=True, F16=case["f16"],
                  PDL=True, S_PAIR=case["s_pair"], EVEN_K=True, SILU=case["silu"],
                  **{"NORM_IN": False, "ACCUM": False, "NORM_OUT": False, "NORM_CHUNK": 4096, "SQ_IN": False,
@@ -59,7 +60,7 @@ for case in json.loads(sys.argv[1]):
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in kernel.arg_names}
     # as a launch on the 7B shapes specializes them: pointers and sizes divisible by 16, the slab's N stride 1
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if n not in const and n not in ("stride_sn", "eps")}
+             if n not in const and n not in ("stride_sn", "stride_an", "stride_bn", "eps")}
     opts = dict(num_warps=case["num_warps"], num_stages=1, **({"maxnreg": case["maxnreg"]} if case["maxnreg"] else {}))
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 64), options=opts)
@@ -68,8 +69,10 @@ print(json.dumps(out))
 """
 
 GEMV, BATCH = "scaleserve.kernels.int4_mma_gemv", "scaleserve.kernels.int4_mma_batch"
+ALPHA = "scaleserve.kernels.int4_mma_alpha"
 WANTED = {GEMV: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
-          BATCH: "sizePerThread = [1, 4], threadsPerWarp = [8, 4]"}
+          BATCH: "sizePerThread = [1, 4], threadsPerWarp = [8, 4]",
+          ALPHA: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]"}
 
 
 def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True, silu=False, **meta):
@@ -79,7 +82,11 @@ def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", 
 
 def _cases():
     from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CANDIDATE_CONFIGS, MMA_BATCH_CONFIGS, _scales_asm
+    from scaleserve.kernels.int4_mma_alpha import CONFIGS as alpha_configs_list
     from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
+
+    def alpha_configs():
+        return alpha_configs_list
 
     def gemv(cfg, **kw):
         return _case(GEMV, "_mma_gemv_kernel", cfg, **kw)
@@ -87,6 +94,10 @@ def _cases():
     def batch(cfg, mb2=False, slab="*fp16", s_pair=True, **kw):
         s_asm = _scales_asm({"*fp16": "f16", "*bf16": "bf16", "*fp32": "f32"}[slab], s_pair)
         return _case(BATCH, "_mma_batch_kernel", cfg, MB2=mb2, S_ASM=s_asm, slab=slab, s_pair=s_pair, **kw)
+
+    def alpha(cfg, bits=4, has_zeros=True, pairs=True, **kw):
+        return _case(ALPHA, "_mma_alpha_kernel", cfg, mode=3, s_pair=False, BITS=bits, HAS_ZEROS=has_zeros,
+                     PAIRS=pairs, **kw)
 
     first = MMA_GEMV_CONFIGS[0]
     b0 = MMA_BATCH_CONFIGS[0]
@@ -104,7 +115,11 @@ def _cases():
                gemv(MMA_GEMV_CONFIGS[6], ACCUM=True, NORM_OUT=True, SQ_OUT=True)]
             + [batch(c, mb2=bool(i % 2)) for i, c in enumerate(MMA_BATCH_CONFIGS + MMA_BATCH_CANDIDATE_CONFIGS)]
             + [batch(b0, mode=1, f16=True), batch(b0, group_size=-1, slab="*bf16", s_pair=False, mb2=True),
-               batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")])
+               batch(MMA_BATCH_CONFIGS[-1], mode=1, group_size=-1, slab="*fp32")]
+            # the AlphaTuning rows' GEMV: every config it takes, then 3 bits / fp16 / a bcq base / f32 tables
+            + [alpha(c) for c in alpha_configs()]
+            + [alpha(first, bits=3, f16=True, slab="*fp32"), alpha(MMA_GEMV_CONFIGS[6], has_zeros=False, group_size=-1),
+               alpha(first, bits=2, slab="*bf16"), alpha(first, pairs=False, f16=True)])
 
 
 @pytest.mark.timeout(600)

@@ -601,14 +601,20 @@ def test_eager_steps_key_the_attention_compiles_of_warm_up(engine_lm, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_graph_tuning_pins_saves_and_reuses_its_picks(make_tiny_model, tmp_path, monkeypatch):
     """Settings.tune_decode_graph on CUDA: after warm-up the batch-1 GEMV configs are picked in the decode graph,
-    pinned, saved under data_dir/kernel-pins/, and read back by the next start."""
+    pinned, saved under data_dir/kernel-pins/, and read back by the next start. Two candidate configs and at most 4
+    sequences (fewer graphs to warm up): session 22's first run with all twelve and 64 passed 7 minutes."""
     from scaleserve.kernels import int4_mma_gemv as mg
 
     monkeypatch.setattr(mg, "PINNED", {})
     monkeypatch.setattr(mg, "USE_DEVICE_PINS", False)
     monkeypatch.setattr(mg, "LOOKED_UP", set())
+    monkeypatch.setattr(mg, "PIN_CONFIGS", mg.PIN_CONFIGS[:2])  # (the autotuners too: the descent starts from theirs)
+    for tuner in (mg._tuned, mg._tuned_accum):
+        monkeypatch.setattr(tuner, "configs", tuner.configs[:2])
+        monkeypatch.setattr(tuner, "cache", {})
     lm = load_model(make_tiny_model(group_size=128), device="cuda", dtype=torch.bfloat16)
-    engine, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True)
+    engine, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True,
+                            max_num_seqs=4)
     engine.warm_up()
     assert mg.LOOKED_UP, "the tiny model's batch-1 step never reached the one-row MMA GEMV"
     engine.tune_decode_graph()
@@ -619,7 +625,8 @@ def test_decode_graph_tuning_pins_saves_and_reuses_its_picks(make_tiny_model, tm
     assert len(run(engine, [new_seq([5, 9, 13, 2, 7], max_tokens=8)])[0]) == 8  # (the graphs captured again run)
     mg.PINNED.clear()
     mg.write_pins(path, {k: mg.PIN_CONFIGS[0] for k in pins})  # (what a later start must take as it is)
-    again, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True)
+    again, _ = make_engine(lm, tmp_path / "t", device="cuda", cuda_warmup=True, tune_decode_graph=True,
+                           max_num_seqs=4)
     again.warm_up()
     again.tune_decode_graph()
     assert {k: mg.PINNED[k] for k in pins} == {k: mg.PIN_CONFIGS[0] for k in pins}
