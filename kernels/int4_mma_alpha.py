@@ -360,7 +360,7 @@ def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_bas
             else:
                 w0n, w1n = _kmajor_codes(kb + 8, kb_hi, q0, q1, vblock)
                 x0n, x1n, x2n, x3n = _kmajor_x(kb + 8, x_ptr, K, kb_hi, vblock, vword)
-            if PAIRS:  # one step ahead (per-element tables, in the step: their pointers take registers)
+            if PAIRS:  # pair tables one step ahead; per-element ones in their step (ahead, they cost ~70 registers)
                 ta = tn_a
                 tb = tn_b
                 tc = tn_c
