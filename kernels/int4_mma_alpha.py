@@ -202,43 +202,40 @@ def _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride
 
 
 @triton.jit
-def _load_if(ptrs, ok, FAST: tl.constexpr):
-    """float32 of an fp32 / fp16 / bf16 pointer tensor where ok, else 0.0; on the GPU a predicated load in the
-    pointers' layout (a plain masked load may take a coalesced layout and cost a conversion)."""
+def _load_if(ptrs, ok):
+    """float32 of an fp32 / fp16 / bf16 pointer tensor where ok, else 0.0 (GPU): a predicated load in the pointers'
+    layout (a plain masked load may take a coalesced layout and cost a conversion)."""
     DT: tl.constexpr = ptrs.dtype.element_ty
-    if FAST:
-        if DT == tl.float32:
-            v = tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
-                "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
-            return v.to(tl.float32, bitcast=True)
-        else:
-            v = tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b16 $0, 0; @p ld.global.nc.b16 $0, [$1]; }",
-                "=h,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
-            return v.to(DT, bitcast=True).to(tl.float32)
+    if DT == tl.float32:
+        v = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
+            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+        return v.to(tl.float32, bitcast=True)
     else:
-        return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        v = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b16 $0, 0; @p ld.global.nc.b16 $0, [$1]; }",
+            "=h,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
+        return v.to(DT, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def _lane_tables(g, ok, row, plane, a_rows, b_rows, s_rows, zero_ptr, stride_aj, stride_ag, stride_bg, stride_sg,
-                 stride_zg, PEQA: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-    """(ta, tb, tc) [HN, 128]: each element's plane (plane, plane + 2) alpha and beta of its row and group g, zeros
+                 stride_zg, PEQA: tl.constexpr, BITS: tl.constexpr):
+    """(ta, tb, tc) [HN, 128] (GPU): each element's plane (plane, plane + 2) alpha and beta of its row and group g, zeros
     where not ok. Alpha row: a_rows / b_rows point at the row's plane-0 alpha and its beta in group 0. PEQA row
     (rtn_to_alphas): alpha_j = s 2^(j-1), beta = s ((2^BITS - 1) / 2 - z), from s_rows (the row's scale in group 0)
     and the base zero points."""
     ok_b = ok & (plane + 2 < BITS)
     if PEQA:
-        s = _load_if(s_rows + g * stride_sg, ok, FAST)
+        s = _load_if(s_rows + g * stride_sg, ok)
         ta = s * tl.where(plane == 0, 0.5, 1.0)
         tb = tl.where(ok_b, s * tl.where(plane == 0, 2.0, 4.0), 0.0)
-        z = _load_if(zero_ptr + g * stride_zg + row, ok & (plane == 0), FAST)
+        z = _load_if(zero_ptr + g * stride_zg + row, ok & (plane == 0))
         tc = tl.where(plane == 0, s * ((2**BITS - 1) / 2 - z), 0.0)
     else:
-        ta = _load_if(a_rows + plane * stride_aj + g * stride_ag, ok, FAST)
-        tb = _load_if(a_rows + (plane + 2) * stride_aj + g * stride_ag, ok_b, FAST)
-        tc = _load_if(b_rows + g * stride_bg, ok & (plane == 0), FAST)
+        ta = _load_if(a_rows + plane * stride_aj + g * stride_ag, ok)
+        tb = _load_if(a_rows + (plane + 2) * stride_aj + g * stride_ag, ok_b)
+        tc = _load_if(b_rows + g * stride_bg, ok & (plane == 0))
     return ta, tb, tc
 
 
@@ -309,7 +306,7 @@ def _step_tables(kb, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows, a_
         ta, tb, tc = _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride_bg, BITS)
     else:
         ta, tb, tc = _lane_tables(g, ok, row, plane, a_rows, b_rows, s_rows, zero_ptr, stride_aj, stride_ag, stride_bg,
-                                  stride_sg, stride_zg, PEQA, BITS, True)
+                                  stride_sg, stride_zg, PEQA, BITS)
     return ta, tb, tc
 
 
