@@ -497,10 +497,11 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
                 (f"{args.streams} streams, {args.streams} adapters", names[: args.streams]))
         for _, models in pair:  # warm-up: graphs, autotune, slab
             load(models, args.streams, args.streams, args.prompt_len, 32)
-        # measured A B B A, each scenario the mean of its two passes: whichever ran first or while the
-        # host was busier (a first run after warm-up had TTFT outliers of seconds) counts for both
+        # measured A B B A (--ab-rounds times), each scenario the mean of its passes: whichever ran first or while
+        # the host was busier (a first run after warm-up had TTFT outliers of seconds) counts for both. On a small
+        # model a pass lasts ~2 s and one pass of two could be 13 % off the other (session 22): more rounds
         passes: dict[str, list[dict]] = {name: [] for name, _ in pair}
-        for name, models in (*pair, *pair[::-1]):
+        for name, models in (*pair, *pair[::-1]) * args.ab_rounds:
             passes[name].append(load(models, args.streams, args.streams, args.prompt_len, args.output_len))
         for name, _ in pair:
             r = mean_of(passes[name])
@@ -594,6 +595,8 @@ def main(argv=None) -> int:
     g.add_argument("--prompt-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=256)
     g.add_argument("--batch1-tokens", type=int, default=256)
+    g.add_argument("--ab-rounds", type=lambda v: max(1, int(v)), default=3,
+                   help="the 1-adapter / all-adapters scenarios run A B B A this many times (means over the passes)")
     g.add_argument("--kv-fraction", type=float, default=0.5)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--quantize-lm-head", action="store_true",
