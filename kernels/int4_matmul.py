@@ -55,8 +55,9 @@ import triton.language as tl
 
 from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_gemm import int4_gemm_supported, launch_int4_gemm, workspace_numel
+from .int4_mma_alpha import BATCH_MAX_SPLIT_K as MMA_BATCH_ALPHA_MAX_SPLIT_K
 from .int4_mma_alpha import MAX_SPLIT_K as MMA_ALPHA_MAX_SPLIT_K
-from .int4_mma_alpha import launch_mma_alpha, mma_alpha_supported
+from .int4_mma_alpha import launch_mma_alpha, launch_mma_batch_alpha, mma_alpha_supported, mma_batch_alpha_supported
 from .int4_mma_gemv import GROUP_SIZES as MMA_GROUP_SIZES
 from .int4_mma_gemv import MAX_SPLIT_K as MMA_MAX_SPLIT_K
 from .int4_mma_gemv import column_pairs_readable, launch_mma_gemv, mma_gemv_fits, mma_gemv_supported
@@ -515,6 +516,20 @@ def mma_alpha_chosen(M: int, mode: int, group_size: int) -> bool:
     return M == 1 and mode == MODE_ALPHA and group_size in MMA_GROUP_SIZES and MMA_ALPHA_POLICY == "auto"
 
 
+# 2 <= M <= 16 in mode 3 at group size -1 / 128 can run kernels/int4_mma_alpha.py's batch kernel (the MMA batch
+# kernel's layout, one chain per bit plane): MMA_BATCH_ALPHA_POLICY "auto" sends 2 <= M <= 8 there, "all" up to 16,
+# "never" keeps mode 3 on this file's tile. Never until a GPU has timed it (written after session 22's device time;
+# offline sm_90a, 4 bits: 152-190 registers on one chain, two chains spill).
+MMA_BATCH_ALPHA_POLICY = "never"
+
+
+def mma_batch_alpha_chosen(M: int, mode: int, group_size: int) -> bool:
+    """Whether MMA_BATCH_ALPHA_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA alpha batch
+    kernel."""
+    hi = {"auto": 8, "all": MMA_BATCH_MAX_M}.get(MMA_BATCH_ALPHA_POLICY, 0)
+    return 2 <= M <= hi and mode == MODE_ALPHA and group_size in MMA_GROUP_SIZES
+
+
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
     """Whether MMA_GEMV_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA GEMV."""
     if M != 1 or mode not in (MODE_CHANNEL, MODE_GROUP) or MMA_GEMV_POLICY == "never":
@@ -566,12 +581,14 @@ GEMV_MAX_M = 1  # measured (session 2): at M = 4 the per-row x loads and FMAs ma
 
 def autotuned_kernel(M: int, N: int, K: int, mode: int, group_size: int, scale_slots: int = 0) -> str:
     """The kernel int4_matmul runs on CUDA without a config, for inputs that kernel supports (else the next
-    one): "mma gemv", "mma alpha", "mma batch", "fold", "gemv" (this file's decode GEMV) or "tensor-core" (this file's
-    tile)."""
+    one): "mma gemv", "mma alpha", "mma batch", "mma alpha batch", "fold", "gemv" (this file's decode GEMV) or
+    "tensor-core" (this file's tile)."""
     if mma_batch_chosen(M, mode, group_size):
         return "mma batch"
     if mma_alpha_chosen(M, mode, group_size):
         return "mma alpha"
+    if mma_batch_alpha_chosen(M, mode, group_size):
+        return "mma alpha batch"
     if mma_gemv_chosen(M, mode, group_size):
         return "mma gemv"
     if fold_gemm_chosen(M, mode, group_size, scale_slots):
@@ -1014,7 +1031,7 @@ def autotuners() -> dict:
     from . import int4_gemm, int4_mma_alpha, int4_mma_batch, int4_mma_gemv
 
     return {"mma gemv": int4_mma_gemv._tuned, "mma gemv accum": int4_mma_gemv._tuned_accum,
-            "mma alpha": int4_mma_alpha._tuned,
+            "mma alpha": int4_mma_alpha._tuned, "mma alpha batch": int4_mma_alpha._tuned_batch,
             "mma batch": int4_mma_batch._tuned, "fold": int4_gemm._tuned,
             "gemv": _gemv_kernel, "decode": _decode_kernel, "gemm": _gemm_kernel}
 
@@ -1195,6 +1212,12 @@ def int4_matmul(
         full = int4_matmul(x, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
                            scale_slots=scale_slots, norm_in=norm_in)
         return silu_mul(full, out=y)
+    if mode == MODE_ALPHA and ((config is not None and config.get("MMA_BATCH")) or (
+            kernel == "mma alpha batch" and mma_batch_alpha_supported(x, w, alphas))):
+        ws = torch.empty((config["SPLIT_K"] if config else MMA_BATCH_ALPHA_MAX_SPLIT_K) * M * N, dtype=torch.float32,
+                         device=x.device)
+        return launch_mma_batch_alpha(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, bias, config,
+                                      ws, _tile_counters(x.device, "mma alpha batch"))
     if (config is not None and config.get("MMA_BATCH")) or (
             kernel == "mma batch" and mma_batch_supported(x, N, mode, w.group_size, has_zeros)):
         ws = torch.empty((config["SPLIT_K"] if config else MMA_BATCH_MAX_SPLIT_K) * M * N, dtype=torch.float32,

@@ -1,6 +1,9 @@
-"""Decode GEMV (one row of x) of an AlphaTuning row on the tensor cores: mode 3 of kernels.int4_matmul with the code
-words as the A operand of `mma.sync`, laid out and loaded exactly as in kernels.int4_mma_gemv (read its docstring
-first: the [BLOCK_N/2, 128] word tile, the lanes' diagonal, the split-K finish).
+"""Mode 3 of kernels.int4_matmul (AlphaTuning rows) on the tensor cores, for decode: the code words as the A operand of
+`mma.sync`, one chain per bit plane. Two kernels, each the mode-2 kernel of its batch size with planes:
+- the GEMV (one row of x), laid out and loaded exactly as kernels.int4_mma_gemv (read its docstring first: the
+  [BLOCK_N/2, 128] word tile, the lanes' diagonal, the split-K finish);
+- the batch kernel (1 <= M <= 16 rows), laid out as kernels.int4_mma_batch (B's 8 columns are batch rows, a second
+  chain for rows 8..15); each element of a lane's C fragment is a (row, batch row) pair with its own adapter.
 
 Semantics (kernels.reference.adapted_linear_ref is the oracle), for x [1, K], codes Q [N, K] of BITS bits, group
 size -1 or 128, the row's alpha slot a = alpha_idx[0]:
@@ -22,8 +25,9 @@ So C_j = X + x . bit_j / SCALE_j, and with K_j = 2 SCALE_j:
 A step is BITS chains of 8 MMAs (+ the ones chain for X) and 32 LOP3s a chain, against the mode-2 GEMV's one chain:
 the loads, the layout, the x pairs and the split-K finish are the mode-2 kernel's own helpers.
 Each diagonal lane reads its two rows' tables per group (alpha per plane, beta) with predicated loads in the
-lanes' layout; the others get zeros, so their accumulators stay zero.
-The interpreter (CPU CI) computes the same tile with plain tensor arithmetic.
+lanes' layout; the others get zeros, so their accumulators stay zero. In the batch kernel every element reads its
+(row, batch row)'s tables, the alpha slot's or, for a PEQA batch row, those made from its scale and zero point.
+The interpreter (CPU CI) computes the same tiles with plain tensor arithmetic.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_mma_gemv import (BLOCK_K, GROUP_SIZES, INTERPRET_CONFIG, MMA_GEMV_CONFIGS, WORDS, _kmajor_codes,
                             _kmajor_x, _ones_sums, _POSITIONS, _split_sums, _step_lanes, current_pin,
                             pin_key)
+from .int4_mma_batch import INTERPRET_CONFIG as MMA_BATCH_INTERPRET_CONFIG
+from .int4_mma_batch import INTERPRET_WARPS as MMA_BATCH_INTERPRET_WARPS
+from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
+from .int4_mma_batch import MMA_BATCH_CONFIGS, _finish, _step_x
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 MODE_ALPHA = 3
@@ -64,17 +72,16 @@ def plane_scale(j: int, f16: bool) -> float:
     return (16.0 if f16 else 128.0) / 2**j
 
 
-def _plane_step_asm(f16: bool, bits: int) -> str:
-    """One step of one lane (GPU). Operands: acc out $0..$3; words of rows0 $4..$7 and rows1 $8..$11; x pairs
-    $12..$27 (P_i of word u at $12 + 4i + u); X $28..$31; tables ta $32..$35 = (alpha_0 r0, alpha_0 r1, alpha_1 r0,
-    alpha_1 r1), tb $36..$39 the same of planes 2 and 3, tc $40..$43 = (beta r0, beta r1, -, -); acc in $44..$47;
-    the block's parity $48..$51. acc keeps rows0 in element 0 and rows1 in element 2 (1 and 3 stay as they are)."""
+def _plane_chains_asm(f16: bool, bits: int, regs: str) -> list[str]:
+    """The PTX of one lane's plane chains: c<j>_<e> (4 floats, zeroed here) = the m16n8k16 chain over the lane's
+    words of rows0 ($4..$7) and rows1 ($8..$11) as plane j, B the x pairs $12..$27 (P_i of word u at $12 + 4i + u).
+    The A rows and B columns are what kernels.int4_mma_gemv._mma_chain_asm makes of the same operands. regs: more
+    registers for the caller's epilogue, declared in the same scope."""
     dt = "f16" if f16 else "bf16"
     one = "0x3C003C00" if f16 else "0x3F803F80"
     base_mask = 0x00400040 if f16 else 0x00010001
     chains = [f"c{j}_{e}" for j in range(bits) for e in range(4)]
-    out = ["{ .reg .b32 s0, s1, s2, s3, a0, a1, a2, a3; .reg .f32 " + ", ".join(chains) +
-           ", u, v, xx, nx, r0, r1; .reg .pred p;",
+    out = ["{ .reg .b32 s0, s1, s2, s3, a0, a1, a2, a3; .reg .f32 " + ", ".join(chains) + ", " + regs + ";",
            " ".join(f"mov.f32 {c}, 0f00000000;" for c in chains)]
     for t in range(8):
         (u0, i0), (u1, i1) = _POSITIONS[2 * t], _POSITIONS[2 * t + 1]
@@ -95,6 +102,15 @@ def _plane_step_asm(f16: bool, bits: int) -> str:
             c = ", ".join(f"c{j}_{e}" for e in range(4))
             out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32 {{{c}}}, {{a0, a1, a2, a3}}, "
                        f"{{{b0}, {b1}}}, {{{c}}};")
+    return out
+
+
+def _plane_step_asm(f16: bool, bits: int) -> str:
+    """One step of one lane of the GEMV (GPU). Operands: acc out $0..$3; words $4..$11 and x pairs $12..$27 (as in
+    _plane_chains_asm); X $28..$31; tables ta $32..$35 = (alpha_0 r0, alpha_0 r1, alpha_1 r0, alpha_1 r1), tb
+    $36..$39 the same of planes 2 and 3, tc $40..$43 = (beta r0, beta r1, -, -); acc in $44..$47; the block's parity
+    $48..$51. acc keeps rows0 in element 0 and rows1 in element 2 (1 and 3 stay as they are)."""
+    out = _plane_chains_asm(f16, bits, "u, v, xx, nx, r0, r1; .reg .pred p")
     # the lane's diagonal (by its block's parity) and its rows' sums
     out += ["setp.ne.s32 p, $48, 0;", "selp.f32 xx, $29, $28, p;", "mov.f32 r0, $44; mov.f32 r1, $46;"]
     for j in range(bits):
@@ -108,9 +124,31 @@ def _plane_step_asm(f16: bool, bits: int) -> str:
     return "\n".join(out)
 
 
+def _batch_step_asm(f16: bool, bits: int) -> str:
+    """One block of one lane of the batch kernel (GPU): element t of a lane is (row rows0 / rows1 by t >> 1, batch
+    column t & 1), C register t of every chain. Operands: acc out $0..$3; words and x pairs as in _plane_chains_asm;
+    X_t $28..$31; alpha of plane j, element t at $32 + 4j + t (four planes passed, `bits` read); beta_t $48..$51;
+    acc in $52..$55:  acc_t += sum_j alpha_jt (K_j C_jt - (K_j + 1) X_t) + beta_t X_t."""
+    out = _plane_chains_asm(f16, bits, "u, nx, r")
+    for t in range(4):
+        out.append(f"mov.f32 r, ${52 + t};")
+        for j in range(bits):
+            k = 2 * plane_scale(j, f16)
+            out += [f"mul.f32 nx, ${28 + t}, {_f32(-(k + 1))}; fma.rn.f32 u, c{j}_{t}, {_f32(k)}, nx;",
+                    f"fma.rn.f32 r, ${32 + 4 * j + t}, u, r;"]
+        out.append(f"fma.rn.f32 ${t}, ${48 + t}, ${28 + t}, r;")
+    out.append("}")
+    return "\n".join(out)
+
+
 _STEP = {(f16, bits): tl.constexpr(_plane_step_asm(f16, bits)) for f16 in (False, True) for bits in (2, 3, 4)}
 _STEP_BF16_2, _STEP_BF16_3, _STEP_BF16_4 = _STEP[False, 2], _STEP[False, 3], _STEP[False, 4]
 _STEP_F16_2, _STEP_F16_3, _STEP_F16_4 = _STEP[True, 2], _STEP[True, 3], _STEP[True, 4]
+_BSTEP = {(f16, bits): tl.constexpr(_batch_step_asm(f16, bits)) for f16 in (False, True) for bits in (2, 3, 4)}
+_BSTEP_BF16_2, _BSTEP_BF16_3, _BSTEP_BF16_4 = _BSTEP[False, 2], _BSTEP[False, 3], _BSTEP[False, 4]
+_BSTEP_F16_2, _BSTEP_F16_3, _BSTEP_F16_4 = _BSTEP[True, 2], _BSTEP[True, 3], _BSTEP[True, 4]
+# out acc 4 (early clobber), in words 8, x pairs 16, X 4, alphas 16, betas 4, acc 4
+_BSTEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 28)
 # out acc 4 (early clobber), in words 8, x pairs 16, X 4, tables 12, acc 4, parity 4
 _STEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 20 + ",r" * 4)
 
@@ -221,8 +259,8 @@ def _load_if(ptrs, ok):
 @triton.jit
 def _lane_tables(g, ok, row, plane, a_rows, b_rows, s_rows, zero_ptr, stride_aj, stride_ag, stride_bg, stride_sg,
                  stride_zg, PEQA: tl.constexpr, BITS: tl.constexpr):
-    """(ta, tb, tc) [HN, 128] (GPU): each element's plane (plane, plane + 2) alpha and beta of its row and group g, zeros
-    where not ok. Alpha row: a_rows / b_rows point at the row's plane-0 alpha and its beta in group 0. PEQA row
+    """(ta, tb, tc) [HN, 128] (GPU): each element's plane (plane, plane + 2) alpha and beta of its row and group g,
+    zeros where not ok. Alpha row: a_rows / b_rows point at the row's plane-0 alpha and its beta in group 0. PEQA row
     (rtn_to_alphas): alpha_j = s 2^(j-1), beta = s ((2^BITS - 1) / 2 - z), from s_rows (the row's scale in group 0)
     and the base zero points."""
     ok_b = ok & (plane + 2 < BITS)
@@ -538,4 +576,310 @@ def launch_mma_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, 
     if ws.numel() < cfg["SPLIT_K"] * N:
         raise ValueError("workspace too small for SPLIT_K")
     _mma_alpha_kernel[grid](*args, **meta, **cfg)
+    return y
+
+
+# --- small batches (2 <= M <= 16): the MMA batch kernel's layout, one chain per bit plane -------------------------
+
+
+@triton.jit
+def _table_load(ptrs, ok, FAST: tl.constexpr):
+    """float32 of a table where ok, else 0.0: _load_if on the GPU, a masked load in the interpreter."""
+    if FAST:
+        return _load_if(ptrs, ok)
+    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _batch_tables(g, rowt, col, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                  stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                  stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+    """(alpha_0..3, beta) [R, 16]: each element's (row rowt [R, 16], batch column col [1, 16]) plane alphas and beta in
+    group g [R, 1] (planes past BITS: zeros). An AlphaTuning column reads its slot's tables; a PEQA column (an rtn
+    base) makes them from its scale and the zero point (rtn_to_alphas), as the GEMV's PEQA rows do."""
+    col_ok = col < M
+    aidx = tl.load(alpha_idx_ptr + col, mask=col_ok, other=0)  # [1, 16]
+    is_alpha = aidx >= 0
+    a_ok = tl.broadcast_to(col_ok & is_alpha, rowt.shape)
+    arow = alpha_ptr + tl.maximum(aidx, 0).to(tl.int64) * stride_as + rowt * stride_an + g * stride_ag
+    a0 = _table_load(arow, a_ok, FAST)
+    a1 = _table_load(arow + stride_aj, a_ok, FAST)
+    a2 = tl.zeros(rowt.shape, tl.float32)
+    a3 = tl.zeros(rowt.shape, tl.float32)
+    if BITS > 2:
+        a2 = _table_load(arow + 2 * stride_aj, a_ok, FAST)
+    if BITS > 3:
+        a3 = _table_load(arow + 3 * stride_aj, a_ok, FAST)
+    be = _table_load(beta_ptr + tl.maximum(aidx, 0).to(tl.int64) * stride_bs + rowt * stride_bn + g * stride_bg, a_ok,
+                     FAST)
+    if HAS_ZEROS:
+        p_ok = tl.broadcast_to(col_ok & (aidx < 0), rowt.shape)
+        sidx = tl.load(scale_idx_ptr + col, mask=col_ok, other=0).to(tl.int64)
+        s = _table_load(scale_ptr + sidx * stride_ss + rowt * stride_sn + g * stride_sg, p_ok, FAST)
+        z = _table_load(zero_ptr + g * stride_zg + rowt, p_ok, FAST)
+        a0 = tl.where(is_alpha, a0, 0.5 * s)
+        a1 = tl.where(is_alpha, a1, s)
+        if BITS > 2:
+            a2 = tl.where(is_alpha, a2, 2.0 * s)
+        if BITS > 3:
+            a3 = tl.where(is_alpha, a3, 4.0 * s)
+        be = tl.where(is_alpha, be, s * ((2**BITS - 1) / 2 - z))
+    return a0, a1, a2, a3, be
+
+
+@triton.jit
+def _block_group(blk, num_kb, ONE_GROUP: tl.constexpr):
+    """The group of each tile row's block blk [R, 1] (past the range: the last one; its block adds nothing)."""
+    if ONE_GROUP:
+        g = 0 * blk
+    else:
+        g = tl.minimum(blk, num_kb - 1)
+    return g
+
+
+@triton.jit
+def _batch_plane_step(acc, w0, w1, p0, p1, p2, p3, a0, a1, a2, a3, be, F16: tl.constexpr, BITS: tl.constexpr):
+    """acc [R, 16] += the blocks' plane dots of one chain of 8 batch columns, weighted (GPU; _batch_step_asm)."""
+    if F16:
+        if BITS == 2:
+            STEP: tl.constexpr = _BSTEP_F16_2
+        elif BITS == 3:
+            STEP: tl.constexpr = _BSTEP_F16_3
+        else:
+            STEP: tl.constexpr = _BSTEP_F16_4
+    else:
+        if BITS == 2:
+            STEP: tl.constexpr = _BSTEP_BF16_2
+        elif BITS == 3:
+            STEP: tl.constexpr = _BSTEP_BF16_3
+        else:
+            STEP: tl.constexpr = _BSTEP_BF16_4
+    xs = _ones_sums(p0, p1, p2, p3, F16)
+    return tl.inline_asm_elementwise(STEP, _BSTEP_CONSTRAINTS,
+                                     [w0, w1, p0, p1, p2, p3, xs, a0, a1, a2, a3, be, acc],
+                                     dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _plain_batch_step(acc, blk, w0, w1, a0, a1, a2, a3, be, x_ptr, stride_xm, mb, M, K, vcol, BITS: tl.constexpr):
+    """Interpreter: acc [R, 16] += sum_j alpha_j S_j + beta X of each element (row rows0 / rows1 by t >> 1, batch
+    column mb + 2c + (t & 1)) over its tile row's block blk [R, 1], in plain float32 arithmetic."""
+    R: tl.constexpr = w0.shape[0]
+    nib = tl.arange(0, 8)[None, None, :] * 4
+    rb = mb + tl.arange(0, 8)[None, :, None]  # [1, 8, 1] the chain's batch rows
+    k = blk[:, :, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]  # [R, 1, 128]
+    xb = tl.load(x_ptr + rb * stride_xm + k, mask=(rb < M) & (k < K), other=0.0).to(tl.float32)  # [R, 8, 128]
+    xs = tl.sum(xb, 2)  # [R, 8]
+    t = vcol & 3
+    pick = (2 * (vcol >> 2) + (t & 1))[:, None] == tl.arange(0, 8)[None, :]  # [16, 8] element -> batch column
+    xe = tl.sum(tl.where(pick[None, :, :], xs[:, None, :], 0.0), 2)  # [R, 16]
+    out = be * xe
+    for j in tl.static_range(BITS):
+        b0 = tl.reshape(((w0[:, :, None] >> (nib + j)) & 1).to(tl.float32), [R, BLOCK_K])  # [R, 128]: k = 8w + i
+        b1 = tl.reshape(((w1[:, :, None] >> (nib + j)) & 1).to(tl.float32), [R, BLOCK_K])
+        d0 = tl.sum(b0[:, None, :] * xb, 2)  # [R, 8] rows0 x batch
+        d1 = tl.sum(b1[:, None, :] * xb, 2)
+        e0 = tl.sum(tl.where(pick[None, :, :], d0[:, None, :], 0.0), 2)  # [R, 16]
+        e1 = tl.sum(tl.where(pick[None, :, :], d1[:, None, :], 0.0), 2)
+        if j == 0:
+            a = a0
+        elif j == 1:
+            a = a1
+        elif j == 2:
+            a = a2
+        else:
+            a = a3
+        out += a * (2.0 * tl.where(t[None, :] < 2, e0, e1) - xe)
+    return acc + out
+
+
+@triton.jit(do_not_specialize=[*ROW_INDEX_ARGS, "alpha_idx_ptr"])
+def _mma_batch_alpha_kernel(
+    x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
+    q_ptr, zero_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f32 (PEQA columns)
+    chan_ptr, scale_ptr, alpha_ptr, beta_ptr,  # slab tables, read through strides
+    chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # [M] the rows' slots
+    ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, arrival counters (one per column tile, zero)
+    M, N, K,
+    stride_xm, stride_ym, stride_qn, stride_zg, stride_cs,
+    stride_ss, stride_sn, stride_sg,
+    stride_as, stride_aj, stride_an, stride_ag,
+    stride_bs, stride_bn, stride_bg,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    FAST: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, MB2: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BPS: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """y[:M, tile] in mode 3 for one column tile of BLOCK_N = 16 * num_warps rows and one of SPLIT_K ranges of steps,
+    laid out as kernels/int4_mma_batch.py's kernel (its docstring): a step is BPS K blocks held as row bands of the
+    [BPS * HN, 16] tiles, MB2 a second chain for batch rows 8..15. The codes and x are loaded one step ahead, the
+    tables in their step (the autotune list's DEPTH, X_AHEAD and UNROLL: 1 only)."""
+    tl.static_assert(DEPTH == 1 and X_AHEAD == 1 and UNROLL == 1, "the alpha batch kernel: DEPTH, X_AHEAD, UNROLL 1")
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HN: tl.constexpr = BLOCK_N // 2
+    R: tl.constexpr = BPS * HN
+    ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
+    r = tl.arange(0, R)
+    rblk = (r // HN)[:, None]  # [R, 1] the tile row's block within a step
+    pair0 = pid_n * BLOCK_N + 2 * (r % HN)  # [R] the tile row's first row
+    vcol = tl.arange(0, WORDS)
+    vword = vcol[None, :]
+    t = vword & 3
+    q0 = q_ptr + pair0[:, None] * stride_qn + rblk * WORDS + vword  # [R, 16] at step 0
+    q1 = q0 + stride_qn
+    num_kb = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(tl.cdiv(num_kb, BPS), SPLIT_K)
+    s_lo = pid_k * steps_per_split
+    kb_hi = tl.minimum((s_lo + steps_per_split) * BPS, num_kb)
+    s_hi = tl.cdiv(kb_hi, BPS)
+    if PDL:  # this program's first code blocks into L2 (a 128-byte line holds two blocks of a row)
+        first = ((vword & 7) == 0) & (rblk == 0) & (s_lo < s_hi)
+        prefetch_l2(q0 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
+        prefetch_l2(q1 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
+    wait_for_producer(PDL)
+    brow0 = (r % 8)[:, None] + 0 * vword  # [R, 16]: the x row whose B column the lane loads (chain 0)
+    x0p = x_ptr + brow0 * stride_xm
+    x1p = x0p + 8 * stride_xm
+    xok0 = brow0 < M
+    xok1 = brow0 + 8 < M
+    colr = 2 * (vword >> 2) + (t & 1)  # [1, 16] each element's batch column (chain 0)
+    rowt = tl.minimum(pair0[:, None] + (t >> 1), N - 1)  # [R, 16] each element's row (past N: row N - 1, not stored)
+    acc0 = tl.zeros([R, WORDS], dtype=tl.float32)
+    acc1 = tl.zeros([R, WORDS], dtype=tl.float32)
+    if FAST:  # the codes and x one step ahead in registers
+        blk = s_lo * BPS + rblk
+        w0n = tl.load(q0 + s_lo * (BPS * WORDS), mask=blk < kb_hi, other=0, eviction_policy="evict_first")
+        w1n = tl.load(q1 + s_lo * (BPS * WORDS), mask=blk < kb_hi, other=0, eviction_policy="evict_first")
+        a0n, a1n, a2n, a3n, b0n, b1n, b2n, b3n = _step_x(blk, blk < kb_hi, x0p, x1p, xok0, xok1, K, vword, MB2,
+                                                         EVEN_K)
+        for s in range(s_lo, s_hi):
+            blk = s * BPS + rblk  # [R, 1]
+            nxt = blk + BPS
+            w0 = w0n
+            w1 = w1n
+            a0 = a0n
+            a1 = a1n
+            a2 = a2n
+            a3 = a3n
+            b0 = b0n
+            b1 = b1n
+            b2 = b2n
+            b3 = b3n
+            w0n = tl.load(q0 + (s + 1) * (BPS * WORDS), mask=nxt < kb_hi, other=0, eviction_policy="evict_first")
+            w1n = tl.load(q1 + (s + 1) * (BPS * WORDS), mask=nxt < kb_hi, other=0, eviction_policy="evict_first")
+            a0n, a1n, a2n, a3n, b0n, b1n, b2n, b3n = _step_x(nxt, nxt < kb_hi, x0p, x1p, xok0, xok1, K, vword, MB2,
+                                                             EVEN_K)
+            g = _block_group(blk, num_kb, ONE_GROUP)
+            ta0, ta1, ta2, ta3, tb = _batch_tables(
+                g, rowt, colr, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr, stride_as,
+                stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn, stride_sg,
+                stride_zg, HAS_ZEROS, BITS, FAST)
+            acc0 = _batch_plane_step(acc0, w0, w1, a0, a1, a2, a3, ta0, ta1, ta2, ta3, tb, F16, BITS)
+            if MB2:
+                ua0, ua1, ua2, ua3, ub = _batch_tables(
+                    g, rowt, colr + 8, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                    stride_sg, stride_zg, HAS_ZEROS, BITS, FAST)
+                acc1 = _batch_plane_step(acc1, w0, w1, b0, b1, b2, b3, ua0, ua1, ua2, ua3, ub, F16, BITS)
+    else:
+        s = s_lo
+        while s < s_hi:
+            blk = s * BPS + rblk
+            w0 = tl.load(q0 + s * (BPS * WORDS), mask=blk < kb_hi, other=0)
+            w1 = tl.load(q1 + s * (BPS * WORDS), mask=blk < kb_hi, other=0)
+            g = _block_group(blk, num_kb, ONE_GROUP)
+            ta0, ta1, ta2, ta3, tb = _batch_tables(
+                g, rowt, colr, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr, stride_as,
+                stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn, stride_sg,
+                stride_zg, HAS_ZEROS, BITS, FAST)
+            acc0 = _plain_batch_step(acc0, blk, w0, w1, ta0, ta1, ta2, ta3, tb, x_ptr, stride_xm, 0, M, K, vcol, BITS)
+            if MB2:
+                ua0, ua1, ua2, ua3, ub = _batch_tables(
+                    g, rowt, colr + 8, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                    stride_sg, stride_zg, HAS_ZEROS, BITS, FAST)
+                acc1 = _plain_batch_step(acc1, blk, w0, w1, ua0, ua1, ua2, ua3, ub, x_ptr, stride_xm, 8, M, K, vcol,
+                                         BITS)
+            s += 1
+    if BPS > 1:  # the step's blocks are row bands of the tile: add them up (within each thread)
+        acc0 = tl.sum(tl.reshape(acc0, [BPS, HN, WORDS]), 0)
+        acc1 = tl.sum(tl.reshape(acc1, [BPS, HN, WORDS]), 0)
+    i = tl.arange(0, HN)
+    rowe = pid_n * BLOCK_N + 2 * i[:, None] + (t >> 1)  # [HN, 16]
+    _finish(acc0, rowe, colr, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, M, N,
+            stride_ym, stride_cs, acc1, MB2, HAS_BIAS, SPLIT_K, alpha_idx_ptr, True)
+
+
+_BATCH_KEY = ["N", "K", "BITS", "GROUP_SIZE", "HAS_BIAS", "HAS_ZEROS", "F16", "MB2"]  # (K fixes EVEN_K)
+# the MMA batch kernel's list, where this kernel takes the config (one step ahead, one step an iteration)
+BATCH_CONFIGS = [c for c in MMA_BATCH_CONFIGS
+                 if c.kwargs["DEPTH"] == 1 and c.kwargs["X_AHEAD"] == 1 and c.kwargs["UNROLL"] == 1]
+BATCH_MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in BATCH_CONFIGS)
+
+
+def _prune_alpha_batch(configs, named_args, **kwargs):
+    """Two chains (M > 8) take one block a step: at two they spill ~1 KB (offline sm_90a, 4 bits, 255 registers)."""
+    if kwargs.get("MB2", named_args.get("MB2")):
+        return [c for c in configs if c.kwargs["BPS"] == 1]
+    return configs
+
+
+_tuned_batch = triton.autotune(configs=BATCH_CONFIGS, key=_BATCH_KEY, do_bench=quick_bench, cache_results=True,
+                               prune_configs_by={"early_config_prune": _prune_alpha_batch})(_mma_batch_alpha_kernel)
+
+
+def mma_batch_alpha_supported(x: torch.Tensor, w, alphas: torch.Tensor | None) -> bool:
+    """Whether the batch kernel takes this mode-3 call: 1 <= M <= 16 rows, an even N, 2-4 bit codes at group size -1
+    or 128; on the GPU 16-bit x read as 16-byte words (K a multiple of 8, rows 16-byte aligned)."""
+    M, K = x.shape
+    if not (1 <= M <= MMA_BATCH_MAX_M and w.N % 2 == 0 and w.group_size in GROUP_SIZES and 2 <= w.bits <= 4
+            and alphas is not None and alphas.shape[1] == w.bits):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return (x.dtype in (torch.bfloat16, torch.float16) and K % 8 == 0 and x.stride(1) == 1
+            and x.data_ptr() % 16 == 0 and (M == 1 or x.stride(0) % 8 == 0))
+
+
+def launch_mma_batch_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, alpha_idx, bias, config, ws,
+                           cnt):
+    """y [M, N] = the mode-3 semantics (module docstring, per row) for x [M, K], 1 <= M <= 16; ws: float32 workspace
+    of at least BATCH_MAX_SPLIT_K * M * N elements (SPLIT_K * M * N with a config), cnt: zeroed int32 counters (one
+    per column tile). config: BLOCK_N (16 x num_warps), SPLIT_K, optional BPS (else autotuned; fixed in the
+    interpreter)."""
+    M, K = x.shape
+    N = w.N
+    if not mma_batch_alpha_supported(x, w, alphas) or betas is None:
+        raise ValueError("the MMA alpha batch kernel takes 1 to 16 rows of x, an even N, 2-4 bit codes with group "
+                         "size -1 or 128, alpha and beta tables with one plane a bit, and on CUDA 16-bit x with "
+                         "16-byte aligned rows and K a multiple of 8")
+    has_zeros = w.zeros_t is not None
+    q32 = w.codes_t.view(torch.int32)
+    zeros = w.zeros_t if has_zeros else q32
+    st = scales if scales is not None and has_zeros else alphas
+    s_strides = (st.stride(0), st.stride(1), st.stride(-1)) if scales is not None and has_zeros else (0, 0, 0)
+    args = (x, y, bias if bias is not None else x, q32, zeros, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx,
+            ws, cnt, M, N, K, x.stride(0), y.stride(0), q32.stride(0), zeros.stride(0) if has_zeros else 0,
+            chan.stride(0), *s_strides, *alphas.stride(), *betas.stride())
+    interpret = x.device.type == "cpu"
+    meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
+                FAST=not interpret, F16=x.dtype == torch.float16, MB2=M > 8, EVEN_K=K % 128 == 0,
+                **launch_kwargs(x))
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if config is None and interpret:
+        config = {**MMA_BATCH_INTERPRET_CONFIG, "num_warps": MMA_BATCH_INTERPRET_WARPS}
+    if config is None:
+        _tuned_batch[grid](*args, **meta)
+        return y
+    cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1, "num_stages": 1,
+           **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
+    if cfg["BLOCK_N"] != 16 * cfg.get("num_warps", 4):
+        raise ValueError("BLOCK_N must be 16 x num_warps (one row pair per lane group)")
+    if ws.numel() < cfg["SPLIT_K"] * M * N:
+        raise ValueError("workspace too small for SPLIT_K")
+    _mma_batch_alpha_kernel[grid](*args, **meta, **cfg)
     return y

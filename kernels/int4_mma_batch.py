@@ -410,9 +410,11 @@ def _mma_batch_kernel(
 
 @triton.jit
 def _finish(acc0, rowe, col, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, ws_ptr, cnt_ptr, M, N,
-            stride_ym, stride_cs, acc1, MB2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+            stride_ym, stride_cs, acc1, MB2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+            alpha_idx_ptr=None, ALPHA: tl.constexpr = False):
     """y[col, rowe] = acc * chan[c_col, rowe] (+ bias) for both chains; with split-K the last split to arrive
-    at the column tile sums the partials (fixed order: deterministic)."""
+    at the column tile sums the partials (fixed order: deterministic). ALPHA (kernels.int4_mma_alpha's batch
+    kernel): AlphaTuning columns (alpha_idx >= 0) take no chan."""
     if SPLIT_K > 1:
         ok0 = (rowe < N) & (col < M)
         tl.store(ws_ptr + (pid_k * M + col) * N + rowe, acc0, mask=ok0)
@@ -430,22 +432,28 @@ def _finish(acc0, rowe, col, pid_n, pid_k, y_ptr, bias_ptr, chan_ptr, chan_idx_p
                     acc1 += tl.load(ws_ptr + (sk * M + col + 8) * N + rowe, mask=(rowe < N) & (col + 8 < M),
                                     other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt, 0)
-            _store(acc0, rowe, col, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs, HAS_BIAS)
+            _store(acc0, rowe, col, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs, HAS_BIAS,
+                   alpha_idx_ptr, ALPHA)
             if MB2:
                 _store(acc1, rowe, col + 8, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs,
-                       HAS_BIAS)
+                       HAS_BIAS, alpha_idx_ptr, ALPHA)
     else:
-        _store(acc0, rowe, col, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs, HAS_BIAS)
+        _store(acc0, rowe, col, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs, HAS_BIAS,
+               alpha_idx_ptr, ALPHA)
         if MB2:
-            _store(acc1, rowe, col + 8, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs, HAS_BIAS)
+            _store(acc1, rowe, col + 8, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs, HAS_BIAS,
+                   alpha_idx_ptr, ALPHA)
 
 
 @triton.jit
 def _store(acc, rowe, col, y_ptr, bias_ptr, chan_ptr, chan_idx_ptr, M, N, stride_ym, stride_cs,
-           HAS_BIAS: tl.constexpr):
+           HAS_BIAS: tl.constexpr, alpha_idx_ptr, ALPHA: tl.constexpr):
     ok = (rowe < N) & (col < M)
     cidx = tl.load(chan_idx_ptr + col, mask=col < M, other=0).to(tl.int64)  # [1, 16]
-    y = acc * tl.load(chan_ptr + cidx * stride_cs + rowe, mask=ok, other=0.0).to(tl.float32)
+    c_ok = ok
+    if ALPHA:
+        c_ok = ok & (tl.load(alpha_idx_ptr + col, mask=col < M, other=0) < 0)
+    y = acc * tl.load(chan_ptr + cidx * stride_cs + rowe, mask=c_ok, other=1.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rowe, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + col * stride_ym + rowe, y.to(y_ptr.dtype.element_ty), mask=ok)

@@ -591,9 +591,9 @@ def test_norm_epilogues_refuse_what_they_cannot_do():
 
 
 def test_mma_gemv_rejects_what_it_cannot_run():
-    """Mode 3, group size 32, two rows and an odd N are refused with a clear error, not computed wrongly."""
-    for mode, gs, M, N in ((MODE_ALPHA, 128, 1, 40), (MODE_GROUP, 32, 1, 40), (MODE_GROUP, 128, 2, 40),
-                           (MODE_GROUP, 128, 1, 41)):
+    """Group size 32, two rows and an odd N are refused with a clear error, not computed wrongly (mode 3 takes the
+    MMA alpha GEMV: test_mma_alpha_gemv_rejects_what_it_cannot_run)."""
+    for mode, gs, M, N in ((MODE_GROUP, 32, 1, 40), (MODE_GROUP, 128, 2, 40), (MODE_GROUP, 128, 1, 41)):
         t = make_case(M, N, 256, gs, 4, mode, "uniform", torch.bfloat16)
         with pytest.raises(ValueError, match="MMA GEMV"):
             run_kernel(t, mode, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1})
@@ -636,13 +636,62 @@ def test_mma_batch_small(mode, gs, M, dtype, dist, warps, split, depth, bps, xa,
 
 
 def test_mma_batch_rejects_what_it_cannot_run():
-    """Mode 3, group size 32, 17 rows, an odd N and a tile that is not 16 rows per warp are refused with a
-    clear error, not computed wrongly."""
-    for mode, gs, M, N, bn in ((MODE_ALPHA, 128, 4, 40, 16), (MODE_GROUP, 32, 4, 40, 16), (MODE_GROUP, 128, 17, 40, 16),
-                               (MODE_GROUP, 128, 4, 41, 16), (MODE_CHANNEL, 128, 4, 40, 32)):
+    """Group size 32, 17 rows, an odd N and a tile that is not 16 rows per warp are refused with a clear error, not
+    computed wrongly, in modes 1/2 and (the alpha batch kernel) mode 3."""
+    for mode, gs, M, N, bn in ((MODE_ALPHA, 32, 4, 40, 16), (MODE_GROUP, 32, 4, 40, 16),
+                               (MODE_GROUP, 128, 17, 40, 16), (MODE_ALPHA, 128, 17, 40, 16),
+                               (MODE_GROUP, 128, 4, 41, 16), (MODE_ALPHA, 128, 4, 41, 16),
+                               (MODE_CHANNEL, 128, 4, 40, 32), (MODE_ALPHA, 128, 4, 40, 32)):
         t = make_case(M, N, 256, gs, 4, mode, "uniform", torch.bfloat16)
-        with pytest.raises(ValueError, match="MMA batch kernel|BLOCK_N"):
+        with pytest.raises(ValueError, match="MMA (alpha )?batch kernel|BLOCK_N"):
             run_kernel(t, mode, {"MMA_BATCH": 1, "BLOCK_N": bn, "SPLIT_K": 1, "num_warps": 1})
+
+
+def _alpha_batch_cases():
+    """Row counts around the chains' 8 columns x group sizes x an rtn / a bcq base; bits, dtypes, distributions (mode
+    3's: AlphaTuning, PEQA group / channel and base rows mixed), tile widths, splits, blocks a step and the slab's
+    table dtype rotate."""
+    out = []
+    for i, (M, gs, bcq) in enumerate(itertools.product((1, 2, 5, 8, 9, 16), (-1, 128), (False, True))):
+        dtype = DTYPES[i % 3]
+        dist = DISTS[i % len(DISTS)]
+        bits = (4, 3, 2)[i % 3]
+        warps, split, bps = (1, 2)[(i // 2) % 2], (1, 2, 3)[i % 3], (1, 2)[(i // 3) % 2]
+        tdt = (torch.float16, torch.bfloat16, torch.float32)[(i // 2) % 3]
+        out.append(pytest.param(M, gs, bcq, dtype, dist, bits, warps, split, bps, tdt,
+                                id=f"M{M}-g{gs}-{'bcq' if bcq else 'rtn'}-{str(dtype)[6:]}-{dist}-b{bits}-w{warps}"
+                                   f"-sk{split}-bps{bps}-t{str(tdt)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("M,gs,bcq,dtype,dist,bits,warps,split,bps,tdt", _alpha_batch_cases())
+def test_mma_alpha_batch_small(M, gs, bcq, dtype, dist, bits, warps, split, bps, tdt):
+    """kernels/int4_mma_alpha.py's batch kernel (mode 3, 1 <= M <= 16) against the reference: every row its own
+    adapter kind and slot, N not a multiple of the tile, K over several steps with a ragged last block; outputs
+    poisoned first."""
+    if CUDA and dtype == torch.float32:
+        pytest.skip("the MMA alpha batch kernel takes 16-bit x on CUDA")
+    N, K = BATCH_SHAPES[gs]
+    t = make_case(M, N, K, gs, bits, MODE_ALPHA, dist, dtype, bcq=bcq, bias=(split == 2))
+    tables = {k: t[k].to(tdt) for k in ("chan", "alphas", "betas") + (() if bcq else ("scales",))}
+    t.update(tables)
+    cfg = {"MMA_BATCH": 1, "BLOCK_N": 16 * warps, "num_warps": warps, "SPLIT_K": split, "BPS": bps}
+    y = run_kernel(t, MODE_ALPHA, cfg, n_major=(split != 3))
+    check(y, reference({**t, **{k: v.float() for k, v in tables.items()}}), dtype)
+
+
+def test_mma_alpha_batch_dispatch_rule(monkeypatch):
+    """never (the default until a GPU has timed it); auto: 2 to 8 rows in mode 3 at group size -1 and 128; all: up
+    to 16; one row stays on the MMA alpha GEMV, modes 1/2 on their kernels."""
+    assert not im.mma_batch_alpha_chosen(4, MODE_ALPHA, 128)
+    monkeypatch.setattr(im, "MMA_BATCH_ALPHA_POLICY", "auto")
+    assert im.mma_batch_alpha_chosen(2, MODE_ALPHA, 128) and im.mma_batch_alpha_chosen(8, MODE_ALPHA, -1)
+    assert not im.mma_batch_alpha_chosen(9, MODE_ALPHA, 128) and not im.mma_batch_alpha_chosen(4, MODE_ALPHA, 32)
+    assert not im.mma_batch_alpha_chosen(4, MODE_GROUP, 128)
+    assert im.autotuned_kernel(4, 64, 256, MODE_ALPHA, 128) == "mma alpha batch"
+    assert im.autotuned_kernel(1, 64, 256, MODE_ALPHA, 128) == "mma alpha"
+    monkeypatch.setattr(im, "MMA_BATCH_ALPHA_POLICY", "all")
+    assert im.mma_batch_alpha_chosen(16, MODE_ALPHA, 128) and not im.mma_batch_alpha_chosen(17, MODE_ALPHA, 128)
 
 
 def test_mma_batch_dispatch_rule(monkeypatch):

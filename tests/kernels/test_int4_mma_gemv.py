@@ -70,9 +70,11 @@ print(json.dumps(out))
 
 GEMV, BATCH = "scaleserve.kernels.int4_mma_gemv", "scaleserve.kernels.int4_mma_batch"
 ALPHA = "scaleserve.kernels.int4_mma_alpha"
-WANTED = {GEMV: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
-          BATCH: "sizePerThread = [1, 4], threadsPerWarp = [8, 4]",
-          ALPHA: "sizePerThread = [1, 4], threadsPerWarp = [1, 32]"}
+# by kernel: the GEMVs' [BLOCK_N / 2, 128] word tiles, the batch kernels' [BPS * BLOCK_N / 2, 16] ones
+WANTED = {"_mma_gemv_kernel": "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
+          "_mma_alpha_kernel": "sizePerThread = [1, 4], threadsPerWarp = [1, 32]",
+          "_mma_batch_kernel": "sizePerThread = [1, 4], threadsPerWarp = [8, 4]",
+          "_mma_batch_alpha_kernel": "sizePerThread = [1, 4], threadsPerWarp = [8, 4]"}
 
 
 def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", s_pair=True, silu=False, **meta):
@@ -82,6 +84,7 @@ def _case(module, kernel, cfg, mode=2, group_size=128, f16=False, slab="*fp16", 
 
 def _cases():
     from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CANDIDATE_CONFIGS, MMA_BATCH_CONFIGS, _scales_asm
+    from scaleserve.kernels.int4_mma_alpha import BATCH_CONFIGS as alpha_batch_configs
     from scaleserve.kernels.int4_mma_alpha import CONFIGS as alpha_configs_list
     from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
@@ -98,6 +101,10 @@ def _cases():
     def alpha(cfg, bits=4, has_zeros=True, pairs=True, **kw):
         return _case(ALPHA, "_mma_alpha_kernel", cfg, mode=3, s_pair=False, BITS=bits, HAS_ZEROS=has_zeros,
                      PAIRS=pairs, **kw)
+
+    def batch_alpha(cfg, mb2=False, bits=4, has_zeros=True, **kw):
+        return _case(ALPHA, "_mma_batch_alpha_kernel", cfg, mode=3, s_pair=False, MB2=mb2, BITS=bits,
+                     HAS_ZEROS=has_zeros, **kw)
 
     first = MMA_GEMV_CONFIGS[0]
     b0 = MMA_BATCH_CONFIGS[0]
@@ -119,7 +126,12 @@ def _cases():
             # the AlphaTuning rows' GEMV: every config it takes, then 3 bits / fp16 / a bcq base / f32 tables
             + [alpha(c) for c in alpha_configs()]
             + [alpha(first, bits=3, f16=True, slab="*fp32"), alpha(MMA_GEMV_CONFIGS[6], has_zeros=False, group_size=-1),
-               alpha(first, bits=2, slab="*bf16"), alpha(first, pairs=False, f16=True)])
+               alpha(first, bits=2, slab="*bf16"), alpha(first, pairs=False, f16=True)]
+            # the AlphaTuning batch kernel: its configs (two chains where the batch kernel's prune lets them), then
+            # 3 bits / fp16 / a bcq base / per-channel
+            + [batch_alpha(c, mb2=bool(i % 2) and c.kwargs["BPS"] <= 2) for i, c in enumerate(alpha_batch_configs)]
+            + [batch_alpha(b0, bits=3, f16=True, slab="*fp32"), batch_alpha(b0, has_zeros=False, group_size=-1),
+               batch_alpha(b0, bits=2, mb2=True, slab="*bf16")])
 
 
 @pytest.mark.timeout(600)
@@ -135,9 +147,9 @@ def test_mma_asm_gets_its_layout():
     for case, got in zip(cases, found):
         layouts = got["layouts"]
         assert len(layouts) >= 2, (case, layouts)  # the step and its tables, at least
-        wrong = [lay for lay in layouts if WANTED[case["module"]] not in lay or "order = [1, 0]" not in lay]
+        wrong = [lay for lay in layouts if WANTED[case["kernel"]] not in lay or "order = [1, 0]" not in lay]
         assert not wrong, f"{case}: pack=4 asm in {wrong}"
-        if case["module"] == BATCH:
+        if case["kernel"] == "_mma_batch_kernel":
             # a lane's 4 elements stand for 2 rows: 4 registers (a pure asm with operands constant along the
             # words was once computed once and its last result handed to all 4 elements: rows0 got rows1's z)
             zeros = got["zeros"]
