@@ -32,6 +32,7 @@ The interpreter (CPU CI) computes the same tiles with plain tensor arithmetic.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -42,10 +43,8 @@ from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_mma_gemv import (BLOCK_K, GROUP_SIZES, INTERPRET_CONFIG, MMA_GEMV_CONFIGS, WORDS, _kmajor_codes,
                             _kmajor_x, _ones_sums, _POSITIONS, _split_sums, _step_lanes, current_pin,
                             pin_key)
-from .int4_mma_batch import INTERPRET_CONFIG as MMA_BATCH_INTERPRET_CONFIG
-from .int4_mma_batch import INTERPRET_WARPS as MMA_BATCH_INTERPRET_WARPS
 from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
-from .int4_mma_batch import MMA_BATCH_CONFIGS, _finish, _step_x
+from .int4_mma_batch import MMA_BATCH_CONFIGS, _finish, _step_x, run_batch_kernel
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 MODE_ALPHA = 3
@@ -141,12 +140,8 @@ def _batch_step_asm(f16: bool, bits: int) -> str:
     return "\n".join(out)
 
 
-_STEP = {(f16, bits): tl.constexpr(_plane_step_asm(f16, bits)) for f16 in (False, True) for bits in (2, 3, 4)}
-_STEP_BF16_2, _STEP_BF16_3, _STEP_BF16_4 = _STEP[False, 2], _STEP[False, 3], _STEP[False, 4]
-_STEP_F16_2, _STEP_F16_3, _STEP_F16_4 = _STEP[True, 2], _STEP[True, 3], _STEP[True, 4]
-_BSTEP = {(f16, bits): tl.constexpr(_batch_step_asm(f16, bits)) for f16 in (False, True) for bits in (2, 3, 4)}
-_BSTEP_BF16_2, _BSTEP_BF16_3, _BSTEP_BF16_4 = _BSTEP[False, 2], _BSTEP[False, 3], _BSTEP[False, 4]
-_BSTEP_F16_2, _BSTEP_F16_3, _BSTEP_F16_4 = _BSTEP[True, 2], _BSTEP[True, 3], _BSTEP[True, 4]
+step_asm = functools.cache(_plane_step_asm)  # (launchers ask for one on every launch)
+batch_step_asm = functools.cache(_batch_step_asm)
 # out acc 4 (early clobber), in words 8, x pairs 16, X 4, alphas 16, betas 4, acc 4
 _BSTEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 28)
 # out acc 4 (early clobber), in words 8, x pairs 16, X 4, tables 12, acc 4, parity 4
@@ -154,24 +149,11 @@ _STEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 20 + ",r
 
 
 @triton.jit
-def _plane_step(acc, w0, w1, p0, p1, p2, p3, ta, tb, tc, odd, F16: tl.constexpr, BITS: tl.constexpr):
-    """acc [HN, 128] += the step's diagonal plane dots, weighted by the lanes' tables (GPU; _plane_step_asm)."""
-    if F16:
-        if BITS == 2:
-            STEP: tl.constexpr = _STEP_F16_2
-        elif BITS == 3:
-            STEP: tl.constexpr = _STEP_F16_3
-        else:
-            STEP: tl.constexpr = _STEP_F16_4
-    else:
-        if BITS == 2:
-            STEP: tl.constexpr = _STEP_BF16_2
-        elif BITS == 3:
-            STEP: tl.constexpr = _STEP_BF16_3
-        else:
-            STEP: tl.constexpr = _STEP_BF16_4
+def _plane_step(acc, w0, w1, p0, p1, p2, p3, ta, tb, tc, odd, F16: tl.constexpr, STEP_ASM: tl.constexpr):
+    """acc [HN, 128] += the step's diagonal plane dots, weighted by the lanes' tables (GPU; STEP_ASM: the launcher's
+    step_asm for x's dtype and the bits)."""
     xg = _ones_sums(p0, p1, p2, p3, F16)
-    return tl.inline_asm_elementwise(STEP, _STEP_CONSTRAINTS, [w0, w1, p0, p1, p2, p3, xg, ta, tb, tc, acc, odd],
+    return tl.inline_asm_elementwise(STEP_ASM, _STEP_CONSTRAINTS, [w0, w1, p0, p1, p2, p3, xg, ta, tb, tc, acc, odd],
                                      dtype=tl.float32, is_pure=True, pack=4)
 
 
@@ -352,7 +334,7 @@ def _step_tables(kb, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows, a_
 def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_base, s_base, zero_ptr,
                 stride_aj, stride_an, stride_ag, stride_bn, stride_bg, stride_sn, stride_sg, stride_zg,
                 PEQA: tl.constexpr, PAIRS: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr,
-                F16: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr):
+                F16: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr, STEP_ASM: tl.constexpr):
     """acc over the steps [kb_lo, kb_hi) of one row kind (PEQA: tables from the scales and zero points). The lanes'
     tables are loaded one step ahead, the codes and x DEPTH steps ahead."""
     v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
@@ -406,7 +388,7 @@ def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_bas
                 ta, tb, tc = _step_tables(kb, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows, a_pair, b_pair,
                                           step_bytes, zero_ptr, stride_aj, stride_ag, stride_bg, stride_sg, stride_zg,
                                           PEQA, PAIRS, BITS, ONE_GROUP)
-            acc = _plane_step(acc, w0, w1, p0, p1, p2, p3, ta, tb, tc, odd, F16, BITS)
+            acc = _plane_step(acc, w0, w1, p0, p1, p2, p3, ta, tb, tc, odd, F16, STEP_ASM)
     else:
         a_rows0 = a_base + rows0[:, None] * stride_an
         a_rows1 = a_base + rows1[:, None] * stride_an
@@ -439,7 +421,7 @@ def _mma_alpha_kernel(
     stride_as, stride_aj, stride_an, stride_ag,
     stride_bs, stride_bn, stride_bg,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    FAST: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, PAIRS: tl.constexpr,
+    FAST: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, PAIRS: tl.constexpr, STEP_ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     STAGES: tl.constexpr, UNROLL: tl.constexpr,
 ):
@@ -478,15 +460,15 @@ def _mma_alpha_kernel(
         if aidx >= 0:
             acc = _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, t0, t1, a_base, b_base, s_base, zero_ptr,
                               stride_aj, stride_an, stride_ag, stride_bn, stride_bg, stride_sn, stride_sg, stride_zg,
-                              False, PAIRS, BITS, ONE_GROUP, F16, FAST, DEPTH)
+                              False, PAIRS, BITS, ONE_GROUP, F16, FAST, DEPTH, STEP_ASM)
         else:  # a PEQA row in a mode-3 call
             acc = _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, t0, t1, a_base, b_base, s_base, zero_ptr,
                               stride_aj, stride_an, stride_ag, stride_bn, stride_bg, stride_sn, stride_sg, stride_zg,
-                              True, False, BITS, ONE_GROUP, F16, FAST, DEPTH)
+                              True, False, BITS, ONE_GROUP, F16, FAST, DEPTH, STEP_ASM)
     else:  # a bcq base: every row is an alpha row
         acc = _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, t0, t1, a_base, b_base, s_base, zero_ptr,
                           stride_aj, stride_an, stride_ag, stride_bn, stride_bg, stride_sn, stride_sg, stride_zg,
-                          False, PAIRS, BITS, ONE_GROUP, F16, FAST, DEPTH)
+                          False, PAIRS, BITS, ONE_GROUP, F16, FAST, DEPTH, STEP_ASM)
     v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
     y0 = tl.sum(tl.where(vreg < 2, acc, 0.0), 1)  # [HN]: rows0
     y1 = tl.sum(tl.where(vreg < 2, 0.0, acc), 1)
@@ -559,7 +541,8 @@ def launch_mma_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, 
             *alphas.stride(), *betas.stride())
     meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 FAST=x.device.type != "cpu", F16=x.dtype == torch.float16,
-                PAIRS=TABLE_PAIRS and pairs_readable(alphas) and pairs_readable(betas), **launch_kwargs(x))
+                PAIRS=TABLE_PAIRS and pairs_readable(alphas) and pairs_readable(betas),
+                STEP_ASM=step_asm(x.dtype == torch.float16, w.bits), **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -638,24 +621,11 @@ def _block_group(blk, num_kb, ONE_GROUP: tl.constexpr):
 
 
 @triton.jit
-def _batch_plane_step(acc, w0, w1, p0, p1, p2, p3, a0, a1, a2, a3, be, F16: tl.constexpr, BITS: tl.constexpr):
-    """acc [R, 16] += the blocks' plane dots of one chain of 8 batch columns, weighted (GPU; _batch_step_asm)."""
-    if F16:
-        if BITS == 2:
-            STEP: tl.constexpr = _BSTEP_F16_2
-        elif BITS == 3:
-            STEP: tl.constexpr = _BSTEP_F16_3
-        else:
-            STEP: tl.constexpr = _BSTEP_F16_4
-    else:
-        if BITS == 2:
-            STEP: tl.constexpr = _BSTEP_BF16_2
-        elif BITS == 3:
-            STEP: tl.constexpr = _BSTEP_BF16_3
-        else:
-            STEP: tl.constexpr = _BSTEP_BF16_4
+def _batch_plane_step(acc, w0, w1, p0, p1, p2, p3, a0, a1, a2, a3, be, F16: tl.constexpr, STEP_ASM: tl.constexpr):
+    """acc [R, 16] += the blocks' plane dots of one chain of 8 batch columns, weighted (GPU; STEP_ASM: the launcher's
+    batch_step_asm)."""
     xs = _ones_sums(p0, p1, p2, p3, F16)
-    return tl.inline_asm_elementwise(STEP, _BSTEP_CONSTRAINTS,
+    return tl.inline_asm_elementwise(STEP_ASM, _BSTEP_CONSTRAINTS,
                                      [w0, w1, p0, p1, p2, p3, xs, a0, a1, a2, a3, be, acc],
                                      dtype=tl.float32, is_pure=True, pack=4)
 
@@ -707,6 +677,7 @@ def _mma_batch_alpha_kernel(
     stride_bs, stride_bn, stride_bg,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr,
     FAST: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, MB2: tl.constexpr, EVEN_K: tl.constexpr,
+    STEP_ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BPS: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
@@ -775,13 +746,14 @@ def _mma_batch_alpha_kernel(
                 g, rowt, colr, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr, stride_as,
                 stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn, stride_sg,
                 stride_zg, HAS_ZEROS, BITS, FAST)
-            acc0 = _batch_plane_step(acc0, w0, w1, a0, a1, a2, a3, ta0, ta1, ta2, ta3, tb, F16, BITS)
+            acc0 = _batch_plane_step(acc0, w0, w1, a0, a1, a2, a3, ta0, ta1, ta2, ta3, tb, F16, STEP_ASM)
             if MB2:
                 ua0, ua1, ua2, ua3, ub = _batch_tables(
                     g, rowt, colr + 8, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
                     stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
                     stride_sg, stride_zg, HAS_ZEROS, BITS, FAST)
-                acc1 = _batch_plane_step(acc1, w0, w1, b0, b1, b2, b3, ua0, ua1, ua2, ua3, ub, F16, BITS)
+                acc1 = _batch_plane_step(acc1, w0, w1, b0, b1, b2, b3, ua0, ua1, ua2, ua3, ub, F16,
+                                         STEP_ASM)
     else:
         s = s_lo
         while s < s_hi:
@@ -865,21 +837,7 @@ def launch_mma_batch_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale
     interpret = x.device.type == "cpu"
     meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 FAST=not interpret, F16=x.dtype == torch.float16, MB2=M > 8, EVEN_K=K % 128 == 0,
-                **launch_kwargs(x))
+                STEP_ASM=batch_step_asm(x.dtype == torch.float16, w.bits), **launch_kwargs(x))
 
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-    if config is None and interpret:
-        config = {**MMA_BATCH_INTERPRET_CONFIG, "num_warps": MMA_BATCH_INTERPRET_WARPS}
-    if config is None:
-        _tuned_batch[grid](*args, **meta)
-        return y
-    cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1, "num_stages": 1,
-           **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
-    if cfg["BLOCK_N"] != 16 * cfg.get("num_warps", 4):
-        raise ValueError("BLOCK_N must be 16 x num_warps (one row pair per lane group)")
-    if ws.numel() < cfg["SPLIT_K"] * M * N:
-        raise ValueError("workspace too small for SPLIT_K")
-    _mma_batch_alpha_kernel[grid](*args, **meta, **cfg)
+    run_batch_kernel(_mma_batch_alpha_kernel, _tuned_batch, args, meta, config, ws, M, N, interpret)
     return y

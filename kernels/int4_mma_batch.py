@@ -536,14 +536,21 @@ def launch_mma_batch(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
                 EVEN_K=K % 128 == 0,
                 **launch_kwargs(x))
 
+    run_batch_kernel(_mma_batch_kernel, _tuned, args, meta, config, ws, M, N, interpret)
+    return y
+
+
+def run_batch_kernel(kernel, tuned, args, meta, config, ws, M: int, N: int, interpret: bool) -> None:
+    """Launch a batch-layout kernel (this one, kernels.int4_mma_alpha's batch kernel) over N's column tiles and the
+    config's splits: a forced config (checked), the interpreter's fixed one, else its autotuner's."""
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     if config is None and interpret:
         config = {**INTERPRET_CONFIG, "num_warps": INTERPRET_WARPS}
     if config is None:
-        _tuned[grid](*args, **meta)
-        return y
+        tuned[grid](*args, **meta)
+        return
     # (num_stages 1 as in the autotune list: another value is another compile of the same loop)
     cfg = {"BPS": 1, "DEPTH": 1, "X_AHEAD": 1, "UNROLL": 1, "num_stages": 1,
            **{k: v for k, v in config.items() if k != "MMA_BATCH"}}
@@ -551,5 +558,4 @@ def launch_mma_batch(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
         raise ValueError("BLOCK_N must be 16 x num_warps (one row pair per lane group)")
     if ws.numel() < cfg["SPLIT_K"] * M * N:
         raise ValueError("workspace too small for SPLIT_K")
-    _mma_batch_kernel[grid](*args, **meta, **cfg)
-    return y
+    kernel[grid](*args, **meta, **cfg)

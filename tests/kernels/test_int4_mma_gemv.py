@@ -45,7 +45,7 @@ def zero_point_operands(ptx):
     return re.findall(r"sub\.f32 e[0-3], 0f[0-9A-F]{8}, (%r\d+);", ptx)
 
 out = []
-for case in json.loads(sys.argv[1]):
+for case in json.loads(sys.stdin.read()):
     kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
     x = "*fp16" if case["f16"] else "*bf16"
     ptrs = dict(x_ptr=x, y_ptr=x, bias_ptr=x, q_ptr="*i32", zero_ptr="*fp32", s0_ptr="*fp32", chan_ptr="*fp16",
@@ -86,6 +86,7 @@ def _cases():
     from scaleserve.kernels.int4_mma_batch import MMA_BATCH_CANDIDATE_CONFIGS, MMA_BATCH_CONFIGS, _scales_asm
     from scaleserve.kernels.int4_mma_alpha import BATCH_CONFIGS as alpha_batch_configs
     from scaleserve.kernels.int4_mma_alpha import CONFIGS as alpha_configs_list
+    from scaleserve.kernels.int4_mma_alpha import batch_step_asm, step_asm
     from scaleserve.kernels.int4_mma_gemv import MMA_CANDIDATE_CONFIGS, MMA_GEMV_CONFIGS
 
     def alpha_configs():
@@ -98,13 +99,13 @@ def _cases():
         s_asm = _scales_asm({"*fp16": "f16", "*bf16": "bf16", "*fp32": "f32"}[slab], s_pair)
         return _case(BATCH, "_mma_batch_kernel", cfg, MB2=mb2, S_ASM=s_asm, slab=slab, s_pair=s_pair, **kw)
 
-    def alpha(cfg, bits=4, has_zeros=True, pairs=True, **kw):
+    def alpha(cfg, bits=4, has_zeros=True, pairs=True, f16=False, **kw):
         return _case(ALPHA, "_mma_alpha_kernel", cfg, mode=3, s_pair=False, BITS=bits, HAS_ZEROS=has_zeros,
-                     PAIRS=pairs, **kw)
+                     PAIRS=pairs, f16=f16, STEP_ASM=step_asm(f16, bits), **kw)
 
-    def batch_alpha(cfg, mb2=False, bits=4, has_zeros=True, **kw):
+    def batch_alpha(cfg, mb2=False, bits=4, has_zeros=True, f16=False, **kw):
         return _case(ALPHA, "_mma_batch_alpha_kernel", cfg, mode=3, s_pair=False, MB2=mb2, BITS=bits,
-                     HAS_ZEROS=has_zeros, **kw)
+                     HAS_ZEROS=has_zeros, f16=f16, STEP_ASM=batch_step_asm(f16, bits), **kw)
 
     first = MMA_GEMV_CONFIGS[0]
     b0 = MMA_BATCH_CONFIGS[0]
@@ -139,8 +140,8 @@ def test_mma_asm_gets_its_layout():
     pytest.importorskip("triton.backends.nvidia")
     cases = _cases()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], env=env, capture_output=True, text=True,
-                         timeout=580)
+    run = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(cases), env=env, capture_output=True,
+                         text=True, timeout=580)  # (the cases on stdin: with their step asm they pass argv's limit)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(found) == len(cases)
