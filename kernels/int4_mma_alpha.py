@@ -44,7 +44,7 @@ from .int4_mma_gemv import (BLOCK_K, GROUP_SIZES, INTERPRET_CONFIG, MMA_GEMV_CON
                             _kmajor_x, _ones_sums, _POSITIONS, _split_sums, _step_lanes, current_pin,
                             pin_key)
 from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
-from .int4_mma_batch import MMA_BATCH_CONFIGS, _finish, _step_x, run_batch_kernel
+from .int4_mma_batch import MMA_BATCH_CONFIGS, _batch_setup, _finish, _step_x, run_batch_kernel
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 MODE_ALPHA = 3
@@ -691,30 +691,8 @@ def _mma_batch_alpha_kernel(
     HN: tl.constexpr = BLOCK_N // 2
     R: tl.constexpr = BPS * HN
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
-    r = tl.arange(0, R)
-    rblk = (r // HN)[:, None]  # [R, 1] the tile row's block within a step
-    pair0 = pid_n * BLOCK_N + 2 * (r % HN)  # [R] the tile row's first row
-    vcol = tl.arange(0, WORDS)
-    vword = vcol[None, :]
-    t = vword & 3
-    q0 = q_ptr + pair0[:, None] * stride_qn + rblk * WORDS + vword  # [R, 16] at step 0
-    q1 = q0 + stride_qn
-    num_kb = tl.cdiv(K, BLOCK_K)
-    steps_per_split = tl.cdiv(tl.cdiv(num_kb, BPS), SPLIT_K)
-    s_lo = pid_k * steps_per_split
-    kb_hi = tl.minimum((s_lo + steps_per_split) * BPS, num_kb)
-    s_hi = tl.cdiv(kb_hi, BPS)
-    if PDL:  # this program's first code blocks into L2 (a 128-byte line holds two blocks of a row)
-        first = ((vword & 7) == 0) & (rblk == 0) & (s_lo < s_hi)
-        prefetch_l2(q0 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
-        prefetch_l2(q1 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
-    wait_for_producer(PDL)
-    brow0 = (r % 8)[:, None] + 0 * vword  # [R, 16]: the x row whose B column the lane loads (chain 0)
-    x0p = x_ptr + brow0 * stride_xm
-    x1p = x0p + 8 * stride_xm
-    xok0 = brow0 < M
-    xok1 = brow0 + 8 < M
-    colr = 2 * (vword >> 2) + (t & 1)  # [1, 16] each element's batch column (chain 0)
+    (rblk, pair0, vcol, vword, t, q0, q1, num_kb, s_lo, kb_hi, s_hi, x0p, x1p, xok0, xok1,
+     colr) = _batch_setup(pid_n, pid_k, q_ptr, x_ptr, M, K, stride_qn, stride_xm, BLOCK_N, BPS, SPLIT_K, PDL)
     rowt = tl.minimum(pair0[:, None] + (t >> 1), N - 1)  # [R, 16] each element's row (past N: row N - 1, not stored)
     acc0 = tl.zeros([R, WORDS], dtype=tl.float32)
     acc1 = tl.zeros([R, WORDS], dtype=tl.float32)

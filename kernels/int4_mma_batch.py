@@ -231,6 +231,44 @@ def _step_loads(s, kb_hi, rblk, q0, q1, x0p, x1p, xok0, xok1, zp, sp, sp1, strid
     return w0, w1, a0, a1, a2, a3, b0, b1, b2, b3, zt, st, st1
 
 
+@triton.jit
+def _batch_setup(pid_n, pid_k, q_ptr, x_ptr, M, K, stride_qn, stride_xm, BLOCK_N: tl.constexpr, BPS: tl.constexpr,
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+    """A batch-layout program's geometry (this kernel's, kernels.int4_mma_alpha's batch kernel's), its first codes
+    asked into L2 and the PDL wait: (rblk [R, 1] each tile row's block within a step, pair0 [R] its first row, vcol
+    [16] / vword [1, 16] the element column = word 4c + t of the lane's block, t [1, 16], the code pointers q0 / q1
+    [R, 16] at step 0, num_kb, the split's steps [s_lo, s_hi) and blocks up to kb_hi, the x row pointers of both
+    chains and where those rows exist, colr [1, 16] each element's batch column (chain 0))."""
+    HN: tl.constexpr = BLOCK_N // 2
+    R: tl.constexpr = BPS * HN
+    r = tl.arange(0, R)
+    rblk = (r // HN)[:, None]  # [R, 1] the tile row's block within a step
+    pair0 = pid_n * BLOCK_N + 2 * (r % HN)  # [R] the tile row's first row
+    vcol = tl.arange(0, WORDS)  # [16]: element column = word 4c + t of the lane's block
+    vword = vcol[None, :]
+    t = vword & 3
+    q0 = q_ptr + pair0[:, None] * stride_qn + rblk * WORDS + vword  # [R, 16] at step 0
+    q1 = q0 + stride_qn
+    num_kb = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(tl.cdiv(num_kb, BPS), SPLIT_K)
+    s_lo = pid_k * steps_per_split
+    kb_hi = tl.minimum((s_lo + steps_per_split) * BPS, num_kb)  # this split's blocks end here
+    s_hi = tl.cdiv(kb_hi, BPS)
+    if PDL:  # this program's first code blocks into L2 (a 128-byte line holds two blocks of a row)
+        first = ((vword & 7) == 0) & (rblk == 0) & (s_lo < s_hi)
+        prefetch_l2(q0 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
+        prefetch_l2(q1 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
+    wait_for_producer(PDL)
+    brow0 = (r % 8)[:, None] + 0 * vword  # [R, 16]: the x row whose B column the lane loads (chain 0)
+    x0p = x_ptr + brow0 * stride_xm
+    x1p = x0p + 8 * stride_xm
+    xok0 = brow0 < M
+    xok1 = brow0 + 8 < M
+    # tables: element (r, v) stands for row pair0 + (t >> 1) and batch column 2c + (t & 1)
+    colr = 2 * (vword >> 2) + (t & 1)  # [1, 16]
+    return rblk, pair0, vcol, vword, t, q0, q1, num_kb, s_lo, kb_hi, s_hi, x0p, x1p, xok0, xok1, colr
+
+
 @triton.jit(do_not_specialize=ROW_INDEX_ARGS)
 def _mma_batch_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
@@ -258,31 +296,8 @@ def _mma_batch_kernel(
     HN: tl.constexpr = BLOCK_N // 2
     R: tl.constexpr = BPS * HN
     ONE_GROUP: tl.constexpr = GROUP_SIZE <= 0
-    r = tl.arange(0, R)
-    rblk = (r // HN)[:, None]  # [R, 1] the tile row's block within a step
-    pair0 = pid_n * BLOCK_N + 2 * (r % HN)  # [R] the tile row's first row
-    vcol = tl.arange(0, WORDS)  # [16]: element column = word 4c + t of the lane's block
-    vword = vcol[None, :]
-    t = vword & 3
-    q0 = q_ptr + pair0[:, None] * stride_qn + rblk * WORDS + vword  # [R, 16] at step 0
-    q1 = q0 + stride_qn
-    num_kb = tl.cdiv(K, BLOCK_K)
-    steps_per_split = tl.cdiv(tl.cdiv(num_kb, BPS), SPLIT_K)
-    s_lo = pid_k * steps_per_split
-    kb_hi = tl.minimum((s_lo + steps_per_split) * BPS, num_kb)  # this split's blocks end here
-    s_hi = tl.cdiv(kb_hi, BPS)
-    if PDL:  # this program's first code blocks into L2 (a 128-byte line holds two blocks of a row)
-        first = ((vword & 7) == 0) & (rblk == 0) & (s_lo < s_hi)
-        prefetch_l2(q0 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
-        prefetch_l2(q1 + s_lo * (BPS * WORDS) + (vword >> 3) * 32, first)
-    wait_for_producer(PDL)
-    brow0 = (r % 8)[:, None] + 0 * vword  # [R, 16]: the x row whose B column the lane loads (chain 0)
-    x0p = x_ptr + brow0 * stride_xm
-    x1p = x0p + 8 * stride_xm
-    xok0 = brow0 < M
-    xok1 = brow0 + 8 < M
-    # tables: element (r, v) stands for row pair0 + (t >> 1) and batch column 2c + (t & 1)
-    colr = 2 * (vword >> 2) + (t & 1)  # [1, 16]
+    (rblk, pair0, vcol, vword, t, q0, q1, num_kb, s_lo, kb_hi, s_hi, x0p, x1p, xok0, xok1,
+     colr) = _batch_setup(pid_n, pid_k, q_ptr, x_ptr, M, K, stride_qn, stride_xm, BLOCK_N, BPS, SPLIT_K, PDL)
     zp = zero_ptr + pair0[:, None] + 0 * vword  # [R, 16]: the zero-point pair (rows0, rows1)
     if MODE == 1:
         sp = s0_ptr + pair0[:, None] + 0 * vword
