@@ -82,14 +82,16 @@ def test_stories260k_kernels_match_reference(tmp_path, monkeypatch, method, grou
     adapters = _mixed_adapters(lm, len(prompts), method == "bcq")
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 24)
     assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)
-    _base_prompt_alone(lm, prompts[0], 24)
+    _prompt_alone(lm, prompts[0], None, 24)
+    _prompt_alone(lm, prompts[1], adapters[-1] if method == "bcq" else adapters[3], 24)  # (an AlphaTuning adapter)
 
 
-def _base_prompt_alone(lm, prompt, n):
-    """One prompt on the base alone: batch-1 steps in mode 1, which the MMA kernels run on the slab's base slot
-    (kernels/int4_matmul.py MODE1_FROM_SLAB) where the group size lets them."""
-    fast, ref = _tokens_both_ways(lm, [prompt], [None], n)
-    assert_same_greedy_tokens(lm, [prompt], [None], fast, ref)
+def _prompt_alone(lm, prompt, adapter, n):
+    """One prompt alone: batch-1 steps. On the base (adapter None) in mode 1, which the MMA kernels run on the slab's
+    base slot (kernels/int4_matmul.py MODE1_FROM_SLAB) where the group size lets them; on an AlphaTuning adapter in
+    mode 3, the MMA alpha GEMV (kernels/int4_mma_alpha.py) at group size -1 and 128."""
+    fast, ref = _tokens_both_ways(lm, [prompt], [adapter], n)
+    assert_same_greedy_tokens(lm, [prompt], [adapter], fast, ref)
 
 
 def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
@@ -99,4 +101,5 @@ def test_llama2_7b_shaped_kernels_match_reference(tmp_path):
     adapters = _mixed_adapters(lm, len(prompts), False)
     fast, ref = _tokens_both_ways(lm, prompts, adapters, 8)
     assert_same_greedy_tokens(lm, prompts, adapters, fast, ref)
-    _base_prompt_alone(lm, prompts[1], 8)
+    _prompt_alone(lm, prompts[1], None, 8)
+    _prompt_alone(lm, prompts[2], adapters[3], 8)  # (the AlphaTuning adapter)
