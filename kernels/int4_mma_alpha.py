@@ -5,12 +5,13 @@
 - the batch kernel (1 <= M <= 16 rows), laid out as kernels.int4_mma_batch (B's 8 columns are batch rows, a second
   chain for rows 8..15); each element of a lane's C fragment is a (row, batch row) pair with its own adapter.
 
-Semantics (kernels.reference.adapted_linear_ref is the oracle), for x [1, K], codes Q [N, K] of BITS bits, group
-size -1 or 128, the row's alpha slot a = alpha_idx[0]:
+Semantics (kernels.reference.adapted_linear_ref is the oracle), per row i of x [M, K] (M = 1 for the GEMV, up to 16
+for the batch kernel), codes Q [N, K] of BITS bits, group size -1 or 128, the row's slots (c, s, a) = (chan_idx[i],
+scale_idx[i], alpha_idx[i]):
 
-  alpha row (a >= 0): y[n] = sum_g [ sum_j alphas[a, j, n, g] * S_jg[n] + betas[a, n, g] * X_g ]   (+ bias[n])
-  PEQA row  (a < 0):  y[n] = chan[c, n] * sum_g scales[s, n, g] * x_g . (Q[n, g] - z[n, g])         (+ bias[n])
-  S_jg[n] = x_g . (2 bit_j(Q[n, g]) - 1),  X_g = sum_{k in g} x_k
+  alpha row (a >= 0): y[i, n] = sum_g [ sum_j alphas[a, j, n, g] * S_jg[n] + betas[a, n, g] * X_g ]   (+ bias[n])
+  PEQA row  (a < 0):  y[i, n] = chan[c, n] * sum_g scales[s, n, g] * x_g . (Q[n, g] - z[n, g])         (+ bias[n])
+  S_jg[n] = x_g . (2 bit_j(Q[n, g]) - 1),  X_g = sum_{k in g} x[i, k]
 
 A PEQA row takes the same plane dots through kernels.quant.rtn_to_alphas' identity, s (Q - z) =
 sum_j s 2^(j-1) (2 bit_j(Q) - 1) + s ((2^BITS - 1) / 2 - z): its tables are made from s and z as they load.
@@ -24,8 +25,8 @@ So C_j = X + x . bit_j / SCALE_j, and with K_j = 2 SCALE_j:
 
 A step is BITS chains of 8 MMAs (+ the ones chain for X) and 32 LOP3s a chain, against the mode-2 GEMV's one chain:
 the loads, the layout, the x pairs and the split-K finish are the mode-2 kernel's own helpers.
-Each diagonal lane reads its two rows' tables per group (alpha per plane, beta) with predicated loads in the
-lanes' layout; the others get zeros, so their accumulators stay zero. In the batch kernel every element reads its
+In the GEMV each diagonal lane reads its two rows' tables per group (alpha per plane, beta) with predicated loads in
+the lanes' layout; the others get zeros, so their accumulators stay zero. In the batch kernel every element reads its
 (row, batch row)'s tables, the alpha slot's or, for a PEQA batch row, those made from its scale and zero point.
 The interpreter (CPU CI) computes the same tiles with plain tensor arithmetic.
 """
