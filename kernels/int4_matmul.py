@@ -519,7 +519,7 @@ def mma_alpha_chosen(M: int, mode: int, group_size: int) -> bool:
 # 2 <= M <= 16 in mode 3 at group size -1 / 128 can run kernels/int4_mma_alpha.py's batch kernel (the MMA batch
 # kernel's layout, one chain per bit plane): MMA_BATCH_ALPHA_POLICY "auto" sends 2 <= M <= 8 there, "all" up to 16,
 # "never" keeps mode 3 on this file's tile. Never until a GPU has timed it (written after session 22's device time;
-# offline sm_90a, 4 bits: 152-190 registers on one chain, two chains spill).
+# offline sm_90a, 4 bits, 4 warps: 80-126 registers on one chain, 232 on two).
 MMA_BATCH_ALPHA_POLICY = "never"
 
 

@@ -45,7 +45,8 @@ from .int4_mma_gemv import (BLOCK_K, GROUP_SIZES, INTERPRET_CONFIG, MMA_GEMV_CON
                             _kmajor_x, _ones_sums, _POSITIONS, _split_sums, _step_lanes, current_pin,
                             pin_key)
 from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
-from .int4_mma_batch import MMA_BATCH_CONFIGS, _batch_setup, _finish, _step_x, run_batch_kernel
+from .int4_mma_batch import (MMA_BATCH_CONFIGS, S_TYPE, _batch_setup, _finish, _pair_tile, _scale_tile,
+                             _scales_asm, _step_x, run_batch_kernel)
 from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 
 MODE_ALPHA = 3
@@ -579,32 +580,55 @@ def _table_load(ptrs, ok, FAST: tl.constexpr):
 
 
 @triton.jit
-def _batch_tables(g, rowt, col, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
-                  stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
-                  stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+def _batch_table(elem_ptrs, pair_ptrs, ok, vword, FAST: tl.constexpr, PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr):
+    """float32 [R, 16] of a slab table at each element's pointer where ok (else 0.0). PAIRS (GPU, a table whose rows
+    pair up in one load): elements 0 / 1 of a lane read the (rows0, rows1) pair of their batch column at pair_ptrs
+    with kernels.int4_mma_batch's pair asm (PAIR_ASM), unpredicated (every pointer is a real entry), and where not
+    ok the value is left as read: such an element is a batch column past M (never stored) or one of the other kind,
+    whose value _batch_tables replaces. Else one predicated load an element."""
+    if PAIRS:
+        return _scale_tile(pair_ptrs, vword, PAIR_ASM)
+    return _table_load(elem_ptrs, ok, FAST)
+
+
+@triton.jit
+def _batch_tables(g, pair0, rowt, col, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
+                  zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
+                  stride_sn, stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
+                  PAIRS: tl.constexpr, A_ASM: tl.constexpr, S_ASM: tl.constexpr):
     """(alpha_0..3, beta) [R, 16]: each element's (row rowt [R, 16], batch column col [1, 16]) plane alphas and beta in
     group g [R, 1] (planes past BITS: zeros). An AlphaTuning column reads its slot's tables; a PEQA column (an rtn
-    base) makes them from its scale and the zero point (rtn_to_alphas), as the GEMV's PEQA rows do."""
+    base) makes them from its scale and the zero point (rtn_to_alphas), as the GEMV's PEQA rows do. PAIRS: the
+    tables are read in (rows0, rows1) pairs from the tile row's first row pair0 [R] (A_ASM: the alpha and beta
+    tables' pair asm, S_ASM: the scales')."""
     col_ok = col < M
     aidx = tl.load(alpha_idx_ptr + col, mask=col_ok, other=0)  # [1, 16]
     is_alpha = aidx >= 0
     a_ok = tl.broadcast_to(col_ok & is_alpha, rowt.shape)
-    arow = alpha_ptr + tl.maximum(aidx, 0).to(tl.int64) * stride_as + rowt * stride_an + g * stride_ag
-    a0 = _table_load(arow, a_ok, FAST)
-    a1 = _table_load(arow + stride_aj, a_ok, FAST)
+    prow = tl.minimum(pair0[:, None], N - 2) + 0 * vword  # [R, 16] the pair's first row (pairs: N is even)
+    aslot = tl.maximum(aidx, 0).to(tl.int64)
+    arow = alpha_ptr + aslot * stride_as + rowt * stride_an + g * stride_ag
+    apair = alpha_ptr + aslot * stride_as + prow * stride_an + g * stride_ag
+    a0 = _batch_table(arow, apair, a_ok, vword, FAST, PAIRS, A_ASM)
+    a1 = _batch_table(arow + stride_aj, apair + stride_aj, a_ok, vword, FAST, PAIRS, A_ASM)
     a2 = tl.zeros(rowt.shape, tl.float32)
     a3 = tl.zeros(rowt.shape, tl.float32)
     if BITS > 2:
-        a2 = _table_load(arow + 2 * stride_aj, a_ok, FAST)
+        a2 = _batch_table(arow + 2 * stride_aj, apair + 2 * stride_aj, a_ok, vword, FAST, PAIRS, A_ASM)
     if BITS > 3:
-        a3 = _table_load(arow + 3 * stride_aj, a_ok, FAST)
-    be = _table_load(beta_ptr + tl.maximum(aidx, 0).to(tl.int64) * stride_bs + rowt * stride_bn + g * stride_bg, a_ok,
-                     FAST)
+        a3 = _batch_table(arow + 3 * stride_aj, apair + 3 * stride_aj, a_ok, vword, FAST, PAIRS, A_ASM)
+    be = _batch_table(beta_ptr + aslot * stride_bs + rowt * stride_bn + g * stride_bg,
+                      beta_ptr + aslot * stride_bs + prow * stride_bn + g * stride_bg, a_ok, vword, FAST, PAIRS, A_ASM)
     if HAS_ZEROS:
         p_ok = tl.broadcast_to(col_ok & (aidx < 0), rowt.shape)
         sidx = tl.load(scale_idx_ptr + col, mask=col_ok, other=0).to(tl.int64)
-        s = _table_load(scale_ptr + sidx * stride_ss + rowt * stride_sn + g * stride_sg, p_ok, FAST)
-        z = _table_load(zero_ptr + g * stride_zg + rowt, p_ok, FAST)
+        s = _batch_table(scale_ptr + sidx * stride_ss + rowt * stride_sn + g * stride_sg,
+                         scale_ptr + sidx * stride_ss + prow * stride_sn + g * stride_sg, p_ok, vword, FAST, PAIRS,
+                         S_ASM)
+        if PAIRS:  # (the zero points are the float32 [G, N_pad] base table: pairs at any even row)
+            z = _pair_tile(zero_ptr + g * stride_zg + pair0[:, None] + 0 * vword, vword)
+        else:
+            z = _table_load(zero_ptr + g * stride_zg + rowt, p_ok, FAST)
         a0 = tl.where(is_alpha, a0, 0.5 * s)
         a1 = tl.where(is_alpha, a1, s)
         if BITS > 2:
@@ -682,7 +706,7 @@ def _mma_batch_alpha_kernel(
     stride_bs, stride_bn, stride_bg,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr,
     FAST: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, MB2: tl.constexpr, EVEN_K: tl.constexpr,
-    STEP_ASM: tl.constexpr,
+    STEP_ASM: tl.constexpr, PAIRS: tl.constexpr, A_ASM: tl.constexpr, S_ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BPS: tl.constexpr, DEPTH: tl.constexpr, X_AHEAD: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
@@ -726,15 +750,15 @@ def _mma_batch_alpha_kernel(
                                                              EVEN_K)
             g = _block_group(blk, num_kb, ONE_GROUP)
             ta0, ta1, ta2, ta3, tb = _batch_tables(
-                g, rowt, colr, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr, stride_as,
-                stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn, stride_sg,
-                stride_zg, HAS_ZEROS, BITS, FAST)
+                g, pair0, rowt, colr, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
+                zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
+                stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
             acc0 = _batch_plane_step(acc0, w0, w1, a0, a1, a2, a3, ta0, ta1, ta2, ta3, tb, F16, STEP_ASM)
             if MB2:
                 ua0, ua1, ua2, ua3, ub = _batch_tables(
-                    g, rowt, colr + 8, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
-                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
-                    stride_sg, stride_zg, HAS_ZEROS, BITS, FAST)
+                    g, pair0, rowt, colr + 8, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
+                    zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
+                    stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
                 acc1 = _batch_plane_step(acc1, w0, w1, b0, b1, b2, b3, ua0, ua1, ua2, ua3, ub, F16,
                                          STEP_ASM)
     else:
@@ -745,15 +769,15 @@ def _mma_batch_alpha_kernel(
             w1 = tl.load(q1 + s * (BPS * WORDS), mask=blk < kb_hi, other=0)
             g = _block_group(blk, num_kb, ONE_GROUP)
             ta0, ta1, ta2, ta3, tb = _batch_tables(
-                g, rowt, colr, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr, stride_as,
-                stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn, stride_sg,
-                stride_zg, HAS_ZEROS, BITS, FAST)
+                g, pair0, rowt, colr, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
+                zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
+                stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
             acc0 = _plain_batch_step(acc0, blk, w0, w1, ta0, ta1, ta2, ta3, tb, x_ptr, stride_xm, 0, M, K, vcol, BITS)
             if MB2:
                 ua0, ua1, ua2, ua3, ub = _batch_tables(
-                    g, rowt, colr + 8, M, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
-                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
-                    stride_sg, stride_zg, HAS_ZEROS, BITS, FAST)
+                    g, pair0, rowt, colr + 8, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
+                    zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
+                    stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
                 acc1 = _plain_batch_step(acc1, blk, w0, w1, ua0, ua1, ua2, ua3, ub, x_ptr, stride_xm, 8, M, K, vcol,
                                          BITS)
             s += 1
@@ -774,7 +798,7 @@ BATCH_MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in BATCH_CONFIGS)
 
 
 def _prune_alpha_batch(configs, named_args, **kwargs):
-    """Two chains (M > 8) take one block a step: at two they spill ~1 KB (offline sm_90a, 4 bits, 255 registers)."""
+    """Two chains (M > 8) take one block a step: at two they spill ~0.5 KB (offline sm_90a, 4 bits, 255 registers)."""
     if kwargs.get("MB2", named_args.get("MB2")):
         return [c for c in configs if c.kwargs["BPS"] == 1]
     return configs
@@ -820,7 +844,11 @@ def launch_mma_batch_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale
     interpret = x.device.type == "cpu"
     meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 FAST=not interpret, F16=x.dtype == torch.float16, MB2=M > 8, EVEN_K=K % 128 == 0,
-                STEP_ASM=batch_step_asm(x.dtype == torch.float16, w.bits), **launch_kwargs(x))
+                STEP_ASM=batch_step_asm(x.dtype == torch.float16, w.bits),
+                PAIRS=(not interpret and pairs_readable(alphas) and pairs_readable(betas) and pairs_readable(st)
+                       and betas.dtype == alphas.dtype),
+                A_ASM=_scales_asm(S_TYPE[alphas.dtype], True), S_ASM=_scales_asm(S_TYPE[st.dtype], True),
+                **launch_kwargs(x))
 
     run_batch_kernel(_mma_batch_alpha_kernel, _tuned_batch, args, meta, config, ws, M, N, interpret)
     return y

@@ -101,7 +101,7 @@ def _scales_asm(s_type: str, pair: bool) -> str:
     return "\n".join(out)
 
 
-_S_TYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+S_TYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
@@ -546,7 +546,7 @@ def launch_mma_batch(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
     interpret = x.device.type == "cpu"
     s_pair = scale_pairs_readable(mode, scales)
     meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=not interpret,
-                F16=x.dtype == torch.float16, S_PAIR=s_pair, S_ASM=_scales_asm(_S_TYPE[st.dtype], s_pair),
+                F16=x.dtype == torch.float16, S_PAIR=s_pair, S_ASM=_scales_asm(S_TYPE[st.dtype], s_pair),
                 MB2=M > 8,
                 EVEN_K=K % 128 == 0,
                 **launch_kwargs(x))
