@@ -184,9 +184,11 @@ _PAIRS_BF16_1, _PAIRS_BF16_2 = tl.constexpr(_pairs_asm("bf16", 1)), tl.constexpr
 
 
 @triton.jit
-def _pairs(ptrs, step_bytes, ok, PLANES: tl.constexpr):
+def _pairs(ptrs, step_bytes, ok, vreg, PLANES: tl.constexpr):
     """[HN, 128] packs of _pairs_asm (GPU): ptrs the lanes' (plane p, rows0) entries, step_bytes [HN, 128] int64 the
-    distance to plane p + 1."""
+    distance to plane p + 1. vreg ([1, 128], the element's register) is an operand the asm ignores: every other one
+    is constant along a lane's 4 elements, and Triton computes a pure elementwise op once per run of equal operands
+    (kernels.int4_mma_batch._pair_tile), which would hand the lane's 4 different results one value."""
     DT: tl.constexpr = ptrs.dtype.element_ty
     if DT == tl.float32:
         if PLANES == 1:
@@ -203,23 +205,25 @@ def _pairs(ptrs, step_bytes, ok, PLANES: tl.constexpr):
             ASM: tl.constexpr = _PAIRS_BF16_1
         else:
             ASM: tl.constexpr = _PAIRS_BF16_2
-    return tl.inline_asm_elementwise(ASM, "=&f,=&f,=&f,=&f" + ",l" * 8 + ",r" * 4, [ptrs, step_bytes, ok.to(tl.int32)],
-                                     dtype=tl.float32, is_pure=True, pack=4)
+    lanes = tl.broadcast_to(vreg, ptrs.shape)
+    return tl.inline_asm_elementwise(ASM, "=&f,=&f,=&f,=&f" + ",l" * 8 + ",r" * 8,
+                                     [ptrs, step_bytes, ok.to(tl.int32), lanes], dtype=tl.float32, is_pure=True,
+                                     pack=4)
 
 
 @triton.jit
-def _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride_bg, BITS: tl.constexpr):
+def _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride_bg, vreg, BITS: tl.constexpr):
     """(ta, tb, tc) of _lane_tables for an alpha row whose tables hold adjacent rows in one load (GPU): a_pair /
     b_pair point at each lane's rows0 entry of plane 0 / beta in group 0."""
     a = a_pair + g * stride_ag
-    ta = _pairs(a, step_bytes, ok, 2)
+    ta = _pairs(a, step_bytes, ok, vreg, 2)
     if BITS == 4:
-        tb = _pairs(a + 2 * stride_aj, step_bytes, ok, 2)
+        tb = _pairs(a + 2 * stride_aj, step_bytes, ok, vreg, 2)
     elif BITS == 3:
-        tb = _pairs(a + 2 * stride_aj, step_bytes, ok, 1)
+        tb = _pairs(a + 2 * stride_aj, step_bytes, ok, vreg, 1)
     else:
         tb = tl.zeros(ok.shape, tl.float32)
-    tc = _pairs(b_pair + g * stride_bg, step_bytes, ok, 1)
+    tc = _pairs(b_pair + g * stride_bg, step_bytes, ok, vreg, 1)
     return ta, tb, tc
 
 
@@ -315,17 +319,19 @@ def _plain_plane_step(acc, kb, kb_hi, w0, w1, x_ptr, K, a_rows0, a_rows1, b_rows
 
 
 @triton.jit
-def _step_tables(kb, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows, a_pair, b_pair, step_bytes, zero_ptr,
+def _step_tables(kb, kb_hi, vblock, diag, row, vreg, a_rows, b_rows, s_rows, a_pair, b_pair, step_bytes, zero_ptr,
                  stride_aj, stride_ag, stride_bg, stride_sg, stride_zg, PEQA: tl.constexpr, PAIRS: tl.constexpr,
                  BITS: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """The lanes' tables (ta, tb, tc) of step kb (GPU): pair loads where PAIRS, else one load an element."""
+    """The lanes' tables (ta, tb, tc) of step kb (GPU): pair loads where PAIRS, else one load an element (element t
+    of a lane's pack: plane t >> 1, and t >> 1 + 2, row t & 1)."""
+    plane = vreg >> 1
     if ONE_GROUP:
         g = vblock * 0
     else:
         g = kb + vblock
     ok = tl.broadcast_to(diag & (kb + vblock < kb_hi), row.shape)
     if PAIRS:
-        ta, tb, tc = _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride_bg, BITS)
+        ta, tb, tc = _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride_bg, vreg, BITS)
     else:
         ta, tb, tc = _lane_tables(g, ok, row, plane, a_rows, b_rows, s_rows, zero_ptr, stride_aj, stride_ag, stride_bg,
                                   stride_sg, stride_zg, PEQA, BITS)
@@ -337,12 +343,11 @@ def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_bas
                 stride_aj, stride_an, stride_ag, stride_bn, stride_bg, stride_sn, stride_sg, stride_zg,
                 PEQA: tl.constexpr, PAIRS: tl.constexpr, BITS: tl.constexpr, ONE_GROUP: tl.constexpr,
                 F16: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr, STEP_ASM: tl.constexpr):
-    """acc over the steps [kb_lo, kb_hi) of one row kind (PEQA: tables from the scales and zero points). The lanes'
-    tables are loaded one step ahead, the codes and x DEPTH steps ahead."""
+    """acc over the steps [kb_lo, kb_hi) of one row kind (PEQA: tables from the scales and zero points). The codes
+    and x are loaded DEPTH steps ahead, the lanes' tables one step ahead where PAIRS, else in their step."""
     v, vblock, vword, vreg, diag, diag0, diag1 = _step_lanes()
     if FAST:
-        # element t of a lane's pack: plane t >> 1 (and + 2), row t & 1 (rows0 / rows1)
-        plane = vreg >> 1  # [1, 128]
+        # element t of a lane's pack: row t & 1 (rows0 / rows1; _step_tables has the planes)
         row = tl.where((vreg & 1) == 0, rows0[:, None], rows1[:, None])  # [HN, 128]
         a_rows = a_base + row * stride_an
         b_rows = b_base + row * stride_bn
@@ -352,7 +357,7 @@ def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_bas
         step_bytes = tl.zeros(row.shape, tl.int64) + stride_aj * (a_base.dtype.element_ty.primitive_bitwidth // 8)
         odd = vblock & 1
         if PAIRS:
-            tn_a, tn_b, tn_c = _step_tables(kb_lo, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows, a_pair,
+            tn_a, tn_b, tn_c = _step_tables(kb_lo, kb_hi, vblock, diag, row, vreg, a_rows, b_rows, s_rows, a_pair,
                                             b_pair, step_bytes, zero_ptr, stride_aj, stride_ag, stride_bg, stride_sg,
                                             stride_zg, PEQA, PAIRS, BITS, ONE_GROUP)
         w0n, w1n = _kmajor_codes(kb_lo, kb_hi, q0, q1, vblock)
@@ -383,11 +388,11 @@ def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_bas
                 ta = tn_a
                 tb = tn_b
                 tc = tn_c
-                tn_a, tn_b, tn_c = _step_tables(kb + 8, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows,
+                tn_a, tn_b, tn_c = _step_tables(kb + 8, kb_hi, vblock, diag, row, vreg, a_rows, b_rows, s_rows,
                                                 a_pair, b_pair, step_bytes, zero_ptr, stride_aj, stride_ag, stride_bg,
                                                 stride_sg, stride_zg, PEQA, PAIRS, BITS, ONE_GROUP)
             else:
-                ta, tb, tc = _step_tables(kb, kb_hi, vblock, diag, row, plane, a_rows, b_rows, s_rows, a_pair, b_pair,
+                ta, tb, tc = _step_tables(kb, kb_hi, vblock, diag, row, vreg, a_rows, b_rows, s_rows, a_pair, b_pair,
                                           step_bytes, zero_ptr, stride_aj, stride_ag, stride_bg, stride_sg, stride_zg,
                                           PEQA, PAIRS, BITS, ONE_GROUP)
             acc = _plane_step(acc, w0, w1, p0, p1, p2, p3, ta, tb, tc, odd, F16, STEP_ASM)
