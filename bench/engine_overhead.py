@@ -154,17 +154,36 @@ def build_engine(model_dir: Path, max_num_seqs: int, tokenizer_dir: str | None):
     return Engine(lm, reg.slab, reg, s, Metrics())
 
 
-def run_engine(engine, batch: int, steps: int, prompt_len: int, profile: bool) -> dict:
+def channel_adapters(engine, n: int) -> list:
+    """n per-channel PEQA adapters (the identity times random factors in [0.9, 1.1]) put in the engine's registry:
+    their versions, as a request names them."""
+    from scaleserve.adapters.format import identity_adapter
+
+    g = torch.Generator().manual_seed(n)
+    base = identity_adapter(engine.lm, "peqa", per_channel=True)
+    out = []
+    for i in range(n):
+        t = {k: v * (0.9 + 0.2 * torch.rand(v.shape, generator=g)) for k, v in base.tensors.items()}
+        adapter = type(base)(base.kind, f"a{i:03d}", base.base_fingerprint, t)
+        out.append(engine.registry.put("bench", adapter.name, adapter))
+    return out
+
+
+def run_engine(engine, batch: int, steps: int, prompt_len: int, profile: bool, adapters: int = 0) -> dict:
+    """batch greedy sequences, spread round-robin over `adapters` per-channel adapters (0: the base)."""
     from scaleserve.server.scheduler import SamplingParams, Sequence
 
     loop = LoopThread()
     pt = instrument(engine)
     futs = []
+    avs = channel_adapters(engine, adapters)
     for b in range(batch):
         sink, fut = loop.sink_and_task()
         prompt = [3 + (7 * b + 13 * j) % 900 for j in range(prompt_len)]
+        av = avs[b % adapters] if adapters else None
         engine.scheduler.add(Sequence(f"b{b}", prompt, SamplingParams(max_tokens=steps + 40, temperature=0.0,
-                                                                    ignore_eos=True), sink=sink))
+                                                                    ignore_eos=True), sink=sink, adapter=av,
+                                      adapter_name=av.name if av is not None else "base"))
         futs.append(fut)
     while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill
@@ -189,7 +208,7 @@ def run_engine(engine, batch: int, steps: int, prompt_len: int, profile: bool) -
     ms = {k: round(v / steps * 1e3, 4) for k, v in pt.acc.items()}
     ms["step"] = round(wall / steps * 1e3, 4)
     ms["host_excl_forward"] = round(ms["step"] - ms["forward"], 4)
-    res = {"batch": batch, "steps": steps, "ms_per_step": ms,
+    res = {"batch": batch, "adapters": adapters, "steps": steps, "ms_per_step": ms,
            "tok_s": round(batch * steps / wall, 1)}
     if prof:
         s = io.StringIO()
@@ -249,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/scaleserve-overhead")
     p.add_argument("--tokenizer", help="swap in this tokenizer (engine part only), e.g. a real BPE one")
     p.add_argument("--batches", default="1,64")
+    p.add_argument("--adapters", default="0",
+                   help="comma list of T: each batch's sequences spread over T per-channel PEQA adapters (0: base)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps; print the top functions")
@@ -268,16 +289,19 @@ def main(argv=None) -> int:
     out = {"label": a.label, "model": str(model_dir), "tokenizer": a.tokenizer, "machine": os.uname().nodename,
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "engine": [], "http": {}}
     for B in [int(x) for x in a.batches.split(",")]:
-        engine = build_engine(model_dir, max(64, B), a.tokenizer)
-        r = run_engine(engine, B, a.steps, a.prompt_len, a.profile)
-        out["engine"].append(r)
-        if a.profile:
-            print(f"--- cProfile, batch {B}\n{r['profile_top']}")
+        for T in [int(x) for x in a.adapters.split(",")]:
+            engine = build_engine(model_dir, max(64, B), a.tokenizer)
+            r = run_engine(engine, B, a.steps, a.prompt_len, a.profile, T)
+            out["engine"].append(r)
+            if a.profile:
+                print(f"--- cProfile, batch {B}, {T} adapters\n{r['profile_top']}")
     cols = ["step", "host_excl_forward"] + PHASES
-    print("engine alone: ms per decode step (" + ("tokenizer " + a.tokenizer if a.tokenizer else "tiny tokenizer") + ")")
-    print(f"{'batch':>5} | " + " | ".join(f"{c:>10}" for c in cols) + " |   tok/s")
+    print("engine alone: ms per decode step (" + ("tokenizer " + a.tokenizer if a.tokenizer else "tiny tokenizer")
+          + "; T: adapters)")
+    print(f"{'batch':>5} | {'T':>3} | " + " | ".join(f"{c:>10}" for c in cols) + " |   tok/s")
     for r in out["engine"]:
-        print(f"{r['batch']:>5} | " + " | ".join(f"{r['ms_per_step'][c]:>10.3f}" for c in cols) + f" | {r['tok_s']:>7}")
+        print(f"{r['batch']:>5} | {r['adapters']:>3} | " + " | ".join(f"{r['ms_per_step'][c]:>10.3f}" for c in cols)
+              + f" | {r['tok_s']:>7}")
     if not a.no_http:
         out["http"]["subprocess"] = http_subprocess(model_dir, a)
         out["http"]["in_process"] = http_inprocess(model_dir, a)
