@@ -42,8 +42,8 @@ import triton.language as tl
 
 from .device import ROW_INDEX_ARGS, quick_bench
 from .int4_mma_gemv import (BLOCK_K, GROUP_SIZES, INTERPRET_CONFIG, MMA_GEMV_CONFIGS, WORDS, _kmajor_codes,
-                            _kmajor_x, _ones_sums, _POSITIONS, _split_sums, _step_lanes, current_pin,
-                            pin_key)
+                            _kmajor_x, _ones_sums, _POSITIONS, _split_sums, _step_lanes, column_pairs_readable,
+                            current_pin, pin_key)
 from .int4_mma_batch import MAX_M as MMA_BATCH_MAX_M
 from .int4_mma_batch import (MMA_BATCH_CONFIGS, S_TYPE, _batch_setup, _finish, _pair_tile, _scale_tile,
                              _scales_asm, _step_x, run_batch_kernel)
@@ -228,20 +228,23 @@ def _pair_tables(g, ok, a_pair, b_pair, step_bytes, stride_aj, stride_ag, stride
 
 
 @triton.jit
-def _load_if(ptrs, ok):
-    """float32 of an fp32 / fp16 / bf16 pointer tensor where ok, else 0.0 (GPU): a predicated load in the pointers'
-    layout (a plain masked load may take a coalesced layout and cost a conversion)."""
+def _load_if(ptrs, ok, FAST: tl.constexpr = True):
+    """float32 of an fp32 / fp16 / bf16 pointer tensor where ok, else 0.0: on the GPU a predicated load in the
+    pointers' layout (a plain masked load may take a coalesced layout and cost a conversion), in the interpreter a
+    masked load."""
     DT: tl.constexpr = ptrs.dtype.element_ty
-    if DT == tl.float32:
+    if not FAST:
+        v = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    elif DT == tl.float32:
         v = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
-            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
-        return v.to(tl.float32, bitcast=True)
+            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
     else:
         v = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b16 $0, 0; @p ld.global.nc.b16 $0, [$1]; }",
-            "=h,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1)
-        return v.to(DT, bitcast=True).to(tl.float32)
+            "=h,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int16, is_pure=True, pack=1).to(DT, bitcast=True)
+        v = v.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -505,12 +508,19 @@ MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in CONFIGS)
 _tuned = triton.autotune(configs=CONFIGS, key=_KEY, do_bench=quick_bench, cache_results=True)(_mma_alpha_kernel)
 
 
-def pairs_readable(table: torch.Tensor) -> bool:
-    """Whether a slab table ([S, N, G] betas, [S, b, N, G] alphas) may be read as (n, n + 1) pairs at even n in one
-    load: unit stride along N and every pair aligned to its size."""
-    n_dim = table.dim() - 2
-    return (table.stride(n_dim) == 1 and all(s % 2 == 0 for d, s in enumerate(table.stride()) if d != n_dim)
-            and table.data_ptr() % (2 * table.element_size()) == 0)
+def _base_and_tables(w, chan, scales, alphas, betas):
+    """The kernels' base and table arguments: (has_zeros, the codes as int32, the zero points (the codes where a bcq
+    base has none), the scale table PEQA rows read (the alphas, unread, where there is none), the strides of the
+    codes, zero points, chan, scales, alphas and betas in the kernels' order)."""
+    has_zeros = w.zeros_t is not None
+    q32 = w.codes_t.view(torch.int32)
+    zeros = w.zeros_t if has_zeros else q32
+    peqa = scales is not None and has_zeros  # (PEQA rows only: an rtn base has its scales)
+    st = scales if peqa else alphas
+    s_strides = (st.stride(0), st.stride(1), st.stride(-1)) if peqa else (0, 0, 0)
+    strides = (q32.stride(0), zeros.stride(0) if has_zeros else 0, chan.stride(0), *s_strides, *alphas.stride(),
+               *betas.stride())
+    return has_zeros, q32, zeros, st, strides
 
 
 def mma_alpha_fits(M: int, N: int, K: int, group_size: int, bits: int, dtype: torch.dtype, device_type: str) -> bool:
@@ -542,17 +552,12 @@ def launch_mma_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, 
                          "and K a multiple of 8")
     if y.shape != (1, N) or y.stride(-1) != 1:
         raise ValueError(f"y must be [1, {N}] with unit stride")
-    has_zeros = w.zeros_t is not None
-    q32 = w.codes_t.view(torch.int32)
-    zeros = w.zeros_t if has_zeros else q32
-    st = scales if scales is not None and has_zeros else alphas  # (PEQA rows only: an rtn base has its scales)
-    s_strides = (st.stride(0), st.stride(1), st.stride(-1)) if scales is not None and has_zeros else (0, 0, 0)
+    has_zeros, q32, zeros, st, strides = _base_and_tables(w, chan, scales, alphas, betas)
     args = (x, y, bias if bias is not None else x, q32, zeros, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx,
-            ws, cnt, N, K, q32.stride(0), zeros.stride(0) if has_zeros else 0, chan.stride(0), *s_strides,
-            *alphas.stride(), *betas.stride())
+            ws, cnt, N, K, *strides)
     meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 FAST=x.device.type != "cpu", F16=x.dtype == torch.float16,
-                PAIRS=TABLE_PAIRS and pairs_readable(alphas) and pairs_readable(betas),
+                PAIRS=TABLE_PAIRS and column_pairs_readable(alphas) and column_pairs_readable(betas),
                 STEP_ASM=step_asm(x.dtype == torch.float16, w.bits), **launch_kwargs(x))
 
     def grid(meta):
@@ -577,14 +582,6 @@ def launch_mma_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale_idx, 
 
 
 @triton.jit
-def _table_load(ptrs, ok, FAST: tl.constexpr):
-    """float32 of a table where ok, else 0.0: _load_if on the GPU, a masked load in the interpreter."""
-    if FAST:
-        return _load_if(ptrs, ok)
-    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _batch_table(elem_ptrs, pair_ptrs, ok, vword, FAST: tl.constexpr, PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr):
     """float32 [R, 16] of a slab table at each element's pointer where ok (else 0.0). PAIRS (GPU, a table whose rows
     pair up in one load): elements 0 / 1 of a lane read the (rows0, rows1) pair of their batch column at pair_ptrs
@@ -593,21 +590,20 @@ def _batch_table(elem_ptrs, pair_ptrs, ok, vword, FAST: tl.constexpr, PAIRS: tl.
     whose value _batch_tables replaces. Else one predicated load an element."""
     if PAIRS:
         return _scale_tile(pair_ptrs, vword, PAIR_ASM)
-    return _table_load(elem_ptrs, ok, FAST)
+    return _load_if(elem_ptrs, ok, FAST)
 
 
 @triton.jit
-def _batch_tables(g, pair0, rowt, col, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
-                  zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
-                  stride_sn, stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
+def _batch_tables(g, pair0, rowt, col, aidx, sidx, vword, M, N, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                  stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                  stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
                   PAIRS: tl.constexpr, A_ASM: tl.constexpr, S_ASM: tl.constexpr):
-    """(alpha_0..3, beta) [R, 16]: each element's (row rowt [R, 16], batch column col [1, 16]) plane alphas and beta in
-    group g [R, 1] (planes past BITS: zeros). An AlphaTuning column reads its slot's tables; a PEQA column (an rtn
-    base) makes them from its scale and the zero point (rtn_to_alphas), as the GEMV's PEQA rows do. PAIRS: the
-    tables are read in (rows0, rows1) pairs from the tile row's first row pair0 [R] (A_ASM: the alpha and beta
-    tables' pair asm, S_ASM: the scales')."""
+    """(alpha_0..3, beta) [R, 16]: each element's (row rowt [R, 16], batch column col [1, 16], whose alpha and scale
+    slots are aidx / sidx [1, 16]) plane alphas and beta in group g [R, 1] (planes past BITS: zeros). An AlphaTuning
+    column reads its slot's tables; a PEQA column (an rtn base) makes them from its scale and the zero point
+    (rtn_to_alphas), as the GEMV's PEQA rows do. PAIRS: the tables are read in (rows0, rows1) pairs from the tile
+    row's first row pair0 [R] (A_ASM: the alpha and beta tables' pair asm, S_ASM: the scales')."""
     col_ok = col < M
-    aidx = tl.load(alpha_idx_ptr + col, mask=col_ok, other=0)  # [1, 16]
     is_alpha = aidx >= 0
     a_ok = tl.broadcast_to(col_ok & is_alpha, rowt.shape)
     prow = tl.minimum(pair0[:, None], N - 2) + 0 * vword  # [R, 16] the pair's first row (pairs: N is even)
@@ -626,14 +622,13 @@ def _batch_tables(g, pair0, rowt, col, vword, M, N, alpha_idx_ptr, scale_idx_ptr
                       beta_ptr + aslot * stride_bs + prow * stride_bn + g * stride_bg, a_ok, vword, FAST, PAIRS, A_ASM)
     if HAS_ZEROS:
         p_ok = tl.broadcast_to(col_ok & (aidx < 0), rowt.shape)
-        sidx = tl.load(scale_idx_ptr + col, mask=col_ok, other=0).to(tl.int64)
         s = _batch_table(scale_ptr + sidx * stride_ss + rowt * stride_sn + g * stride_sg,
                          scale_ptr + sidx * stride_ss + prow * stride_sn + g * stride_sg, p_ok, vword, FAST, PAIRS,
                          S_ASM)
         if PAIRS:  # (the zero points are the float32 [G, N_pad] base table: pairs at any even row)
             z = _pair_tile(zero_ptr + g * stride_zg + pair0[:, None] + 0 * vword, vword)
         else:
-            z = _table_load(zero_ptr + g * stride_zg + rowt, p_ok, FAST)
+            z = _load_if(zero_ptr + g * stride_zg + rowt, p_ok, FAST)
         a0 = tl.where(is_alpha, a0, 0.5 * s)
         a1 = tl.where(is_alpha, a1, s)
         if BITS > 2:
@@ -730,6 +725,11 @@ def _mma_batch_alpha_kernel(
     rowt = tl.minimum(pair0[:, None] + (t >> 1), N - 1)  # [R, 16] each element's row (past N: row N - 1, not stored)
     acc0 = tl.zeros([R, WORDS], dtype=tl.float32)
     acc1 = tl.zeros([R, WORDS], dtype=tl.float32)
+    # each element's batch row's alpha and scale slots (chain 0, chain 1: rows 8..15), loaded once
+    aidx0 = tl.load(alpha_idx_ptr + colr, mask=colr < M, other=0)  # [1, 16]
+    sidx0 = tl.load(scale_idx_ptr + colr, mask=colr < M, other=0).to(tl.int64)
+    aidx1 = tl.load(alpha_idx_ptr + colr + 8, mask=colr + 8 < M, other=0)
+    sidx1 = tl.load(scale_idx_ptr + colr + 8, mask=colr + 8 < M, other=0).to(tl.int64)
     if FAST:  # the codes and x one step ahead in registers
         blk = s_lo * BPS + rblk
         w0n = tl.load(q0 + s_lo * (BPS * WORDS), mask=blk < kb_hi, other=0, eviction_policy="evict_first")
@@ -755,15 +755,15 @@ def _mma_batch_alpha_kernel(
                                                              EVEN_K)
             g = _block_group(blk, num_kb, ONE_GROUP)
             ta0, ta1, ta2, ta3, tb = _batch_tables(
-                g, pair0, rowt, colr, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
-                zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
-                stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
+                g, pair0, rowt, colr, aidx0, sidx0, vword, M, N, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
             acc0 = _batch_plane_step(acc0, w0, w1, a0, a1, a2, a3, ta0, ta1, ta2, ta3, tb, F16, STEP_ASM)
             if MB2:
                 ua0, ua1, ua2, ua3, ub = _batch_tables(
-                    g, pair0, rowt, colr + 8, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
-                    zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
-                    stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
+                    g, pair0, rowt, colr + 8, aidx1, sidx1, vword, M, N, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                    stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
                 acc1 = _batch_plane_step(acc1, w0, w1, b0, b1, b2, b3, ua0, ua1, ua2, ua3, ub, F16,
                                          STEP_ASM)
     else:
@@ -774,15 +774,15 @@ def _mma_batch_alpha_kernel(
             w1 = tl.load(q1 + s * (BPS * WORDS), mask=blk < kb_hi, other=0)
             g = _block_group(blk, num_kb, ONE_GROUP)
             ta0, ta1, ta2, ta3, tb = _batch_tables(
-                g, pair0, rowt, colr, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
-                zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
-                stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
+                g, pair0, rowt, colr, aidx0, sidx0, vword, M, N, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
             acc0 = _plain_batch_step(acc0, blk, w0, w1, ta0, ta1, ta2, ta3, tb, x_ptr, stride_xm, 0, M, K, vcol, BITS)
             if MB2:
                 ua0, ua1, ua2, ua3, ub = _batch_tables(
-                    g, pair0, rowt, colr + 8, vword, M, N, alpha_idx_ptr, scale_idx_ptr, alpha_ptr, beta_ptr, scale_ptr,
-                    zero_ptr, stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss,
-                    stride_sn, stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
+                    g, pair0, rowt, colr + 8, aidx1, sidx1, vword, M, N, alpha_ptr, beta_ptr, scale_ptr, zero_ptr,
+                    stride_as, stride_aj, stride_an, stride_ag, stride_bs, stride_bn, stride_bg, stride_ss, stride_sn,
+                    stride_sg, stride_zg, HAS_ZEROS, BITS, FAST, PAIRS, A_ASM, S_ASM)
                 acc1 = _plain_batch_step(acc1, blk, w0, w1, ua0, ua1, ua2, ua3, ub, x_ptr, stride_xm, 8, M, K, vcol,
                                          BITS)
             s += 1
@@ -838,20 +838,15 @@ def launch_mma_batch_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale
         raise ValueError("the MMA alpha batch kernel takes 1 to 16 rows of x, an even N, 2-4 bit codes with group "
                          "size -1 or 128, alpha and beta tables with one plane a bit, and on CUDA 16-bit x with "
                          "16-byte aligned rows and K a multiple of 8")
-    has_zeros = w.zeros_t is not None
-    q32 = w.codes_t.view(torch.int32)
-    zeros = w.zeros_t if has_zeros else q32
-    st = scales if scales is not None and has_zeros else alphas
-    s_strides = (st.stride(0), st.stride(1), st.stride(-1)) if scales is not None and has_zeros else (0, 0, 0)
+    has_zeros, q32, zeros, st, strides = _base_and_tables(w, chan, scales, alphas, betas)
     args = (x, y, bias if bias is not None else x, q32, zeros, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx,
-            ws, cnt, M, N, K, x.stride(0), y.stride(0), q32.stride(0), zeros.stride(0) if has_zeros else 0,
-            chan.stride(0), *s_strides, *alphas.stride(), *betas.stride())
+            ws, cnt, M, N, K, x.stride(0), y.stride(0), *strides)
     interpret = x.device.type == "cpu"
     meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 FAST=not interpret, F16=x.dtype == torch.float16, MB2=M > 8, EVEN_K=K % 128 == 0,
                 STEP_ASM=batch_step_asm(x.dtype == torch.float16, w.bits),
-                PAIRS=(not interpret and pairs_readable(alphas) and pairs_readable(betas) and pairs_readable(st)
-                       and betas.dtype == alphas.dtype),
+                PAIRS=(not interpret and betas.dtype == alphas.dtype
+                       and all(column_pairs_readable(t) for t in (alphas, betas, st))),
                 A_ASM=_scales_asm(S_TYPE[alphas.dtype], True), S_ASM=_scales_asm(S_TYPE[st.dtype], True),
                 **launch_kwargs(x))
 

@@ -950,9 +950,10 @@ def mma_gemv_fits(M: int, N: int, K: int, mode: int, group_size: int, has_zeros:
 
 
 def column_pairs_readable(table: torch.Tensor) -> bool:
-    """Whether a [S, N, G] table may be read as (n, n + 1) pairs at even n in one load: unit stride along
-    N and every pair aligned to its size."""
-    return (table.stride(1) == 1 and table.stride(0) % 2 == 0 and table.stride(2) % 2 == 0
+    """Whether a slab table with N second to last ([S, N, G] scales and betas, [S, b, N, G] alphas) may be read as
+    (n, n + 1) pairs at even n in one load: unit stride along N and every pair aligned to its size."""
+    n_dim = table.dim() - 2
+    return (table.stride(n_dim) == 1 and all(s % 2 == 0 for d, s in enumerate(table.stride()) if d != n_dim)
             and table.data_ptr() % (2 * table.element_size()) == 0)
 
 
