@@ -68,7 +68,7 @@ for step in "${steps[@]}"; do
     alpha_batch_ab)  # the MMA alpha batch kernel (mode 3, M = 4 and 16): its GPU tests, then against the tile and mode 2
               timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
                 -k "alpha_batch or table_pairs" 2>&1 | tee "$OUT/alpha_batch_tests.log" | tail -3
-              for policy in all never; do
+              for policy in auto never; do
                 timeout 180 python3 bench/kernels.py --ms 4,16 --modes 2,3 --groups 128 --no-baselines \
                   --mma-batch-alpha-policy $policy --json "$OUT/alpha-batch-$policy.json" 2>&1 \
                   | tee "$OUT/alpha-batch-$policy.log" | grep -E "^(qkv|o |gate_up|down)|layer"

@@ -220,9 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-alpha-policy", choices=("auto", "never"), default=None,
                     help="whether M = 1 in mode 3 takes the MMA alpha GEMV (kernels/int4_mma_alpha.py: auto) or the "
                          "CUDA-core plane GEMV (never); default: the kernel's MMA_ALPHA_POLICY")
-    ap.add_argument("--mma-batch-alpha-policy", choices=("auto", "all", "never"), default=None,
-                    help="where mode 3 takes the MMA alpha batch kernel (kernels/int4_mma_alpha.py): 2 <= M <= 8 "
-                         "(auto), 2 <= M <= 16 (all) or never (the tensor-core tile); default: the kernel's")
+    ap.add_argument("--mma-batch-alpha-policy", choices=("auto", "never"), default=None,
+                    help="whether mode 3 at 2 <= M <= 16 takes the MMA alpha batch kernel (kernels/int4_mma_alpha.py: "
+                         "auto) or the tensor-core tile (never); default: the kernel's MMA_BATCH_ALPHA_POLICY")
     ap.add_argument("--mma-batch-policy", choices=("auto", "all", "never"), default=None,
                     help="where modes 1/2 take the MMA batch kernel (kernels/int4_mma_batch.py): 2 <= M <= 8 (auto), "
                          "1 <= M <= 16 (all) or never (the tensor-core tile)")

@@ -516,18 +516,19 @@ def mma_alpha_chosen(M: int, mode: int, group_size: int) -> bool:
     return M == 1 and mode == MODE_ALPHA and group_size in MMA_GROUP_SIZES and MMA_ALPHA_POLICY == "auto"
 
 
-# 2 <= M <= 16 in mode 3 at group size -1 / 128 can run kernels/int4_mma_alpha.py's batch kernel (the MMA batch
-# kernel's layout, one chain per bit plane): MMA_BATCH_ALPHA_POLICY "auto" sends 2 <= M <= 8 there, "all" up to 16,
-# "never" keeps mode 3 on this file's tile. Never until a GPU has timed it (written after session 22's device time;
-# offline sm_90a, 4 bits, 4 warps: 80-126 registers on one chain, 232 on two).
-MMA_BATCH_ALPHA_POLICY = "never"
+# 2 <= M <= 16 in mode 3 at group size -1 / 128 runs kernels/int4_mma_alpha.py's batch kernel (the MMA batch
+# kernel's layout, one chain per bit plane) under MMA_BATCH_ALPHA_POLICY "auto", this file's tile under "never".
+# H100, g128, 4-bit planes, µs per 7B layer, same call (`bash bench/gpu_session.sh alpha_batch_ab`,
+# bench/NOTES-kernels.md session 23): M = 4 114.1 against the tile's 247.1, M = 16 170.9 against 245.2 (16
+# adapters: 214.3 against 315.0); mode 2 65.7 / 86.8 in the same call. Every shape wins at both M.
+MMA_BATCH_ALPHA_POLICY = "auto"
 
 
 def mma_batch_alpha_chosen(M: int, mode: int, group_size: int) -> bool:
     """Whether MMA_BATCH_ALPHA_POLICY sends this call (CUDA, inputs the kernel supports) to the MMA alpha batch
     kernel."""
-    hi = {"auto": 8, "all": MMA_BATCH_MAX_M}.get(MMA_BATCH_ALPHA_POLICY, 0)
-    return 2 <= M <= hi and mode == MODE_ALPHA and group_size in MMA_GROUP_SIZES
+    return (MMA_BATCH_ALPHA_POLICY == "auto" and 2 <= M <= MMA_BATCH_MAX_M and mode == MODE_ALPHA
+            and group_size in MMA_GROUP_SIZES)
 
 
 def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:

@@ -681,22 +681,24 @@ def test_mma_alpha_batch_small(M, gs, bcq, dtype, dist, bits, warps, split, bps,
 
 
 def test_mma_alpha_batch_dispatch_rule(monkeypatch):
-    """never (the default until a GPU has timed it); auto: 2 to 8 rows in mode 3 at group size -1 and 128; all: up
-    to 16; one row stays on the MMA alpha GEMV, modes 1/2 on their kernels."""
-    assert not im.mma_batch_alpha_chosen(4, MODE_ALPHA, 128)
-    monkeypatch.setattr(im, "MMA_BATCH_ALPHA_POLICY", "auto")
+    """auto (the default): 2 to 16 rows in mode 3 at group size -1 and 128; one row stays on the MMA alpha GEMV,
+    17 rows and more on the tile, modes 1/2 on their kernels; never: none."""
     assert im.mma_batch_alpha_chosen(2, MODE_ALPHA, 128) and im.mma_batch_alpha_chosen(8, MODE_ALPHA, -1)
-    assert not im.mma_batch_alpha_chosen(9, MODE_ALPHA, 128) and not im.mma_batch_alpha_chosen(4, MODE_ALPHA, 32)
+    assert im.mma_batch_alpha_chosen(16, MODE_ALPHA, 128) and not im.mma_batch_alpha_chosen(17, MODE_ALPHA, 128)
+    assert not im.mma_batch_alpha_chosen(1, MODE_ALPHA, 128) and not im.mma_batch_alpha_chosen(4, MODE_ALPHA, 32)
     assert not im.mma_batch_alpha_chosen(4, MODE_GROUP, 128)
     assert im.autotuned_kernel(4, 64, 256, MODE_ALPHA, 128) == "mma alpha batch"
+    assert im.autotuned_kernel(16, 64, 256, MODE_ALPHA, 128) == "mma alpha batch"
     assert im.autotuned_kernel(1, 64, 256, MODE_ALPHA, 128) == "mma alpha"
-    monkeypatch.setattr(im, "MMA_BATCH_ALPHA_POLICY", "all")
-    assert im.mma_batch_alpha_chosen(16, MODE_ALPHA, 128) and not im.mma_batch_alpha_chosen(17, MODE_ALPHA, 128)
+    assert im.autotuned_kernel(17, 64, 256, MODE_ALPHA, 128) == "tensor-core"
+    monkeypatch.setattr(im, "MMA_BATCH_ALPHA_POLICY", "never")
+    assert not im.mma_batch_alpha_chosen(4, MODE_ALPHA, 128)
+    assert im.autotuned_kernel(4, 64, 256, MODE_ALPHA, 128) == "tensor-core"
 
 
 def test_mma_batch_dispatch_rule(monkeypatch):
     """auto: 2 to 8 rows in modes 1/2 at group size -1 and 128 (one row stays on the MMA GEMV, 9-16 rows on the
-    tensor-core tile, which is faster there); never mode 3 or group size 32; "all" takes 1 to 16 rows; "never"
+    tensor-core tile, which is faster there); never mode 3 (its own batch kernel) or group size 32; "all" takes 1 to 16 rows; "never"
     none."""
     for mode in (MODE_CHANNEL, MODE_GROUP):
         for M in (2, 5, 8):
@@ -705,7 +707,7 @@ def test_mma_batch_dispatch_rule(monkeypatch):
         assert im.autotuned_kernel(1, 4096, 4096, mode, 128) == "mma gemv"
         assert im.autotuned_kernel(9, 4096, 4096, mode, 128) == "tensor-core"
         assert im.autotuned_kernel(4, 4096, 4096, mode, 32) == "tensor-core"
-    assert im.autotuned_kernel(4, 4096, 4096, MODE_ALPHA, 128) == "tensor-core"
+    assert im.autotuned_kernel(4, 4096, 4096, MODE_ALPHA, 128) == "mma alpha batch"  # mode 3's own batch kernel
     monkeypatch.setattr(im, "MMA_BATCH_POLICY", "all")
     assert im.autotuned_kernel(1, 4096, 4096, MODE_GROUP, 128) == "mma batch"
     assert im.autotuned_kernel(16, 4096, 4096, MODE_GROUP, 128) == "mma batch"
