@@ -698,8 +698,8 @@ def test_mma_alpha_batch_dispatch_rule(monkeypatch):
 
 def test_mma_batch_dispatch_rule(monkeypatch):
     """auto: 2 to 8 rows in modes 1/2 at group size -1 and 128 (one row stays on the MMA GEMV, 9-16 rows on the
-    tensor-core tile, which is faster there); never mode 3 (its own batch kernel) or group size 32; "all" takes 1 to 16 rows; "never"
-    none."""
+    tensor-core tile, which is faster there); never mode 3 (its own batch kernel) or group size 32; "all" takes 1 to
+    16 rows; "never" none."""
     for mode in (MODE_CHANNEL, MODE_GROUP):
         for M in (2, 5, 8):
             assert im.autotuned_kernel(M, 4096, 4096, mode, 128) == "mma batch"
