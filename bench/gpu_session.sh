@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -63,6 +63,12 @@ for step in "${steps[@]}"; do
               for policy in auto never; do
                 timeout 150 python3 bench/kernels.py --ms 1 --modes 2,3 --groups 128 --no-baselines \
                   --mma-alpha-policy $policy --json "$OUT/alpha-$policy.json" 2>&1 | tee "$OUT/alpha-$policy.log" \
+                  | grep -E "^(qkv|o |gate_up|down)|layer"
+              done ;;
+    table_pairs_ab)  # the MMA alpha GEMV (mode 3, M = 1) with its tables read in row pairs one step ahead, and without
+              for pairs in on off; do
+                timeout 150 python3 bench/kernels.py --ms 1 --modes 3 --groups 128 --no-baselines \
+                  --alpha-table-pairs $pairs --json "$OUT/table-pairs-$pairs.json" 2>&1 | tee "$OUT/table-pairs-$pairs.log" \
                   | grep -E "^(qkv|o |gate_up|down)|layer"
               done ;;
     alpha_batch_ab)  # the MMA alpha batch kernel (mode 3, M = 4 and 16): its GPU tests, then against the tile and mode 2

@@ -52,8 +52,8 @@ from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 MODE_ALPHA = 3
 # Where the slab's alpha and beta tables hold a lane's two adjacent rows in one 4- or 8-byte load (as AdapterSlab lays
 # them out), read them so, one step ahead (PAIRS): offline sm_90a (bf16, 16 rows, 4 warps) 602 instructions a step
-# against 622 and 18 loads against 28, same registers. Off until a GPU run has checked and timed it (session 22 ran
-# out of device time): the tables then load one element at a time, in the step.
+# against 622 and 18 loads against 28, same registers. Correct on the H100 (session 23's GPU tests), not yet timed (`bash bench/gpu_session.sh
+# table_pairs_ab`), so off: the tables then load one element at a time, in the step.
 TABLE_PAIRS = False
 
 
