@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha-table-pairs", choices=("on", "off"), default=None,
                     help="whether the MMA alpha GEMV reads its alpha and beta tables in row pairs, one step ahead "
                          "(kernels/int4_mma_alpha.py TABLE_PAIRS); default: the kernel's")
+    ap.add_argument("--alpha-fold-planes", choices=("on", "off"), default=None,
+                    help="whether the MMA alpha batch kernel's plane operands carry K_j (kernels/int4_mma_alpha.py "
+                         "FOLD_PLANE_SCALES); default: the kernel's")
     ap.add_argument("--mma-batch-alpha-policy", choices=("auto", "never"), default=None,
                     help="whether mode 3 at 2 <= M <= 16 takes the MMA alpha batch kernel (kernels/int4_mma_alpha.py: "
                          "auto) or the tensor-core tile (never); default: the kernel's MMA_BATCH_ALPHA_POLICY")
@@ -271,10 +274,12 @@ def main(argv=None) -> int:
         im.MMA_ALPHA_POLICY = args.mma_alpha_policy
     if args.mma_batch_alpha_policy is not None:
         im.MMA_BATCH_ALPHA_POLICY = args.mma_batch_alpha_policy
-    if args.alpha_table_pairs is not None:
-        from scaleserve.kernels import int4_mma_alpha
+    from scaleserve.kernels import int4_mma_alpha
 
+    if args.alpha_table_pairs is not None:
         int4_mma_alpha.TABLE_PAIRS = args.alpha_table_pairs == "on"
+    if args.alpha_fold_planes is not None:
+        int4_mma_alpha.FOLD_PLANE_SCALES = args.alpha_fold_planes == "on"
     if args.mma_batch_policy is not None:
         im.MMA_BATCH_POLICY = args.mma_batch_policy
     if args.fold_policy is not None:

@@ -52,9 +52,16 @@ from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 MODE_ALPHA = 3
 # Where the slab's alpha and beta tables hold a lane's two adjacent rows in one 4- or 8-byte load (as AdapterSlab lays
 # them out), read them so, one step ahead (PAIRS): offline sm_90a (bf16, 16 rows, 4 warps) 602 instructions a step
-# against 622 and 18 loads against 28, same registers. Correct on the H100 (session 23's GPU tests), not yet timed (`bash bench/gpu_session.sh
-# table_pairs_ab`), so off: the tables then load one element at a time, in the step.
+# against 622 and 18 loads against 28, same registers. Correct on the H100 (session 23's GPU tests), not yet timed
+# (`bash bench/gpu_session.sh table_pairs_ab`), so off: the tables then load one element at a time, in the step.
 TABLE_PAIRS = False
+# The batch kernel with K_j folded into the plane operands (FOLD_PLANE_SCALES): plane j's LOP3 ORs its bit into
+# K_j = 2 SCALE_j instead of 1.0, so its A value is K_j + 2 bit (K_j a power of two: exact) and its chain sums K_j C_j
+# itself, exactly. The step's combine then spends two instructions a plane and element (u = C'_j - (K_j + 1) X,
+# acc += alpha_j u) instead of three. Offline sm_90a (bf16, 4 bits, 4 warps, one block a step; session 23): loop 429
+# -> 424 SASS with one chain, 643 -> 608 with two (M > 8), registers 238 -> 222 there. (The GEMV's step, 631 -> 639
+# with it, keeps the product.) Off until a GPU has timed it (`bash bench/gpu_session.sh fold_planes_ab`).
+FOLD_PLANE_SCALES = False
 
 
 def _f32(v: float) -> str:
@@ -73,13 +80,24 @@ def plane_scale(j: int, f16: bool) -> float:
     return (16.0 if f16 else 128.0) / 2**j
 
 
-def _plane_chains_asm(f16: bool, bits: int, regs: str) -> list[str]:
+def _half_pair(v: float, f16: bool) -> str:
+    """The b32 immediate holding v (exact in the 16-bit type) in both halves."""
+    h = struct.unpack("<H", struct.pack("<e", v))[0] if f16 else struct.unpack("<I", struct.pack("<f", v))[0] >> 16
+    return "0x%04X%04X" % (h, h)
+
+
+def _plane_base(j: int, f16: bool, fold: bool) -> float:
+    """What plane j's LOP3 ORs its bit into: 1.0 (A = 1 + bit / SCALE_j), or with fold K_j = 2 SCALE_j (A = K_j +
+    2 bit, so the chain sums K_j C_j)."""
+    return 2 * plane_scale(j, f16) if fold else 1.0
+
+
+def _plane_chains_asm(f16: bool, bits: int, regs: str, fold: bool = False) -> list[str]:
     """The PTX of one lane's plane chains: c<j>_<e> (4 floats, zeroed here) = the m16n8k16 chain over the lane's
-    words of rows0 ($4..$7) and rows1 ($8..$11) as plane j, B the x pairs $12..$27 (P_i of word u at $12 + 4i + u).
-    The A rows and B columns are what kernels.int4_mma_gemv._mma_chain_asm makes of the same operands. regs: more
-    registers for the caller's epilogue, declared in the same scope."""
+    words of rows0 ($4..$7) and rows1 ($8..$11) as plane j (with fold: K_j times that), B the x pairs $12..$27 (P_i of
+    word u at $12 + 4i + u). The A rows and B columns are what kernels.int4_mma_gemv._mma_chain_asm makes of the same
+    operands. regs: more registers for the caller's epilogue, declared in the same scope."""
     dt = "f16" if f16 else "bf16"
-    one = "0x3C003C00" if f16 else "0x3F803F80"
     base_mask = 0x00400040 if f16 else 0x00010001
     chains = [f"c{j}_{e}" for j in range(bits) for e in range(4)]
     out = ["{ .reg .b32 s0, s1, s2, s3, a0, a1, a2, a3; .reg .f32 " + ", ".join(chains) + ", " + regs + ";",
@@ -99,6 +117,7 @@ def _plane_chains_asm(f16: bool, bits: int, regs: str) -> list[str]:
         b0, b1 = f"${12 + 4 * i0 + u0}", f"${12 + 4 * i1 + u1}"
         for j in range(bits):
             mask = "0x%08X" % (base_mask << j)
+            one = _half_pair(_plane_base(j, f16, fold), f16)
             out.append(" ".join(f"lop3.b32 a{k}, {srcs[k]}, {mask}, {one}, 0xEA;" for k in range(4)))
             c = ", ".join(f"c{j}_{e}" for e in range(4))
             out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32 {{{c}}}, {{a0, a1, a2, a3}}, "
@@ -125,18 +144,22 @@ def _plane_step_asm(f16: bool, bits: int) -> str:
     return "\n".join(out)
 
 
-def _batch_step_asm(f16: bool, bits: int) -> str:
+def _batch_step_asm(f16: bool, bits: int, fold: bool = False) -> str:
     """One block of one lane of the batch kernel (GPU): element t of a lane is (row rows0 / rows1 by t >> 1, batch
     column t & 1), C register t of every chain. Operands: acc out $0..$3; words and x pairs as in _plane_chains_asm;
     X_t $28..$31; alpha of plane j, element t at $32 + 4j + t (four planes passed, `bits` read); beta_t $48..$51;
-    acc in $52..$55:  acc_t += sum_j alpha_jt (K_j C_jt - (K_j + 1) X_t) + beta_t X_t."""
-    out = _plane_chains_asm(f16, bits, "u, nx, r")
+    acc in $52..$55:  acc_t += sum_j alpha_jt (K_j C_jt - (K_j + 1) X_t) + beta_t X_t. fold: the chains of
+    _plane_chains_asm's fold, which sum K_j C_jt."""
+    out = _plane_chains_asm(f16, bits, "u, nx, r", fold)
     for t in range(4):
         out.append(f"mov.f32 r, ${52 + t};")
         for j in range(bits):
             k = 2 * plane_scale(j, f16)
-            out += [f"mul.f32 nx, ${28 + t}, {_f32(-(k + 1))}; fma.rn.f32 u, c{j}_{t}, {_f32(k)}, nx;",
-                    f"fma.rn.f32 r, ${32 + 4 * j + t}, u, r;"]
+            if fold:
+                out.append(f"fma.rn.f32 u, ${28 + t}, {_f32(-(k + 1))}, c{j}_{t};")
+            else:
+                out.append(f"mul.f32 nx, ${28 + t}, {_f32(-(k + 1))}; fma.rn.f32 u, c{j}_{t}, {_f32(k)}, nx;")
+            out.append(f"fma.rn.f32 r, ${32 + 4 * j + t}, u, r;")
         out.append(f"fma.rn.f32 ${t}, ${48 + t}, ${28 + t}, r;")
     out.append("}")
     return "\n".join(out)
@@ -844,7 +867,7 @@ def launch_mma_batch_alpha(x, y, w, chan, scales, alphas, betas, chan_idx, scale
     interpret = x.device.type == "cpu"
     meta = dict(BITS=w.bits, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, HAS_ZEROS=has_zeros,
                 FAST=not interpret, F16=x.dtype == torch.float16, MB2=M > 8, EVEN_K=K % 128 == 0,
-                STEP_ASM=batch_step_asm(x.dtype == torch.float16, w.bits),
+                STEP_ASM=batch_step_asm(x.dtype == torch.float16, w.bits, FOLD_PLANE_SCALES),
                 PAIRS=(not interpret and betas.dtype == alphas.dtype
                        and all(column_pairs_readable(t) for t in (alphas, betas, st))),
                 A_ASM=_scales_asm(S_TYPE[alphas.dtype], True), S_ASM=_scales_asm(S_TYPE[st.dtype], True),

@@ -680,6 +680,17 @@ def test_mma_alpha_batch_small(M, gs, bcq, dtype, dist, bits, warps, split, bps,
     check(y, reference({**t, **{k: v.float() for k, v in tables.items()}}), dtype)
 
 
+@pytest.mark.skipif(not CUDA, reason="FOLD_PLANE_SCALES only changes the GPU path's asm (the interpreter's is plain)")
+@pytest.mark.parametrize("M,gs,bcq,dtype,dist,bits,warps,split,bps,tdt", _alpha_batch_cases()[::2])
+def test_mma_alpha_batch_fold_planes(M, gs, bcq, dtype, dist, bits, warps, split, bps, tdt, monkeypatch):
+    """FOLD_PLANE_SCALES: the plane operands carry K_j (tests/kernels/test_mma_asm.py checks the asm lane by lane);
+    the same cases as test_mma_alpha_batch_small."""
+    from scaleserve.kernels import int4_mma_alpha
+
+    monkeypatch.setattr(int4_mma_alpha, "FOLD_PLANE_SCALES", True)
+    test_mma_alpha_batch_small(M, gs, bcq, dtype, dist, bits, warps, split, bps, tdt)
+
+
 def test_mma_alpha_batch_dispatch_rule(monkeypatch):
     """auto (the default): 2 to 16 rows in mode 3 at group size -1 and 128; one row stays on the MMA alpha GEMV,
     17 rows and more on the tile, modes 1/2 on their kernels; never: none."""

@@ -103,10 +103,10 @@ def _cases():
         return _case(ALPHA, "_mma_alpha_kernel", cfg, mode=3, s_pair=False, BITS=bits, HAS_ZEROS=has_zeros,
                      PAIRS=pairs, f16=f16, STEP_ASM=step_asm(f16, bits), **kw)
 
-    def batch_alpha(cfg, mb2=False, bits=4, has_zeros=True, f16=False, slab="*fp16", pairs=True, **kw):
+    def batch_alpha(cfg, mb2=False, bits=4, has_zeros=True, f16=False, slab="*fp16", pairs=True, fold=False, **kw):
         pair_asm = _scales_asm({"*fp16": "f16", "*bf16": "bf16", "*fp32": "f32"}[slab], True)
         return _case(ALPHA, "_mma_batch_alpha_kernel", cfg, mode=3, s_pair=False, MB2=mb2, BITS=bits,
-                     HAS_ZEROS=has_zeros, f16=f16, slab=slab, STEP_ASM=batch_step_asm(f16, bits), PAIRS=pairs,
+                     HAS_ZEROS=has_zeros, f16=f16, slab=slab, STEP_ASM=batch_step_asm(f16, bits, fold), PAIRS=pairs,
                      A_ASM=pair_asm, S_ASM=pair_asm, **kw)
 
     first = MMA_GEMV_CONFIGS[0]
@@ -134,7 +134,9 @@ def _cases():
             # 3 bits / fp16 / a bcq base / per-channel
             + [batch_alpha(c, mb2=bool(i % 2) and c.kwargs["BPS"] <= 2) for i, c in enumerate(alpha_batch_configs)]
             + [batch_alpha(b0, bits=3, f16=True, slab="*fp32"), batch_alpha(b0, has_zeros=False, group_size=-1),
-               batch_alpha(b0, bits=2, mb2=True, slab="*bf16"), batch_alpha(b0, pairs=False)])
+               batch_alpha(b0, bits=2, mb2=True, slab="*bf16"), batch_alpha(b0, pairs=False)]
+            # the batch kernel with K_j folded into the plane operands (FOLD_PLANE_SCALES)
+            + [batch_alpha(b0, fold=True), batch_alpha(b0, mb2=True, f16=True, bits=3, fold=True)])
 
 
 @pytest.mark.timeout(600)

@@ -6,7 +6,7 @@ a plain-arithmetic path instead, so it cannot show that these strings, and the l
 its operands, compute what they should. This file emulates the instructions the strings use (mov, shr,
 shl, lop3, prmt, setp / @p ld.global, selp, cvt, f32 sub / mul / fma, and mma.sync across a warp of 32 lanes)
 and checks a whole step of one warp against float64, for the batch kernel and for the M = 1 MMA GEMV, and both
-kernels' table loads. (The layout Triton gives the asm, and its registers, are checked in
+kernels' table loads, and the mode-3 (AlphaTuning) plane steps of both. (The layout Triton gives the asm, and its registers, are checked in
 test_int4_mma_gemv.py.)
 """
 
@@ -276,6 +276,85 @@ def test_gemv_step_asm(f16):
                 want[lane, t] += sc[h, r] * (x[0, 128 * r:128 * r + 128] @ (Q[h, r] - z[h, r]))
     scale = np.abs(x).sum() * 15 * sc.max()
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+
+
+def _plane_dots(x: np.ndarray, q: np.ndarray, bits: int) -> np.ndarray:
+    """S_j = x . (2 bit_j(q) - 1) for j < bits: [bits]."""
+    return np.array([x @ (2 * ((q >> j) & 1) - 1) for j in range(bits)])
+
+
+@pytest.mark.parametrize("fold", (False, True), ids=("plain", "fold"))
+@pytest.mark.parametrize("bits", (2, 3, 4))
+@pytest.mark.parametrize("f16", (False, True), ids=("bf16", "fp16"))
+def test_alpha_batch_step_asm(f16, bits, fold):
+    """The MMA alpha batch kernel's step (kernels/int4_mma_alpha.py): one warp, one 128-code block of 8 row pairs,
+    8 batch rows of x. Element t of lane (g, c), row n = 2g + (t >> 1) and batch row b = 2c + (t & 1), gains
+    sum_j alpha[j, n, b] S_j + beta[n, b] X_b, its own tables; with fold the plane operands carry K_j."""
+    from scaleserve.kernels import int4_mma_alpha as ma
+
+    rng = np.random.default_rng(17 + f16 + 2 * bits + 8 * fold)
+    Q = rng.integers(0, 2**bits, (16, 128))
+    x = _representable(rng.standard_normal((8, 128)), f16)
+    alpha = rng.standard_normal((4, 16, 8)) * 0.1  # [plane, row, batch]: planes past bits are not read
+    beta = rng.standard_normal((16, 8)) * 0.1
+    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
+    words = (Q.reshape(16, 16, 8) << (4 * np.arange(8))).sum(-1)
+    memory = _x_memory(x, f16, 16)
+    p_ops = _lane_pairs(memory, lambda lane, u: 1000 * (lane >> 2) + 4 * (lane & 3) + u)
+    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
+    ops = []
+    for lane in range(32):
+        g, c = lane >> 2, lane & 3
+        el = [(2 * g + (t >> 1), 2 * c + (t & 1)) for t in range(4)]
+        ops.append([int(words[2 * g, 4 * c + u]) for u in range(4)] + [int(words[2 * g + 1, 4 * c + u]) for u in range(4)]
+                   + p_ops[lane] + xs[lane] + [_bits(alpha[j, n, b]) for j in range(4) for n, b in el]
+                   + [_bits(beta[n, b]) for n, b in el] + [_bits(v) for v in acc0[lane]])
+    got = np.array([[_f32(v) for v in lane] for lane in Warp(ma._batch_step_asm(f16, bits, fold), 4, ops).run()])
+    want = acc0.astype(np.float64)
+    for lane in range(32):
+        g, c = lane >> 2, lane & 3
+        for t in range(4):
+            n, b = 2 * g + (t >> 1), 2 * c + (t & 1)
+            want[lane, t] += alpha[:bits, n, b] @ _plane_dots(x[b], Q[n], bits) + beta[n, b] * x[b].sum()
+    scale = np.abs(x).sum(1).max() * 2 * ma.plane_scale(0, f16) * 0.4  # the K_j C_j terms the float32 sums cancel
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-8 * scale)
+
+
+@pytest.mark.parametrize("bits", (2, 4))
+@pytest.mark.parametrize("f16", (False, True), ids=("bf16", "fp16"))
+def test_alpha_gemv_step_asm(f16, bits):
+    """The MMA alpha GEMV's step: one warp, one row pair, an 8-block step laid out as test_gemv_step_asm's. The 8
+    lanes of C's diagonal (c = r >> 1) add sum_j alpha_j S_j + beta X of block r for rows0 to register 0 and rows1
+    to register 2; every other register passes its accumulator through."""
+    from scaleserve.kernels import int4_mma_alpha as ma
+
+    rng = np.random.default_rng(23 + f16 + 2 * bits)
+    Q = rng.integers(0, 2**bits, (2, 8, 128))  # [rows0 / rows1, block, k]
+    x = _representable(rng.standard_normal((1, 8 * 128)), f16)
+    alpha = rng.standard_normal((4, 2, 8)) * 0.1  # [plane, row, block]
+    beta = rng.standard_normal((2, 8)) * 0.1
+    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
+    words = (Q.reshape(2, 8, 16, 8) << (4 * np.arange(8))).sum(-1)
+    memory = _x_memory(x, f16, 8 * 16)
+    p_ops = _lane_pairs(memory, lambda lane, u: 16 * (lane >> 2) + 4 * (lane & 3) + u)
+    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
+    ops = []
+    for lane in range(32):
+        r, c = lane >> 2, lane & 3
+        on = float(c == r >> 1)  # the others read zeros
+        tables = [on * alpha[j, h, r] for j in range(4) for h in range(2)] + [on * beta[0, r], on * beta[1, r], 0, 0]
+        ops.append([int(words[h, r, 4 * c + u]) for h in range(2) for u in range(4)] + p_ops[lane] + xs[lane]
+                   + [_bits(v) for v in tables] + [_bits(v) for v in acc0[lane]] + [r & 1] * 4)
+    got = np.array([[_f32(v) for v in lane] for lane in Warp(ma._plane_step_asm(f16, bits), 4, ops).run()])
+    want = acc0.astype(np.float64)
+    for lane in range(32):
+        r, c = lane >> 2, lane & 3
+        if c == r >> 1:
+            xr = x[0, 128 * r:128 * r + 128]
+            for h, t in ((0, 0), (1, 2)):
+                want[lane, t] += alpha[:bits, h, r] @ _plane_dots(xr, Q[h, r], bits) + beta[h, r] * xr.sum()
+    scale = np.abs(x).sum() / 8 * 2 * ma.plane_scale(0, f16) * 0.4
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-8 * scale)
 
 
 @pytest.mark.parametrize("s_type", ("f32", "f16", "bf16"))
