@@ -181,6 +181,37 @@ def _x_bits(x: np.ndarray, f16: bool) -> np.ndarray:
     return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.int64)
 
 
+def _batch_warp(rng, f16: bool, levels: int = 16):
+    """A batch kernel step's inputs for one warp, one 128-code block of 8 row pairs and 8 batch rows of x: codes Q
+    [16, 128] (row pairs (2g, 2g + 1)), x [8, 128], the accumulators [32, 4], and each lane (g, c)'s first operands
+    as int4_mma_batch gives them: its words 4c..4c+3 of rows 2g and 2g + 1, its x pairs (each element, word 4c + u,
+    loads x row g: B column g) and the ones chain's sums."""
+    Q = rng.integers(0, levels, (16, 128))
+    x = _representable(rng.standard_normal((8, 128)), f16)
+    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
+    words = (Q.reshape(16, 16, 8) << (4 * np.arange(8))).sum(-1)  # [rows, word]: nibble j = code 8w + j
+    p_ops = _lane_pairs(_x_memory(x, f16, 16), lambda lane, u: 1000 * (lane >> 2) + 4 * (lane & 3) + u)
+    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
+    heads = [[int(words[2 * (lane >> 2) + h, 4 * (lane & 3) + u]) for h in range(2) for u in range(4)]
+             + p_ops[lane] + xs[lane] for lane in range(32)]
+    return Q, x, acc0, heads
+
+
+def _gemv_warp(rng, f16: bool, levels: int = 16):
+    """A GEMV step's inputs for one warp, one row pair and an 8-block step: codes Q [2, 8, 128] (rows0 / rows1,
+    block, k), x [1, 1024], the accumulators [32, 4], and each lane (r, c)'s first operands: its words 4c..4c+3 of
+    block r of rows0 then rows1, its x pairs (x's block r) and the ones chain's sums."""
+    Q = rng.integers(0, levels, (2, 8, 128))
+    x = _representable(rng.standard_normal((1, 8 * 128)), f16)
+    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
+    words = (Q.reshape(2, 8, 16, 8) << (4 * np.arange(8))).sum(-1)  # [row, block, word]
+    p_ops = _lane_pairs(_x_memory(x, f16, 8 * 16), lambda lane, u: 16 * (lane >> 2) + 4 * (lane & 3) + u)
+    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
+    heads = [[int(words[h, lane >> 2, 4 * (lane & 3) + u]) for h in range(2) for u in range(4)]
+             + p_ops[lane] + xs[lane] for lane in range(32)]
+    return Q, x, acc0, heads
+
+
 @pytest.mark.parametrize("f16", (False, True), ids=("bf16", "fp16"))
 @pytest.mark.parametrize("mode", (1, 2))
 def test_batch_kernel_step_asm(f16, mode):
@@ -188,27 +219,17 @@ def test_batch_kernel_step_asm(f16, mode):
     step asm, with each lane's operands as int4_mma_batch gives them, add S * x_b . (Q_n - z_n) to the
     accumulator element (n = 2g + (t >> 1), b = 2c + (t & 1)) of lane (g, c) and register t."""
     rng = np.random.default_rng(7 + f16 + 2 * mode)
-    Q = rng.integers(0, 16, (16, 128))  # [rows, k]: row pairs (2g, 2g + 1)
-    x = _representable(rng.standard_normal((8, 128)), f16)
+    Q, x, acc0, heads = _batch_warp(rng, f16)
     z = rng.random(16) * 15  # float zero points of the block's group
     S = rng.random((16, 8)) + 0.5  # [row, batch]: mode 1 has one scale per row, mode 2 one per row and batch slot
     if mode == 1:
         S[:] = S[:, :1]
-    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
-    words = (Q.reshape(16, 16, 8) << (4 * np.arange(8))).sum(-1)  # [rows, word]: nibble j = code 8w + j
-    memory = _x_memory(x, f16, 16)
     lanes = [(lane >> 2, lane & 3) for lane in range(32)]
-    # each element (word 4c + u) of lane (g, c) loads x row g: B column g
-    p_ops = _lane_pairs(memory, lambda lane, u: 1000 * (lane >> 2) + 4 * (lane & 3) + u)
-    ones = mg._ONES_F16.value if f16 else mg._ONES_BF16.value
-    xs = Warp(ones, 4, p_ops).run()
     ops = []
     for lane, (g, c) in enumerate(lanes):
-        w0 = [int(words[2 * g, 4 * c + u]) for u in range(4)]
-        w1 = [int(words[2 * g + 1, 4 * c + u]) for u in range(4)]
         zt = [_bits(z[2 * g + (t >> 1)]) for t in range(4)]
         st = [_bits(S[2 * g + (t >> 1), 2 * c + (t & 1)]) for t in range(4)]
-        ops.append(w0 + w1 + p_ops[lane] + xs[lane] + zt + st + [_bits(v) for v in acc0[lane]])
+        ops.append(heads[lane] + zt + st + [_bits(v) for v in acc0[lane]])
     step = mb._STEP_F16.value if f16 else mb._STEP_BF16.value
     got = np.array([[_f32(v) for v in lane] for lane in Warp(step, 4, ops).run()], dtype=np.float64)
     want = np.empty((32, 4))
@@ -251,21 +272,14 @@ def test_gemv_step_asm(f16):
     of the 8 lanes holding C's diagonal (c = r >> 1), whose tables are non-zero; every other register passes
     its accumulator through."""
     rng = np.random.default_rng(11 + f16)
-    Q = rng.integers(0, 16, (2, 8, 128))  # [rows0 / rows1, block, k]
-    x = _representable(rng.standard_normal((1, 8 * 128)), f16)
+    Q, x, acc0, heads = _gemv_warp(rng, f16)
     z, sc = rng.random((2, 8)) * 15, rng.random((2, 8)) + 0.5  # per row and block (group 128)
-    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
-    words = (Q.reshape(2, 8, 16, 8) << (4 * np.arange(8))).sum(-1)  # [row, block, word]
-    memory = _x_memory(x, f16, 8 * 16)
-    p_ops = _lane_pairs(memory, lambda lane, u: 16 * (lane >> 2) + 4 * (lane & 3) + u)
-    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
     ops = []
     for lane in range(32):
         r, c = lane >> 2, lane & 3
         diag = c == r >> 1
         tables = [_bits(v if diag else 0.0) for v in (z[0, r], z[1, r], sc[0, r], sc[1, r])]
-        ops.append([int(words[h, r, 4 * c + u]) for h in range(2) for u in range(4)] + p_ops[lane] + xs[lane]
-                   + tables + [_bits(v) for v in acc0[lane]] + [r & 1] * 4)
+        ops.append(heads[lane] + tables + [_bits(v) for v in acc0[lane]] + [r & 1] * 4)
     got = np.array([[_f32(v) for v in lane] for lane in
                     Warp(mg._STEP_F16.value if f16 else mg._STEP_BF16.value, 4, ops).run()], dtype=np.float64)
     want = acc0.astype(np.float64)
@@ -293,21 +307,13 @@ def test_alpha_batch_step_asm(f16, bits, fold):
     from scaleserve.kernels import int4_mma_alpha as ma
 
     rng = np.random.default_rng(17 + f16 + 2 * bits + 8 * fold)
-    Q = rng.integers(0, 2**bits, (16, 128))
-    x = _representable(rng.standard_normal((8, 128)), f16)
+    Q, x, acc0, heads = _batch_warp(rng, f16, 2**bits)
     alpha = rng.standard_normal((4, 16, 8)) * 0.1  # [plane, row, batch]: planes past bits are not read
     beta = rng.standard_normal((16, 8)) * 0.1
-    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
-    words = (Q.reshape(16, 16, 8) << (4 * np.arange(8))).sum(-1)
-    memory = _x_memory(x, f16, 16)
-    p_ops = _lane_pairs(memory, lambda lane, u: 1000 * (lane >> 2) + 4 * (lane & 3) + u)
-    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
     ops = []
     for lane in range(32):
-        g, c = lane >> 2, lane & 3
-        el = [(2 * g + (t >> 1), 2 * c + (t & 1)) for t in range(4)]
-        ops.append([int(words[2 * g, 4 * c + u]) for u in range(4)] + [int(words[2 * g + 1, 4 * c + u]) for u in range(4)]
-                   + p_ops[lane] + xs[lane] + [_bits(alpha[j, n, b]) for j in range(4) for n, b in el]
+        el = [(2 * (lane >> 2) + (t >> 1), 2 * (lane & 3) + (t & 1)) for t in range(4)]
+        ops.append(heads[lane] + [_bits(alpha[j, n, b]) for j in range(4) for n, b in el]
                    + [_bits(beta[n, b]) for n, b in el] + [_bits(v) for v in acc0[lane]])
     got = np.array([[_f32(v) for v in lane] for lane in Warp(ma._batch_step_asm(f16, bits, fold), 4, ops).run()])
     want = acc0.astype(np.float64)
@@ -329,22 +335,15 @@ def test_alpha_gemv_step_asm(f16, bits):
     from scaleserve.kernels import int4_mma_alpha as ma
 
     rng = np.random.default_rng(23 + f16 + 2 * bits)
-    Q = rng.integers(0, 2**bits, (2, 8, 128))  # [rows0 / rows1, block, k]
-    x = _representable(rng.standard_normal((1, 8 * 128)), f16)
+    Q, x, acc0, heads = _gemv_warp(rng, f16, 2**bits)
     alpha = rng.standard_normal((4, 2, 8)) * 0.1  # [plane, row, block]
     beta = rng.standard_normal((2, 8)) * 0.1
-    acc0 = rng.standard_normal((32, 4)).astype(np.float32)
-    words = (Q.reshape(2, 8, 16, 8) << (4 * np.arange(8))).sum(-1)
-    memory = _x_memory(x, f16, 8 * 16)
-    p_ops = _lane_pairs(memory, lambda lane, u: 16 * (lane >> 2) + 4 * (lane & 3) + u)
-    xs = Warp(mg._ONES_F16.value if f16 else mg._ONES_BF16.value, 4, p_ops).run()
     ops = []
     for lane in range(32):
         r, c = lane >> 2, lane & 3
         on = float(c == r >> 1)  # the others read zeros
         tables = [on * alpha[j, h, r] for j in range(4) for h in range(2)] + [on * beta[0, r], on * beta[1, r], 0, 0]
-        ops.append([int(words[h, r, 4 * c + u]) for h in range(2) for u in range(4)] + p_ops[lane] + xs[lane]
-                   + [_bits(v) for v in tables] + [_bits(v) for v in acc0[lane]] + [r & 1] * 4)
+        ops.append(heads[lane] + [_bits(v) for v in tables] + [_bits(v) for v in acc0[lane]] + [r & 1] * 4)
     got = np.array([[_f32(v) for v in lane] for lane in Warp(ma._plane_step_asm(f16, bits), 4, ops).run()])
     want = acc0.astype(np.float64)
     for lane in range(32):
