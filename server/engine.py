@@ -41,7 +41,7 @@ from .detokenizer import Detokenizer, cut_stop, window_delta
 from .generate import eos_ids
 from .graphs import DecodeGraphs, PrefillGraphs, decode_nbytes, decode_views
 from .kv_cache import KVCache
-from .sampler import SamplingTensors, apply_penalties, sample
+from .sampler import SamplingTensors, apply_penalties, logit_bias, sample
 from .scheduler import Scheduler, Sequence, Status
 
 log = logging.getLogger(__name__)
@@ -653,8 +653,10 @@ class Engine:
         B, dev = len(seqs), logits.device
         ps = [s.params for s in seqs]
         if all(p.temperature <= 0 and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty)
-               for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
+               and not p.logit_bias for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
             return (logits.argmax(-1) if greedy is None else greedy), None
+        if any(p.logit_bias for p in ps):  # (not in place: a graph's logits are its output buffer)
+            logits = logits + logit_bias([p.logit_bias for p in ps], logits.shape[1], dev)
         floats = torch.tensor([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty] for p in ps],
                               dtype=torch.float32)
         # the noise counter: tokens generated so far, the one still in flight included

@@ -1,4 +1,4 @@
-"""Per-row sampling with no host sync: temperature, top-k, top-p, penalties, seeds.
+"""Per-row sampling with no host sync: logit biases, temperature, top-k, top-p, penalties, seeds.
 
 Randomness is counter-based: row b's noise at step t is a hash of (seed_b, t, token id), so a
 seeded request gives the same tokens whatever else shares its batch, on any batch size. Sampling
@@ -43,6 +43,16 @@ class SamplingTensors:
     presence_penalty: torch.Tensor | None = None  # float32
     frequency_penalty: torch.Tensor | None = None  # float32
     needs_filter: bool = False  # host-side: some row has top_p < 1 or top_k > 0
+
+
+def logit_bias(biases: list[tuple[tuple[int, float], ...]], vocab: int, device) -> torch.Tensor:
+    """[B, V] float32: row b's (token id, bias) pairs of biases[b] (OpenAI's logit_bias), zeros elsewhere."""
+    rows = [b for b, pairs in enumerate(biases) for _ in pairs]
+    cols = [t for pairs in biases for t, _ in pairs]
+    vals = [v for pairs in biases for _, v in pairs]
+    out = torch.zeros(len(biases), vocab, device=device)
+    out[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = torch.tensor(vals, device=device)
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor):

@@ -37,6 +37,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = off; k >= 0 = the chosen token's logprob + k alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits before sampling
 
 
 class Status(Enum):

@@ -3,8 +3,8 @@
 Field bounds are part of the OpenAPI spec, so schema fuzzing only sends what a client may send;
 anything outside them is a 400 in OpenAI's error shape (main.py maps validation errors).
 Unknown fields are ignored, as the OpenAI API does for most of them. OpenAI fields that would change
-the output and that scaleserve does not implement (logit_bias, response_format other than text, tools,
-function calling, best_of > 1) are a 400 naming the field, not silently dropped.
+the output and that scaleserve does not implement (response_format other than text, tools, function calling,
+best_of > 1) are a 400 naming the field, not silently dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # --- requests -----------------------------------------------------------------------------------
 
 Stop = Union[str, list[str], None]
+LOGIT_BIAS_MAX = 300  # tokens a request may bias (OpenAI's limit)
 
 
 class StreamOptions(BaseModel):
@@ -41,8 +42,10 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS (benchmarks)")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=LOGIT_BIAS_MAX, description="token id (a decimal string) -> a bias in [-100, 100] added to "
+                                                      "its logit before sampling (and to the logprobs' logits)")
     # not implemented: accepted only at values that change nothing
-    logit_bias: dict[str, float] | None = Field(None, description="not supported; must be empty")
     response_format: dict | None = Field(None, description='not supported beyond {"type": "text"}')
     tools: list[dict] | None = Field(None, description="not supported; must be empty")
     tool_choice: Union[str, dict, None] = Field(None, description='not supported beyond "none" / "auto"')
@@ -67,7 +70,17 @@ class _SamplingRequest(BaseModel):
             raise ValueError("only allowed when stream is true")
         return v
 
-    @field_validator("logit_bias", "tools", "functions")
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdecimal():  # (isdecimal: ASCII and other digits alike; int() takes both)
+                raise ValueError(f"keys must be token ids (decimal strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
+        return v
+
+    @field_validator("tools", "functions")
     @classmethod
     def _empty(cls, v, info):
         if v:

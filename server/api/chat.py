@@ -72,7 +72,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
-    params = [sampling_params(body, max_tokens, logprobs, None, j) for j in range(body.n)]
+    params = [sampling_params(body, request.app.state.engine.vocab, max_tokens, logprobs, None, j)
+              for j in range(body.n)]
     subs = submit_many(request, tenant, body.model, adapter, label, [ids] * body.n, params)
     rid, created = f"chatcmpl-{subs[0].seq.request_id}", int(time.time())
     if body.stream:

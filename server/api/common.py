@@ -117,7 +117,7 @@ def resolve_model(request: Request, tenant, model: str):
 # --- admission -------------------------------------------------------------------------------------
 
 
-def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+def sampling_params(req, vocab: int, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                     sample: int = 0) -> SamplingParams:
     """The engine's parameters of one sequence; `sample` j of a request's n gets seed + j (or a random one),
     wrapped into int64 (the sampler's seeds are an int64 tensor; OpenAI takes any int64 seed)."""
@@ -127,11 +127,14 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_logprobs:
         raise APIError(400, "stop: at most 4 stop sequences", "stop", "invalid_value")
     if any(not s for s in stops):
         raise APIError(400, "stop: stop sequences must be non-empty", "stop", "invalid_value")
+    bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
+    if any(t >= vocab for t, _ in bias):
+        raise APIError(400, f"logit_bias: token ids must be in [0, {vocab})", "logit_bias", "invalid_value")
     return SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
         stop=stops, stop_token_ids=frozenset(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs)
+        prompt_logprobs=prompt_logprobs, logit_bias=bias)
 
 
 def check_prompt(request: Request, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:

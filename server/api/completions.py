@@ -80,7 +80,8 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: T
     if len(batch) * body.n > MAX_BATCH_PROMPTS:
         raise APIError(400, f"n: {len(batch)} prompts x n = {body.n} is more than {MAX_BATCH_PROMPTS} completions",
                        "n", "invalid_value")
-    params = [sampling_params(body, m, body.logprobs, prompt_lp, j) for m in max_tokens for j in range(body.n)]
+    vocab = request.app.state.engine.vocab
+    params = [sampling_params(body, vocab, m, body.logprobs, prompt_lp, j) for m in max_tokens for j in range(body.n)]
     batch = [ids for ids in batch for _ in range(body.n)]  # choice i * n + j: sample j of prompt i
     subs = submit_many(request, tenant, body.model, adapter, label, batch, params)
     rid, created = f"cmpl-{subs[0].seq.request_id}", int(time.time())
