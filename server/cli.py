@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step (chunked prefill)")
     s.add_argument("--kv-cache-memory-fraction", type=float, help="share of free GPU memory for the KV cache")
     s.add_argument("--kv-cache-max-blocks", type=int)
+    s.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse computed prompt blocks across requests of one tenant and adapter (default off)")
     s.add_argument("--drain-grace-s", type=float, help="how long SIGTERM waits for in-flight requests")
     s.add_argument("--gpu-adapter-slots", type=int, help="per-channel adapters resident on the device")
     s.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,

@@ -144,7 +144,8 @@ class Engine:
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.kv.num_blocks, self.block_size,
                  self.kv.num_blocks * per_block / 2**20)
         self.scheduler = Scheduler(self.kv.allocator, self.block_size, settings.max_num_seqs,
-                                   settings.max_num_batched_tokens, registry)
+                                   settings.max_num_batched_tokens, registry, settings.prefix_caching)
+        self._prefix_reported = (0, 0)  # the scheduler's prefix-cache token counts already in the metrics
         self.eos = frozenset(eos_ids(lm))
         self.detok = Detokenizer(lm.tokenizer, self.vocab)
         self.graphs = self.prefill_graphs = None
@@ -331,6 +332,13 @@ class Engine:
                         self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             self._update_gauges()
 
+    def _report_prefix_cache(self) -> None:
+        """The scheduler's prefix-cache token counts since the last report into the metrics' counters."""
+        sch = self.scheduler
+        (q0, h0), self._prefix_reported = self._prefix_reported, (sch.prefix_query_tokens, sch.prefix_hit_tokens)
+        self.metrics.prefix_cache_queries.inc(sch.prefix_query_tokens - q0)
+        self.metrics.prefix_cache_hits.inc(sch.prefix_hit_tokens - h0)
+
     def _update_gauges(self) -> None:
         if self.metrics is None:
             return
@@ -346,6 +354,8 @@ class Engine:
             self._complete(prev)
             prev = None
         sched = self.scheduler.schedule()
+        if self.metrics and self.scheduler.prefix_caching:
+            self._report_prefix_cache()
         if not sched:
             if self.scheduler.waiting and not self.scheduler.running:
                 time.sleep(0.001)  # waiting on an adapter slot / KV that nobody will free: avoid a hot spin

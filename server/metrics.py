@@ -35,6 +35,10 @@ class Metrics:
                              buckets=E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("scaleserve_prompt_tokens_total", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("scaleserve_generation_tokens_total", "tokens generated", registry=r)
+        self.prefix_cache_queries = Counter("scaleserve_prefix_cache_queries_total",
+                                            "prompt tokens admitted with prefix caching on", registry=r)
+        self.prefix_cache_hits = Counter("scaleserve_prefix_cache_hits_total",
+                                         "prompt tokens whose K/V came from the prefix cache", registry=r)
         self.adapter_requests = Counter("scaleserve_adapter_requests_total", "requests per adapter (bounded labels)",
                                         ["adapter"], registry=r)
         self.adapter_load = Histogram("scaleserve_adapter_load_seconds", "adapter copy into a device slab slot",

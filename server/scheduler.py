@@ -8,10 +8,17 @@ So prefill and decode share a step, long prompts are chunked, and requests join 
 batch every step. KV blocks are taken on demand; when a running sequence needs a block and none is
 free, the newest running sequence is preempted (its blocks freed, its adapter released) and goes
 back to the front of the queue; on readmission it recomputes prompt + generated tokens.
+
+With prefix caching (settings.prefix_caching), each full block of a prompt has a hash of its tokens, the
+tokens before it, the tenant and the adapter version (whose K/V they are). Once its K/V are computed the block
+is registered with the allocator; a sequence admitted later with the same leading blocks takes them and starts
+its prefill after them. The block holding the last prompt token is always computed (its logits sample the
+first token), so only whole blocks before it are taken, and scoring requests (prompt logprobs) take none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections import deque
@@ -77,6 +84,9 @@ class Sequence:
     # output_ids yet
     inflight: int = 0
     prompt_logprobs: list = field(default_factory=list)  # engine.TokenLogprob of prompt tokens 1.. (scoring)
+    # prefix caching: the hashes of the prompt's full blocks (made at first need), how many are registered
+    block_hashes: list[bytes] | None = None
+    num_registered: int = 0
     # incremental detokenization (detokenizer.py)
     text: str = ""  # emitted text (stop strings removed)
     prefix_offset: int = 0
@@ -99,15 +109,58 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 registry=None):
+                 registry=None, prefix_caching: bool = False):
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.registry = registry  # AdapterRegistry: acquire/release slab slots
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_query_tokens = 0  # prompt tokens admitted with prefix caching on, and those found cached
+        self.prefix_hit_tokens = 0
+
+    def block_hashes(self, seq: Sequence) -> list[bytes]:
+        """The chained hashes of seq's full prompt blocks: block i's covers the tenant, the adapter version and
+        prompt tokens 0 .. (i + 1) * block_size - 1 (blake2b: a collision would hand one prompt another's K/V)."""
+        if seq.block_hashes is None:
+            bs, ids = self.block_size, seq.prompt_ids
+            key = seq.adapter.key if seq.adapter is not None else None
+            h = hashlib.blake2b(repr((seq.tenant, key)).encode(), digest_size=16).digest()
+            out = []
+            for i in range(len(ids) // bs):
+                h = hashlib.blake2b(h + b"".join(t.to_bytes(4, "little") for t in ids[i * bs:(i + 1) * bs]),
+                                    digest_size=16).digest()
+                out.append(h)
+            seq.block_hashes = out
+        return seq.block_hashes
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer seq's computed full prompt blocks to the prefix cache."""
+        done = min(seq.num_computed, len(seq.prompt_ids)) // self.block_size
+        if done > seq.num_registered:
+            hashes = self.block_hashes(seq)
+            for i in range(seq.num_registered, done):
+                self.allocator.register(seq.blocks[i], hashes[i])
+            seq.num_registered = done
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """A sequence about to be admitted starts after the cached blocks of its prompt (whole blocks before the
+        one holding its last prompt token)."""
+        if seq.params.prompt_logprobs is not None or seq.num_computed or seq.blocks:
+            return
+        usable = (len(seq.prompt_ids) - 1) // self.block_size
+        seq.blocks = self.allocator.lookup(self.block_hashes(seq)[:usable])
+        seq.num_computed = len(seq.blocks) * self.block_size
+        seq.num_registered = len(seq.blocks)
+
+    def _untake(self, seq: Sequence) -> None:
+        """Undo _take_cached_prefix for a sequence that stays waiting."""
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks, seq.num_computed, seq.num_registered = [], 0, 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -121,8 +174,11 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         if seq.blocks:
+            if self.prefix_caching:
+                self._register(seq)
             self.allocator.free(seq.blocks)
             seq.blocks = []
+            seq.num_registered = 0
         if seq.slot is not None:
             if self.registry is not None:
                 self.registry.release(seq.adapter)
@@ -155,6 +211,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         out: list[tuple[Sequence, int]] = []
         preempted = False
+        if self.prefix_caching:
+            for seq in self.running:
+                self._register(seq)
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
         for seq in decoding + prefilling:
@@ -179,20 +238,27 @@ class Scheduler:
         budget = self.max_num_batched_tokens - sum(k for _, k in out)
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.prefix_caching:
+                self._take_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.blocks_needed(seq, n)
             if need > self.allocator.num_free:
+                self._untake(seq)
                 break
             if self.registry is not None:
                 try:
                     seq.slot = self.registry.acquire(seq.adapter)
                 except SlabFull:
+                    self._untake(seq)
                     break  # every slot of its table is pinned by running sequences: wait for one
             else:
                 from scaleserve.adapters.slab import BASE
 
                 seq.slot = BASE
             self.waiting.popleft()
+            if self.prefix_caching and seq.params.prompt_logprobs is None:
+                self.prefix_query_tokens += len(seq.prompt_ids)
+                self.prefix_hit_tokens += seq.num_computed
             seq.blocks += self.allocator.allocate(need)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1)
     kv_cache_memory_fraction: float = Field(0.5, gt=0, le=0.95, description="share of free device memory for KV")
     kv_cache_max_blocks: int | None = Field(None, ge=1, description="hard cap on KV blocks (CPU default 2048)")
+    prefix_caching: bool = Field(False, description="reuse the K/V of prompt blocks already computed for the same "
+                                 "tenant, adapter and leading tokens (a shared system prompt, a conversation's "
+                                 "earlier turns); greedy outputs can then differ in rare near-ties, as the cached "
+                                 "K/V came from another batch shape")
     cuda_graphs: bool = True
     cuda_warmup: bool = Field(True, description="tune kernels and capture all decode graphs before ready "
                                                 "(slower start; no stall when a new batch shape first appears)")

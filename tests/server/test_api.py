@@ -268,6 +268,28 @@ def test_logit_bias_steers_sampling(server, tiny_lm):
             assert r.status_code == 400 and err["param"] == "logit_bias" and says in err["message"], (bias, err)
 
 
+def test_prefix_caching_over_http(server, start_server, adapter_files):
+    """--prefix-caching: a conversation's second turn (its first turn's prompt and more) takes the first turn's
+    blocks, streams what a server without the cache gives, and the metrics count the tokens it found."""
+    cached = start_server(adapters=str(next(iter(adapter_files.values())).parent), prefix_caching=True)
+    system = "You are a terse assistant. Answer in one line. " * 4
+    turns = [[{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]]
+    turns.append(turns[0] + [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}])
+    for model in ("tiny", "chan-a"):
+        for messages in turns:
+            want = client(server).chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+            got = client(cached).chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+            assert got.choices[0].message.content == want.choices[0].message.content, (model, messages)
+            if messages is turns[0]:
+                first = got.usage.prompt_tokens
+    hits = metric(cached, "scaleserve_prefix_cache_hits_total")
+    queries = metric(cached, "scaleserve_prefix_cache_queries_total")
+    bs = cached.state.engine.block_size  # each second turn finds its first turn's whole blocks (less one, where
+    assert queries > 4 * first and hits % bs == 0 and 2 * (first // bs - 1) * bs <= hits <= 2 * first, \
+        (hits, queries, first)  # the template's tokens at the turn's end merge with what follows)
+    assert metric(server, "scaleserve_prefix_cache_hits_total") == 0  # off by default
+
+
 def test_metrics_move(server):
     before = {n: metric(server, n) for n in ("scaleserve_generation_tokens_total", "scaleserve_prompt_tokens_total",
                                              "scaleserve_time_to_first_token_seconds_count",

@@ -96,3 +96,16 @@ def test_generate_bad_arguments_exit_2_with_message(tiny_model_dir, extra, msg, 
     assert main(["generate", str(tiny_model_dir), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err, err
+
+
+def test_serve_prefix_caching_flag_and_environment(monkeypatch):
+    """--prefix-caching / --no-prefix-caching reach the setting, over SCALESERVE_PREFIX_CACHING; off by default."""
+    from scaleserve.server.cli import build_parser
+    from scaleserve.server.main import settings_from_args
+
+    def setting(*argv):
+        return settings_from_args(build_parser().parse_args(["serve", *argv])).prefix_caching
+
+    assert setting() is False and setting("--prefix-caching") is True
+    monkeypatch.setenv("SCALESERVE_PREFIX_CACHING", "true")
+    assert setting() is True and setting("--no-prefix-caching") is False

@@ -123,6 +123,50 @@ def test_chunked_prefill_and_preemption(engine_lm, adapter_files, tmp_path, over
     assert run(small, seqs) == ref
     assert small.scheduler.num_preemptions > 0
     assert small.kv.allocator.num_free == small.kv.allocator.usable
+    # the same with prefix caching: cached blocks are evicted when the running ones need them
+    small, avs = make_engine(engine_lm, tmp_path, adapter_files, kv_cache_max_blocks=10, overlap_steps=overlap,
+                             prefix_caching=True)
+    seqs = [new_seq(p, avs["chan-a"], max_tokens=60, ignore_eos=True) for p in prompts]
+    assert run(small, seqs) == ref
+    assert run(small, [new_seq(prompts[0], avs["chan-a"], max_tokens=60, ignore_eos=True)]) == ref[:1]
+    assert small.scheduler.num_preemptions > 0 and small.scheduler.prefix_hit_tokens > 0
+    assert small.kv.allocator.num_free == small.kv.allocator.usable
+
+
+def test_prefix_caching_takes_computed_prompt_blocks(engine_lm, adapter_files, tmp_path, overlap):
+    """With prefix caching a prompt starts after the whole blocks an earlier prompt of the same tenant and adapter
+    computed, never the block of its own last token, and gives what it gives without the cache; another adapter,
+    another tenant or a scoring request takes nothing. Blocks come back as free (cached ones evictable)."""
+    shared = list(range(1, 50))  # 49 tokens: blocks 0-2 full, the last token alone in block 3
+    prompts = [shared + [7, 8], shared + [9], shared, shared[:48], shared[:40] + [3] * 9]
+    plain, avs = make_engine(engine_lm, tmp_path, adapter_files)
+    ref = {(i, n): run(plain, [new_seq(p, avs.get(n))])[0] for i, p in enumerate(prompts) for n in (None, "chan-a")}
+    engine, avs = make_engine(engine_lm, tmp_path, adapter_files, prefix_caching=True, overlap_steps=overlap)
+    sch, alloc = engine.scheduler, engine.kv.allocator
+
+    def hit(seq) -> int:  # the prompt tokens seq found cached
+        before = sch.prefix_hit_tokens
+        assert run(engine, [seq])[0] == ref[(prompts.index(seq.prompt_ids), "chan-a" if seq.adapter else None)]
+        return sch.prefix_hit_tokens - before
+
+    assert hit(new_seq(prompts[0])) == 0
+    assert hit(new_seq(prompts[1])) == 48  # blocks 0-2
+    assert hit(new_seq(prompts[2])) == 48  # its last token (49th) is computed: block 3 is its own
+    assert hit(new_seq(prompts[3])) == 32  # 48 tokens: block 2 holds its last one
+    assert hit(new_seq(prompts[4])) == 32  # diverges inside block 2
+    assert hit(new_seq(prompts[1], avs["chan-a"])) == 0  # another adapter's K/V
+    assert hit(new_seq(prompts[0], avs["chan-a"])) == 48
+    other_tenant = new_seq(prompts[1])
+    other_tenant.tenant = "other"
+    assert hit(other_tenant) == 0
+    scoring = new_seq(prompts[1], max_tokens=1, prompt_logprobs=0)
+    run(engine, [scoring])
+    assert scoring.num_registered == 0 and len(scoring.prompt_logprobs) == len(prompts[1]) - 1
+    assert alloc.num_free == alloc.usable and alloc.num_cached >= 8
+    # a batch of sequences sharing a prefix, admitted together and one by one, against the plain engine
+    seqs = [new_seq(p) for p in prompts]
+    assert run(engine, seqs, arrivals=[0, 0, 2, 3, 3]) == [ref[(i, None)] for i in range(len(prompts))]
+    assert engine.metrics.registry.get_sample_value("scaleserve_prefix_cache_hits_total") == sch.prefix_hit_tokens
 
 
 def test_stop_conditions(engine_lm, tmp_path, overlap):
