@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from array import array
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -126,13 +127,13 @@ class Scheduler:
         """The chained hashes of seq's full prompt blocks: block i's covers the tenant, the adapter version and
         prompt tokens 0 .. (i + 1) * block_size - 1 (blake2b: a collision would hand one prompt another's K/V)."""
         if seq.block_hashes is None:
-            bs, ids = self.block_size, seq.prompt_ids
+            ids = array("I", seq.prompt_ids)
+            step, raw = ids.itemsize * self.block_size, ids.tobytes()  # (step: the bytes of a block's ids)
             key = seq.adapter.key if seq.adapter is not None else None
             h = hashlib.blake2b(repr((seq.tenant, key)).encode(), digest_size=16).digest()
             out = []
-            for i in range(len(ids) // bs):
-                h = hashlib.blake2b(h + b"".join(t.to_bytes(4, "little") for t in ids[i * bs:(i + 1) * bs]),
-                                    digest_size=16).digest()
+            for i in range(len(raw) // step):
+                h = hashlib.blake2b(h + raw[i * step:(i + 1) * step], digest_size=16).digest()
                 out.append(h)
             seq.block_hashes = out
         return seq.block_hashes
