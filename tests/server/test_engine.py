@@ -351,25 +351,32 @@ def test_warm_up_touches_no_state(engine_lm, adapter_files, tmp_path):
 def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
     """On CUDA, decode steps replay graphs and a lone sequence's prefill chunk replays a padded prefill
     graph; in float32 both give the eager steps' tokens (lone prompts, chunked prefill, mixed batches),
-    also with overlapped steps (tokens handed to the next graph on the device, pinned copies home)."""
+    also with overlapped steps (tokens handed to the next graph on the device, pinned copies home), and with
+    prefix caching (a second pass over the lone prompts starts after their cached blocks)."""
     outs = {}
-    for graphs, overlap in ((False, False), (True, False), (True, True)):
+    for graphs, overlap, prefix in ((False, False, False), (True, False, False), (True, True, False),
+                                    (True, True, True)):
         lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
-        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}", adapter_files, device="cuda",
-                                  cuda_graphs=graphs, max_num_batched_tokens=32, overlap_steps=overlap)
+        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}", adapter_files, device="cuda",
+                                  cuda_graphs=graphs, max_num_batched_tokens=32, overlap_steps=overlap,
+                                  prefix_caching=prefix)
         names = sorted(avs)
         lone = [run(engine, [new_seq(p, avs[names[i % len(names)]])]) for i, p in enumerate(PROMPTS)]
+        if prefix:
+            assert [run(engine, [new_seq(p, avs[names[i % len(names)]])]) for i, p in enumerate(PROMPTS)] == lone
+            assert engine.scheduler.prefix_hit_tokens > 0
         together = run(engine, [new_seq(p, avs[n] if i % 3 else None) for i, (p, n) in
                                 enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
-        outs[graphs, overlap] = (lone, together)
+        outs[graphs, overlap, prefix] = (lone, together)
         if graphs:  # every graph path ran: lone prefills, decodes, and a prefill joining running decodes
             assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
         else:
             assert set(engine.step_kinds) == {"eager"}
         assert (engine.overlapped_steps > 0) == overlap
         assert engine.kv.allocator.num_free == engine.kv.allocator.usable
-    assert outs[True, False] == outs[False, False]
-    assert outs[True, True] == outs[False, False]
+    assert outs[True, False, False] == outs[False, False, False]
+    assert outs[True, True, False] == outs[False, False, False]
+    assert outs[True, True, True] == outs[False, False, False]
 
 
 def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
