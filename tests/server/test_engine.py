@@ -169,6 +169,22 @@ def test_prefix_caching_takes_computed_prompt_blocks(engine_lm, adapter_files, t
     assert engine.metrics.registry.get_sample_value("scaleserve_prefix_cache_hits_total") == sch.prefix_hit_tokens
 
 
+def test_logit_bias_rows_in_a_mixed_batch(engine_lm, tmp_path, overlap):
+    """A row's logit_bias moves only that row: +100 makes its token every one it samples (greedy or not) while
+    the rows beside it give what they give alone; overlapped steps too."""
+    engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=overlap)
+    plain = [run(engine, [new_seq(p, max_tokens=8, ignore_eos=True)])[0] for p in PROMPTS[:3]]
+    forced = (plain[1][0] + 5) % engine.vocab
+    seqs = [new_seq(PROMPTS[0], max_tokens=8, ignore_eos=True),
+            new_seq(PROMPTS[1], max_tokens=8, ignore_eos=True, logit_bias=((forced, 100.0),)),
+            new_seq(PROMPTS[2], max_tokens=8, ignore_eos=True, logit_bias=((forced, 100.0),), temperature=1.0,
+                    seed=5),
+            new_seq(PROMPTS[2], max_tokens=8, ignore_eos=True)]
+    got = run(engine, seqs)
+    assert got[0] == plain[0] and got[3] == plain[2] and got[1] == got[2] == [forced] * 8
+    assert (engine.overlapped_steps > 0) == overlap
+
+
 def test_stop_conditions(engine_lm, tmp_path, overlap):
     engine, _ = make_engine(engine_lm, tmp_path, overlap_steps=overlap)
     (full,) = run(engine, [new_seq(PROMPTS[0], max_tokens=12)])
