@@ -37,8 +37,8 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, 0, -1))  # block 0 reserved
         self._refs = [0] * num_blocks
-        self._by_hash: dict[int, int] = {}  # prefix hash -> block
-        self._hash_of: dict[int, int] = {}  # block -> its prefix hash
+        self._by_hash: dict[bytes, int] = {}  # prefix hash -> block
+        self._hash_of: dict[int, bytes] = {}  # block -> its prefix hash
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
 
     @property
@@ -79,13 +79,13 @@ class BlockAllocator:
                 else:
                     self._free.append(b)
 
-    def register(self, block: int, prefix_hash: int) -> None:
+    def register(self, block: int, prefix_hash: bytes) -> None:
         """Offer a held block whose K/V are complete under prefix_hash (a no-op where another block has it)."""
         if prefix_hash not in self._by_hash and block not in self._hash_of:
             self._by_hash[prefix_hash] = block
             self._hash_of[block] = prefix_hash
 
-    def lookup(self, prefix_hashes: list[int]) -> list[int]:
+    def lookup(self, prefix_hashes: list[bytes]) -> list[int]:
         """The cached blocks of the longest run of prefix_hashes from the first, each now also held by the
         caller (free() them as any other)."""
         out = []

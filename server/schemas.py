@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # --- requests -----------------------------------------------------------------------------------
 
 Stop = Union[str, list[str], None]
-LOGIT_BIAS_MAX = 300  # tokens a request may bias (OpenAI's limit)
+LOGIT_BIAS_MAX = 300  # tokens a request may bias
 
 
 class StreamOptions(BaseModel):
