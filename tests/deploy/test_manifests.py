@@ -45,6 +45,8 @@ METRICS = {
     "scaleserve_e2e_request_latency_seconds",
     "scaleserve_prompt_tokens_total",
     "scaleserve_generation_tokens_total",
+    "scaleserve_prefix_cache_queries_total",
+    "scaleserve_prefix_cache_hits_total",
     "scaleserve_adapter_requests_total",
     "scaleserve_adapter_load_seconds",
     "scaleserve_errors_total",
