@@ -86,12 +86,6 @@ def _half_pair(v: float, f16: bool) -> str:
     return "0x%04X%04X" % (h, h)
 
 
-def _plane_base(j: int, f16: bool, fold: bool) -> float:
-    """What plane j's LOP3 ORs its bit into: 1.0 (A = 1 + bit / SCALE_j), or with fold K_j = 2 SCALE_j (A = K_j +
-    2 bit, so the chain sums K_j C_j)."""
-    return 2 * plane_scale(j, f16) if fold else 1.0
-
-
 def _plane_chains_asm(f16: bool, bits: int, regs: str, fold: bool = False) -> list[str]:
     """The PTX of one lane's plane chains: c<j>_<e> (4 floats, zeroed here) = the m16n8k16 chain over the lane's
     words of rows0 ($4..$7) and rows1 ($8..$11) as plane j (with fold: K_j times that), B the x pairs $12..$27 (P_i of
@@ -117,7 +111,8 @@ def _plane_chains_asm(f16: bool, bits: int, regs: str, fold: bool = False) -> li
         b0, b1 = f"${12 + 4 * i0 + u0}", f"${12 + 4 * i1 + u1}"
         for j in range(bits):
             mask = "0x%08X" % (base_mask << j)
-            one = _half_pair(_plane_base(j, f16, fold), f16)
+            # the value plane j's bit is ORed into: 1.0 (A = 1 + bit / SCALE_j), with fold K_j (A = K_j + 2 bit)
+            one = _half_pair(2 * plane_scale(j, f16) if fold else 1.0, f16)
             out.append(" ".join(f"lop3.b32 a{k}, {srcs[k]}, {mask}, {one}, 0xEA;" for k in range(4)))
             c = ", ".join(f"c{j}_{e}" for e in range(4))
             out.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dt}.{dt}.f32 {{{c}}}, {{a0, a1, a2, a3}}, "
