@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import random
+import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -235,6 +238,26 @@ def print_table(rows: list[dict], keys: list[str]) -> None:
 # --- in-process server ------------------------------------------------------------------------------
 
 
+def summarize_stacks(raw: str, top: int = 25) -> dict:
+    """py-spy's raw output (`thread;frame;...;frame count` lines) as samples per thread and, per thread, the
+    frames with the most samples on top of the stack (self) and anywhere in it (inclusive)."""
+    threads: dict[str, dict] = {}
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        thread, *frames = stack.split(";")
+        name = re.sub(r"^thread \(\d+\): ", "", thread)
+        t = threads.setdefault(name, {"samples": 0, "self": Counter(), "inclusive": Counter()})
+        t["samples"] += int(n)
+        if frames:
+            t["self"][frames[-1]] += int(n)
+        for f in set(frames):
+            t["inclusive"][f] += int(n)
+    return {name: {"samples": t["samples"], "self": t["self"].most_common(top),
+                   "inclusive": t["inclusive"].most_common(top)} for name, t in threads.items()}
+
+
 class SubprocessServer:
     """`scaleserve serve` in a child process on a free loopback port, so the load generator in this process
     does not share a GIL with the engine thread and uvicorn (the figures are the server's alone). Its log
@@ -278,8 +301,6 @@ class SubprocessServer:
     def engine_info(self) -> dict:
         """The KV size, the warm-up (graphs captured, seconds) and the stalls logged while serving, from the
         server's log."""
-        import re
-
         text = self.log_path.read_text(errors="replace")
         kv = re.findall(r"KV cache: (\d+) blocks", text)
         warm = re.findall(r"warm-up: (\d+) prefill sizes, (\d+) graphs, modes \[([\d, ]*)\], in ([\d.]+) s", text)
@@ -292,6 +313,39 @@ class SubprocessServer:
             out["warmup"] = {"prefill_sizes": int(sizes), "graphs": int(graphs),
                              "modes": [int(m) for m in modes.split(",") if m.strip()], "seconds": float(secs)}
         return out
+
+    @contextlib.contextmanager
+    def sampled(self, out: Path):
+        """py-spy samples the server's threads while the block runs (raw folded stacks into `out`); yields
+        a dict that gets the summary (samples per thread, top frames). No py-spy, or no ptrace: an error entry."""
+        import shutil
+
+        summary: dict = {}
+        # a venv's bin/ need not be on PATH; pip install --target DIR (the GPU session's wheels) puts it in
+        # DIR/bin, with DIR on sys.path
+        exe = shutil.which("py-spy") or next((str(b) for b in (Path(d) / "bin/py-spy" for d in (sys.prefix, *sys.path))
+                                               if b.is_file()), None)
+        if exe is None:
+            summary["error"] = "py-spy not found"
+            yield summary
+            return
+        spy = self.subprocess.Popen([exe, "record", "-p", str(self.proc.pid), "-f", "raw", "-o", str(out), "-t",
+                                     "--nonblocking", "-r", "200"], stdout=self.subprocess.PIPE,
+                                    stderr=self.subprocess.STDOUT, text=True)
+        time.sleep(1.0)  # attached before the load starts
+        try:
+            yield summary
+        finally:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on ^C
+            try:
+                log = spy.communicate(timeout=60)[0]
+            except self.subprocess.TimeoutExpired:
+                spy.kill()
+                log = spy.communicate()[0]
+            if out.is_file() and out.stat().st_size:
+                summary.update(summarize_stacks(out.read_text()))
+            else:
+                summary["error"] = log.strip()[-400:]
 
     def __exit__(self, *exc):
         self.proc.terminate()  # SIGTERM: drains (nothing in flight) and exits
@@ -503,6 +557,15 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
         passes: dict[str, list[dict]] = {name: [] for name, _ in pair}
         for name, models in (*pair, *pair[::-1]) * args.ab_rounds:
             passes[name].append(load(models, args.streams, args.streams, args.prompt_len, args.output_len))
+        if args.py_spy and not args.in_process:  # one more pass of each, sampled: where the server's host time goes
+            res["py_spy"] = {}
+            for name, models in pair:
+                with srv.sampled(work / f"{label}-{len(models)}-adapters-pyspy.txt") as prof:
+                    prof["pass"] = load(models, args.streams, args.streams, args.prompt_len, args.output_len)
+                res["py_spy"][name] = prof
+                print(f"py-spy, {name}: " + ", ".join(f"{t} {v['samples']} samples" for t, v in prof.items()
+                                                      if isinstance(v, dict) and "samples" in v)
+                      + (f"; {prof['error']}" if "error" in prof else ""), flush=True)
         for name, _ in pair:
             r = mean_of(passes[name])
             r["scenario"] = name
@@ -603,6 +666,9 @@ def main(argv=None) -> int:
                    help="random models with the output projection in int4 too (`scaleserve quantize "
                         "--quantize-lm-head`); default bf16")
     g.add_argument("--skip-hf", action="store_true")
+    g.add_argument("--py-spy", action="store_true",
+                   help="after the A/B passes, one more of each under py-spy (the server's threads, raw stacks in "
+                        "--work, a summary in the JSON): where the host time of a decode step goes")
     g.add_argument("--in-process", action="store_true",
                    help="run the server in a thread of this process (shares the GIL with the load generator)")
     g.set_defaults(func=cmd_gpu)

@@ -15,11 +15,16 @@ DEST=.carry/wheels
 mkdir -p "$DEST"
 # fastapi + its server stack; the GPU image already has anyio, h11, httpx, click, prometheus-client.
 NAMES="fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv annotated-types
-typing-inspection typing_extensions annotated-doc python-multipart opentelemetry-api"
+typing-inspection typing_extensions annotated-doc python-multipart opentelemetry-api uvloop httptools
+py-spy"  # py-spy: bench/serve.py --py-spy (where the server's host time goes)
 SPECS=""
 for n in $NAMES; do
-  v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$n")
-  SPECS="$SPECS $n==$v"
+  # the local version where installed (py-spy is only in the `bench` extra), else the newest
+  if v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$n" 2>/dev/null); then
+    SPECS="$SPECS $n==$v"
+  else
+    SPECS="$SPECS $n"
+  fi
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
