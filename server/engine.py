@@ -43,6 +43,7 @@ from .graphs import DecodeGraphs, PrefillGraphs, decode_nbytes, decode_views
 from .kv_cache import KVCache
 from .sampler import SamplingTensors, apply_penalties, logit_bias, sample
 from .scheduler import Scheduler, Sequence, Status
+from .staging import HostStaging
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class Engine:
         self._pinned = None
         if self.device.type == "cuda":  # two: the step in flight and the one being processed
             self._pinned = [torch.empty(settings.max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.staging = HostStaging()  # the steps' packed inputs on their way to the GPU
 
     # --- thread-safe API (any thread) --------------------------------------------------------------
 
@@ -518,7 +520,10 @@ class Engine:
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
-        self.graphs.load(b, self._staged(self._pack_decode(sched, b)))
+        host = self.staging.buffer(decode_nbytes(b, self.width))
+        self._pack_decode(sched, b, host.numpy())
+        self.graphs.load(b, host)
+        self.staging.sent()
         if tokens is not None:
             self.graphs.tokens(b)[: len(sched)].copy_(tokens)
         return self.graphs.run(b, mode)[: len(sched)]
@@ -550,19 +555,15 @@ class Engine:
         return self.slab.row_indices(seq.slot or BASE)
 
     def _upload(self, buf: np.ndarray) -> torch.Tensor:
-        """A step's packed int64 inputs on the device: one (pinned, asynchronous) host->device copy."""
-        return self._staged(buf).to(self.device, non_blocking=True)
+        """A step's packed inputs on the device: one asynchronous host->device copy (CPU: buf itself)."""
+        return self.staging.upload(buf, self.device) if self.device.type == "cuda" else torch.from_numpy(buf)
 
-    def _staged(self, buf: np.ndarray) -> torch.Tensor:
-        """buf as a host tensor a host->device copy can run asynchronously from (pinned with CUDA)."""
-        t = torch.from_numpy(buf)
-        return t.pin_memory() if self.device.type == "cuda" else t
-
-    def _pack_decode(self, sched, b: int) -> np.ndarray:
-        """uint8 [decode_nbytes(b, width)], graphs.decode_views' layout: tokens, positions, slots (int64), seq_lens,
-        the rows' slab indices, block tables [b, width] (int32) of the decode rows, padded to the bucket b."""
+    def _pack_decode(self, sched, b: int, buf: np.ndarray) -> None:
+        """Writes buf (uint8 [decode_nbytes(b, width)]) in graphs.decode_views' layout: tokens, positions, slots
+        (int64), seq_lens, the rows' slab indices, block tables [b, width] (int32) of the decode rows, padded to the
+        bucket b."""
         B, bs, W = len(sched), self.block_size, self.width
-        buf = np.zeros(decode_nbytes(b, W), dtype=np.uint8)
+        buf[:] = 0
         tokens, positions, slots, seq_lens, *r, tables = decode_views(buf, b, W, np.int64, np.int32)
         pos = np.fromiter((s.num_computed for s, _ in sched), np.int64, B)
         tokens[:B] = [0 if s.inflight else s.token_slice(s.num_computed, s.num_computed + 1)[0] for s, _ in sched]
@@ -575,7 +576,6 @@ class Engine:
             idx[:B], idx[B:] = mine, base
         for i, (s, _) in enumerate(sched):
             tables[i, : len(s.blocks)] = s.blocks
-        return buf
 
     def _pack_prefill(self, chunks: list[tuple[Sequence, int]], Tb: int) -> np.ndarray:
         """int64 [6 Tb + S width + 3 S + 1], S = PrefillGraphs.max_seqs + 1: tokens, positions, slots, rows

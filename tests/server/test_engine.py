@@ -457,7 +457,7 @@ def test_padded_prefill_batch_of_several_chunks_equals_eager(engine_lm, adapter_
 def test_padded_decode_batch_equals_eager(engine_lm, adapter_files, tmp_path):
     """The decode graphs' batch (rows padded up to the bucket with KV-less base rows) gives the decode
     rows' logits of the plain batch: checked eagerly on CPU, where the graphs themselves do not run."""
-    from scaleserve.server.graphs import DecodeGraphs
+    from scaleserve.server.graphs import DecodeGraphs, decode_nbytes
 
     engine, avs = make_engine(engine_lm, tmp_path, adapter_files)
     seqs = [new_seq(p, avs[n]) for p, n in zip(PROMPTS[:3], sorted(avs))]
@@ -471,7 +471,9 @@ def test_padded_decode_batch_equals_eager(engine_lm, adapter_files, tmp_path):
     graphs = DecodeGraphs(engine.lm.model, engine.kv, 8, engine.width, engine.device, pool=None)
     b = graphs.bucket(len(sched))
     assert b == 4
-    graphs.load(b, torch.from_numpy(engine._pack_decode(sched, b)))
+    host = torch.randint(0, 256, (decode_nbytes(b, engine.width),), dtype=torch.uint8)  # a reused buffer's bytes
+    engine._pack_decode(sched, b, host.numpy())
+    graphs.load(b, host)
     padded = engine.lm.model(graphs.batch(b, mode), engine.kv.k, engine.kv.v)[:3]
     eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
