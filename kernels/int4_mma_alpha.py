@@ -52,15 +52,20 @@ from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
 MODE_ALPHA = 3
 # Where the slab's alpha and beta tables hold a lane's two adjacent rows in one 4- or 8-byte load (as AdapterSlab lays
 # them out), read them so, one step ahead (PAIRS): offline sm_90a (bf16, 16 rows, 4 warps) 602 instructions a step
-# against 622 and 18 loads against 28, same registers. Correct on the H100 (session 23's GPU tests), not yet timed
-# (`bash bench/gpu_session.sh table_pairs_ab`), so off: the tables then load one element at a time, in the step.
+# against 622 and 18 loads against 28, same registers. Correct on the H100 (session 23's GPU tests). Timed once on the
+# H100 (session 24, `bash bench/gpu_session.sh table_pairs_ab`, µs per 7B layer, M = 1, g128): 92.0 on against 98.3
+# off, but shape by shape mixed (qkv 21.1 / 23.5, gate_up 35.5 / 43.9, o 11.0 / 9.6, down 24.4 / 21.3) and within
+# the run-to-run spread of earlier sessions: off until a repeat says the same. The tables then load one element at a
+# time, in the step.
 TABLE_PAIRS = False
 # The batch kernel with K_j folded into the plane operands (FOLD_PLANE_SCALES): plane j's LOP3 ORs its bit into
 # K_j = 2 SCALE_j instead of 1.0, so its A value is K_j + 2 bit (K_j a power of two: exact) and its chain sums K_j C_j
 # itself, exactly. The step's combine then spends two instructions a plane and element (u = C'_j - (K_j + 1) X,
 # acc += alpha_j u) instead of three. Offline sm_90a (bf16, 4 bits, 4 warps, one block a step; session 23): loop 429
 # -> 424 SASS with one chain, 643 -> 608 with two (M > 8), registers 238 -> 222 there. (The GEMV's step, 631 -> 639
-# with it, keeps the product.) Off until a GPU has timed it (`bash bench/gpu_session.sh fold_planes_ab`).
+# with it, keeps the product.) Off: slower on the H100 (session 24, `bash bench/gpu_session.sh fold_planes_ab`, µs per
+# 7B layer, g128, on / off): M = 4 131.7 / 117.9, M = 16 with 16 adapters 224.3 / 217.2. Fewer instructions in the
+# loop and yet slower (gate_up and down most): why was not looked into.
 FOLD_PLANE_SCALES = False
 
 
