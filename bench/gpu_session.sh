@@ -265,7 +265,7 @@ for step in "${steps[@]}"; do
     e2e) timeout ${E2E_TIMEOUT:-480} python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=8 tests/server/test_gpu_e2e.py ${E2E_K:+-k "$E2E_K"} \
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
     engine) timeout ${ENGINE_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
-              -k "${ENGINE_K:-}" tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
+              -k "${ENGINE_K:-}" tests/server/test_staging.py tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
     setup) ;;  # the install above, for a command that runs its own steps after it
     *) echo "unknown step $step" ;;
   esac

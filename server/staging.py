@@ -19,7 +19,8 @@ class HostStaging:
     def __init__(self, depth: int = 8, nbytes: int = 1 << 16):
         self.pinned = torch.cuda.is_available()  # (without CUDA, plain buffers: the ring's logic, for the tests)
         self.bufs = [self._alloc(nbytes) for _ in range(depth)]
-        self.events: list[torch.cuda.Event | None] = [None] * depth
+        # each buffer's last copy out of it (an event never recorded is complete)
+        self.events = [torch.cuda.Event() for _ in range(depth)] if self.pinned else None
         self.turn = -1
 
     def _alloc(self, nbytes: int) -> torch.Tensor:
@@ -28,21 +29,16 @@ class HostStaging:
     def buffer(self, nbytes: int) -> torch.Tensor:
         """uint8 [nbytes], pinned: the ring's next buffer, free to overwrite."""
         self.turn = (self.turn + 1) % len(self.bufs)
-        ev = self.events[self.turn]
-        if ev is not None:
-            ev.synchronize()  # (a copy enqueued `depth` buffers ago: long done, unless the GPU is far behind)
-            self.events[self.turn] = None
+        if self.events is not None:  # its copy was enqueued `depth` buffers ago: long done, unless the GPU is far behind
+            self.events[self.turn].synchronize()
         if self.bufs[self.turn].numel() < nbytes:  # grown in powers of two: after warm-up, every size was seen
             self.bufs[self.turn] = self._alloc(1 << (nbytes - 1).bit_length())
         return self.bufs[self.turn][:nbytes]
 
     def sent(self) -> None:
         """The copy out of the last buffer() is enqueued on the current stream."""
-        if not self.pinned:
-            return
-        ev = torch.cuda.Event()
-        ev.record()
-        self.events[self.turn] = ev
+        if self.events is not None:
+            self.events[self.turn].record()
 
     def upload(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
         """arr on `device`, by an asynchronous copy through the ring."""

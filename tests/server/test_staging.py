@@ -31,3 +31,18 @@ def test_upload_equals_the_array_and_survives_the_ring_turning(dtype, shape):
     for a, out in zip(arrs, outs):
         assert out.shape == a.shape and out.numpy().dtype == a.dtype
         assert np.array_equal(out.numpy(), a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_buffer_waits_for_its_copy_before_it_is_rewritten():
+    """With the stream held up by a long kernel, every copy is still queued when the ring comes round: each
+    buffer must wait for its last copy before it is rewritten, or the earlier uploads would read later data."""
+    rng = np.random.default_rng(1)
+    ring = HostStaging(depth=2)
+    assert ring.pinned and ring.bufs[0].is_pinned()
+    arrs = [rng.integers(-(2**40), 2**40, size=4099) for _ in range(12)]
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the copies
+    outs = [ring.upload(a, torch.device("cuda")) for a in arrs]
+    for a, out in zip(arrs, outs):
+        assert out.is_cuda and np.array_equal(out.cpu().numpy(), a)
