@@ -1,8 +1,8 @@
 """Pinned host buffers that a step's packed inputs are written into and copied to the GPU from.
 
-Page-locking a fresh array every step (torch.Tensor.pin_memory()) is a driver call: at 64 streams on the H100
-host it was about half of the engine thread's time (py-spy, session 24), and the engine thread is what a small
-model's serving throughput waits on. The buffers here are page-locked once and reused in turn.
+Page-locking a fresh array every step (torch.Tensor.pin_memory()) was about half of the engine thread's time at 64
+streams on the H100 host (py-spy, session 24; docs/serving.md), and the engine thread is what a small model's
+serving throughput waits on. The buffers here are page-locked once and reused in turn.
 """
 
 from __future__ import annotations
