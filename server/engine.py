@@ -667,13 +667,11 @@ class Engine:
             return (logits.argmax(-1) if greedy is None else greedy), None
         if any(p.logit_bias for p in ps):  # (not in place: a graph's logits are its output buffer)
             logits = logits + logit_bias([p.logit_bias for p in ps], logits.shape[1], dev)
-        floats = torch.tensor([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty] for p in ps],
-                              dtype=torch.float32)
+        floats = self._upload(np.array([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty]
+                                        for p in ps], dtype=np.float32))
         # the noise counter: tokens generated so far, the one still in flight included
-        ints = torch.tensor([[p.top_k, p.seed, len(s.output_ids) + s.inflight] for p, s in zip(ps, seqs)],
-                            dtype=torch.int64)
-        if dev.type == "cuda":
-            floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        ints = self._upload(np.array([[p.top_k, p.seed, len(s.output_ids) + s.inflight] for p, s in zip(ps, seqs)],
+                                     dtype=np.int64))
         penal = any(p.presence_penalty or p.frequency_penalty for p in ps)
         st = SamplingTensors(
             temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0], seeds=ints[:, 1], steps=ints[:, 2],

@@ -362,6 +362,9 @@ def test_warm_up_touches_no_state(engine_lm, adapter_files, tmp_path):
     assert run(engine, again) == before
 
 
+SAMPLED = dict(temperature=0.8, top_p=0.95, top_k=40, seed=7)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
@@ -381,7 +384,8 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
         if prefix:
             assert [run(engine, [new_seq(p, avs[names[i % len(names)]])]) for i, p in enumerate(PROMPTS)] == lone
             assert engine.scheduler.prefix_hit_tokens > 0
-        together = run(engine, [new_seq(p, avs[n] if i % 3 else None) for i, (p, n) in
+        # one seeded sampling row: its parameters go to the device through the staging ring every step
+        together = run(engine, [new_seq(p, avs[n] if i % 3 else None, **(SAMPLED if i == 1 else {})) for i, (p, n) in
                                 enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
         outs[graphs, overlap, prefix] = (lone, together)
         if graphs:  # every graph path ran: lone prefills, decodes, and a prefill joining running decodes
