@@ -155,7 +155,7 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
         Tb = pg.bucket(T)
         # the graph's buffers still hold the last real prefill (at batch 4: four prompts, whose logits rows lie
         # past Tb): load a step of Tb padding tokens, the same work as one chunk padded to Tb
-        pg.load(Tb, engine._upload(engine._pack_prefill([], Tb)))
+        pg.load(Tb, engine.staging.upload(engine._pack_prefill([], Tb)))
         pg.run(Tb, mode)
         torch.cuda.synchronize()
         graph_walls, _ = timed(lambda: pg.run(Tb, mode), reps)

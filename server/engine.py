@@ -179,7 +179,7 @@ class Engine:
         self._pinned = None
         if self.device.type == "cuda":  # two: the step in flight and the one being processed
             self._pinned = [torch.empty(settings.max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self.staging = HostStaging()  # the steps' packed inputs on their way to the GPU
+        self.staging = HostStaging(self.device)  # the steps' packed inputs on their way to the device
 
     # --- thread-safe API (any thread) --------------------------------------------------------------
 
@@ -534,13 +534,13 @@ class Engine:
             return prev.tokens
         row = {id(s): i for i, s in enumerate(prev.seqs)}
         idx = np.fromiter((row[id(s)] for s, _ in sched), np.int64, len(sched))
-        return prev.tokens.index_select(0, self._upload(idx))
+        return prev.tokens.index_select(0, self.staging.upload(idx))
 
     def _prefill_graph(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Logits [len(chunks), V], each at the last token of its chunk, by a padded prefill graph."""
         Tb = self.prefill_graphs.bucket(sum(n for _, n in chunks))
         mode = self.slab.mode_for([s.slot for s, _ in chunks])
-        self.prefill_graphs.load(Tb, self._upload(self._pack_prefill(chunks, Tb)))
+        self.prefill_graphs.load(Tb, self.staging.upload(self._pack_prefill(chunks, Tb)))
         return self.prefill_graphs.run(Tb, mode)[: len(chunks)]
 
     def _in_order(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -549,14 +549,10 @@ class Engine:
             return logits
         where = np.empty(len(rows), dtype=np.int64)
         where[rows] = np.arange(len(rows))
-        return logits.index_select(0, self._upload(where))
+        return logits.index_select(0, self.staging.upload(where))
 
     def _row_indices(self, seq: Sequence) -> tuple[int, int, int]:
         return self.slab.row_indices(seq.slot or BASE)
-
-    def _upload(self, buf: np.ndarray) -> torch.Tensor:
-        """A step's packed inputs on the device: one asynchronous host->device copy (CPU: buf itself)."""
-        return self.staging.upload(buf, self.device) if self.device.type == "cuda" else torch.from_numpy(buf)
 
     def _pack_decode(self, sched, b: int, buf: np.ndarray) -> None:
         """Writes buf (uint8 [decode_nbytes(b, width)]) in graphs.decode_views' layout: tokens, positions, slots
@@ -641,7 +637,7 @@ class Engine:
             logits_index = np.concatenate([np.arange(qstart[i], qstart[i + 1]) if i in every_position
                                            else qstart[i + 1 : i + 2] - 1 for i in range(B)])
         parts = [tok, positions, slots, starts + counts, qstart, logits_index, rows.T.reshape(-1), tables.reshape(-1)]
-        dev = self._upload(np.concatenate(parts))
+        dev = self.staging.upload(np.concatenate(parts))
         o = [0]
 
         def take(n):
@@ -667,11 +663,11 @@ class Engine:
             return (logits.argmax(-1) if greedy is None else greedy), None
         if any(p.logit_bias for p in ps):  # (not in place: a graph's logits are its output buffer)
             logits = logits + logit_bias([p.logit_bias for p in ps], logits.shape[1], dev)
-        floats = self._upload(np.array([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty]
-                                        for p in ps], dtype=np.float32))
+        floats = self.staging.upload(np.array([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty]
+                                               for p in ps], dtype=np.float32))
         # the noise counter: tokens generated so far, the one still in flight included
-        ints = self._upload(np.array([[p.top_k, p.seed, len(s.output_ids) + s.inflight] for p, s in zip(ps, seqs)],
-                                     dtype=np.int64))
+        ints = self.staging.upload(np.array([[p.top_k, p.seed, len(s.output_ids) + s.inflight]
+                                             for p, s in zip(ps, seqs)], dtype=np.int64))
         penal = any(p.presence_penalty or p.frequency_penalty for p in ps)
         st = SamplingTensors(
             temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0], seeds=ints[:, 1], steps=ints[:, 2],

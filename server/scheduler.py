@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from array import array
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum

@@ -12,12 +12,13 @@ import torch
 
 
 class HostStaging:
-    """A ring of `depth` pinned uint8 buffers. buffer(n) hands out the next one (grown to n bytes if needed)
-    once the copy last enqueued from it has run; the caller writes it, enqueues its host->device copy, then
-    calls sent(), which records that copy's completion for the buffer's next turn."""
+    """A ring of `depth` uint8 buffers feeding `device` (pinned for a GPU). buffer(n) hands out the next one
+    (grown to n bytes if needed) once the copy last enqueued from it has run; the caller writes it, enqueues its
+    host->device copy, then calls sent(), which records that copy's completion for the buffer's next turn."""
 
-    def __init__(self, depth: int = 8, nbytes: int = 1 << 16):
-        self.pinned = torch.cuda.is_available()  # (without CUDA, plain buffers: the ring's logic, for the tests)
+    def __init__(self, device: torch.device | str, depth: int = 8, nbytes: int = 1 << 16):
+        self.device = torch.device(device)
+        self.pinned = self.device.type == "cuda"  # (a CPU engine: plain buffers, the same ring)
         self.bufs = [self._alloc(nbytes) for _ in range(depth)]
         # each buffer's last copy out of it (an event never recorded is complete)
         self.events = [torch.cuda.Event() for _ in range(depth)] if self.pinned else None
@@ -29,7 +30,7 @@ class HostStaging:
     def buffer(self, nbytes: int) -> torch.Tensor:
         """uint8 [nbytes], pinned: the ring's next buffer, free to overwrite."""
         self.turn = (self.turn + 1) % len(self.bufs)
-        if self.events is not None:  # its copy was enqueued `depth` buffers ago: long done, unless the GPU is far behind
+        if self.events is not None:  # its copy was enqueued `depth` buffers ago: long done, unless the GPU is behind
             self.events[self.turn].synchronize()
         if self.bufs[self.turn].numel() < nbytes:  # grown in powers of two: after warm-up, every size was seen
             self.bufs[self.turn] = self._alloc(1 << (nbytes - 1).bit_length())
@@ -40,11 +41,11 @@ class HostStaging:
         if self.events is not None:
             self.events[self.turn].record()
 
-    def upload(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
-        """arr on `device`, by an asynchronous copy through the ring."""
+    def upload(self, arr: np.ndarray) -> torch.Tensor:
+        """arr on the device, by an asynchronous copy through the ring."""
         src = torch.from_numpy(arr)
         host = self.buffer(src.nbytes).view(src.dtype).view(src.shape)
         host.copy_(src)
-        out = host.to(device, non_blocking=True, copy=True)  # (copy: on the CPU, not the ring's buffer itself)
+        out = host.to(self.device, non_blocking=True, copy=True)  # (copy: on the CPU, not the ring's buffer itself)
         self.sent()
         return out

@@ -416,7 +416,7 @@ def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
                                                            engine.device, pool=None)
             Tb = graphs.bucket(n)
             assert Tb > n
-            graphs.load(Tb, engine._upload(engine._pack_prefill([(s, n)], Tb)))
+            graphs.load(Tb, engine.staging.upload(engine._pack_prefill([(s, n)], Tb)))
             padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)[0]
             eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)[0]
             torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
@@ -447,7 +447,7 @@ def test_padded_prefill_batch_of_several_chunks_equals_eager(engine_lm, adapter_
                                                    pool=None, max_seqs=4)
     mode = engine.slab.mode_for([q.slot for q, _ in sched])
     Tb = graphs.bucket(32)
-    graphs.load(Tb, engine._upload(engine._pack_prefill(sched, Tb)))
+    graphs.load(Tb, engine.staging.upload(engine._pack_prefill(sched, Tb)))
     padded = engine.lm.model(graphs.batch(Tb, mode), engine.kv.k, engine.kv.v)
     batch = engine._build_batch(sched, mode)
     # the host's count of distinct scale slots (1 would let mode 2 take the fold GEMM on CUDA)
