@@ -57,8 +57,6 @@ SWITCHES = {
     "mode1-slab": ("default", "base / per-channel rows on the MMA kernels read the base scales from the slab's 16-bit "
                               "slot 0 (kernels/int4_matmul.py MODE1_FROM_SLAB; default: its setting) instead of "
                               "the float32 base table"),
-    "zeros-f16": ("default", "the base zero points in an fp16 table where they are fp16 values, as the random models' are "
-                             "(kernels/int4_matmul.py ZEROS_F16; default: its setting) instead of float32"),
     "pins": ("on", "the MMA GEMV pinned per shape to --mma-pins' picks (no effect without --mma-pins)"),
     "device-pins": ("on", "the MMA GEMV's configs from kernels/pins/<this GPU>.json where it has them (kernels/"
                           "int4_mma_gemv.py USE_DEVICE_PINS) instead of the autotuner's picks"),
@@ -263,8 +261,7 @@ def main(argv=None) -> int:
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
-                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
-                      "zeros-f16": onoff[im.ZEROS_F16]}
+                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -288,7 +285,6 @@ def main(argv=None) -> int:
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
             im.FUSE_NORMS = on["fused-norms"]
-            im.ZEROS_F16 = on["zeros-f16"]
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -298,7 +294,7 @@ def main(argv=None) -> int:
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
-                     device_pins=on["device-pins"], zeros_f16=on["zeros-f16"])
+                     device_pins=on["device-pins"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

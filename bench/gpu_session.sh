@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [zeros_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -71,13 +71,6 @@ for step in "${steps[@]}"; do
                   --alpha-table-pairs $pairs --json "$OUT/table-pairs-$pairs.json" 2>&1 | tee "$OUT/table-pairs-$pairs.log" \
                   | grep -E "^(qkv|o |gate_up|down)|layer"
               done ;;
-    zeros_ab)  # fp16 zero-point tables: the kernels' GPU tests (both table dtypes), then the batch-1 7B step with each
-              timeout ${ZEROS_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider --tb=short \
-                tests/kernels/test_int4_matmul.py -k "${ZEROS_K:-zero_point or mma_gemv_small or mma_batch_small or alpha_gemv_small or alpha_batch_small or fold_gemm_small or llama7b_mma_gemv or silu_gate}" \
-                2>&1 | tee "$OUT/zeros_tests.log" | tail -4
-              timeout ${ZEROS_AB_TIMEOUT:-240} python3 bench/decode_profile.py --presets llama2-7b --batches 1 \
-                --quantize-lm-head on --zeros-f16 ${ZEROS_ARMS:-off,on} --json "$OUT/decode_profile_zeros.json" 2>&1 \
-                | tee "$OUT/decode_profile_zeros.log" | grep -E "^llama|int4 gemv" ;;
     fold_planes_ab)  # the MMA alpha batch kernel with K_j in its plane operands: its GPU tests, then on / off, M = 4, 16
               timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
                 -k "fold_planes" 2>&1 | tee "$OUT/fold_planes_tests.log" | tail -3

@@ -145,7 +145,7 @@ def _dequant(words, s, z, FAST: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "M_BUCKET", *ROW_INDEX_ARGS])
 def _int4_gemm_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 words [N_pad, KW], zeros_t [G, N_pad] f16 / f32, scales_t f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 words [N_pad, KW], zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr,  # slab tables: chan [Sc, N], scales [Sg, N, G] (any strides)
     chan_idx_ptr, scale_idx_ptr,  # [M] int32
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, per-tile arrival counters (zero)
@@ -238,7 +238,7 @@ def _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, o
     s = s_nx
     s_nx = _scale_row(s_cols, slot_nx, s_slot_stride, tl.where(last, kb_lo, kb + 1), s_stride, offs_n, N,
                       GROUP_SIZE, BLOCK_K)
-    z = tl.load(zero_ptr + _group(kb, GROUP_SIZE, BLOCK_K) * stride_zg + offs_n).to(tl.float32)  # [BN] (padded)
+    z = tl.load(zero_ptr + _group(kb, GROUP_SIZE, BLOCK_K) * stride_zg + offs_n)  # [BN] (padded: no mask)
     w = _dequant(tl.load(q_rows + kb * (BLOCK_K // 8)), s, z, FAST)  # [BN, BK] = (Q - z) s
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     xt = tl.load(x_rows + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(DT)

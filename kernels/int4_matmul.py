@@ -31,8 +31,7 @@ Layout (built once per weight by `repack`, kept in QuantLinear._kernel_state):
                                   nibble, Q[n, 2kk+1] in the high one), zero padded so the hot loop
                                   needs no masks; a [BLOCK_N, BLOCK_K/2] tile of contiguous bytes is
                                   transposed for the dot, so each thread's k pairs are adjacent bytes.
-  zeros_t, scales_t [G, N_pad]    base zero points (fp16 where exact, else float32; repack) / base scales
-                                  (float32), N contiguous.
+  zeros_t, scales_t [G, N_pad]    base zero points / base scales, float32, N contiguous.
 Slab tables are read in place through their strides (AdapterSlab allocates them N-contiguous);
 adapted_linear copies a G-contiguous [S, N, G] table to N-contiguous (refreshed on writes).
 
@@ -253,7 +252,7 @@ def _accumulate_block(
         if HAS_ZEROS:  # PEQA rows take the zero point through X_g (their alpha-table reads are unused)
             s = _load_f32(scale_ptr + sidx[:, None] * stride_ss + n_rows[None, :] * stride_sn + g * stride_sg,
                           FAST)
-            z = tl.load(zero_ptr + g * stride_zg + offs_n).to(tl.float32)
+            z = tl.load(zero_ptr + g * stride_zg + offs_n)
             peqa_x = s * (CODE_MID - z[None, :])
         else:  # bcq base: every row is an alpha row
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -292,7 +291,7 @@ def _group_tables(kb, num_kb, offs_n, n_rows, sidx, zero_ptr, s0_ptr, scale_ptr,
         z = 0.0
         s = 0.0
     else:
-        z = tl.load(zero_ptr + g * stride_zg + offs_n).to(tl.float32)[None, :]  # padded: no mask
+        z = tl.load(zero_ptr + g * stride_zg + offs_n)[None, :]  # padded: no mask
         if ONE_GROUP:
             s = 0.0
         elif MODE == 1:
@@ -334,7 +333,7 @@ def _load_b32(ptrs):
 @triton.jit(do_not_specialize=["M", "M_BUCKET", *ROW_INDEX_ARGS, "alpha_idx_ptr"])
 def _adapted_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t [N_pad, Kh_pad] u8, zeros_t [G, N_pad] f16 / f32, scales_t f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t [N_pad, Kh_pad] u8, zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr, alpha_ptr, beta_ptr,  # slab tables (any float dtype, read through strides)
     chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # [M] int32
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, per-tile arrival counters (zero)
@@ -910,7 +909,7 @@ def _gemv_plane_loop(acc, kb_lo, kb_hi, num_kb, q_tile, x_ptr, N, K, G, KW, word
 @triton.jit(do_not_specialize=[*ROW_INDEX_ARGS, "alpha_idx_ptr"])
 def _gemv_int4_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW = Kh_pad/4], zeros_t [G, N_pad] f16 / f32, scales_t f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW = Kh_pad/4], zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr, alpha_ptr, beta_ptr,
     chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # the row's slots (one element each)
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, N] f32, per-column-tile arrival counters (zero)
@@ -1046,7 +1045,7 @@ class Int4Weights:
     """The shared base of one linear in kernel layout (see the module docstring)."""
 
     codes_t: torch.Tensor  # [N_pad, Kh_pad] uint8
-    zeros_t: torch.Tensor | None  # [G, N_pad] fp16 or float32 (zeros_table_dtype; None on a bcq base)
+    zeros_t: torch.Tensor | None  # [G, N_pad] float32 (None on a bcq base)
     scales_t: torch.Tensor | None  # [G, N_pad] float32 base scales s0 (None on a bcq base)
     N: int
     K: int
@@ -1060,20 +1059,6 @@ class Int4Weights:
 
 def _round_up(a: int, b: int) -> int:
     return (a + b - 1) // b * b
-
-
-# The zero points' table is fp16 where that holds every zero point exactly (our quantizer's are fp16 values:
-# kernels/quant.py quantize_rtn), else float32. It is a sixteenth of what a step reads at group 128 (2 bytes per 128
-# codes and row against 4): the same bytes that reading mode 1's base scales in fp16 saved (MODE1_FROM_SLAB below).
-# False: float32 always (benches compare the two).
-ZEROS_F16 = True
-
-
-def zeros_table_dtype(zeros: torch.Tensor) -> torch.dtype:
-    """fp16 where ZEROS_F16 and every zero point is an fp16 value, else float32."""
-    if ZEROS_F16 and torch.equal(zeros.to(torch.float16).float(), zeros.float()):
-        return torch.float16
-    return torch.float32
 
 
 def repack(packed: torch.Tensor, K: int, zeros: torch.Tensor | None, scales: torch.Tensor | None,
@@ -1092,10 +1077,10 @@ def repack(packed: torch.Tensor, K: int, zeros: torch.Tensor | None, scales: tor
     if zeros is not None:
         if zeros.shape != (N, G) or scales is None or scales.shape != (N, G):
             raise ValueError(f"zeros/scales must be [N, G] = [{N}, {G}]")
-        scales_t = torch.zeros(G, codes_t.shape[0], dtype=torch.float32, device=dev)
+        zeros_t = torch.zeros(G, codes_t.shape[0], dtype=torch.float32, device=dev)
+        scales_t = torch.zeros_like(zeros_t)
+        zeros_t[:, :N] = zeros.t().float()
         scales_t[:, :N] = scales.t().float()
-        zeros_t = torch.zeros_like(scales_t, dtype=zeros_table_dtype(zeros))
-        zeros_t[:, :N] = zeros.t()
     return Int4Weights(codes_t, zeros_t, scales_t, N, K, group_size, bits)
 
 

@@ -331,8 +331,8 @@ def _plain_plane_step(acc, kb, kb_hi, w0, w1, x_ptr, K, a_rows0, a_rows1, b_rows
         c = (2**BITS - 1) / 2
         s0 = tl.load(s_rows0 + g * stride_sg, mask=ok, other=0.0).to(tl.float32)
         s1 = tl.load(s_rows1 + g * stride_sg, mask=ok, other=0.0).to(tl.float32)
-        be0 = s0 * (c - tl.load(zero_ptr + g * stride_zg + rows0[:, None], mask=ok, other=0.0).to(tl.float32))
-        be1 = s1 * (c - tl.load(zero_ptr + g * stride_zg + rows1[:, None], mask=ok, other=0.0).to(tl.float32))
+        be0 = s0 * (c - tl.load(zero_ptr + g * stride_zg + rows0[:, None], mask=ok, other=0.0))
+        be1 = s1 * (c - tl.load(zero_ptr + g * stride_zg + rows1[:, None], mask=ok, other=0.0))
     else:
         be0 = tl.load(b_rows0 + g * stride_bg, mask=ok, other=0.0).to(tl.float32)
         be1 = tl.load(b_rows1 + g * stride_bg, mask=ok, other=0.0).to(tl.float32)
@@ -444,7 +444,7 @@ def _plane_loop(acc, kb_lo, kb_hi, q0, q1, x_ptr, K, rows0, rows1, a_base, b_bas
 @triton.jit(do_not_specialize=[*ROW_INDEX_ARGS, "alpha_idx_ptr"])
 def _mma_alpha_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
-    q_ptr, zero_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f16 / f32 (PEQA rows)
+    q_ptr, zero_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f32 (PEQA rows)
     chan_ptr, scale_ptr, alpha_ptr, beta_ptr,  # slab tables [Sc, N], [Sg, N, G], [Sa, BITS, N, G], [Sa, N, G]
     chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # the row's slots (one element each)
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, N] f32, arrival counters (two per column tile, zero)
@@ -648,7 +648,7 @@ def _batch_tables(g, pair0, rowt, col, aidx, sidx, vword, M, N, alpha_ptr, beta_
         s = _batch_table(scale_ptr + sidx * stride_ss + rowt * stride_sn + g * stride_sg,
                          scale_ptr + sidx * stride_ss + prow * stride_sn + g * stride_sg, p_ok, vword, FAST, PAIRS,
                          S_ASM)
-        if PAIRS:  # (the zero points are the [G, N_pad] base table: pairs at any even row)
+        if PAIRS:  # (the zero points are the float32 [G, N_pad] base table: pairs at any even row)
             z = _pair_tile(zero_ptr + g * stride_zg + pair0[:, None] + 0 * vword, vword)
         else:
             z = _load_if(zero_ptr + g * stride_zg + rowt, p_ok, FAST)
@@ -718,7 +718,7 @@ def _plain_batch_step(acc, blk, w0, w1, a0, a1, a2, a3, be, x_ptr, stride_xm, mb
 @triton.jit(do_not_specialize=[*ROW_INDEX_ARGS, "alpha_idx_ptr"])
 def _mma_batch_alpha_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f16 / f32 (PEQA columns)
+    q_ptr, zero_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f32 (PEQA columns)
     chan_ptr, scale_ptr, alpha_ptr, beta_ptr,  # slab tables, read through strides
     chan_idx_ptr, scale_idx_ptr, alpha_idx_ptr,  # [M] the rows' slots
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, arrival counters (one per column tile, zero)

@@ -82,9 +82,6 @@ _STEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 16)
 
 # (a, a, b, b) from the float32 pair (a, b) at $4 (zero points; mode 1's base scales): rows0 for t < 2
 _PAIR_ASM = tl.constexpr("ld.global.nc.v2.f32 {$0, $2}, [$4]; mov.b32 $1, $0; mov.b32 $3, $2;")
-# the same from an fp16 pair (fp16 zero points: kernels/int4_matmul.py repack)
-_PAIR_F16_ASM = tl.constexpr("{ .reg .b32 w; .reg .b16 h0, h1; ld.global.nc.b32 w, [$4]; mov.b32 {h0, h1}, w; "
-                             "cvt.f32.f16 $0, h0; cvt.f32.f16 $2, h1; mov.b32 $1, $0; mov.b32 $3, $2; }")
 
 
 @functools.cache  # one of six strings, asked for on every launch
@@ -109,16 +106,12 @@ S_TYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 @triton.jit
 def _pair_tile(ptrs, vword):
-    """[R, 16] float32 (GPU): (a, a, b, b) per lane from the float32 (or fp16) pair at each lane's pointer. vword ([1, 16],
+    """[R, 16] float32 (GPU): (a, a, b, b) per lane from the float32 pair at each lane's pointer. vword ([1, 16],
     the element's word) is an operand the asm ignores: the pointers are constant along the words, and Triton
     computes a pure elementwise op once per run of equal operands, which would give a lane's 4 different results
     one value. (Marking the asm impure instead cost it its layout.)"""
     lanes = tl.broadcast_to(vword, ptrs.shape)
-    if ptrs.dtype.element_ty == tl.float16:
-        ASM: tl.constexpr = _PAIR_F16_ASM
-    else:
-        ASM: tl.constexpr = _PAIR_ASM
-    return tl.inline_asm_elementwise(ASM, "=f,=f,=f,=f,l,l,l,l,r,r,r,r", [ptrs, lanes], dtype=tl.float32,
+    return tl.inline_asm_elementwise(_PAIR_ASM, "=f,=f,=f,=f,l,l,l,l,r,r,r,r", [ptrs, lanes], dtype=tl.float32,
                                      is_pure=True, pack=4)
 
 
@@ -279,7 +272,7 @@ def _batch_setup(pid_n, pid_k, q_ptr, x_ptr, M, K, stride_qn, stride_xm, BLOCK_N
 @triton.jit(do_not_specialize=ROW_INDEX_ARGS)
 def _mma_batch_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f16 / f32, scales_t f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr,  # slab tables [Sc, N], [Sg, N, G] (any float dtype, through strides)
     chan_idx_ptr, scale_idx_ptr,  # [M] the rows' slots
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, arrival counters (one per column tile, zero)
@@ -410,7 +403,7 @@ def _mma_batch_kernel(
                 g = 0 * blk
             else:
                 g = tl.minimum(blk, num_kb - 1)
-            zt = tl.load(zero_ptr + g * stride_zg + rowt).to(tl.float32)
+            zt = tl.load(zero_ptr + g * stride_zg + rowt)
             if MODE == 1:
                 st = tl.load(s0_ptr + g * stride_zg + rowt)
                 su = st

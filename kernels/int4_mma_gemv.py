@@ -129,31 +129,22 @@ _STEP_F16 = tl.constexpr(_step_asm(True))
 _STEP_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",r" * 24 + ",f" * 12 + ",r" * 4)
 
 # the tables of one lane and step (GPU), out (z0, z1, s0, s1) as float32, zeros where the lane's $12 == 0.
-# Operands: zero-point pointers $4..$7 (the pair of rows0, rows1: adjacent, float32 or fp16), scale pointers
+# Operands: zero-point pointers $4..$7 (the pair of rows0, rows1: adjacent float32), scale pointers
 # $8..$11 (rows0 in element 0, rows1 in element 2; both in one load where PAIR: adjacent and aligned).
-def _load_pair_asm(t: str, dst0: str, dst1: str, src: str) -> str:
-    """Two adjacent table entries of type t (f32 / f16 / bf16) at [src] into float32 dst0, dst1, in one load."""
-    if t == "f32":
-        return f"@p ld.global.nc.v2.f32 {{{dst0}, {dst1}}}, [{src}];"
-    return (f"mov.b32 w, 0; @p ld.global.nc.b32 w, [{src}]; mov.b32 {{h0, h1}}, w; "
-            f"cvt.f32.{t} {dst0}, h0; cvt.f32.{t} {dst1}, h1;")
-
-
-def _load_two_asm(t: str, dst0: str, dst1: str, src0: str, src1: str) -> str:
-    """Table entries of type t at [src0] and [src1] into float32 dst0, dst1 (two loads)."""
-    if t == "f32":
-        return f"@p ld.global.nc.f32 {dst0}, [{src0}]; @p ld.global.nc.f32 {dst1}, [{src1}];"
-    return (f"mov.b16 h0, 0; mov.b16 h1, 0; @p ld.global.nc.b16 h0, [{src0}]; @p ld.global.nc.b16 h1, [{src1}]; "
-            f"cvt.f32.{t} {dst0}, h0; cvt.f32.{t} {dst1}, h1;")
-
-
-def _tables_asm(s_type: str, pair: bool, z_type: str = "f32") -> str:
-    return "\n".join([
-        "{ .reg .pred p; .reg .b32 w; .reg .b16 h0, h1;", "setp.ne.s32 p, $12, 0;",
-        "mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000;",
-        _load_pair_asm(z_type, "$0", "$1", "$4"),
-        _load_pair_asm(s_type, "$2", "$3", "$8") if pair else _load_two_asm(s_type, "$2", "$3", "$8", "$10"),
-        "}"])
+def _tables_asm(s_type: str, pair: bool) -> str:
+    out = ["{ .reg .pred p; .reg .b32 w; .reg .b16 h0, h1;", "setp.ne.s32 p, $12, 0;",
+           "mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000;",
+           "@p ld.global.nc.v2.f32 {$0, $1}, [$4];"]
+    if s_type == "f32":
+        out.append("@p ld.global.nc.v2.f32 {$2, $3}, [$8]; }" if pair else
+                   "@p ld.global.nc.f32 $2, [$8]; @p ld.global.nc.f32 $3, [$10]; }")
+        return "\n".join(out)
+    if pair:
+        out.append("mov.b32 w, 0; @p ld.global.nc.b32 w, [$8]; mov.b32 {h0, h1}, w;")
+    else:
+        out.append("mov.b16 h0, 0; mov.b16 h1, 0; @p ld.global.nc.b16 h0, [$8]; @p ld.global.nc.b16 h1, [$10];")
+    out.append(f"cvt.f32.{s_type} $2, h0; cvt.f32.{s_type} $3, h1; }}")
+    return "\n".join(out)
 
 
 _TAB_CONSTRAINTS = tl.constexpr("=&f,=&f,=&f,=&f" + ",l" * 8 + ",r" * 4)
@@ -163,36 +154,29 @@ _TAB_F16 = tl.constexpr(_tables_asm("f16", False))
 _TAB_F16_PAIR = tl.constexpr(_tables_asm("f16", True))
 _TAB_BF16 = tl.constexpr(_tables_asm("bf16", False))
 _TAB_BF16_PAIR = tl.constexpr(_tables_asm("bf16", True))
-# (fp16 zero points: kernels/int4_matmul.py repack)
-_TAB_F32_Z16 = tl.constexpr(_tables_asm("f32", False, "f16"))
-_TAB_F32_PAIR_Z16 = tl.constexpr(_tables_asm("f32", True, "f16"))
-_TAB_F16_Z16 = tl.constexpr(_tables_asm("f16", False, "f16"))
-_TAB_F16_PAIR_Z16 = tl.constexpr(_tables_asm("f16", True, "f16"))
-_TAB_BF16_Z16 = tl.constexpr(_tables_asm("bf16", False, "f16"))
-_TAB_BF16_PAIR_Z16 = tl.constexpr(_tables_asm("bf16", True, "f16"))
 
 
 # The same for the SiLU-gated GEMV, whose rows1 = rows0 + N / 2: $12 is N / 2 where the lane reads (else 0),
 # and the pointers are rows0's only ($4: zero point, $8: scale; both tables N-contiguous), so rows1's are
 # computed here instead of held as a second [HN, 128] pointer tensor (which cost 38-70 registers).
-def _apart_tables_asm(s_type: str, z_type: str = "f32") -> str:
-    return "\n".join([
-        "{ .reg .pred p; .reg .b16 h0, h1; .reg .b64 a, o;", "setp.ne.s32 p, $12, 0;",
-        "mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000;",
-        f"mul.wide.s32 o, $12, {_SIZE[z_type]}; add.s64 a, $4, o;",
-        _load_two_asm(z_type, "$0", "$1", "$4", "a"),
-        f"mul.wide.s32 o, $12, {_SIZE[s_type]}; add.s64 a, $8, o;",
-        _load_two_asm(s_type, "$2", "$3", "$8", "a"),
-        "}"])
+def _apart_tables_asm(s_type: str) -> str:
+    size = 4 if s_type == "f32" else 2
+    out = ["{ .reg .pred p; .reg .b16 h0, h1; .reg .b64 a, o;", "setp.ne.s32 p, $12, 0;",
+           "mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000;",
+           "mul.wide.s32 o, $12, 4; add.s64 a, $4, o;",
+           "@p ld.global.nc.f32 $0, [$4]; @p ld.global.nc.f32 $1, [a];",
+           f"mul.wide.s32 o, $12, {size}; add.s64 a, $8, o;"]
+    if s_type == "f32":
+        out.append("@p ld.global.nc.f32 $2, [$8]; @p ld.global.nc.f32 $3, [a]; }")
+    else:
+        out.append("mov.b16 h0, 0; mov.b16 h1, 0; @p ld.global.nc.b16 h0, [$8]; @p ld.global.nc.b16 h1, [a];")
+        out.append(f"cvt.f32.{s_type} $2, h0; cvt.f32.{s_type} $3, h1; }}")
+    return "\n".join(out)
 
 
-_SIZE = {"f32": 4, "f16": 2, "bf16": 2}
 _TAB_F32_APART = tl.constexpr(_apart_tables_asm("f32"))
 _TAB_F16_APART = tl.constexpr(_apart_tables_asm("f16"))
 _TAB_BF16_APART = tl.constexpr(_apart_tables_asm("bf16"))
-_TAB_F32_APART_Z16 = tl.constexpr(_apart_tables_asm("f32", "f16"))
-_TAB_F16_APART_Z16 = tl.constexpr(_apart_tables_asm("f16", "f16"))
-_TAB_BF16_APART_Z16 = tl.constexpr(_apart_tables_asm("bf16", "f16"))
 
 
 # x word (16 bytes at the pointer; zeros where ok == 0) as the pairs P_i = (x[i], x[i + 4])
@@ -234,33 +218,10 @@ def _mma_step(acc, w0, w1, p0, p1, p2, p3, tt, odd, F16: tl.constexpr):
 @triton.jit
 def _lane_tables(zp, sp, ok, S_PAIR: tl.constexpr, SILU: tl.constexpr):
     """(z0, z1, s0, s1) of each lane's diagonal as the 4 elements of its pack (GPU), zeros where not ok.
-    zp: the zero-point pair's pointer (float32 or fp16); sp: rows0's scale pointer at t < 2, rows1's at t >= 2.
-    SILU: zp and sp are rows0's, and ok is N / 2 (the distance to rows1) where the lane reads."""
+    zp: the zero-point pair's pointer; sp: rows0's scale pointer at t < 2, rows1's at t >= 2. SILU: zp and sp
+    are rows0's, and ok is N / 2 (the distance to rows1) where the lane reads."""
     DT: tl.constexpr = sp.dtype.element_ty
-    if zp.dtype.element_ty == tl.float16:
-        if SILU:
-            if DT == tl.float32:
-                ASM: tl.constexpr = _TAB_F32_APART_Z16
-            elif DT == tl.float16:
-                ASM: tl.constexpr = _TAB_F16_APART_Z16
-            else:
-                ASM: tl.constexpr = _TAB_BF16_APART_Z16
-        elif DT == tl.float32:
-            if S_PAIR:
-                ASM: tl.constexpr = _TAB_F32_PAIR_Z16
-            else:
-                ASM: tl.constexpr = _TAB_F32_Z16
-        elif DT == tl.float16:
-            if S_PAIR:
-                ASM: tl.constexpr = _TAB_F16_PAIR_Z16
-            else:
-                ASM: tl.constexpr = _TAB_F16_Z16
-        else:
-            if S_PAIR:
-                ASM: tl.constexpr = _TAB_BF16_PAIR_Z16
-            else:
-                ASM: tl.constexpr = _TAB_BF16_Z16
-    elif SILU:  # rows N / 2 apart: every table in two loads
+    if SILU:  # rows N / 2 apart: every table in two loads
         if DT == tl.float32:
             ASM: tl.constexpr = _TAB_F32_APART
         elif DT == tl.float16:
@@ -453,7 +414,7 @@ def _pair_scale_ptr(s_base, rows0, N, s_row, MODE: tl.constexpr):
 @triton.jit(do_not_specialize=ROW_INDEX_ARGS)
 def _mma_gemv_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [K] (one row), y [N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t [G, N_pad] f16 / f32, scales_t f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 [N_pad, KW], zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr,  # slab tables [Sc, N], [Sg, N, G] (any float dtype, through strides)
     chan_idx_ptr, scale_idx_ptr,  # the row's slots (one element each)
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, N] f32, arrival counters (two per column tile, zero)

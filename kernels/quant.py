@@ -4,8 +4,7 @@ Everything here is exact and plain torch; it is the ground truth the kernels and
 
 Shapes, for one linear with N output rows and K inputs:
   codes  [N, K]     uint8, integers 0 .. 2**bits - 1 (3-bit codes ride in 4-bit containers)
-  zeros  [N, G]     float32 zero points (rtn; code of the value 0, need not be an integer; fp16 values
-                    from quantize_rtn)
+  zeros  [N, G]     float32 zero points (rtn; code of the value 0, need not be an integer)
   scales [N, G]     float32 (rtn)
   alphas [b, N, G]  float32, one per bit plane (bcq / AlphaTuning)
   betas  [N, G]     float32 offsets (bcq / AlphaTuning)
@@ -115,13 +114,9 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     scales = (mx - mn) / qmax
     # a constant group: scale |w| (or 1 for zeros) makes it exact with one code step
     scales = torch.where(scales > 0, scales, torch.where(mn != 0, mn.abs(), torch.ones_like(mn)))
-    # A float zero point puts the group's minimum on code 0 (the Q4_1 / HQQ convention): never worse than a rounded
-    # integer zero, and a Q4_1 GGUF's codes come back exactly. It is kept to fp16 precision (HQQ's too; 2^-11 of
-    # |z| steps, ~0.004 of a step for a group that spans 0), so the kernels' zero-point table is fp16, half the
-    # bytes (kernels/int4_matmul.py zeros_table_dtype); a zero point beyond fp16's range stays float32.
+    # A float zero point puts the group's minimum exactly on code 0 (the Q4_1 / HQQ convention):
+    # never worse than a rounded integer zero, and a Q4_1 GGUF re-quantizes losslessly.
     zeros = -mn / scales
-    zeros_h = zeros.to(torch.float16)
-    zeros = torch.where(zeros_h.isfinite(), zeros_h.float(), zeros)
     q = torch.round(wg / scales[..., None] + zeros[..., None])
     codes = torch.clamp(q, 0, qmax).view(N, -1)[:, :K].to(torch.uint8)
     return codes, zeros, scales

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 from scaleserve.kernels import int4_matmul as im  # noqa: E402
 from scaleserve.kernels.fused import silu_mul  # noqa: E402
-from scaleserve.kernels.int4_matmul import int4_matmul, repack, zeros_table_dtype  # noqa: E402
+from scaleserve.kernels.int4_matmul import int4_matmul, repack  # noqa: E402
 from scaleserve.kernels.linear import MODE_ALPHA, MODE_CHANNEL, MODE_GROUP, QuantLinear, RowAdapters  # noqa: E402
 from scaleserve.kernels.quant import pack_int4, rtn_to_alphas  # noqa: E402
 from scaleserve.kernels.reference import adapted_linear_ref  # noqa: E402
@@ -76,12 +76,8 @@ def _row_slots(M: int, dist: str, tasks, g: torch.Generator) -> torch.Tensor:
     return torch.tensor(tasks, dtype=torch.int32)[pick]
 
 
-def make_case(M, N, K, group_size, bits, mode, dist, dtype, bcq=False, bias=False, device=DEVICE, zeros_f16=None):
-    """A random case. zeros_f16: zero points that are fp16 values (as kernels/quant.py's quantizer makes them, so
-    repack gives the kernels an fp16 table) or arbitrary floats (a float32 table); None: every other case."""
+def make_case(M, N, K, group_size, bits, mode, dist, dtype, bcq=False, bias=False, device=DEVICE):
     g = _gen()
-    if zeros_f16 is None:
-        zeros_f16 = _seed[0] % 2 == 0
     G = 1 if group_size == -1 else math.ceil(K / group_size)
     qmax = 2**bits - 1
     codes = torch.randint(0, qmax + 1, (N, K), generator=g, dtype=torch.uint8)
@@ -93,8 +89,6 @@ def make_case(M, N, K, group_size, bits, mode, dist, dtype, bcq=False, bias=Fals
     else:
         # rtn zero points are floats (kernels/quant.py: z = -min/s puts the group minimum on code 0)
         t["zeros"] = torch.rand((N, G), generator=g) * qmax
-        if zeros_f16:
-            t["zeros"] = t["zeros"].half().float()
         t["base_scales"] = (torch.rand(N, G, generator=g) + 0.5) * 0.02
         scales = t["base_scales"] * (0.7 + 0.6 * torch.rand(SLOTS, N, G, generator=g))
         scales[0] = t["base_scales"]
@@ -134,8 +128,6 @@ def run_kernel(t, mode, config=None, n_major=False, scale_slots=0):
     packed = pack_int4(t["codes"])
     K = t["codes"].shape[1]
     w = repack(packed, K, t["zeros"], t["base_scales"], t["group_size"], t["bits"])
-    if t["zeros"] is not None:  # (the table make_case asked for: the kernels read both dtypes)
-        assert w.zeros_t.dtype == zeros_table_dtype(t["zeros"])
     scales, alphas, betas = t["scales"], t["alphas"], t["betas"]
     if n_major:  # the layout adapted_linear hands the kernel: unit stride along N
         nm = lambda a: None if a is None else a.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
@@ -191,49 +183,6 @@ def test_bcq_base(gs):
     """A bcq base has no zero points: every row is an alpha row (slot 0 = the base)."""
     t = make_case(17, 40, 259, gs, 4, MODE_ALPHA, "zipf", torch.bfloat16, bcq=True, bias=True)
     check(run_kernel(t, MODE_ALPHA, {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}), reference(t), torch.bfloat16)
-
-
-def test_zero_point_table_dtype_follows_the_values(monkeypatch):
-    """repack's zero-point table is fp16 exactly when every zero point is an fp16 value (what quantize_rtn makes) and
-    ZEROS_F16 is on, else float32; either holds the zero points exactly, padding columns zero."""
-    codes = torch.randint(0, 16, (36, 256), dtype=torch.uint8)
-    scales = torch.rand(36, 2) + 0.5
-    exact = torch.randint(0, 16, (36, 2)).float() + 0.5 * torch.rand(36, 2).half().float()
-    exact = exact.half().float()
-    ragged = exact + 1e-4  # not fp16 values
-    for zeros, want in ((exact, torch.float16), (ragged, torch.float32)):
-        w = repack(pack_int4(codes), 256, zeros, scales, 128)
-        assert w.zeros_t.dtype == want
-        assert torch.equal(w.zeros_t[:, :36].float(), zeros.t()) and not w.zeros_t[:, 36:].any()
-    monkeypatch.setattr(im, "ZEROS_F16", False)
-    assert repack(pack_int4(codes), 256, exact, scales, 128).zeros_t.dtype == torch.float32
-
-
-# Every kernel family that reads the base zero points, with each table dtype (the rotating cases above mix them too).
-ZERO_TABLE_KERNELS = {
-    "tile": (16, 3, 128, {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}),
-    "gemv": (2, 3, 128, {"BLOCK_N": 16, "SPLIT_K": 2, "PREFETCH": 1}),
-    "mma-gemv": (1, 2, 128, {"MMA": 1, "BLOCK_N": 32, "SPLIT_K": 2, "DEPTH": 1}),
-    "mma-gemv-mode1": (1, 1, 128, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 1, "DEPTH": 2}),
-    "mma-batch": (5, 2, 128, {"MMA_BATCH": 1, "BLOCK_N": 32, "num_warps": 2, "SPLIT_K": 2, "BPS": 2}),
-    "mma-batch-mode1": (9, 1, -1, {"MMA_BATCH": 1, "BLOCK_N": 16, "num_warps": 1, "SPLIT_K": 1, "BPS": 1}),
-    "mma-alpha-gemv": (1, 3, 128, {"MMA": 1, "BLOCK_N": 16, "SPLIT_K": 2, "DEPTH": 1}),
-    "mma-alpha-batch": (5, 3, 128, {"MMA_BATCH": 1, "BLOCK_N": 16, "num_warps": 1, "SPLIT_K": 1, "BPS": 2}),
-    "fold": (16, 2, 128, {"FOLD": 1, "BLOCK_N": 32, "BLOCK_M": 16, "SPLIT_K": 1}),
-}
-
-
-@pytest.mark.parametrize("zeros_f16", (True, False), ids=("z16", "z32"))
-@pytest.mark.parametrize("kernel", list(ZERO_TABLE_KERNELS))
-def test_zero_point_tables_of_either_dtype(kernel, zeros_f16):
-    """PEQA rows (and mode 3's PEQA rows) with the base's zero points in an fp16 or a float32 table: against the
-    reference, outputs poisoned first, N not a multiple of the tile, a ragged last group."""
-    M, mode, gs, cfg = ZERO_TABLE_KERNELS[kernel]
-    t = make_case(M, 136, 1160, gs, 4, mode, "uniform", torch.bfloat16, bias=True, zeros_f16=zeros_f16)
-    if mode == MODE_ALPHA:  # PEQA rows (they read the zero points) beside the base in alpha form
-        t["alpha_idx"][:] = -1
-        t["alpha_idx"][1:2] = 0
-    check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
 
 
 # --- decode GEMV path (M <= 4, configs without BLOCK_M) ----------------------------------------
