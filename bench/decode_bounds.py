@@ -19,6 +19,10 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
              instead of taking the sums the projection into the stream wrote
   spacers    an empty kernel after each projection into the residual stream (o, down): the next GEMV launches only
              once that one has finished
+  attn-nN-wW-sS
+             the decode attention with other launch parameters (any of them): BLOCK_N N keys a step, W warps, S
+             context splits (kernels/attention.py DECODE_BLOCK_N, DECODE_NUM_WARPS, decode_num_splits), e.g.
+             attn-n32-w2 or attn-s4: a real variant (right tokens), timed in the same process as the others
   a+b        several of the above at once (e.g. silu+merge+norm-in)
 
 Prints one row per variant (ms, µs saved against base) and writes JSON.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -43,6 +48,12 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
 LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
+ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?$")  # attn-n32-w2-s4 (any of them)
+
+
+def unknown_parts(variant: str) -> list[str]:
+    """The parts of a variant (a+b) that are neither LEAVE_OUT names, base, nor an attention config."""
+    return sorted(p for p in variant.split("+") if p not in LEAVE_OUT and p != "base" and not ATTENTION_CONFIG.match(p))
 
 
 @triton.jit
@@ -67,6 +78,9 @@ def leaving_out(parts: set[str]):
 
     saved = [(fused, "silu_mul", fused.silu_mul), (attention, "_decode_reduce_kernel", attention._decode_reduce_kernel),
              (attention, "paged_attention", attention.paged_attention), (im, "launch_mma_gemv", im.launch_mma_gemv),
+             (attention, "DECODE_BLOCK_N", attention.DECODE_BLOCK_N),
+             (attention, "DECODE_NUM_WARPS", attention.DECODE_NUM_WARPS),
+             (attention, "decode_num_splits", attention.decode_num_splits),
              (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
              (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
     launch = im.launch_mma_gemv
@@ -93,6 +107,17 @@ def leaving_out(parts: set[str]):
             im.FUSE_SILU_GATE = True
         if "sumsq-off" in parts:
             mg.NORM_SUMSQ = False
+        for part in parts:
+            m = ATTENTION_CONFIG.match(part)
+            if m is None:
+                continue
+            block_n, warps, splits = (int(g) if g else None for g in m.groups())
+            if block_n:
+                attention.DECODE_BLOCK_N = block_n
+            if warps:
+                attention.DECODE_NUM_WARPS = warps
+            if splits:
+                attention.decode_num_splits = lambda *args, n=splits: n
         if "spacers" in parts:
             add_into = QuantLinear.add_into
 
@@ -175,9 +200,9 @@ def main(argv=None) -> int:
 
     variants = a.variants.split(",")
     for v in variants:
-        bad = set(v.split("+")) - set(LEAVE_OUT) - {"base"}
+        bad = unknown_parts(v)
         if bad:
-            p.error(f"unknown parts {sorted(bad)}; known: {', '.join(LEAVE_OUT)}")
+            p.error(f"unknown parts {bad}; known: {', '.join(LEAVE_OUT)}, attn-nN-wW-sS")
     if a.pins:
         mg.PINNED.update(mg.read_pins(Path(a.pins)))
     engine, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)

@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -71,6 +71,11 @@ for step in "${steps[@]}"; do
                   --alpha-table-pairs $pairs --json "$OUT/table-pairs-$pairs.json" 2>&1 | tee "$OUT/table-pairs-$pairs.log" \
                   | grep -E "^(qkv|o |gate_up|down)|layer"
               done ;;
+    attn_configs)  # the decode attention's BLOCK_N / warps / splits inside the batch-1 7B graph, one process, in rounds
+              # (ATTN_CONTEXT: the sequence's tokens; the serve bench's batch-1 run averages ~144)
+              timeout ${ATTN_TIMEOUT:-300} python3 bench/decode_bounds.py --quantize-lm-head --context ${ATTN_CONTEXT:-144} \
+                --variants "${ATTN_VARIANTS:-base,attn-n32,attn-n16,attn-w2,attn-w8,attn-s4,attn-s16,attn-n32-s8,attn-n16-s16,base}" \
+                --json "$OUT/attn-configs.json" 2>&1 | tee "$OUT/attn_configs.log" | tail -14 ;;
     fold_planes_ab)  # the MMA alpha batch kernel with K_j in its plane operands: its GPU tests, then on / off, M = 4, 16
               timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
                 -k "fold_planes" 2>&1 | tee "$OUT/fold_planes_tests.log" | tail -3

@@ -1,0 +1,36 @@
+"""bench/decode_bounds.py's variants: the attention launch configs it times are set while a graph is captured and put
+back after (CPU: no graph is captured here)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaleserve.kernels import attention
+
+# loaded from its file: bench/ on sys.path would shadow Hugging Face's `kernels` with bench/kernels.py
+_spec = importlib.util.spec_from_file_location("decode_bounds", Path(__file__).resolve().parents[2] / "bench" /
+                                               "decode_bounds.py")
+decode_bounds = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(decode_bounds)
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("variant,bad", [("attn-n32-w2-s4", []), ("silu+attn-s16", []), ("attention", []),
+                                         ("attn", ["attn"]), ("attn-x", ["attn-x"]), ("merge+nope", ["nope"])])
+def test_variant_names(variant, bad):
+    assert decode_bounds.unknown_parts(variant) == bad
+
+
+def test_an_attention_config_holds_while_captured_and_is_put_back():
+    before = (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.decode_num_splits)
+    want = attention.decode_num_splits(1, 32, 4096, CPU)
+    with decode_bounds.leaving_out({"attn-n16-w2-s5"}):
+        assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS) == (16, 2)
+        assert attention.decode_num_splits(1, 32, 4096, CPU) == 5
+    assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.decode_num_splits) == before
+    assert attention.decode_num_splits(1, 32, 4096, CPU) == want
+    with decode_bounds.leaving_out({"attn-s3"}):  # the others as they were
+        assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS) == before[:2]
+        assert attention.decode_num_splits(1, 32, 4096, CPU) == 3
