@@ -22,7 +22,7 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
   attn-nN-wW-sS
              the decode attention with other launch parameters (any of them): BLOCK_N N keys a step, W warps, S
              context splits (kernels/attention.py DECODE_BLOCK_N, DECODE_NUM_WARPS, decode_num_splits), e.g.
-             attn-n32-w2 or attn-s4: a real variant (right tokens), timed in the same process as the others
+             attn-n32-w2 or attn-s4: a real variant, not a bound (tests/kernels cover the default parameters only)
   a+b        several of the above at once (e.g. silu+merge+norm-in)
 
 Prints one row per variant (ms, µs saved against base) and writes JSON.

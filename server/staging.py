@@ -17,8 +17,8 @@ class HostStaging:
     host->device copy, then calls sent(), which records that copy's completion for the buffer's next turn."""
 
     # depth: a step enqueues up to ~5 uploads (its packed inputs, a prefill chunk's, row gathers, a sampled step's
-    # parameters), and an overlapped engine runs one step ahead of the GPU: 32 buffers (2 MB pinned) come round
-    # again only after ~6 steps, whose copies have run, so buffer() does not wait on the GPU.
+    # parameters), and an overlapped engine runs one step ahead of the GPU: 32 buffers (64 KB each to start) come
+    # round again only after ~6 steps, whose copies have run, so buffer() does not wait on the GPU.
     def __init__(self, device: torch.device | str, depth: int = 32, nbytes: int = 1 << 16):
         self.device = torch.device(device)
         self.pinned = self.device.type == "cuda"  # (a CPU engine: plain buffers, the same ring)
