@@ -2,12 +2,19 @@
 back after (CPU: no graph is captured here)."""
 
 import importlib.util
+import os
 from pathlib import Path
 
-import pytest
 import torch
 
-from scaleserve.kernels import attention
+# decode_bounds imports triton, which reads TRITON_INTERPRET once, at its first import: this folder is collected before
+# tests/kernels (whose conftest sets it), so set here as there, or the kernel tests would find no driver
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from scaleserve.kernels import attention  # noqa: E402
 
 # loaded from its file: bench/ on sys.path would shadow Hugging Face's `kernels` with bench/kernels.py
 _spec = importlib.util.spec_from_file_location("decode_bounds", Path(__file__).resolve().parents[2] / "bench" /
