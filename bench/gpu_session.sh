@@ -71,10 +71,10 @@ for step in "${steps[@]}"; do
                   --alpha-table-pairs $pairs --json "$OUT/table-pairs-$pairs.json" 2>&1 | tee "$OUT/table-pairs-$pairs.log" \
                   | grep -E "^(qkv|o |gate_up|down)|layer"
               done ;;
-    attn_configs)  # the decode attention's BLOCK_N / warps / splits inside the batch-1 7B graph, one process, in rounds
+    attn_configs)  # the decode attention's BLOCK_N / warps / splits / merge warps inside the batch-1 7B graph, one process, in rounds
               # (ATTN_CONTEXT: the sequence's tokens; the serve bench's batch-1 run averages ~144)
               timeout ${ATTN_TIMEOUT:-300} python3 bench/decode_bounds.py --quantize-lm-head --context ${ATTN_CONTEXT:-144} \
-                --variants "${ATTN_VARIANTS:-base,attn-n32,attn-n16,attn-w2,attn-w8,attn-s4,attn-s16,attn-n32-s8,attn-n16-s16,base}" \
+                --variants "${ATTN_VARIANTS:-base,attn-n32,attn-n16,attn-w2,attn-w8,attn-s4,attn-s16,attn-n32-s8,attn-n16-s16,attn-m1,base}" \
                 --json "$OUT/attn-configs.json" 2>&1 | tee "$OUT/attn_configs.log" | tail -14 ;;
     fold_planes_ab)  # the MMA alpha batch kernel with K_j in its plane operands: its GPU tests, then on / off, M = 4, 16
               timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \

@@ -53,6 +53,8 @@ LOG2E = 1.4426950408889634
 # program. bench/attention.py --sweep decode times the choices (bench/NOTES-kernels.md, session 13).
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
+# Warps of the split merge (a [splits, head dim] reduction per program; bench/decode_bounds.py times others: attn-mW)
+DECODE_MERGE_WARPS = 4
 DECODE_MIN_PARTITION = 256
 # Decode steps of models without q/k norms: rotate q and the new key and write the new K/V row inside the
 # decode kernel (paged_attention's rope_kv) instead of in kernels/fused.py's RoPE launch before it. H200, random
@@ -509,7 +511,7 @@ def paged_attention(
             _decode_reduce_kernel[(B, H)](
                 query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4, **launch_kwargs(q),
+                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=DECODE_MERGE_WARPS, **launch_kwargs(q),
             )
         return out
 
