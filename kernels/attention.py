@@ -53,9 +53,9 @@ LOG2E = 1.4426950408889634
 # program. bench/attention.py --sweep decode times the choices (bench/NOTES-kernels.md, session 13).
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
+DECODE_MIN_PARTITION = 256
 # Warps of the split merge (a [splits, head dim] reduction per program; bench/decode_bounds.py times others: attn-mW)
 DECODE_MERGE_WARPS = 4
-DECODE_MIN_PARTITION = 256
 # Decode steps of models without q/k norms: rotate q and the new key and write the new K/V row inside the
 # decode kernel (paged_attention's rope_kv) instead of in kernels/fused.py's RoPE launch before it. H200, random
 # Llama-2-7B g128, batch 1 (`bench/decode_profile.py --fused-rope off,on`, one call, bench/NOTES-kernels.md
