@@ -662,7 +662,7 @@ class Engine:
                and not p.logit_bias for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
             return (logits.argmax(-1) if greedy is None else greedy), None
         if any(p.logit_bias for p in ps):  # (not in place: a graph's logits are its output buffer)
-            logits = logits + logit_bias([p.logit_bias for p in ps], logits.shape[1], dev)
+            logits = logits + logit_bias([p.logit_bias for p in ps], logits.shape[1], self.staging.upload)
         floats = self.staging.upload(np.array([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty]
                                                for p in ps], dtype=np.float32))
         # the noise counter: tokens generated so far, the one still in flight included

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
@@ -45,13 +46,13 @@ class SamplingTensors:
     needs_filter: bool = False  # host-side: some row has top_p < 1 or top_k > 0
 
 
-def logit_bias(biases: list[tuple[tuple[int, float], ...]], vocab: int, device) -> torch.Tensor:
-    """[B, V] float32: row b's (token id, bias) pairs of biases[b] (OpenAI's logit_bias), zeros elsewhere."""
-    rows = [b for b, pairs in enumerate(biases) for _ in pairs]
-    cols = [t for pairs in biases for t, _ in pairs]
-    vals = [v for pairs in biases for _, v in pairs]
-    out = torch.zeros(len(biases), vocab, device=device)
-    out[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = torch.tensor(vals, device=device)
+def logit_bias(biases: list[tuple[tuple[int, float], ...]], vocab: int, upload) -> torch.Tensor:
+    """[B, V] float32: row b's (token id, bias) pairs of biases[b] (OpenAI's logit_bias), zeros elsewhere, on the
+    device upload(array) puts arrays on (the engine's staging ring: asynchronous copies)."""
+    where = upload(np.array([(b, t) for b, pairs in enumerate(biases) for t, _ in pairs], np.int64).reshape(-1, 2))
+    vals = upload(np.array([v for pairs in biases for _, v in pairs], np.float32))
+    out = torch.zeros(len(biases), vocab, device=vals.device)
+    out[where[:, 0], where[:, 1]] = vals
     return out
 
 
