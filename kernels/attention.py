@@ -62,6 +62,9 @@ DECODE_MERGE_WARPS = 4
 # session 15): the RoPE launches' 75 µs a token go, the attention kernel takes 38 µs more (160 -> 198), the graph
 # 2.380 -> 2.351 ms back to back, 413.7 -> 418.1 tok/s overlapped. sm_90a: 250 / 254 registers, no spills.
 DECODE_FUSED_ROPE = True
+# Fused-RoPE decode steps: each program loads its first KV tile before its PDL wait (_decode_kernel's EARLY), so
+# the tile's dependent loads (query start, block table, then K / V) overlap the q / k / v projection's tail.
+DECODE_EARLY_KV = False
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -89,17 +92,15 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(
-    q, m_i, l_i, acc,  # q: [M, BLOCK_D]; running max / sum: [M]; acc: [M, BLOCK_D] fp32
-    k_ptr, v_ptr, bt_row, start, kv_end, q_pos, qk_scale,
+def _load_kv_tile(
+    k_ptr, v_ptr, bt_row, start, kv_end,
     stride_kb, stride_ks, stride_vb, stride_vs,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASK: tl.constexpr,  # 0: every key live and visible; 1: keys < kv_end; 2: also key <= q_pos (causal)
-    INTERPRET: tl.constexpr,
+    MASK: tl.constexpr,
+    GUARD: tl.constexpr = False,  # live (a scalar) False: read the cache's first row instead (an empty split's tile)
+    live=True,
 ):
-    """One online-softmax step over keys start .. start + BLOCK_N - 1.
-    k_ptr / v_ptr already point at this program's KV head. The caller guarantees every row sees at
-    least one key in its first tile, so the running max is finite after it."""
+    """-> (K^T [BLOCK_D, BLOCK_N], V [BLOCK_N, BLOCK_D]) of keys start .. start + BLOCK_N - 1 (see _attend_tile)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tok = start + offs_n  # [BLOCK_N]
@@ -111,6 +112,9 @@ def _attend_tile(
         tok_ld = tl.minimum(tok, kv_end - 1)
     row_k = _kv_tile_offsets(bt_row, tok_ld, BLOCK_SIZE, stride_kb, stride_ks)
     row_v = _kv_tile_offsets(bt_row, tok_ld, BLOCK_SIZE, stride_vb, stride_vs)
+    if GUARD:  # (the block table entry read above is in its row; the page it names may be padding)
+        row_k = tl.where(live, row_k, 0)
+        row_v = tl.where(live, row_v, 0)
     if HEAD_DIM == BLOCK_D:
         kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None])  # [BLOCK_D, BLOCK_N]
         v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :])  # [BLOCK_N, BLOCK_D]
@@ -118,6 +122,16 @@ def _attend_tile(
         d_ok = offs_d < HEAD_DIM
         kt = tl.load(k_ptr + row_k[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         v = tl.load(v_ptr + row_v[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    return kt, v
+
+
+@triton.jit
+def _softmax_step(
+    q, m_i, l_i, acc, kt, v, start, kv_end, q_pos, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The online-softmax update of (m_i, l_i, acc) by one loaded tile (kt, v) of keys start .. start + BLOCK_N - 1."""
+    tok = start + tl.arange(0, BLOCK_N)
     s = _dot(q, kt, INTERPRET) * qk_scale  # [M, BLOCK_N], base-2 logits
     if MASK == 1:
         s = tl.where(tok[None, :] < kv_end, s, float("-inf"))
@@ -129,6 +143,23 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc,  # q: [M, BLOCK_D]; running max / sum: [M]; acc: [M, BLOCK_D] fp32
+    k_ptr, v_ptr, bt_row, start, kv_end, q_pos, qk_scale,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASK: tl.constexpr,  # 0: every key live and visible; 1: keys < kv_end; 2: also key <= q_pos (causal)
+    INTERPRET: tl.constexpr,
+):
+    """One online-softmax step over keys start .. start + BLOCK_N - 1.
+    k_ptr / v_ptr already point at this program's KV head. The caller guarantees every row sees at
+    least one key in its first tile, so the running max is finite after it."""
+    kt, v = _load_kv_tile(k_ptr, v_ptr, bt_row, start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
+                          BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, MASK)
+    return _softmax_step(q, m_i, l_i, acc, kt, v, start, kv_end, q_pos, qk_scale, BLOCK_N, MASK, INTERPRET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +208,10 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY: tl.constexpr,  # (ROPE only) load the first KV tile before waiting for the kernel that wrote q / k / v
 ):
-    wait_for_producer(PDL)
+    if not EARLY:
+        wait_for_producer(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -192,6 +225,33 @@ def _decode_kernel(
     heads = kvh * GROUP + offs_g  # [G_PAD]
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    # the splits share this sequence's actual context (not the block table's capacity, which sets
+    # NUM_SPLITS on the host): a short context is spread over every split, one tile each
+    partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_start = split * partition
+    kv_end = tl.minimum(kv_start + partition, ctx)
+    # with ROPE the step's own key (position ctx - 1) is not in the cache yet: the split that owns it takes it
+    # from registers, and writes it to the cache for the next steps (no program of this launch reads it there)
+    owns_new = (ctx - 1 >= kv_start) & (ctx - 1 < kv_end)
+    if ROPE:
+        kv_end_cache = tl.where(owns_new, ctx - 1, kv_end)
+    else:
+        kv_end_cache = kv_end
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+    if EARLY:
+        # Everything this tile reads is older than the kernel before this one (PDL lets this launch start only
+        # once that kernel's programs have all passed their own wait, so every kernel before it has finished):
+        # the step's inputs (query starts, lengths, block tables) and the cache's rows of earlier steps. The one
+        # row this step adds is written by this launch and is not read here (kv_end_cache stops before it).
+        # So the tile's DRAM round trips run while the q / k / v projection finishes, not after it.
+        first_live = kv_start < kv_end_cache
+        kt0, v0 = _load_kv_tile(k_head, v_head, bt_row, kv_start, tl.maximum(kv_end_cache, 1),
+                                stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1,
+                                True, first_live)
+        wait_for_producer(PDL)
+
     # q: [G_PAD, BLOCK_D], the GROUP query heads of this KV head (padding rows are zeros)
     q_ptrs = q_ptr + q_row * stride_qt + heads[:, None] * stride_qh
     gd_mask = g_mask[:, None] & d_mask[None, :]
@@ -200,22 +260,12 @@ def _decode_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    # the splits share this sequence's actual context (not the block table's capacity, which sets
-    # NUM_SPLITS on the host): a short context is spread over every split, one tile each
-    partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    kv_start = split * partition
-    kv_end = tl.minimum(kv_start + partition, ctx)
     if ROPE:
-        # the step's own key (position ctx - 1) is not in the cache yet: the split that owns it takes it from
-        # registers, and writes it to the cache for the next steps (no program of this launch reads it there)
         c = tl.load(cos_ptr + q_row * stride_ct + offs_d, mask=d_mask, other=0.0)[None, :]  # [1, BLOCK_D] fp32
         sn = tl.load(sin_ptr + q_row * stride_ct + offs_d, mask=d_mask, other=0.0)[None, :]
         q, k_new, v_new = _rope_new_token(q, q_ptrs, gd_mask, kn_ptr + q_row * stride_knt + kvh * stride_knh,
                                           vn_ptr + q_row * stride_vnt + kvh * stride_vnh, c, sn, offs_d, d_mask,
                                           HEAD_DIM)
-        owns_new = (ctx - 1 >= kv_start) & (ctx - 1 < kv_end)
         slot = tl.load(slot_ptr + q_row).to(tl.int64)  # -1: write nothing
         blk = slot // BLOCK_SIZE
         pos = slot % BLOCK_SIZE
@@ -230,20 +280,24 @@ def _decode_kernel(
         m_i = tl.where(owns_new, s_new, m_i)
         l_i = tl.where(owns_new, 1.0, l_i)
         acc = tl.where(owns_new, v_new.to(v_ptr.dtype.element_ty).to(tl.float32) + acc, acc)
-        kv_end_cache = tl.where(owns_new, ctx - 1, kv_end)
-    else:
-        kv_end_cache = kv_end
-    k_head = k_ptr + kvh * stride_kh
-    v_head = v_ptr + kvh * stride_vh
+    loop_start = kv_start
+    if EARLY:
+        # an empty split's tile (all keys masked: NaNs) leaves the running state as it was
+        m_1, l_1, acc_1 = _softmax_step(q, m_i, l_i, acc, kt0, v0, kv_start, kv_end_cache, 0, qk_scale, BLOCK_N, 1,
+                                        INTERPRET)
+        m_i = tl.where(first_live, m_1, m_i)
+        l_i = tl.where(first_live, l_1, l_i)
+        acc = tl.where(first_live, acc_1, acc)
+        loop_start = kv_start + BLOCK_N
     if INTERPRET:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
-        start = kv_start
+        start = loop_start
         while start < kv_end_cache:
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
                                          BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
             start += BLOCK_N
     else:
-        for start in tl.range(kv_start, kv_end_cache, BLOCK_N):
+        for start in tl.range(loop_start, kv_end_cache, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
                                          BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
@@ -505,7 +559,7 @@ def paged_attention(
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
             ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
+            EARLY=DECODE_EARLY_KV and rope_kv is not None, num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](

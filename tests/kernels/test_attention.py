@@ -175,7 +175,10 @@ def check_rope_kv(specs, H, KVH, D, dtype, num_splits):
 # one split (the new key is the only split's last), several (it is the last non-empty split's), more than a
 # short context has tiles (splits past it are empty)
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
-def test_decode_rope_kv(D, H, KVH, dtype, num_splits):
+# early: the first KV tile loaded before the PDL wait (peeled from the loop; empty splits load a tile and discard it)
+@pytest.mark.parametrize("early", [False, True])
+def test_decode_rope_kv(D, H, KVH, dtype, num_splits, early, monkeypatch):
+    monkeypatch.setattr(attention_module, "DECODE_EARLY_KV", early)
     check_rope_kv([(n, 1) for n in DECODE_LENS] + [(0, 1)], H, KVH, D, dtype, num_splits)
 
 
