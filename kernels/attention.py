@@ -63,7 +63,8 @@ DECODE_MERGE_WARPS = 4
 # 2.380 -> 2.351 ms back to back, 413.7 -> 418.1 tok/s overlapped. sm_90a: 250 / 254 registers, no spills.
 DECODE_FUSED_ROPE = True
 # Fused-RoPE decode steps: each program loads its first KV tile before its PDL wait (_decode_kernel's EARLY), so
-# the tile's dependent loads (query start, block table, then K / V) overlap the q / k / v projection's tail.
+# the tile's dependent loads (query start, block table, then K / V) overlap the q / k / v projection's tail; the
+# split merge reads its query starts before its wait too.
 DECODE_EARLY_KV = False
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
@@ -325,14 +326,18 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY: tl.constexpr,  # read the query starts (a step input) before the PDL wait, as the decode kernel's EARLY
 ):
     """o[row(b), h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
-    wait_for_producer(PDL)
+    if not EARLY:
+        wait_for_producer(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_row = tl.load(qstart_ptr + b)
     if tl.load(qstart_ptr + b + 1) == q_row:
         return
+    if EARLY:
+        wait_for_producer(PDL)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < NUM_SPLITS
@@ -565,7 +570,8 @@ def paged_attention(
             _decode_reduce_kernel[(B, H)](
                 query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), num_warps=DECODE_MERGE_WARPS, **launch_kwargs(q),
+                SPLITS_PAD=triton.next_power_of_2(splits), EARLY=DECODE_EARLY_KV and rope_kv is not None,
+                num_warps=DECODE_MERGE_WARPS, **launch_kwargs(q),
             )
         return out
 
