@@ -64,6 +64,8 @@ SWITCHES = {
                              "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
     "fused-norms": ("default", "each RMSNorm inside the MMA GEMVs around it at batch 1 (kernels/int4_matmul.py "
                                "FUSE_NORMS; default: its setting) instead of the add + RMSNorm kernel"),
+    "early-kv": ("default", "the fused-RoPE decode attention loads its first KV tile before its PDL wait "
+                            "(kernels/attention.py DECODE_EARLY_KV; default: its setting)"),
 }
 
 
@@ -261,7 +263,8 @@ def main(argv=None) -> int:
            "decode_attention": [attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MIN_PARTITION]}
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
-                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS]}
+                      "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
+                      "early-kv": onoff[attention.DECODE_EARLY_KV]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -285,6 +288,7 @@ def main(argv=None) -> int:
             im.FUSE_SILU_GATE = on["silu-gate"]
             im.MODE1_FROM_SLAB = on["mode1-slab"]
             im.FUSE_NORMS = on["fused-norms"]
+            attention.DECODE_EARLY_KV = on["early-kv"]
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -294,7 +298,7 @@ def main(argv=None) -> int:
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
-                     device_pins=on["device-pins"])
+                     device_pins=on["device-pins"], early_kv=on["early-kv"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

@@ -110,7 +110,7 @@ for step in "${steps[@]}"; do
     train) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/adapters/test_train.py \
              2>&1 | tee "$OUT/train_tests.log" | tail -8 ;;
     profile) timeout ${PROFILE_TIMEOUT:-300} python3 bench/decode_profile.py --presets ${PROFILE_PRESETS:-llama2-7b,smollm2-135m} \
-               --batches ${PROFILE_BATCHES:-1,64} --json "$OUT/decode_profile.json" 2>&1 \
+               --batches ${PROFILE_BATCHES:-1,64} ${PROFILE_ARGS:-} --json "$OUT/decode_profile.json" 2>&1 \
                | tee "$OUT/decode_profile.log" | tail -40 ;;
     pdl_ab) timeout 300 python3 bench/decode_profile.py --presets llama2-7b --batches 1 --pdl off,on \
               --json "$OUT/decode_profile_pdl.json" 2>&1 | tee "$OUT/decode_profile_pdl.log" | grep -A12 " pdl " ;;

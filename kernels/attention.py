@@ -64,8 +64,10 @@ DECODE_MERGE_WARPS = 4
 DECODE_FUSED_ROPE = True
 # Fused-RoPE decode steps: each program loads its first KV tile before its PDL wait (_decode_kernel's EARLY), so
 # the tile's dependent loads (query start, block table, then K / V) overlap the q / k / v projection's tail; the
-# split merge reads its query starts before its wait too.
-DECODE_EARLY_KV = False
+# split merge reads its query starts before its wait too. H200, random Llama-2-7B g128, int4 head, batch 1, 144
+# tokens of context (`bash bench/gpu_session.sh attn_configs`, one process, bench/results/attn-configs-s26-h200.json):
+# the decode graph 2.522 -> 2.448 ms (-74 µs a token), with 32-token tiles too (BLOCK_N 64 spills 112 B with it).
+DECODE_EARLY_KV = True
 # One-row decode steps: once its reads are done, each decode program asks L2 for its share of `prefetch` (the output
 # projection's codes, passed by the model): the DRAM idles while attention and its merge run, and the projection
 # after them then starts on lines already in L2 or on their way. (Session 9 asked for them before the PDL wait,

@@ -318,7 +318,7 @@ def test_cuda_decode_prefetch_changes_nothing(early, monkeypatch):
     k_new, v_new = (torch.randn(len(specs), KVH, D, generator=g).to(dtype).cuda() for _ in range(2))
     slots = torch.tensor([int(bt[b, (n - 1) // BS]) * BS + (n - 1) % BS for b, (n, _) in enumerate(specs)]).cuda()
     cos, sin = (t.cuda() for t in rope_rows((sl.long() - 1).cpu(), D))
-    weights = torch.randint(0, 256, (3 << 20) + 77, dtype=torch.uint8, generator=g).cuda()  # not whole lines
+    weights = torch.randint(0, 256, ((3 << 20) + 77,), dtype=torch.uint8, generator=g).cuda()  # not whole lines
     outs = []
     for rows in (1, len(specs)):
         for pf in (None, weights):
