@@ -19,8 +19,6 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
              instead of taking the sums the projection into the stream wrote
   spacers    an empty kernel after each projection into the residual stream (o, down): the next GEMV launches only
              once that one has finished
-  prefetch-o the decode attention asks L2 for the output projection's codes after its reads
-             (kernels/attention.py DECODE_PREFETCH_NEXT)
   attn-nN-wW-sS-mM-eE
              the decode attention with other launch parameters (any of them, in this order): BLOCK_N N keys a step,
              W warps, S context splits, M warps of the split merge, the first KV tile before the PDL wait (E 1) or
@@ -51,7 +49,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
-LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off", "prefetch-o")
+LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
 ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?$")  # attn-n32-w2-s4-m1-e1
 
 
@@ -87,7 +85,6 @@ def leaving_out(parts: set[str]):
              (attention, "decode_num_splits", attention.decode_num_splits),
              (attention, "DECODE_MERGE_WARPS", attention.DECODE_MERGE_WARPS),
              (attention, "DECODE_EARLY_KV", attention.DECODE_EARLY_KV),
-             (attention, "DECODE_PREFETCH_NEXT", attention.DECODE_PREFETCH_NEXT),
              (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
              (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
     launch = im.launch_mma_gemv
@@ -114,8 +111,6 @@ def leaving_out(parts: set[str]):
             im.FUSE_SILU_GATE = True
         if "sumsq-off" in parts:
             mg.NORM_SUMSQ = False
-        if "prefetch-o" in parts:
-            attention.DECODE_PREFETCH_NEXT = True
         for part in parts:
             m = ATTENTION_CONFIG.match(part)
             if m is None:

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .device import num_sms
 from .fused import rope_rows
-from .pdl import launch_kwargs, prefetch_l2, wait_for_producer
+from .pdl import launch_kwargs, wait_for_producer
 from .reference import paged_attention_ref, rope_ref
 
 LOG2E = 1.4426950408889634
@@ -68,13 +68,6 @@ DECODE_FUSED_ROPE = True
 # tokens of context (`bash bench/gpu_session.sh attn_configs`, one process, bench/results/attn-configs-s26-h200.json):
 # the decode graph 2.522 -> 2.448 ms (-74 µs a token), with 32-token tiles too (BLOCK_N 64 spills 112 B with it).
 DECODE_EARLY_KV = True
-# One-row decode steps: once its reads are done, each decode program asks L2 for its share of `prefetch` (the output
-# projection's codes, passed by the model): the DRAM idles while attention and its merge run, and the projection
-# after them then starts on lines already in L2 or on their way. (Session 9 asked for them before the PDL wait,
-# where they queued ahead of attention's own reads: attention +65 µs a token.)
-DECODE_PREFETCH_NEXT = False
-# lines of 128 bytes a program asks for per instruction row (one per thread of 4 warps)
-PREFETCH_CHUNK = 128
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -208,7 +201,6 @@ def _decode_kernel(
     stride_ot, stride_oh,
     kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,  # ROPE: the step's new k / v rows, their rope rows and slots
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
-    pf_ptr, pf_lines,  # PREFETCH: bytes [0, 128 pf_lines) at pf_ptr go to L2, shared out over the programs
     ROPE: tl.constexpr,  # q, k_new un-rotated: rotate them here and write k_new / v_new to the cache
     GROUP: tl.constexpr,  # query heads per KV head
     G_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's smallest M)
@@ -220,8 +212,6 @@ def _decode_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # (ROPE only) load the first KV tile before waiting for the kernel that wrote q / k / v
-    PREFETCH: tl.constexpr,
-    PF_CHUNK: tl.constexpr,
 ):
     if not EARLY:
         wait_for_producer(PDL)
@@ -314,16 +304,6 @@ def _decode_kernel(
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_head, v_head, bt_row, start, kv_end_cache, 0,
                                          qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
                                          BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, 1, INTERPRET)
-
-    if PREFETCH:  # (after the loop: the asks do not queue ahead of this program's own reads)
-        n_prog = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
-        per_prog = tl.cdiv(pf_lines, n_prog)
-        lo = ((b * tl.num_programs(1) + kvh) * NUM_SPLITS + split) * per_prog
-        hi = tl.minimum(lo + per_prog, pf_lines)
-        lines = pf_ptr.to(tl.pointer_type(tl.int8))
-        for first in range(lo, hi, PF_CHUNK):
-            line = first + tl.arange(0, PF_CHUNK)
-            prefetch_l2(lines + line.to(tl.int64) * 128, line < hi)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for an empty context: its output is zeros, as in the reference
@@ -523,7 +503,6 @@ def paged_attention(
     out: torch.Tensor | None = None,  # [T, H, D], q's dtype; preallocated for CUDA graphs
     num_splits: int | None = None,  # decode only: force the context split (tests); None = heuristic
     rope_kv: tuple | None = None,  # decode only: (k_new, v_new, cos, sin, slot_mapping), see below
-    prefetch: torch.Tensor | None = None,  # decode on CUDA only: a contiguous tensor to pull into L2, see below
 ) -> torch.Tensor:
     """o [T, H, D] = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale).
 
@@ -532,8 +511,6 @@ def paged_attention(
     decode only: q and k_new are not rotated yet. The decode kernel rotates both (kernels/fused.py's RoPE),
     writes k_new and v_new to the caches at the slots (-1: nowhere), as rope_qk_(..., kv_cache=...) would, and
     attends over the context with the new token's key taken from registers: one launch instead of two.
-    prefetch: the decode kernel's programs, once their reads are done, ask L2 for this tensor's bytes (a hint with
-    no effect on o: the weights of the projection that reads o next; DECODE_PREFETCH_NEXT has why).
     """
     T, H, D = q.shape
     num_blocks, block_size, KVH, Dk = k_cache.shape
@@ -583,19 +560,13 @@ def paged_attention(
         else:
             part_o = part_ml = out  # unused
         kn, vn, cos, sin, slots = rope_kv if rope_kv is not None else (q, q, q, q, seq_lens)  # unused: no ROPE
-        if prefetch is not None and not prefetch.is_contiguous():
-            raise ValueError("prefetch must be a contiguous tensor")
-        pf = prefetch is not None and q.is_cuda and not interpret  # (the interpreter has no L2 to ask)
-        pf_lines = triton.cdiv(prefetch.numel() * prefetch.element_size(), 128) if pf else 0
         _decode_kernel[(B, KVH, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start, out, part_o, part_ml,
             qk_scale, *common_strides,
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
-            prefetch if pf else q, pf_lines,
             ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            EARLY=DECODE_EARLY_KV and rope_kv is not None, PREFETCH=pf, PF_CHUNK=PREFETCH_CHUNK,
-            num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
+            EARLY=DECODE_EARLY_KV and rope_kv is not None, num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](

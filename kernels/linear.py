@@ -159,13 +159,6 @@ class QuantLinear(nn.Module):
 
         return adapted_linear(self, x, rows, **kw)
 
-    def kernel_codes(self) -> torch.Tensor:
-        """The codes the CUDA kernels read (the repacked base, built at first use): what a kernel that runs before
-        this layer can ask L2 for (kernels/attention.py DECODE_PREFETCH_NEXT)."""
-        from .int4_matmul import kernel_state
-
-        return kernel_state(self).weights.codes_t
-
     def invalidate_caches(self) -> None:
         self._cpu_cache = {}
         self._kernel_state = None

@@ -105,13 +105,6 @@ def _decode_fused_rope() -> bool:
     return attention.DECODE_FUSED_ROPE
 
 
-def _decode_prefetch(o: nn.Module, rows: int) -> torch.Tensor | None:
-    """What a one-row decode step's attention asks L2 for: the output projection's codes (DECODE_PREFETCH_NEXT)."""
-    from scaleserve.kernels import attention
-
-    return o.kernel_codes() if attention.DECODE_PREFETCH_NEXT and rows == 1 and isinstance(o, QuantLinear) else None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -200,8 +193,7 @@ class Attention(nn.Module):
         a = self.a
         q, k, v = self.split_heads(qkv)
         return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
-                               a.head_dim ** -0.5, 1, rope_kv=(k, v, cos, sin, batch.slot_mapping),
-                               prefetch=_decode_prefetch(self.o, q.shape[0]))
+                               a.head_dim ** -0.5, 1, rope_kv=(k, v, cos, sin, batch.slot_mapping))
 
     def forward_dense(self, x, rows, cos, sin):
         # x: [B, S, D] causal self-attention with no cache

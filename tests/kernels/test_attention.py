@@ -307,39 +307,6 @@ def test_cuda_model_shapes(D, H, KVH, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("early", [False, True])
-def test_cuda_decode_prefetch_changes_nothing(early, monkeypatch):
-    """prefetch= only asks L2 for bytes: the output and the cache writes are bit for bit those without it."""
-    monkeypatch.setattr(attention_module, "DECODE_EARLY_KV", early)
-    H, KVH, D, dtype = 32, 32, 128, torch.bfloat16
-    specs = [(n, 1) for n in (1, 17, 144, 1000)]
-    q, kc, vc, bt, sl, qs, _ = make_case(specs, H, KVH, D, BS, dtype)
-    g = _gen()
-    k_new, v_new = (torch.randn(len(specs), KVH, D, generator=g).to(dtype).cuda() for _ in range(2))
-    slots = torch.tensor([int(bt[b, (n - 1) // BS]) * BS + (n - 1) % BS for b, (n, _) in enumerate(specs)]).cuda()
-    cos, sin = (t.cuda() for t in rope_rows((sl.long() - 1).cpu(), D))
-    weights = torch.randint(0, 256, ((3 << 20) + 77,), dtype=torch.uint8, generator=g).cuda()  # not whole lines
-    outs = []
-    for rows in (1, len(specs)):
-        for pf in (None, weights):
-            kc2, vc2 = kc.clone(), vc.clone()
-            out = torch.full_like(q[:rows], float("nan"))
-            paged_attention(q[:rows], kc2, vc2, bt[:rows], sl[:rows], qs[:rows + 1], D ** -0.5, 1, out=out,
-                            rope_kv=(k_new[:rows], v_new[:rows], cos[:rows], sin[:rows], slots[:rows]), prefetch=pf)
-            outs.append((out, kc2, vc2))
-        for a, b in zip(outs[-2], outs[-1]):
-            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-        assert not outs[-1][0].isnan().any()
-
-
-def test_decode_prefetch_must_be_contiguous():
-    q, kc, vc, bt, sl, qs, _ = make_case([(5, 1)], 2, 2, 8, BS, torch.bfloat16)
-    with pytest.raises(ValueError, match="prefetch must be a contiguous"):
-        paged_attention(q, kc, vc, bt, sl, qs, 1.0, 1, prefetch=torch.zeros(4, 4, device=q.device).t())
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_decode():
     """Capture decode once, then refill the batch's tensors in place and replay."""
     B, H, KVH, D, bs, max_blocks, dtype = 5, 16, 4, 64, 16, 70, torch.bfloat16
