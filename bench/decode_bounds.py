@@ -50,7 +50,8 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
 LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
-ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?$")  # attn-n32-w2-s4-m1-e1
+# attn-n32-w2-s4-m1-e1 (each part optional, in this order)
+ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?$")
 
 
 def unknown_parts(variant: str) -> list[str]:

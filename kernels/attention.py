@@ -566,7 +566,8 @@ def paged_attention(
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
             ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            EARLY=DECODE_EARLY_KV and rope_kv is not None, num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
+            EARLY=DECODE_EARLY_KV and rope_kv is not None,
+            num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](
