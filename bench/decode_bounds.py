@@ -19,13 +19,12 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
              instead of taking the sums the projection into the stream wrote
   spacers    an empty kernel after each projection into the residual stream (o, down): the next GEMV launches only
              once that one has finished
-  attn-nN-wW-sS-mM-eE-xX
+  attn-nN-wW-sS-mM-eE
              the decode attention with other launch parameters (any of them, in this order): BLOCK_N N keys a step,
              W warps, S context splits, M warps of the split merge, the first KV tile before the PDL wait (E 1) or
-             after it (E 0), splits past the context skipped (X 1) or not (X 0) (kernels/attention.py DECODE_BLOCK_N,
-             DECODE_NUM_WARPS, decode_num_splits, DECODE_MERGE_WARPS, DECODE_EARLY_KV, DECODE_SKIP_EMPTY), e.g.
-             attn-n32-w2 or attn-e0-x1: a real variant, not a bound (tests/kernels cover the default parameters and
-             both values of E and X)
+             after it (E 0) (kernels/attention.py DECODE_BLOCK_N, DECODE_NUM_WARPS, decode_num_splits,
+             DECODE_MERGE_WARPS, DECODE_EARLY_KV), e.g. attn-n32-w2 or attn-n32-e1: a real variant, not a bound
+             (tests/kernels cover the default parameters and both values of E)
   a+b        several of the above at once (e.g. silu+merge+norm-in)
 
 Prints one row per variant (ms, µs saved against base) and writes JSON.
@@ -51,8 +50,8 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
 LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
-# attn-n32-w2-s4-m1-e1-x1 (each part optional, in this order)
-ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?(?:-x([01]))?$")
+# attn-n32-w2-s4-m1-e1 (each part optional, in this order)
+ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?$")
 
 
 def unknown_parts(variant: str) -> list[str]:
@@ -87,7 +86,6 @@ def leaving_out(parts: set[str]):
              (attention, "decode_num_splits", attention.decode_num_splits),
              (attention, "DECODE_MERGE_WARPS", attention.DECODE_MERGE_WARPS),
              (attention, "DECODE_EARLY_KV", attention.DECODE_EARLY_KV),
-             (attention, "DECODE_SKIP_EMPTY", attention.DECODE_SKIP_EMPTY),
              (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
              (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
     launch = im.launch_mma_gemv
@@ -118,7 +116,7 @@ def leaving_out(parts: set[str]):
             m = ATTENTION_CONFIG.match(part)
             if m is None:
                 continue
-            block_n, warps, splits, merge_warps, early, skip = (int(g) if g else None for g in m.groups())
+            block_n, warps, splits, merge_warps, early = (int(g) if g else None for g in m.groups())
             if block_n:
                 attention.DECODE_BLOCK_N = block_n
             if warps:
@@ -129,8 +127,6 @@ def leaving_out(parts: set[str]):
                 attention.DECODE_MERGE_WARPS = merge_warps
             if early is not None:
                 attention.DECODE_EARLY_KV = bool(early)
-            if skip is not None:
-                attention.DECODE_SKIP_EMPTY = bool(skip)
         if "spacers" in parts:
             add_into = QuantLinear.add_into
 
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
     for v in variants:
         bad = unknown_parts(v)
         if bad:
-            p.error(f"unknown parts {bad}; known: {', '.join(LEAVE_OUT)}, attn-nN-wW-sS-mM-eE-xX")
+            p.error(f"unknown parts {bad}; known: {', '.join(LEAVE_OUT)}, attn-nN-wW-sS-mM-eE")
     if a.pins:
         mg.PINNED.update(mg.read_pins(Path(a.pins)))
     engine, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)

@@ -69,11 +69,6 @@ DECODE_FUSED_ROPE = True
 # tokens of context (`bash bench/gpu_session.sh attn_configs`, one process, bench/results/attn-configs-s26-h200.json):
 # the decode graph 2.522 -> 2.448 ms (-74 µs a token), with 32-token tiles too (BLOCK_N 64 spills 112 B with it).
 DECODE_EARLY_KV = True
-# Decode splits that start past their sequence's context (a short context leaves most of them empty: 144 tokens in 9
-# splits of 64-token tiles fill 3) return at once instead of writing an empty partial, and the merge reads only the
-# splits that hold keys. At 144 tokens 4 splits instead of 9 made the H200 step 23 µs faster (session 26's
-# attn_configs, early tile off); this keeps 9 for long contexts. Off until timed.
-DECODE_SKIP_EMPTY = False
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best
 # of 8 tile configs (128 x 64 / 128 x 128 / 8 warps / 3 stages all 5-20% slower).
@@ -218,7 +213,6 @@ def _decode_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # (ROPE only) load the first KV tile before waiting for the kernel that wrote q / k / v
-    SKIP_EMPTY: tl.constexpr,  # (NUM_SPLITS > 1 only) splits past the context return at once
 ):
     if not EARLY:
         wait_for_producer(PDL)
@@ -240,9 +234,6 @@ def _decode_kernel(
     # NUM_SPLITS on the host): a short context is spread over every split, one tile each
     partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     kv_start = split * partition
-    if SKIP_EMPTY:  # a split past the context writes nothing: the merge reads the first cdiv(ctx, partition) only
-        if kv_start >= ctx:
-            return
     kv_end = tl.minimum(kv_start + partition, ctx)
     # with ROPE the step's own key (position ctx - 1) is not in the cache yet: the split that owns it takes it
     # from registers, and writes it to the cache for the next steps (no program of this launch reads it there)
@@ -330,7 +321,7 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    qstart_ptr, seq_lens_ptr, o_ptr, part_o_ptr, part_ml_ptr,
+    qstart_ptr, o_ptr, part_o_ptr, part_ml_ptr,
     stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -339,8 +330,6 @@ def _decode_reduce_kernel(
     SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # read the query starts (a step input) before the PDL wait, as the decode kernel's EARLY
-    SKIP_EMPTY: tl.constexpr,  # only the splits the decode kernel wrote (its SKIP_EMPTY; BLOCK_N: its tile)
-    BLOCK_N: tl.constexpr,
 ):
     """o[row(b), h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
     if not EARLY:
@@ -350,16 +339,11 @@ def _decode_reduce_kernel(
     q_row = tl.load(qstart_ptr + b)
     if tl.load(qstart_ptr + b + 1) == q_row:
         return
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    if SKIP_EMPTY:  # the decode kernel's partition of this sequence's context (an empty context: no split)
-        ctx = tl.load(seq_lens_ptr + b)
-        partition = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        s_mask = offs_s < tl.cdiv(ctx, tl.maximum(partition, 1))
-    else:
-        s_mask = offs_s < NUM_SPLITS
     if EARLY:
         wait_for_producer(PDL)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
     row = (b * NUM_HEADS + h) * NUM_SPLITS + offs_s  # [SPLITS_PAD]
     m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
     l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
@@ -585,16 +569,15 @@ def paged_attention(
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
             ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            EARLY=DECODE_EARLY_KV and rope_kv is not None, SKIP_EMPTY=DECODE_SKIP_EMPTY and splits > 1,
+            EARLY=DECODE_EARLY_KV and rope_kv is not None,
             num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](
-                query_start, seq_lens, out, part_o, part_ml, out.stride(0), out.stride(1),
+                query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
                 SPLITS_PAD=triton.next_power_of_2(splits), EARLY=DECODE_EARLY_KV and rope_kv is not None,
-                SKIP_EMPTY=DECODE_SKIP_EMPTY, BLOCK_N=DECODE_BLOCK_N, num_warps=DECODE_MERGE_WARPS,
-                **launch_kwargs(q),
+                num_warps=DECODE_MERGE_WARPS, **launch_kwargs(q),
             )
         return out
 

@@ -25,8 +25,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("variant,bad", [("attn-n32-w2-s4", []), ("attn-m1", []), ("attn-m1-n32", ["attn-m1-n32"]), ("silu+attn-s16", []),
-                                         ("attn-n32-e1", []), ("attn-e0", []), ("attn-e2", ["attn-e2"]),
-                                         ("attn-e1-x1", []), ("attn-x1-e1", ["attn-x1-e1"]), ("attention", []),
+                                         ("attn-n32-e1", []), ("attn-e0", []), ("attn-e2", ["attn-e2"]), ("attention", []),
                                          ("attn", ["attn"]), ("attn-x", ["attn-x"]), ("merge+nope", ["nope"])])
 def test_variant_names(variant, bad):
     assert decode_bounds.unknown_parts(variant) == bad
@@ -34,14 +33,14 @@ def test_variant_names(variant, bad):
 
 def test_an_attention_config_holds_while_captured_and_is_put_back():
     before = (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.decode_num_splits,
-              attention.DECODE_MERGE_WARPS, attention.DECODE_EARLY_KV, attention.DECODE_SKIP_EMPTY)
+              attention.DECODE_MERGE_WARPS, attention.DECODE_EARLY_KV)
     want = attention.decode_num_splits(1, 32, 4096, CPU)
-    with decode_bounds.leaving_out({"attn-n16-w2-s5-m1-e0-x1"}):
+    with decode_bounds.leaving_out({"attn-n16-w2-s5-m1-e1"}):
         assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MERGE_WARPS) == (16, 2, 1)
-        assert (attention.DECODE_EARLY_KV, attention.DECODE_SKIP_EMPTY) == (False, True)
+        assert attention.DECODE_EARLY_KV is True
         assert attention.decode_num_splits(1, 32, 4096, CPU) == 5
     assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.decode_num_splits,
-            attention.DECODE_MERGE_WARPS, attention.DECODE_EARLY_KV, attention.DECODE_SKIP_EMPTY) == before
+            attention.DECODE_MERGE_WARPS, attention.DECODE_EARLY_KV) == before
     assert attention.decode_num_splits(1, 32, 4096, CPU) == want
     with decode_bounds.leaving_out({"attn-s3"}):  # the others as they were
         assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS) == before[:2]

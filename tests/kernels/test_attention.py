@@ -89,10 +89,7 @@ DECODE_LENS = [1, BS - 1, BS, 3 * BS + 5, 2 * BS + 1, 12 * BS + 8]  # 1, block-1
 # the splits divide each sequence's own context: 4 keeps every split of the long one busy; 16 leaves
 # splits past a short context (and some of the long one's) empty
 @pytest.mark.parametrize("num_splits", [None, 4, 16])
-# skip_empty: splits past a context write nothing and the merge reads only the others (their partials stay NaN)
-@pytest.mark.parametrize("skip_empty", [False, True])
-def test_decode(D, H, KVH, dtype, num_splits, skip_empty, monkeypatch):
-    monkeypatch.setattr(attention_module, "DECODE_SKIP_EMPTY", skip_empty)
+def test_decode(D, H, KVH, dtype, num_splits):
     check([(n, 1) for n in DECODE_LENS], H, KVH, D, BS, dtype, num_splits=num_splits)
 
 
@@ -179,10 +176,9 @@ def check_rope_kv(specs, H, KVH, D, dtype, num_splits):
 # short context has tiles (splits past it are empty)
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
 # early: the first KV tile loaded before the PDL wait (peeled from the loop; empty splits load a tile and discard it)
-@pytest.mark.parametrize("early,skip_empty", [(False, False), (True, False), (True, True)])
-def test_decode_rope_kv(D, H, KVH, dtype, num_splits, early, skip_empty, monkeypatch):
+@pytest.mark.parametrize("early", [False, True])
+def test_decode_rope_kv(D, H, KVH, dtype, num_splits, early, monkeypatch):
     monkeypatch.setattr(attention_module, "DECODE_EARLY_KV", early)
-    monkeypatch.setattr(attention_module, "DECODE_SKIP_EMPTY", skip_empty)
     check_rope_kv([(n, 1) for n in DECODE_LENS] + [(0, 1)], H, KVH, D, dtype, num_splits)
 
 
