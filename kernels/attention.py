@@ -23,6 +23,8 @@ Two code paths, picked on the host from `max_query_len` (no device sync):
   bench/NOTES-kernels.md, sessions 6 and 13.) With `rope_kv` it also does the decode step's RoPE and KV write
   (kernels/fused.py's rope_qk_ otherwise runs before it): every program rotates its q heads, and the split
   that owns the new position starts its softmax with the new key from registers and writes the new K/V row.
+  Such a launch also loads each program's first KV tile before its PDL wait (DECODE_EARLY_KV): the tile holds
+  only rows of earlier steps, so its reads overlap the q / k / v projection instead of following it.
 - otherwise: prefill kernel, flash-attention style online softmax over the paged KV with the causal
   offset n - L; a program's rows are (query token, query head of one KV head) pairs.
 

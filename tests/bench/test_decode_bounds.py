@@ -35,9 +35,9 @@ def test_an_attention_config_holds_while_captured_and_is_put_back():
     before = (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.decode_num_splits,
               attention.DECODE_MERGE_WARPS, attention.DECODE_EARLY_KV)
     want = attention.decode_num_splits(1, 32, 4096, CPU)
-    with decode_bounds.leaving_out({"attn-n16-w2-s5-m1-e1"}):
+    with decode_bounds.leaving_out({"attn-n16-w2-s5-m1-e0"}):
         assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.DECODE_MERGE_WARPS) == (16, 2, 1)
-        assert attention.DECODE_EARLY_KV is True
+        assert attention.DECODE_EARLY_KV is False  # (on by default)
         assert attention.decode_num_splits(1, 32, 4096, CPU) == 5
     assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS, attention.decode_num_splits,
             attention.DECODE_MERGE_WARPS, attention.DECODE_EARLY_KV) == before
