@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs] [early_check]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -71,12 +71,6 @@ for step in "${steps[@]}"; do
                   --alpha-table-pairs $pairs --json "$OUT/table-pairs-$pairs.json" 2>&1 | tee "$OUT/table-pairs-$pairs.log" \
                   | grep -E "^(qkv|o |gate_up|down)|layer"
               done ;;
-    early_check)  # session 26's early KV tile on the GPU: the engine's graphs against eager with it on, then its A/B in
-                  # the batch-1 7B graph (on / off / on, one process); then run `serve` for the HTTP figures
-                  timeout 170 python3 -m pytest -q -p no:cacheprovider --tb=short -x -m gpu \
-                    -k "test_cuda_graph_steps_equal_eager" tests/server/test_engine.py 2>&1 | tee "$OUT/early_engine.log" | tail -5
-                  timeout 200 python3 bench/decode_bounds.py --quantize-lm-head --context 144 --variants base,attn-e0,base \
-                    --json "$OUT/early-ab.json" 2>&1 | tee "$OUT/early_ab.log" | tail -6 ;;
     attn_configs)  # the decode attention's BLOCK_N / warps / splits / merge warps inside the batch-1 7B graph, one process, in rounds
               # (ATTN_CONTEXT: the sequence's tokens; the serve bench's batch-1 run averages ~144)
               timeout ${ATTN_TIMEOUT:-300} python3 bench/decode_bounds.py --quantize-lm-head --context ${ATTN_CONTEXT:-144} \

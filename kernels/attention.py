@@ -38,7 +38,6 @@ call, which must not happen inside a CUDA-graph capture.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -558,10 +557,10 @@ def paged_attention(
         max_context = block_tables.shape[1] * block_size
         splits = num_splits or decode_num_splits(B, KVH, max_context, q.device)
         if splits > 1:
-            # (NaN under the interpreter: a merge that reads a partial no split wrote shows in the CPU tests)
-            make = functools.partial(torch.full, fill_value=float("nan")) if interpret else torch.empty
-            part_o = make((B * H * splits * block_d,), dtype=torch.float32, device=q.device)
-            part_ml = make((B * H * splits * 2,), dtype=torch.float32, device=q.device)
+            part_o = torch.empty(B * H * splits * block_d, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(B * H * splits * 2, dtype=torch.float32, device=q.device)
+            if interpret:  # a merge that reads a partial no split wrote shows in the CPU tests
+                part_o.fill_(float("nan")), part_ml.fill_(float("nan"))
         else:
             part_o = part_ml = out  # unused
         kn, vn, cos, sin, slots = rope_kv if rope_kv is not None else (q, q, q, q, seq_lens)  # unused: no ROPE
