@@ -10,6 +10,8 @@ For each preset (a random int4 model built in device memory) and batch size:
   replay_ms   GPU time of the captured decode graph alone (CUDA events around replay), median
   host_ms     step_ms - replay_ms: what the host adds on top of the GPU work
   kernels     torch.profiler over eager decode forwards: per kernel family, GPU µs per step and count
+  timeline    torch.profiler over overlapped steps and over back-to-back replays: a step's period, its graph's
+              span, and the stream's work and idle time between two replays
 
 Prints a short table per preset and writes JSON.
 """
@@ -64,6 +66,9 @@ SWITCHES = {
                              "FUSE_SILU_GATE; default: its setting) instead of a SiLU kernel"),
     "fused-norms": ("default", "each RMSNorm inside the MMA GEMVs around it at batch 1 (kernels/int4_matmul.py "
                                "FUSE_NORMS; default: its setting) instead of the add + RMSNorm kernel"),
+    "tokens-home-stream": ("default", "a step's tokens copied to the host on a stream of their own, beside the next "
+                                      "step's input upload (server/engine.py TOKENS_HOME_STREAM; default: its "
+                                      "setting) instead of on the compute stream before it"),
     "early-kv": ("default", "the fused-RoPE decode attention loads its first KV tile before its PDL wait "
                             "(kernels/attention.py DECODE_EARLY_KV; default: its setting)"),
 }
@@ -166,13 +171,56 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
     return res
 
 
+def stream_timeline(drive, steps: int) -> dict:
+    """The GPU's timeline over `steps` calls of drive() (torch.profiler): each graph replay's kernels (one
+    cudaGraphLaunch), and what the stream runs or idles between two replays: the per-step cost of the work
+    outside the graph. Figures are µs per step, means over the replays after the first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            drive()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
+    api = {e["args"]["correlation"]: e["name"] for e in events
+           if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    replays: dict[int, list[float]] = {}  # correlation -> [first start, last end]
+    outside = []
+    for e in gpu:
+        corr = e.get("args", {}).get("correlation")
+        if api.get(corr) == "cudaGraphLaunch":
+            r = replays.setdefault(corr, [e["ts"], e["ts"] + e["dur"]])
+            r[0], r[1] = min(r[0], e["ts"]), max(r[1], e["ts"] + e["dur"])
+        else:
+            outside.append(e)
+    spans = sorted(replays.values())
+    if len(spans) < 3:
+        return {"error": f"{len(spans)} graph replays in the trace"}
+    spans = spans[1:]
+    n = len(spans) - 1
+    ops: dict[str, list[float]] = {}
+    for e in outside:
+        if spans[0][1] <= e["ts"] < spans[-1][0]:  # between two timed replays
+            o = ops.setdefault(e["name"][:60], [0, 0.0])
+            o[0] += 1 / n
+            o[1] += e["dur"] / n
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return {"period_us": round((spans[-1][0] - spans[0][0]) / n, 2),
+            "graph_us": round(statistics.mean(e - s for s, e in spans), 2),
+            "between_us": round(statistics.mean(gaps), 2), "between_max_us": round(max(gaps), 2),
+            "ops_between": {k: {"per_step": round(c, 2), "us": round(t, 2)} for k, (c, t) in ops.items()}}
+
+
 def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head: bool = False) -> dict:
     from scaleserve.server.scheduler import SamplingParams, Sequence
 
     engine = build_engine(preset, max(8, batch), pdl, quantize_lm_head)
     for i in range(batch):
         prompt = [3 + (7 * i + 13 * j) % 900 for j in range(16)]
-        engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=2 * steps + 64, temperature=0.0,
+        engine.scheduler.add(Sequence(f"p{i}", prompt, SamplingParams(max_tokens=2 * steps + 128, temperature=0.0,
                                                                      ignore_eos=True)))
     while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
@@ -193,10 +241,12 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
 
     walls = step_walls(False)
     walls_overlap = step_walls(True)
+    timeline = stream_timeline(engine.step, 40)  # (overlapped steps)
     engine.overlap = False
     engine.step()
     b = engine.graphs.bucket(batch)
     (graph, *_), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
+    timeline_b2b = stream_timeline(graph.replay, 40)
     _, gpu = timed(graph.replay, steps)
     # back-to-back replays: the GPU time without the per-step sync bubble
     torch.cuda.synchronize()
@@ -210,7 +260,8 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
            "replay_back_to_back_ms": round(back_to_back * 1e3, 3), "host_ms": round(step_ms - replay_ms, 3),
            "tok_s": round(batch / statistics.median(walls), 1),
            "step_ms_overlap": round(statistics.median(walls_overlap) * 1e3, 3),
-           "tok_s_overlap": round(batch / statistics.median(walls_overlap), 1)}
+           "tok_s_overlap": round(batch / statistics.median(walls_overlap), 1),
+           "timeline_overlap": timeline, "timeline_back_to_back": timeline_b2b}
     res.update(profile_kernels(engine, engine.graphs.batch(b, mode)))
     res["prefill16"] = time_prefill(engine, 16, mode)
     res["prefill16"].update(profile_kernels(engine, engine._warm_batch(16, mode), reps=3))
@@ -245,6 +296,7 @@ def main(argv=None) -> int:
     from scaleserve.kernels import device
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_mma_gemv
+    from scaleserve.server import engine as engine_module
 
     if a.autotune_timing:
         device.AUTOTUNE_TIMING = a.autotune_timing
@@ -264,7 +316,8 @@ def main(argv=None) -> int:
     onoff = {True: "on", False: "off"}
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
                       "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
-                      "early-kv": onoff[attention.DECODE_EARLY_KV]}
+                      "early-kv": onoff[attention.DECODE_EARLY_KV],
+                      "tokens-home-stream": onoff[engine_module.TOKENS_HOME_STREAM]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -289,6 +342,7 @@ def main(argv=None) -> int:
             im.MODE1_FROM_SLAB = on["mode1-slab"]
             im.FUSE_NORMS = on["fused-norms"]
             attention.DECODE_EARLY_KV = on["early-kv"]
+            engine_module.TOKENS_HOME_STREAM = on["tokens-home-stream"]
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -298,7 +352,8 @@ def main(argv=None) -> int:
             r.update(mma_gemv=on["mma"], mma_batch=on["mma-batch"], fused_rope=on["fused-rope"],
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
-                     device_pins=on["device-pins"], early_kv=on["early-kv"])
+                     device_pins=on["device-pins"], early_kv=on["early-kv"],
+                     tokens_home_stream=on["tokens-home-stream"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
@@ -306,6 +361,12 @@ def main(argv=None) -> int:
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
                   f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")
+            for name in ("overlap", "back_to_back"):
+                t = r[f"timeline_{name}"]
+                print(f"  timeline, {name.replace('_', '-')} (profiled): " + (t["error"] if "error" in t else
+                      f"period {t['period_us']} µs = graph {t['graph_us']} + between {t['between_us']} (max "
+                      f"{t['between_max_us']}); between: " + (", ".join(f"{k} x{v['per_step']} {v['us']} µs"
+                                                                      for k, v in t["ops_between"].items()) or "-")))
             pf = r["prefill16"]
             print(f"  prefill of {pf['tokens']} tokens: graph (bucket {pf.get('graph_bucket')}) {pf.get('graph_wall_ms')} ms;"
                   f" eager: wall {pf['wall_ms']} ms, GPU {pf['gpu_ms']} ms; top "

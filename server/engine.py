@@ -48,6 +48,10 @@ from .staging import HostStaging
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BLOCKS = 2048
+# CUDA: a step's sampled tokens go home (device -> pinned host copy) on a stream of their own, so the copy runs
+# beside the next step's input upload instead of between it and the last replay; the next step's first write
+# to what the copy reads waits for it (Engine._await_home). bench/decode_profile.py --tokens-home-stream times it.
+TOKENS_HOME_STREAM = True
 
 
 @dataclass
@@ -76,7 +80,7 @@ class _Sampled:
 
     seqs: list[Sequence]
     tokens: torch.Tensor | list[int]  # [B] on the device, or already host ids
-    host: torch.Tensor | None = None  # pinned copy, valid once `ready` has happened
+    host: torch.Tensor | None = None  # CUDA: pinned copy, valid once `ready` has happened; CPU: a copy
     ready: torch.cuda.Event | None = None
     lps: list | None = None
 
@@ -170,6 +174,7 @@ class Engine:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Sampled | None = None  # the last step's tokens, not processed yet (overlap)
         self.overlapped_steps = 0
+        self.tokens_in_place = 0  # overlapped decode-graph steps whose input tokens were the last replay's argmax
         # a step this long stalled every stream: over 100x a 7B decode step on the H100, above the longest prefill
         # chunk (2048 tokens), far below a kernel compile or a collection of the whole heap (seconds)
         warn_ms = settings.slow_step_warn_ms
@@ -177,8 +182,11 @@ class Engine:
         self.slow_step_s = warn_ms / 1e3 if warn_ms > 0 else math.inf
         self._step_kind = ""
         self._pinned = None
+        self._home: torch.cuda.Stream | None = None  # the tokens' device -> host copies (TOKENS_HOME_STREAM)
+        self._home_done: torch.cuda.Event | None = None  # the last such copy, until a main-stream write waits on it
         if self.device.type == "cuda":  # two: the step in flight and the one being processed
             self._pinned = [torch.empty(settings.max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._home = torch.cuda.Stream(self.device)
         self.staging = HostStaging(self.device)  # the steps' packed inputs on their way to the device
 
     # --- thread-safe API (any thread) --------------------------------------------------------------
@@ -426,21 +434,36 @@ class Engine:
         for s in seqs:
             s.inflight += 1
         f = _Sampled(seqs, tokens, lps=lps)
-        if isinstance(tokens, torch.Tensor) and tokens.device.type == "cuda":
+        if isinstance(tokens, torch.Tensor) and tokens.device.type != "cuda":
+            f.host = tokens.clone()  # (a decode graph's argmax buffer: the next step overwrites it in place)
+        elif isinstance(tokens, torch.Tensor):
             self._pinned.reverse()
             f.host = self._pinned[0][: len(seqs)]
-            f.host.copy_(tokens, non_blocking=True)
             f.ready = torch.cuda.Event()
-            f.ready.record()
+            if TOKENS_HOME_STREAM:
+                self._home.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._home):
+                    f.host.copy_(tokens, non_blocking=True)
+                    f.ready.record()
+                tokens.record_stream(self._home)  # (a sampler's output: not reused before the copy has read it)
+                self._home_done = f.ready
+            else:
+                f.host.copy_(tokens, non_blocking=True)
+                f.ready.record()
         return f
+
+    def _await_home(self) -> None:
+        """Before the main stream writes a decode graph's tokens input (its load, the token copy, its replay's
+        argmax): the last tokens' copy home, which may read that buffer, has finished."""
+        if self._home_done is not None:
+            torch.cuda.current_stream().wait_event(self._home_done)
+            self._home_done = None
 
     def _complete(self, f: _Sampled) -> None:
         """Step 6 for a dispatched step: its tokens on the host, appended, detokenized, stopped, emitted."""
         if f.ready is not None:
             f.ready.synchronize()
-            tokens = f.host.tolist()
-        else:
-            tokens = f.tokens.tolist() if isinstance(f.tokens, torch.Tensor) else f.tokens
+        tokens = f.host.tolist() if f.host is not None else f.tokens
         for s in f.seqs:
             s.inflight -= 1
         self._outbox = {}
@@ -522,10 +545,17 @@ class Engine:
         mode = self.slab.mode_for([s.slot for s, _ in sched])
         host = self.staging.buffer(decode_nbytes(b, self.width))
         self._pack_decode(sched, b, host.numpy())
-        self.graphs.load(b, host)
+        # tokens that are this bucket's graph's own argmax, rows in order (a greedy step of the same sequences
+        # again): they are already where the replay reads them
+        in_place = tokens is not None and tokens.data_ptr() == self.graphs.tokens(b).data_ptr()
+        if not in_place:
+            self._await_home()
+        self.graphs.load(b, host, keep_tokens=in_place)  # (in place: the upload runs beside the copy home)
         self.staging.sent()
-        if tokens is not None:
+        if tokens is not None and not in_place:
             self.graphs.tokens(b)[: len(sched)].copy_(tokens)
+        self.tokens_in_place += in_place
+        self._await_home()
         return self.graphs.run(b, mode)[: len(sched)]
 
     def _tokens_from(self, prev: _Sampled, sched) -> torch.Tensor:

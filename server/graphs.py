@@ -141,13 +141,22 @@ class DecodeGraphs(_StepGraphs):
         return Batch(tokens, positions, slots, tables, seq_lens, self.query_start[: b + 1], self.logits_index[:b],
                      RowAdapters(chan_idx, scale_idx, alpha_idx, mode), 1)
 
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """As _StepGraphs.forward, with the argmax written into the graph's own tokens input: a greedy step
+        whose next step decodes the same rows leaves them there (load's keep_tokens) for the next replay to
+        embed, so no copy runs between the two replays."""
+        logits = self.model(batch, self.kv.k, self.kv.v)
+        return logits, torch.argmax(logits, -1, out=batch.tokens)
+
     def tokens(self, b: int) -> torch.Tensor:
         return self.views[b][0]
 
-    def load(self, b: int, packed: torch.Tensor) -> None:
+    def load(self, b: int, packed: torch.Tensor, keep_tokens: bool = False) -> None:
         """packed: uint8 [decode_nbytes(b, width)] on the host (pinned, for an asynchronous copy), laid out as
-        decode_views reads it: Engine._pack_decode writes it."""
-        self.inputs[b].copy_(packed, non_blocking=True)
+        decode_views reads it: Engine._pack_decode writes it. keep_tokens: copy everything but the tokens,
+        which the last replay of this bucket's graphs left in place (its argmax: the rows' next tokens)."""
+        start = _decode_regions(b, self.width)[1][0] if keep_tokens else 0
+        self.inputs[b][start:].copy_(packed[start:], non_blocking=True)
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:

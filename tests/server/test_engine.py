@@ -370,8 +370,9 @@ SAMPLED = dict(temperature=0.8, top_p=0.95, top_k=40, seed=7)
 def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
     """On CUDA, decode steps replay graphs and a lone sequence's prefill chunk replays a padded prefill
     graph; in float32 both give the eager steps' tokens (lone prompts, chunked prefill, mixed batches),
-    also with overlapped steps (tokens handed to the next graph on the device, pinned copies home), and with
-    prefix caching (a second pass over the lone prompts starts after their cached blocks)."""
+    also with overlapped steps (tokens handed to the next graph on the device, pinned copies home; a greedy
+    step's argmax left where the next replay reads it), and with prefix caching (a second pass over the lone
+    prompts starts after their cached blocks)."""
     outs = {}
     for graphs, overlap, prefix in ((False, False, False), (True, False, False), (True, True, False),
                                     (True, True, True)):
@@ -393,10 +394,54 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
         else:
             assert set(engine.step_kinds) == {"eager"}
         assert (engine.overlapped_steps > 0) == overlap
+        assert (engine.tokens_in_place > 0) == overlap  # greedy steps' tokens left in the graph's input
         assert engine.kv.allocator.num_free == engine.kv.allocator.usable
     assert outs[True, False, False] == outs[False, False, False]
     assert outs[True, True, False] == outs[False, False, False]
     assert outs[True, True, True] == outs[False, False, False]
+
+
+def test_decode_graph_argmax_stays_in_its_tokens_input(engine_lm, tmp_path):
+    """A decode graph's argmax lands in its bucket's tokens input, and a load that keeps the tokens fills
+    every other input: what an overlapped greedy step relies on to hand its tokens to the next replay with
+    no copy between them. Checked eagerly on CPU (the graph runs DecodeGraphs.forward)."""
+    import numpy as np
+
+    from scaleserve.server.graphs import DecodeGraphs, decode_nbytes, decode_views
+
+    engine, _ = make_engine(engine_lm, tmp_path)
+    seqs = [new_seq(p) for p in PROMPTS[:3]]
+    for s in seqs:
+        engine.scheduler.add(s)
+    while any(not s.output_ids for s in seqs):
+        engine.step()  # the prompts
+    graphs = DecodeGraphs(engine.lm.model, engine.kv, 8, engine.width, engine.device, pool=None)
+    sched = engine.scheduler.schedule()
+    assert len(sched) == 3 and all(n == 1 for _, n in sched)
+    b = graphs.bucket(3)
+    mode = engine.slab.mode_for([s.slot for s, _ in sched])
+    host = np.zeros(decode_nbytes(b, engine.width), dtype=np.uint8)
+    engine._pack_decode(sched, b, host)
+    graphs.load(b, torch.from_numpy(host))
+    logits, greedy = graphs.forward(graphs.batch(b, mode))
+    assert greedy.data_ptr() == graphs.tokens(b).data_ptr()
+    eager = engine.lm.model(engine._build_batch(sched, mode), engine.kv.k, engine.kv.v)
+    assert torch.equal(graphs.tokens(b)[:3], eager.argmax(-1)) and torch.equal(greedy, logits.argmax(-1))
+    # the next step's inputs: every field different from the last ones, tokens included
+    nxt = np.zeros_like(host)
+    rng = np.random.default_rng(1)
+    for v in decode_views(nxt, b, engine.width, np.int64, np.int32):
+        v[...] = rng.integers(1, 2 ** 30, size=v.shape)
+    kept = graphs.tokens(b).clone()
+    graphs.load(b, torch.from_numpy(nxt), keep_tokens=True)
+    got = graphs.views[b]
+    assert torch.equal(got[0], kept)
+    for g, w in zip(got[1:], decode_views(nxt, b, engine.width, np.int64, np.int32)[1:]):
+        assert torch.equal(g, torch.from_numpy(np.ascontiguousarray(w)))
+    graphs.load(b, torch.from_numpy(nxt))
+    assert torch.equal(got[0], torch.from_numpy(decode_views(nxt, b, engine.width, np.int64, np.int32)[0]))
+    for s in seqs:
+        engine.scheduler.finish(s, "abort")
 
 
 def test_padded_prefill_batch_equals_eager(engine_lm, adapter_files, tmp_path):
@@ -584,6 +629,7 @@ def test_graph_paths_equal_eager_on_cpu(engine_lm, adapter_files, tmp_path, over
     assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
     assert max(chunks_per_prefill_graph) >= 2  # requests that joined together shared one prefill graph
     assert (engine.overlapped_steps > 0) == overlap
+    assert (engine.tokens_in_place > 0) == overlap  # greedy steps' tokens left in the decode graph's input
     assert engine.kv.allocator.num_free == engine.kv.allocator.usable
 
 
