@@ -172,34 +172,41 @@ def time_prefill(engine, T: int, mode: int, reps: int = 20) -> dict:
 
 
 def stream_timeline(drive, steps: int) -> dict:
-    """The GPU's timeline over `steps` calls of drive() (torch.profiler): each graph replay's kernels (one
-    cudaGraphLaunch), and what the stream runs or idles between two replays: the per-step cost of the work
-    outside the graph. Figures are µs per step, means over the replays after the first."""
+    """The GPU's timeline over `steps` calls of drive() (torch.profiler; timeline_of reads it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            drive()
-        torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as d:
-        prof.export_chrome_trace(f"{d}/trace.json")
-        events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                drive()
+            torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as d:
+            prof.export_chrome_trace(f"{d}/trace.json")
+            return timeline_of(json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"])
+    except Exception as e:  # (a diagnostic: a trace it cannot read must not cost the run its other figures)
+        return {"error": f"timeline unavailable: {e!r}"}
+
+
+def timeline_of(events: list[dict]) -> dict:
+    """From a Chrome trace's events: each graph replay (the GPU work of one graph-launch call, matched by its
+    correlation id), and what the stream runs or idles between two replays: the per-step cost of the work
+    outside the graph. µs per step, means over the replays after the first."""
     api = {e["args"]["correlation"]: e["name"] for e in events
-           if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+           if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                 key=lambda e: e["ts"])
     replays: dict[int, list[float]] = {}  # correlation -> [first start, last end]
     outside = []
     for e in gpu:
         corr = e.get("args", {}).get("correlation")
-        if api.get(corr) == "cudaGraphLaunch":
+        if api.get(corr, "").startswith(("cudaGraphLaunch", "cuGraphLaunch")):
             r = replays.setdefault(corr, [e["ts"], e["ts"] + e["dur"]])
             r[0], r[1] = min(r[0], e["ts"]), max(r[1], e["ts"] + e["dur"])
         else:
             outside.append(e)
-    spans = sorted(replays.values())
-    if len(spans) < 3:
-        return {"error": f"{len(spans)} graph replays in the trace"}
-    spans = spans[1:]
+    spans = sorted(replays.values())[1:]
+    if len(spans) < 2:
+        return {"error": f"{len(spans) + 1} graph replays in the trace"}
     n = len(spans) - 1
     ops: dict[str, list[float]] = {}
     for e in outside:

@@ -69,6 +69,7 @@ DECODE_FUSED_ROPE = True
 # split merge reads its query starts before its wait too. H200, random Llama-2-7B g128, int4 head, batch 1, 144
 # tokens of context (`bash bench/gpu_session.sh attn_configs`, one process, bench/results/attn-configs-s26-h200.json):
 # the decode graph 2.522 -> 2.448 ms (-74 µs a token), with 32-token tiles too (BLOCK_N 64 spills 112 B with it).
+# H100, the same bench (bench/results/attn-configs-early-s27-h100.json): 2.0975 -> 2.0112 ms (-86 µs).
 DECODE_EARLY_KV = True
 # Prefill: query rows (token x head pairs) and KV tokens per inner step; warps 0 = by tile size.
 # H100 sweep (bf16, D 128 / 64, full and chunked prompts): 64 x 64, 4 warps, 2 stages was the best

@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BLOCKS = 2048
 # CUDA: a step's sampled tokens go home (device -> pinned host copy) on a stream of their own, so the copy runs
 # beside the next step's input upload instead of between it and the last replay; the next step's first write
-# to what the copy reads waits for it (Engine._await_home). bench/decode_profile.py --tokens-home-stream times it.
-TOKENS_HOME_STREAM = True
+# to what the copy reads waits for it (Engine._await_home). Off until a GPU has run it: the engine's CUDA-graph
+# test with it on, then `bench/decode_profile.py --tokens-home-stream on,off` (bench/NOTES-kernels.md, session 27).
+TOKENS_HOME_STREAM = False
 
 
 @dataclass

@@ -367,17 +367,21 @@ SAMPLED = dict(temperature=0.8, top_p=0.95, top_k=40, seed=7)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
+def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, monkeypatch):
     """On CUDA, decode steps replay graphs and a lone sequence's prefill chunk replays a padded prefill
     graph; in float32 both give the eager steps' tokens (lone prompts, chunked prefill, mixed batches),
-    also with overlapped steps (tokens handed to the next graph on the device, pinned copies home; a greedy
-    step's argmax left where the next replay reads it), and with prefix caching (a second pass over the lone
-    prompts starts after their cached blocks)."""
+    also with overlapped steps (tokens handed to the next graph on the device, pinned copies home, on the
+    compute stream or a stream of their own; a greedy step's argmax left where the next replay reads it), and
+    with prefix caching (a second pass over the lone prompts starts after their cached blocks)."""
+    from scaleserve.server import engine as engine_module
+
     outs = {}
-    for graphs, overlap, prefix in ((False, False, False), (True, False, False), (True, True, False),
-                                    (True, True, True)):
+    for graphs, overlap, prefix, home in ((False, False, False, False), (True, False, False, False),
+                                          (True, True, False, False), (True, True, False, True),
+                                          (True, True, True, False)):
+        monkeypatch.setattr(engine_module, "TOKENS_HOME_STREAM", home)
         lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
-        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}", adapter_files, device="cuda",
+        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}-{home}", adapter_files, device="cuda",
                                   cuda_graphs=graphs, max_num_batched_tokens=32, overlap_steps=overlap,
                                   prefix_caching=prefix)
         names = sorted(avs)
@@ -388,7 +392,7 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
         # one seeded sampling row: its parameters go to the device through the staging ring every step
         together = run(engine, [new_seq(p, avs[n] if i % 3 else None, **(SAMPLED if i == 1 else {})) for i, (p, n) in
                                 enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
-        outs[graphs, overlap, prefix] = (lone, together)
+        outs[graphs, overlap, prefix, home] = (lone, together)
         if graphs:  # every graph path ran: lone prefills, decodes, and a prefill joining running decodes
             assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
         else:
@@ -396,9 +400,7 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path):
         assert (engine.overlapped_steps > 0) == overlap
         assert (engine.tokens_in_place > 0) == overlap  # greedy steps' tokens left in the graph's input
         assert engine.kv.allocator.num_free == engine.kv.allocator.usable
-    assert outs[True, False, False] == outs[False, False, False]
-    assert outs[True, True, False] == outs[False, False, False]
-    assert outs[True, True, True] == outs[False, False, False]
+    assert all(out == outs[False, False, False, False] for out in outs.values())
 
 
 def test_decode_graph_argmax_stays_in_its_tokens_input(engine_lm, tmp_path):
