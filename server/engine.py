@@ -436,7 +436,8 @@ class Engine:
             s.inflight += 1
         f = _Sampled(seqs, tokens, lps=lps)
         if isinstance(tokens, torch.Tensor) and tokens.device.type != "cuda":
-            f.host = tokens.clone()  # (a decode graph's argmax buffer: the next step overwrites it in place)
+            # (the CPU tests' eager graphs: a decode graph's argmax buffer, which the next step overwrites in place)
+            f.host = tokens.clone()
         elif isinstance(tokens, torch.Tensor):
             self._pinned.reverse()
             f.host = self._pinned[0][: len(seqs)]
