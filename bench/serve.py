@@ -541,7 +541,8 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
 
         # batch-1 decode
         load([label], 1, 1, 16, 32)  # warm-up: compiles, captures the batch-1 graph
-        r = load([label], 1, 1, 16, args.batch1_tokens)
+        # one request after another: the figures are medians over --batch1-requests streams, not one stream's
+        r = load([label], args.batch1_requests, 1, 16, args.batch1_tokens)
         r["scenario"] = "batch-1 decode (base)"
         scen.append(r)
         print_table([r], ["scenario"])
@@ -658,6 +659,8 @@ def main(argv=None) -> int:
     g.add_argument("--prompt-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=256)
     g.add_argument("--batch1-tokens", type=int, default=256)
+    g.add_argument("--batch1-requests", type=lambda v: max(1, int(v)), default=5,
+                   help="batch-1 requests, one after another (its tok/s and TTFT are medians over them)")
     g.add_argument("--ab-rounds", type=lambda v: max(1, int(v)), default=3,
                    help="the 1-adapter / all-adapters scenarios run A B B A this many times (means over the passes)")
     g.add_argument("--kv-fraction", type=float, default=0.5)
