@@ -69,6 +69,9 @@ SWITCHES = {
     "tokens-home-stream": ("default", "a step's tokens copied to the host on a stream of their own, beside the next "
                                       "step's input upload (server/engine.py TOKENS_HOME_STREAM; default: its "
                                       "setting) instead of on the compute stream before it"),
+    "short-graphs": ("default", "batch-1 steps of short contexts on decode graphs whose attention runs 4 splits "
+                                "(server/engine.py SHORT_DECODE_SPLITS; default: its setting) instead of the "
+                                "heuristic's"),
     "early-kv": ("default", "the fused-RoPE decode attention loads its first KV tile before its PDL wait "
                             "(kernels/attention.py DECODE_EARLY_KV; default: its setting)"),
 }
@@ -251,8 +254,9 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
     timeline = stream_timeline(engine.step, 40)  # (overlapped steps)
     engine.overlap = False
     engine.step()
-    b = engine.graphs.bucket(batch)
-    (graph, *_), mode = next((v, k[1]) for k, v in engine.graphs.graphs.items() if k[0] == b)
+    graphs = engine._replayed  # (the batch-1 short-context graphs where the last step took them)
+    b = graphs.bucket(batch)
+    (graph, *_), mode = next((v, k[1]) for k, v in graphs.graphs.items() if k[0] == b)
     timeline_b2b = stream_timeline(graph.replay, 40)
     _, gpu = timed(graph.replay, steps)
     # back-to-back replays: the GPU time without the per-step sync bubble
@@ -269,7 +273,8 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
            "step_ms_overlap": round(statistics.median(walls_overlap) * 1e3, 3),
            "tok_s_overlap": round(batch / statistics.median(walls_overlap), 1),
            "timeline_overlap": timeline, "timeline_back_to_back": timeline_b2b}
-    res.update(profile_kernels(engine, engine.graphs.batch(b, mode)))
+    res["short_graph_steps"] = engine.short_steps
+    res.update(profile_kernels(engine, graphs.batch(b, mode)))
     res["prefill16"] = time_prefill(engine, 16, mode)
     res["prefill16"].update(profile_kernels(engine, engine._warm_batch(16, mode), reps=3))
     del engine
@@ -324,7 +329,8 @@ def main(argv=None) -> int:
     module_default = {"fused-rope": onoff[attention.DECODE_FUSED_ROPE], "silu-gate": onoff[im.FUSE_SILU_GATE],
                       "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
                       "early-kv": onoff[attention.DECODE_EARLY_KV],
-                      "tokens-home-stream": onoff[engine_module.TOKENS_HOME_STREAM]}
+                      "tokens-home-stream": onoff[engine_module.TOKENS_HOME_STREAM],
+                      "short-graphs": onoff[bool(engine_module.SHORT_DECODE_SPLITS)]}
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -350,6 +356,7 @@ def main(argv=None) -> int:
             im.FUSE_NORMS = on["fused-norms"]
             attention.DECODE_EARLY_KV = on["early-kv"]
             engine_module.TOKENS_HOME_STREAM = on["tokens-home-stream"]
+            engine_module.SHORT_DECODE_SPLITS = 4 if on["short-graphs"] else 0
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -360,14 +367,15 @@ def main(argv=None) -> int:
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
                      device_pins=on["device-pins"], early_kv=on["early-kv"],
-                     tokens_home_stream=on["tokens-home-stream"])
+                     tokens_home_stream=on["tokens-home-stream"], short_graphs=on["short-graphs"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())
                   + f": step {r['step_ms']} ms = graph {r['replay_ms']} ms (back-to-back "
                   f"{r['replay_back_to_back_ms']}) + host {r['host_ms']} ms -> {r['tok_s']} tok/s; overlapped: "
                   f"step {r['step_ms_overlap']} ms -> {r['tok_s_overlap']} tok/s; kernels "
-                  f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager)")
+                  f"{r['kernel_us_total']} µs in {r['launches_total']} launches (eager); "
+                  f"{r['short_graph_steps']} steps on short-context graphs")
             for name in ("overlap", "back_to_back"):
                 t = r[f"timeline_{name}"]
                 print(f"  timeline, {name.replace('_', '-')} (profiled): " + (t["error"] if "error" in t else

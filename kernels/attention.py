@@ -504,7 +504,7 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,  # [T, H, D], q's dtype; preallocated for CUDA graphs
-    num_splits: int | None = None,  # decode only: force the context split (tests); None = heuristic
+    num_splits: int | None = None,  # decode only: force the context split (tests, short-context graphs)
     rope_kv: tuple | None = None,  # decode only: (k_new, v_new, cos, sin, slot_mapping), see below
 ) -> torch.Tensor:
     """o [T, H, D] = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale).

@@ -20,6 +20,9 @@ class Batch:
     logits_index: torch.Tensor  # [B] int64, row of each sequence's last new token
     rows: RowAdapters  # per token [T]: adapter slab indices
     max_query_len: int  # host-side: 1 means a pure decode step
+    # host-side: the decode attention's context splits (kernels/attention.py paged_attention's num_splits); None: its
+    # heuristic, from the block table's capacity
+    decode_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -53,6 +53,12 @@ CPU_DEFAULT_KV_BLOCKS = 2048
 # to what the copy reads waits for it (Engine._await_home). Off until a GPU has run it: the engine's CUDA-graph
 # test with it on, then `bench/decode_profile.py --tokens-home-stream on,off` (bench/NOTES-kernels.md, session 27).
 TOKENS_HOME_STREAM = False
+# CUDA: a batch-1 decode step whose context fits this many of the decode attention's tiles (one tile a split,
+# kernels/attention.py DECODE_BLOCK_N tokens each) replays graphs of its own whose attention runs that many splits,
+# not the heuristic's (9 on an H100 for 32 KV heads, sized for long contexts; at short ones most of its programs get
+# no keys). 0: off. H100, 144 tokens, the attention alone forced to 4 splits: -11.6 µs a step (bench/NOTES-kernels.md,
+# session 26). Off until `bench/decode_profile.py --short-graphs on,off` has timed it in the engine (session 27).
+SHORT_DECODE_SPLITS = 0
 
 
 @dataclass
@@ -154,11 +160,20 @@ class Engine:
         self._prefix_reported = (0, 0)  # the scheduler's prefix-cache token counts already in the metrics
         self.eos = frozenset(eos_ids(lm))
         self.detok = Detokenizer(lm.tokenizer, self.vocab)
-        self.graphs = self.prefill_graphs = None
+        self.graphs = self.prefill_graphs = self.short_graphs = None
+        self.short_context = 0  # a batch-1 decode step's context (this step's token included) up to which it
+        # replays short_graphs
+        self._replayed: DecodeGraphs | None = None  # the decode graphs of the last decode-graph step
         set_pdl(settings.pdl)  # before any graph is captured: the launches are recorded with it
         if self.device.type == "cuda" and settings.cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
             self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device, pool)
+            if SHORT_DECODE_SPLITS:
+                from scaleserve.kernels.attention import DECODE_BLOCK_N
+
+                self.short_graphs = DecodeGraphs(model, self.kv, 1, self.width, self.device, pool,
+                                                 decode_splits=SHORT_DECODE_SPLITS)
+                self.short_context = SHORT_DECODE_SPLITS * DECODE_BLOCK_N
             # chunks above 512 tokens run eagerly: there the GPU work outweighs the launch overhead
             self.prefill_graphs = PrefillGraphs(model, self.kv, min(settings.max_num_batched_tokens,
                                                                     self.max_model_len, 511), self.width,
@@ -176,6 +191,7 @@ class Engine:
         self._inflight: _Sampled | None = None  # the last step's tokens, not processed yet (overlap)
         self.overlapped_steps = 0
         self.tokens_in_place = 0  # overlapped decode-graph steps whose input tokens were the last replay's argmax
+        self.short_steps = 0  # decode-graph steps that replayed short_graphs
         # a step this long stalled every stream: over 100x a 7B decode step on the H100, above the longest prefill
         # chunk (2048 tokens), far below a kernel compile or a collection of the whole heap (seconds)
         warn_ms = settings.slow_step_warn_ms
@@ -246,12 +262,12 @@ class Engine:
                 for scale_slots in ((1, 2) if mode == MODE_GROUP else (1,)):
                     for T in counts:
                         self.lm.model(self._warm_batch(T, mode, scale_slots), self.kv.k, self.kv.v)
-                for graphs in (self.graphs, self.prefill_graphs):
+                for graphs in (self.graphs, self.short_graphs, self.prefill_graphs):
                     for b in graphs.buckets if graphs is not None else ():
                         graphs.run(b, mode)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        n_graphs = sum(len(g.graphs) for g in (self.graphs, self.prefill_graphs) if g is not None)
+        n_graphs = sum(len(g.graphs) for g in (self.graphs, self.short_graphs, self.prefill_graphs) if g is not None)
         log.info("warm-up: %d prefill sizes, %d graphs, modes %s, in %.1f s", len(counts), n_graphs, list(modes),
                  time.perf_counter() - t0)
 
@@ -279,8 +295,9 @@ class Engine:
         mg.PINNED.update(pins)
         with torch.inference_mode():
             for mode in self._modes():  # (the tuning dropped the mode-1 graph; every batch-1 graph takes the pins)
-                self.graphs.graphs.pop((1, mode), None)
-                self.graphs.run(1, mode)
+                for graphs in filter(None, (self.graphs, self.short_graphs)):
+                    graphs.graphs.pop((1, mode), None)
+                    graphs.run(1, mode)
         torch.cuda.synchronize(self.device)
         log.info("decode graph pins %s (%s, %d shapes) in %.1f s", path, how, len(pins), time.perf_counter() - t0)
 
@@ -384,7 +401,7 @@ class Engine:
         cur = None
         if done:
             # a decode graph's replay also took the argmax of its logits: a greedy step's tokens, ready
-            greedy = self.graphs.greedy[: len(seqs)] if self._step_kind == "decode_graph" else None
+            greedy = self._replayed.greedy[: len(seqs)] if self._step_kind == "decode_graph" else None
             if len(done) < len(seqs):
                 logits = logits[torch.tensor(done, device=logits.device)]
                 seqs = [seqs[i] for i in done]
@@ -541,7 +558,10 @@ class Engine:
     def _decode_graph(self, sched, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [B, V] of decode rows by graph replay, or None (no graphs, or B above every bucket).
         tokens: [B] input tokens already on the device (overlap), instead of the packed ones."""
-        b = self.graphs.bucket(len(sched)) if self.graphs is not None else None
+        graphs = self.graphs
+        if self.short_graphs is not None and len(sched) == 1 and sched[0][0].num_computed < self.short_context:
+            graphs = self.short_graphs  # (num_computed + 1: the context after this step)
+        b = graphs.bucket(len(sched)) if graphs is not None else None
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
@@ -549,16 +569,18 @@ class Engine:
         self._pack_decode(sched, b, host.numpy())
         # tokens that are this bucket's graph's own argmax, rows in order (a greedy step of the same sequences
         # again): they are already where the replay reads them
-        in_place = tokens is not None and tokens.data_ptr() == self.graphs.tokens(b).data_ptr()
+        in_place = tokens is not None and tokens.data_ptr() == graphs.tokens(b).data_ptr()
         if not in_place:
             self._await_home()
-        self.graphs.load(b, host, keep_tokens=in_place)  # (in place: the upload runs beside the copy home)
+        graphs.load(b, host, keep_tokens=in_place)  # (in place: the upload runs beside the copy home)
         self.staging.sent()
         if tokens is not None and not in_place:
-            self.graphs.tokens(b)[: len(sched)].copy_(tokens)
+            graphs.tokens(b)[: len(sched)].copy_(tokens)
         self.tokens_in_place += in_place
+        self.short_steps += graphs is self.short_graphs
         self._await_home()
-        return self.graphs.run(b, mode)[: len(sched)]
+        self._replayed = graphs
+        return graphs.run(b, mode)[: len(sched)]
 
     def _tokens_from(self, prev: _Sampled, sched) -> torch.Tensor:
         """[B] prev's sampled tokens in sched's row order (rows of sequences that stopped are gone)."""

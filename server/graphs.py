@@ -118,8 +118,9 @@ class DecodeGraphs(_StepGraphs):
     host->device copy with no kernel between it and the replay (a scatter into typed buffers was six).
     Padded rows: token 0, slot -1 (writes nothing), block 0, context 0, base adapter row."""
 
-    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool):
+    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool, decode_splits: int | None = None):
         super().__init__(model, kv, pool)
+        self.decode_splits = decode_splits  # the attention's context splits in these graphs (None: its heuristic)
         self.buckets = graph_buckets(max_bs)
         self.max_bs, self.width = self.buckets[-1], width
         B, dev = self.max_bs, device
@@ -139,7 +140,7 @@ class DecodeGraphs(_StepGraphs):
     def batch(self, b: int, mode: int) -> Batch:
         tokens, positions, slots, seq_lens, chan_idx, scale_idx, alpha_idx, tables = self.views[b]
         return Batch(tokens, positions, slots, tables, seq_lens, self.query_start[: b + 1], self.logits_index[:b],
-                     RowAdapters(chan_idx, scale_idx, alpha_idx, mode), 1)
+                     RowAdapters(chan_idx, scale_idx, alpha_idx, mode), 1, self.decode_splits)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """As _StepGraphs.forward, with the argmax written into the graph's own tokens input: a greedy step

@@ -176,7 +176,7 @@ class Attention(nn.Module):
             if k is not None:  # not written by the RoPE kernel (q/k-norm models)
                 write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
             o = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
-                                self.a.head_dim ** -0.5, batch.max_query_len)
+                                self.a.head_dim ** -0.5, batch.max_query_len, num_splits=batch.decode_splits)
         else:
             keep = batch.slot_mapping >= 0
             k_cache.view(-1, *k.shape[1:])[batch.slot_mapping[keep]] = k[keep].to(k_cache.dtype)
@@ -193,7 +193,8 @@ class Attention(nn.Module):
         a = self.a
         q, k, v = self.split_heads(qkv)
         return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start,
-                               a.head_dim ** -0.5, 1, rope_kv=(k, v, cos, sin, batch.slot_mapping))
+                               a.head_dim ** -0.5, 1, num_splits=batch.decode_splits,
+                               rope_kv=(k, v, cos, sin, batch.slot_mapping))
 
     def forward_dense(self, x, rows, cos, sin):
         # x: [B, S, D] causal self-attention with no cache

@@ -371,19 +371,21 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
     """On CUDA, decode steps replay graphs and a lone sequence's prefill chunk replays a padded prefill
     graph; in float32 both give the eager steps' tokens (lone prompts, chunked prefill, mixed batches),
     also with overlapped steps (tokens handed to the next graph on the device, pinned copies home, on the
-    compute stream or a stream of their own; a greedy step's argmax left where the next replay reads it), and
-    with prefix caching (a second pass over the lone prompts starts after their cached blocks)."""
+    compute stream or a stream of their own; a greedy step's argmax left where the next replay reads it), with
+    batch-1 steps of short contexts on graphs of their own (the attention's splits forced to 4), and with prefix
+    caching (a second pass over the lone prompts starts after their cached blocks)."""
     from scaleserve.server import engine as engine_module
 
     outs = {}
-    for graphs, overlap, prefix, home in ((False, False, False, False), (True, False, False, False),
-                                          (True, True, False, False), (True, True, False, True),
-                                          (True, True, True, False)):
+    for graphs, overlap, prefix, home, short in ((False, False, False, False, 0), (True, False, False, False, 0),
+                                                 (True, True, False, False, 0), (True, True, False, True, 0),
+                                                 (True, True, False, False, 4), (True, True, True, False, 0)):
         monkeypatch.setattr(engine_module, "TOKENS_HOME_STREAM", home)
+        monkeypatch.setattr(engine_module, "SHORT_DECODE_SPLITS", short)
         lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
-        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}-{home}", adapter_files, device="cuda",
-                                  cuda_graphs=graphs, max_num_batched_tokens=32, overlap_steps=overlap,
-                                  prefix_caching=prefix)
+        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}-{home}-{short}", adapter_files,
+                                  device="cuda", cuda_graphs=graphs, max_num_batched_tokens=32,
+                                  overlap_steps=overlap, prefix_caching=prefix)
         names = sorted(avs)
         lone = [run(engine, [new_seq(p, avs[names[i % len(names)]])]) for i, p in enumerate(PROMPTS)]
         if prefix:
@@ -392,15 +394,16 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
         # one seeded sampling row: its parameters go to the device through the staging ring every step
         together = run(engine, [new_seq(p, avs[n] if i % 3 else None, **(SAMPLED if i == 1 else {})) for i, (p, n) in
                                 enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
-        outs[graphs, overlap, prefix, home] = (lone, together)
+        outs[graphs, overlap, prefix, home, short] = (lone, together)
         if graphs:  # every graph path ran: lone prefills, decodes, and a prefill joining running decodes
             assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
         else:
             assert set(engine.step_kinds) == {"eager"}
         assert (engine.overlapped_steps > 0) == overlap
         assert (engine.tokens_in_place > 0) == overlap  # greedy steps' tokens left in the graph's input
+        assert (engine.short_steps > 0) == bool(short)  # (the lone prompts: contexts under 4 x 64 tokens)
         assert engine.kv.allocator.num_free == engine.kv.allocator.usable
-    assert all(out == outs[False, False, False, False] for out in outs.values())
+    assert all(out == outs[False, False, False, False, 0] for out in outs.values())
 
 
 def test_decode_graph_argmax_stays_in_its_tokens_input(engine_lm, tmp_path):
@@ -589,11 +592,12 @@ def test_overlap_abort_in_flight_through_the_engine_thread(engine_lm, tmp_path):
     assert engine.kv.allocator.num_free == engine.kv.allocator.usable
 
 
-def with_eager_graphs(engine):
+def with_eager_graphs(engine, short_context: int = 0):
     """Give a CPU engine the graph paths of a CUDA one: DecodeGraphs / PrefillGraphs objects (their static
     buffers, packing and padding) whose run() executes the padded batch eagerly instead of a captured
     graph. The engine's graph logic (which rows go to which graph, logits merging, overlapped tokens
-    handed to the decode graph's inputs) then runs in CI."""
+    handed to the decode graph's inputs) then runs in CI. short_context: batch-1 decode steps up to this
+    context replay short-context graphs (Engine.short_graphs; the CPU attention takes no splits)."""
     from scaleserve.server.graphs import PREFILL_GRAPH_SEQS, DecodeGraphs, PrefillGraphs
 
     s = engine.settings
@@ -610,7 +614,11 @@ def with_eager_graphs(engine):
     engine.graphs = DecodeGraphs(engine.lm.model, engine.kv, s.max_num_seqs, engine.width, engine.device, None)
     engine.prefill_graphs = PrefillGraphs(engine.lm.model, engine.kv, min(s.max_num_batched_tokens, 511),
                                           engine.width, engine.device, None)
-    for g in (engine.graphs, engine.prefill_graphs):
+    if short_context:
+        engine.short_graphs = DecodeGraphs(engine.lm.model, engine.kv, 1, engine.width, engine.device, None,
+                                           decode_splits=4)
+        engine.short_context = short_context
+    for g in filter(None, (engine.graphs, engine.short_graphs, engine.prefill_graphs)):
         g.run = eager_run(g)
     return engine
 
@@ -621,7 +629,9 @@ def test_graph_paths_equal_eager_on_cpu(engine_lm, adapter_files, tmp_path, over
     want = run(plain, [new_seq(p, avs.get(n)) for p, n in zip(PROMPTS, names)], arrivals=[0, 3, 0, 5, 1, 8])
     alone = [run(plain, [new_seq(p, avs.get(n))])[0] for p, n in zip(PROMPTS, names)]
     engine, avs = make_engine(engine_lm, tmp_path, adapter_files, max_num_batched_tokens=32, overlap_steps=overlap)
-    with_eager_graphs(engine)
+    # lone prompts of 2-9 tokens start on the short graphs (the 5- and 9-token ones cross into the full ones within
+    # their 12 tokens); the longer prompts and the batches never use them
+    with_eager_graphs(engine, short_context=16)
     chunks_per_prefill_graph = []
     prefill_graph = engine._prefill_graph
     engine._prefill_graph = lambda chunks: chunks_per_prefill_graph.append(len(chunks)) or prefill_graph(chunks)
@@ -632,6 +642,7 @@ def test_graph_paths_equal_eager_on_cpu(engine_lm, adapter_files, tmp_path, over
     assert max(chunks_per_prefill_graph) >= 2  # requests that joined together shared one prefill graph
     assert (engine.overlapped_steps > 0) == overlap
     assert (engine.tokens_in_place > 0) == overlap  # greedy steps' tokens left in the decode graph's input
+    assert engine.short_steps > 0 and engine.step_kinds["decode_graph"] > engine.short_steps
     assert engine.kv.allocator.num_free == engine.kv.allocator.usable
 
 
