@@ -56,8 +56,9 @@ TOKENS_HOME_STREAM = False
 # CUDA: a batch-1 decode step whose context fits this many of the decode attention's tiles (one tile a split,
 # kernels/attention.py DECODE_BLOCK_N tokens each) replays graphs of its own whose attention runs that many splits,
 # not the heuristic's (9 on an H100 for 32 KV heads, sized for long contexts; at short ones most of its programs get
-# no keys). 0: off. H100, 144 tokens, the attention alone forced to 4 splits: -11.6 µs a step (bench/NOTES-kernels.md,
-# session 26). Off until `bench/decode_profile.py --short-graphs on,off` has timed it in the engine (session 27).
+# no keys; a count meant to be below the heuristic's). 0: off. H100, 144 tokens, the attention alone forced to 4
+# splits: -11.6 µs a step (bench/NOTES-kernels.md, session 26). Off until `bench/decode_profile.py --short-graphs
+# on,off` has timed it in the engine (session 27).
 SHORT_DECODE_SPLITS = 0
 
 
