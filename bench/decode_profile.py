@@ -277,7 +277,7 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
     res.update(profile_kernels(engine, graphs.batch(b, mode)))
     res["prefill16"] = time_prefill(engine, 16, mode)
     res["prefill16"].update(profile_kernels(engine, engine._warm_batch(16, mode), reps=3))
-    del engine
+    engine = graphs = graph = None  # (so empty_cache below can give their memory back)
     torch.cuda.empty_cache()
     return res
 
