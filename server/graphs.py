@@ -66,11 +66,15 @@ class _StepGraphs:
     def _capture(self, b: int, mode: int):
         t0 = time.perf_counter()
         batch = self.batch(b, mode)
+        # a decode graph's forward writes its argmax into its own tokens input: the step being captured (lazily,
+        # mid-serving) must still embed the tokens it was loaded with, so the warm-up runs put them back
+        tokens = batch.tokens.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: Triton compiles and autotunes outside the capture
             for _ in range(2):
                 self.forward(batch)
+                batch.tokens.copy_(tokens)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
