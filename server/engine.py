@@ -50,15 +50,17 @@ log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BLOCKS = 2048
 # CUDA: a step's sampled tokens go home (device -> pinned host copy) on a stream of their own, so the copy runs
 # beside the next step's input upload instead of between it and the last replay; the next step's first write
-# to what the copy reads waits for it (Engine._await_home). Off until a GPU has run it: the engine's CUDA-graph
-# test with it on, then `bench/decode_profile.py --tokens-home-stream on,off` (bench/NOTES-kernels.md, session 27).
+# to what the copy reads waits for it (Engine._await_home). Correct on the H100 (the engine's CUDA-graph test has a
+# configuration with it); off: `bench/decode_profile.py --tokens-home-stream off,on` (7B, batch 1, one process) gave
+# the overlapped step 2.006 -> 2.005 ms, within the noise (bench/NOTES-kernels.md, session 27).
 TOKENS_HOME_STREAM = False
 # CUDA: a batch-1 decode step whose context fits this many of the decode attention's tiles (one tile a split,
 # kernels/attention.py DECODE_BLOCK_N tokens each) replays graphs of its own whose attention runs that many splits,
 # not the heuristic's (9 on an H100 for 32 KV heads, sized for long contexts; at short ones most of its programs get
 # no keys; a count meant to be below the heuristic's). 0: off. H100, 144 tokens, the attention alone forced to 4
-# splits: -11.6 µs a step (bench/NOTES-kernels.md, session 26). Off until `bench/decode_profile.py --short-graphs
-# on,off` has timed it in the engine (session 27).
+# splits: -11.6 µs a step (bench/NOTES-kernels.md, session 26). In the engine (`bench/decode_profile.py
+# --short-graphs off,on`, session 27): back-to-back replays 2.009 -> 2.003 ms, the overlapped step 2.006 -> 2.007;
+# within the noise, so off. Correct on the H100 at 4 (the engine's CUDA-graph test).
 SHORT_DECODE_SPLITS = 0
 
 
