@@ -557,11 +557,13 @@ def paged_attention(
     if max_query_len <= 1:
         max_context = block_tables.shape[1] * block_size
         splits = num_splits or decode_num_splits(B, KVH, max_context, q.device)
+        early = DECODE_EARLY_KV and rope_kv is not None  # (both kernels: their step inputs before the PDL wait)
         if splits > 1:
             part_o = torch.empty(B * H * splits * block_d, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(B * H * splits * 2, dtype=torch.float32, device=q.device)
             if interpret:  # a merge that reads a partial no split wrote shows in the CPU tests
-                part_o.fill_(float("nan")), part_ml.fill_(float("nan"))
+                part_o.fill_(float("nan"))
+                part_ml.fill_(float("nan"))
         else:
             part_o = part_ml = out  # unused
         kn, vn, cos, sin, slots = rope_kv if rope_kv is not None else (q, q, q, q, seq_lens)  # unused: no ROPE
@@ -571,14 +573,14 @@ def paged_attention(
             kn, vn, cos, sin, slots, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0),
             ROPE=rope_kv is not None, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits, INTERPRET=interpret,
-            EARLY=DECODE_EARLY_KV and rope_kv is not None,
+            EARLY=early,
             num_warps=DECODE_NUM_WARPS, num_stages=2, **launch_kwargs(q),
         )
         if splits > 1:
             _decode_reduce_kernel[(B, H)](
                 query_start, out, part_o, part_ml, out.stride(0), out.stride(1),
                 NUM_HEADS=H, HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), EARLY=DECODE_EARLY_KV and rope_kv is not None,
+                SPLITS_PAD=triton.next_power_of_2(splits), EARLY=early,
                 num_warps=DECODE_MERGE_WARPS, **launch_kwargs(q),
             )
         return out
