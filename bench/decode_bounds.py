@@ -25,7 +25,13 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
              after it (E 0) (kernels/attention.py DECODE_BLOCK_N, DECODE_NUM_WARPS, decode_num_splits,
              DECODE_MERGE_WARPS, DECODE_EARLY_KV), e.g. attn-n32-w2 or attn-n32-e1: a real variant, not a bound
              (tests/kernels cover the default parameters and both values of E)
-  a+b        several of the above at once (e.g. silu+merge+norm-in)
+  twice      two decode steps in one graph, the second embedding the first's argmax (what a graph of two greedy
+             steps would cost a token; its ms are per token: the replay's over 2)
+  ops        the graph as the copy engine feeds it (not zero-copy: server/graphs.py ZERO_COPY_BUCKETS), replayed with
+             the overlapped engine step's stream operations between replays: the inputs' upload (all but the tokens,
+             from pinned memory) before each and the tokens' copy home after. Against base (a zero-copy graph, which
+             fetches its inputs and sends its tokens home itself): what the copy engine's round trips cost a step
+  a+b        several of the above at once (e.g. silu+merge+norm-in, twice+ops)
 
 Prints one row per variant (ms, µs saved against base) and writes JSON.
 """
@@ -49,7 +55,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
-LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off")
+LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off", "twice", "ops")
 # attn-n32-w2-s4-m1-e1 (each part optional, in this order)
 ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?$")
 
@@ -88,8 +94,13 @@ def leaving_out(parts: set[str]):
              (attention, "DECODE_EARLY_KV", attention.DECODE_EARLY_KV),
              (im, "FUSE_SILU_GATE", im.FUSE_SILU_GATE), (QuantLinear, "add_into", QuantLinear.add_into),
              (mg, "NORM_SUMSQ", mg.NORM_SUMSQ)]
-    launch = im.launch_mma_gemv
+    from scaleserve.server.graphs import DecodeGraphs
+
+    saved.append((DecodeGraphs, "forward", DecodeGraphs.forward))
+    launch, forward = im.launch_mma_gemv, DecodeGraphs.forward
     try:
+        if "twice" in parts:  # (the second step at the first's position: the same work, one token's context less)
+            DecodeGraphs.forward = lambda self, batch: (forward(self, batch), forward(self, batch))[1]
         # What a left-out kernel would have written, the next projection reads from a tensor the step has just written
         # (so from L2, as it would have): not from the unwritten output buffer, which after a step's 3.5 GB of weights
         # is in DRAM only. (Session 21's first runs read the unwritten buffers: their silu / merge rows were off.)
@@ -141,6 +152,27 @@ def leaving_out(parts: set[str]):
             setattr(mod, name, value)
 
 
+class WithStreamOps:
+    """A decode graph replayed as the overlapped engine step replays a graph the copy engine feeds: its inputs
+    uploaded (all but the tokens, from pinned memory) before, the tokens copied home to pinned memory after."""
+
+    def __init__(self, graph, graphs, b: int):
+        from scaleserve.server.graphs import decode_views
+
+        self.graph, self.tokens = graph, graphs.tokens(b)
+        self.inputs = graphs.inputs[b]
+        self.packed = self.inputs.cpu().pin_memory()  # (the inputs as they are: the replay computes the same)
+        self.start = self.tokens.numel() * 8 + (-self.tokens.numel() * 8) % 16  # (the tokens region's bytes)
+        assert decode_views(self.packed, b, graphs.width, torch.int64, torch.int32)[1].data_ptr() == \
+            self.packed[self.start:].data_ptr()
+        self.home = torch.empty(b, dtype=torch.int64, pin_memory=True)
+
+    def replay(self) -> None:
+        self.inputs[self.start:].copy_(self.packed[self.start:], non_blocking=True)
+        self.graph.replay()
+        self.home.copy_(self.tokens, non_blocking=True)
+
+
 def kernel_families(graph, reps: int = 5) -> list[tuple[str, float, float]]:
     """(family, µs, launches) per replay of graph, most time first."""
     from decode_profile import family
@@ -161,8 +193,9 @@ def kernel_families(graph, reps: int = 5) -> list[tuple[str, float, float]]:
 
 
 def decode_engine(preset: str, context: int, quantize_lm_head: bool):
-    """-> (an engine decoding one sequence at context tokens, its decode graph's key, that graph): every kernel of
-    the step compiled and autotuned."""
+    """-> (an engine decoding one sequence at context tokens, the decode graphs its steps replay (the short-context
+    ones at short contexts: server/engine.py SHORT_DECODE_SPLITS), the graph's key, that graph): every kernel of the
+    step compiled and autotuned."""
     from decode_profile import build_engine
 
     from scaleserve.server.scheduler import SamplingParams, Sequence
@@ -173,8 +206,9 @@ def decode_engine(preset: str, context: int, quantize_lm_head: bool):
     for _ in range(12):
         engine.step()  # prefill, then decode steps: the decode graph is captured (and every kernel autotuned)
     torch.cuda.synchronize()
-    key, (graph, *_) = next(iter(engine.graphs.graphs.items()))
-    return engine, key, graph
+    graphs = engine._replayed
+    key, (graph, *_) = next(iter(graphs.graphs.items()))
+    return engine, graphs, key, graph
 
 
 def replay_ms(graphs: dict, rounds: int, replays: int) -> dict[str, list[float]]:
@@ -214,7 +248,7 @@ def main(argv=None) -> int:
             p.error(f"unknown parts {bad}; known: {', '.join(LEAVE_OUT)}, attn-nN-wW-sS-mM-eE")
     if a.pins:
         mg.PINNED.update(mg.read_pins(Path(a.pins)))
-    engine, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)
+    engine, decode_graphs, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)
     if not a.no_pins:  # every variant runs the same GEMV configs (silu-real's epilogue excepted)
         mg.PINNED.update(graph_tune.autotuned_picks())
         print("pins: " + "; ".join(f"{k}: {v}" for k, v in sorted(mg.PINNED.items())))
@@ -222,9 +256,18 @@ def main(argv=None) -> int:
     for v in variants:
         name = v if v not in graphs else f"{v} (again)"
         parts = set(v.split("+")) - {"base"}
+        zero_copy = set(decode_graphs.zero_copy)
+        if "ops" in parts:
+            decode_graphs.zero_copy.discard(b)
         with leaving_out(parts):
-            graphs[name] = graph_tune.capture(engine.graphs, b, mode)
+            graphs[name] = graph_tune.capture(decode_graphs, b, mode)
+        decode_graphs.zero_copy = zero_copy
+        if "ops" in parts:
+            graphs[name] = WithStreamOps(graphs[name], decode_graphs, b)
     times = replay_ms(graphs, a.rounds, a.replays)
+    for n in times:  # ms per token
+        if "twice" in n.split(" ")[0].split("+"):
+            times[n] = [t / 2 for t in times[n]]
     if a.profile:
         for n, g in graphs.items():
             print(f"  {n}: " + ", ".join(f"{k} {us:.0f} µs x{c:.0f}" for k, us, c in kernel_families(g)[:8]))

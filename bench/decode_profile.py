@@ -72,6 +72,9 @@ SWITCHES = {
     "short-graphs": ("default", "batch-1 steps of short contexts on decode graphs whose attention runs 4 splits "
                                 "(server/engine.py SHORT_DECODE_SPLITS; default: its setting) instead of the "
                                 "heuristic's"),
+    "zero-copy": ("default", "batch-1 decode graphs fetch their inputs from pinned memory and send their tokens home "
+                             "themselves (server/graphs.py ZERO_COPY_BUCKETS; default: its setting) instead of the "
+                             "copy engine's upload and copy home"),
     "early-kv": ("default", "the fused-RoPE decode attention loads its first KV tile before its PDL wait "
                             "(kernels/attention.py DECODE_EARLY_KV; default: its setting)"),
 }
@@ -274,6 +277,7 @@ def run(preset: str, batch: int, steps: int, pdl: bool = True, quantize_lm_head:
            "tok_s_overlap": round(batch / statistics.median(walls_overlap), 1),
            "timeline_overlap": timeline, "timeline_back_to_back": timeline_b2b}
     res["short_graph_steps"] = engine.short_steps
+    res["tokens_sent_home"] = engine.tokens_sent_home  # (steps of zero-copy graphs)
     res.update(profile_kernels(engine, graphs.batch(b, mode)))
     res["prefill16"] = time_prefill(engine, 16, mode)
     res["prefill16"].update(profile_kernels(engine, engine._warm_batch(16, mode), reps=3))
@@ -330,7 +334,9 @@ def main(argv=None) -> int:
                       "mode1-slab": onoff[im.MODE1_FROM_SLAB], "fused-norms": onoff[im.FUSE_NORMS],
                       "early-kv": onoff[attention.DECODE_EARLY_KV],
                       "tokens-home-stream": onoff[engine_module.TOKENS_HOME_STREAM],
-                      "short-graphs": onoff[bool(engine_module.SHORT_DECODE_SPLITS)]}
+                      "short-graphs": onoff[bool(engine_module.SHORT_DECODE_SPLITS)],
+                      "zero-copy": onoff[1 in engine_module.ZERO_COPY_BUCKETS]}
+    zero_copy = engine_module.ZERO_COPY_BUCKETS
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
         given = getattr(a, flag.replace("-", "_"))
@@ -357,6 +363,7 @@ def main(argv=None) -> int:
             attention.DECODE_EARLY_KV = on["early-kv"]
             engine_module.TOKENS_HOME_STREAM = on["tokens-home-stream"]
             engine_module.SHORT_DECODE_SPLITS = 4 if on["short-graphs"] else 0
+            engine_module.ZERO_COPY_BUCKETS = (zero_copy or (1,)) if on["zero-copy"] else ()
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -367,7 +374,8 @@ def main(argv=None) -> int:
                      quantize_lm_head=on["quantize-lm-head"], silu_gate=on["silu-gate"],
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
                      device_pins=on["device-pins"], early_kv=on["early-kv"],
-                     tokens_home_stream=on["tokens-home-stream"], short_graphs=on["short-graphs"])
+                     tokens_home_stream=on["tokens-home-stream"], short_graphs=on["short-graphs"],
+                     zero_copy=on["zero-copy"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs] [zero_copy]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -271,6 +271,18 @@ for step in "${steps[@]}"; do
            2>&1 | tee "$OUT/gpu_e2e.log" | tail -40 ;;
     engine) timeout ${ENGINE_TIMEOUT:-560} python3 -m pytest -q -p no:cacheprovider --tb=short -x --durations=5 -m gpu \
               -k "${ENGINE_K:-}" tests/server/test_staging.py tests/server/test_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -20 ;;
+    zero_copy)  # decode graphs that fetch their inputs and send their tokens home themselves (kernels/host_copy.py):
+                # the GPU tests (a failure leaves $OUT/zero_copy_failed), then the batch-1 7B graph against the copy
+                # engine's upload and copy home (`ops`) at ZC_CONTEXT tokens, with the 4-split attention and without
+      { timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_host_copy.py \
+          "tests/kernels/test_fused.py" -k "host_copy or pinned or fetch or send_home or bad_buffers or embed or norms_in" \
+          "tests/server/test_model.py::test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels" 2>&1 \
+          && timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -x -m gpu tests/server/test_engine.py \
+               -k "cuda_graph_steps_equal_eager or gpu_step_timing" 2>&1; } | tee "$OUT/zero_copy_tests.log" | tail -8
+      [ "${PIPESTATUS[0]}" = 0 ] || { touch "$OUT/zero_copy_failed"; continue; }
+      timeout ${ZC_TIMEOUT:-200} python3 bench/decode_bounds.py --quantize-lm-head --context ${ZC_CONTEXT:-144} \
+        --variants "${ZC_VARIANTS:-base,ops,attn-s4,attn-s4+ops,base}" --json "$OUT/zero-copy.json" 2>&1 \
+        | tee "$OUT/zero_copy.log" | tail -8 ;;
     setup) ;;  # the install above, for a command that runs its own steps after it
     *) echo "unknown step $step" ;;
   esac

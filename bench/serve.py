@@ -171,6 +171,19 @@ def engine_steps(url: str) -> dict[str, float]:
                 out[smp.labels["kind"]] = smp.value
             elif smp.name == "scaleserve_engine_overlapped_steps_total":
                 out["overlapped"] = smp.value
+            elif smp.name.startswith("scaleserve_engine_gpu_step_seconds_") and smp.name[-4:] in ("_sum", "ount"):
+                # (the server's --gpu-step-timing) "gpu_s decode_graph", "gpu_n decode_graph"
+                out[f"gpu_{'s' if smp.name.endswith('_sum') else 'n'} {smp.labels['kind']}"] = smp.value
+    return out
+
+
+def step_counts(before: dict[str, float], after: dict[str, float]) -> dict:
+    """engine_steps' counters over a pass; with GPU step timing, each kind's mean GPU ms a step ("gpu_ms ...")."""
+    d = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    out = {k: int(v) for k, v in d.items() if not k.startswith("gpu_")}
+    for k, n in d.items():
+        if k.startswith("gpu_n ") and n:
+            out["gpu_ms " + k[6:]] = round(d.get("gpu_s " + k[6:], 0.0) / n * 1e3, 4)
     return out
 
 
@@ -258,6 +271,16 @@ def summarize_stacks(raw: str, top: int = 25) -> dict:
                    "inclusive": t["inclusive"].most_common(top)} for name, t in threads.items()}
 
 
+def print_samples(name: str, prof: dict) -> None:
+    """One line per py-spy pass: samples per thread, and the engine thread's three top frames."""
+    threads = {t: v for t, v in prof.items() if isinstance(v, dict) and "samples" in v}
+    line = f"py-spy, {name}: " + ", ".join(f"{t} {v['samples']} samples" for t, v in threads.items())
+    for t, v in threads.items():
+        if "engine" in t.lower():
+            line += f"; {t} on top: " + ", ".join(f"{f} {n}" for f, n in v["self"][:3])
+    print(line + (f"; {prof['error']}" if "error" in prof else ""), flush=True)
+
+
 class SubprocessServer:
     """`scaleserve serve` in a child process on a free loopback port, so the load generator in this process
     does not share a GIL with the engine thread and uvicorn (the figures are the server's alone). Its log
@@ -274,7 +297,8 @@ class SubprocessServer:
         self.cmd = [sys.executable, "-m", "scaleserve.server.cli", "serve", "--model", str(model_dir),
                     "--host", "127.0.0.1", "--port", str(port)]
         for k, v in flags.items():
-            self.cmd += [f"--{k.replace('_', '-')}", str(v)]
+            flag = k.replace("_", "-")
+            self.cmd += [f"--{flag}" if v is True else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
         # PYTHONSAFEPATH (3.11+): `python -m` run from the checkout would put its top-level kernels/ folder
         # ahead of Hugging Face's `kernels` package, which transformers >= 5.25 imports
         self.env = {**__import__("os").environ, "PYTHONSAFEPATH": "1", **env}
@@ -315,9 +339,11 @@ class SubprocessServer:
         return out
 
     @contextlib.contextmanager
-    def sampled(self, out: Path):
+    def sampled(self, out: Path, idle: bool = False):
         """py-spy samples the server's threads while the block runs (raw folded stacks into `out`); yields
-        a dict that gets the summary (samples per thread, top frames). No py-spy, or no ptrace: an error entry."""
+        a dict that gets the summary (samples per thread, top frames). No py-spy, or no ptrace: an error entry.
+        idle: sample threads that wait too (py-spy leaves them out by default), so each thread's samples cover
+        the whole pass and its top frames say where it waits."""
         import shutil
 
         summary: dict = {}
@@ -330,7 +356,7 @@ class SubprocessServer:
             yield summary
             return
         spy = self.subprocess.Popen([exe, "record", "-p", str(self.proc.pid), "-f", "raw", "-o", str(out), "-t",
-                                     "--nonblocking", "-r", "200"], stdout=self.subprocess.PIPE,
+                                     "--nonblocking", "-r", "200", *(["--idle"] if idle else [])], stdout=self.subprocess.PIPE,
                                     stderr=self.subprocess.STDOUT, text=True)
         time.sleep(1.0)  # attached before the load starts
         try:
@@ -515,6 +541,8 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
     flags = dict(device="cuda", served_model_name=label, adapters=work / f"{label}-adapters",
                  max_num_seqs=max(64, args.streams), gpu_adapter_slots=max(64, args.streams) + 8,
                  kv_cache_memory_fraction=args.kv_fraction, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.gpu_step_timing:
+        flags["gpu_step_timing"] = True
     if args.in_process:  # the old way: client and server share this process (and its GIL)
         from scaleserve.server.main import ThreadedServer, create_app
 
@@ -536,7 +564,7 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
             r = asyncio.run(run_load(srv.url, models, n, conc, (plen, plen), (olen, olen), assign=assign,
                                      vocab=vocab))
             after = engine_steps(srv.url)  # how the engine ran these requests: steps by kind, overlapped
-            r["engine_steps"] = {k: int(v - before.get(k, 0)) for k, v in after.items() if v - before.get(k, 0)}
+            r["engine_steps"] = step_counts(before, after)
             return r
 
         # batch-1 decode
@@ -548,6 +576,14 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
         print_table([r], ["scenario"])
         print("batch-1 ITL ms: " + ", ".join(f"{k} {r[f'itl_ms_{k}']}" for k in ("p10", "p50", "p90", "p99", "mean"))
               + f"; engine steps {r['engine_steps']}", flush=True)
+        if args.py_spy and not args.in_process:
+            # one more batch-1 request, sampled with idle frames: whether the engine thread waits on the GPU (its
+            # event's synchronize), on the GIL (a frame right after a call that released it) or works
+            res["py_spy"] = {}
+            with srv.sampled(work / f"{label}-batch1-pyspy.txt", idle=True) as prof:
+                prof["pass"] = load([label], 1, 1, 16, args.batch1_tokens)
+            res["py_spy"]["batch-1 decode (base)"] = prof
+            print_samples("batch-1", prof)
         pair = ((f"{args.streams} streams, 1 adapter", names[:1]),
                 (f"{args.streams} streams, {args.streams} adapters", names[: args.streams]))
         for _, models in pair:  # warm-up: graphs, autotune, slab
@@ -559,14 +595,12 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
         for name, models in (*pair, *pair[::-1]) * args.ab_rounds:
             passes[name].append(load(models, args.streams, args.streams, args.prompt_len, args.output_len))
         if args.py_spy and not args.in_process:  # one more pass of each, sampled: where the server's host time goes
-            res["py_spy"] = {}
+            res.setdefault("py_spy", {})
             for name, models in pair:
                 with srv.sampled(work / f"{label}-{len(models)}-adapters-pyspy.txt") as prof:
                     prof["pass"] = load(models, args.streams, args.streams, args.prompt_len, args.output_len)
                 res["py_spy"][name] = prof
-                print(f"py-spy, {name}: " + ", ".join(f"{t} {v['samples']} samples" for t, v in prof.items()
-                                                      if isinstance(v, dict) and "samples" in v)
-                      + (f"; {prof['error']}" if "error" in prof else ""), flush=True)
+                print_samples(name, prof)
         for name, _ in pair:
             r = mean_of(passes[name])
             r["scenario"] = name
@@ -669,6 +703,9 @@ def main(argv=None) -> int:
                    help="random models with the output projection in int4 too (`scaleserve quantize "
                         "--quantize-lm-head`); default bf16")
     g.add_argument("--skip-hf", action="store_true")
+    g.add_argument("--gpu-step-timing", action="store_true",
+                   help="the server times each step's forward on the GPU (CUDA events): each pass's engine_steps "
+                        "then has the mean GPU ms a step by kind, to hold against its inter-token latency")
     g.add_argument("--py-spy", action="store_true",
                    help="after the A/B passes, one more of each under py-spy (the server's threads, raw stacks in "
                         "--work, a summary in the JSON): where the host time of a decode step goes")

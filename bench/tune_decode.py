@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     im.FUSE_SILU_GATE = a.silu_gate
     mg.PINNED.clear()
     mg.USE_DEVICE_PINS = False  # (the autotuner's picks are where the descent starts, also on a GPU with pins)
-    engine, (b, mode), _ = decode_engine(a.preset, a.context, a.quantize_lm_head)
+    engine, graphs, (b, mode), _ = decode_engine(a.preset, a.context, a.quantize_lm_head)
     log = []
 
     def report(row: dict) -> None:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         print(f"round {row['round']} {tuple(row['shape'])}: best {row['best_ms']:.4f} ms ({row['best']}), the "
               f"current pick {row['was_ms']:.4f} ms", flush=True)
 
-    step_ms = graph_tune.decode_step_timer(engine.graphs, b, mode, a.replays, a.repeats)
+    step_ms = graph_tune.decode_step_timer(graphs, b, mode, a.replays, a.repeats)
     pins, start, end = graph_tune.descend(graph_tune.autotuned_picks(), mg.PIN_CONFIGS, step_ms, a.rounds,
                                           report=report)
     print(f"{a.preset} batch 1, context {a.context}, {torch.cuda.get_device_name()}: the autotuner's picks "

@@ -13,6 +13,10 @@ Semantics (kernels/reference.py has the torch versions, and the model runs those
                                               k[t] and v[t] to kc / vc [blocks, bs, KVH, hd] at
                                               (s // bs, s % bs): attention.write_kv in the same launch
   silu_mul(gate_up) -> y:                     y[t, j] = silu(gate_up[t, j]) * gate_up[t, I + j]
+  embed_scaled(tokens, table, w) -> (x, xg):  x[t] = table[tokens[t]], xg[t] = x[t] * w in table's dtype (w
+                                              rounded to it first, one rounding of the product): a decode step's
+                                              embedding and its first norm's scaled input in one launch
+  embed_scaled(..., positions, rope_table)    also -> r[t] = rope_table[positions[t]] (its rows, [T, *row shape])
 
 CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (tests).
 """
@@ -188,3 +192,49 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if T:
         _silu_mul_kernel[(T, triton.cdiv(I, block))](gu, y, I, gu.stride(0), BLOCK=block, num_warps=4, **launch_kwargs(gu))
     return out if out is not None else y.view(*gate_up.shape[:-1], I)
+
+
+@triton.jit
+def _embed_scaled_kernel(tok_ptr, table_ptr, w_ptr, x_ptr, xg_ptr, D, pos_ptr, rope_ptr, r_ptr, R,
+                         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(table_ptr.dtype.element_ty).to(tl.float32)  # (a base weight)
+    # the tokens come from the step's inputs: after the wait. Waiting lets the first projection launch, whose
+    # programs then pull their first weight tiles while this gather runs
+    wait_for_producer(PDL)
+    tok = tl.load(tok_ptr + t).to(tl.int64)
+    row = tl.load(table_ptr + tok * D + offs, mask=ok, other=0.0)
+    tl.store(x_ptr + t * D + offs, row, mask=ok)
+    tl.store(xg_ptr + t * D + offs, (row.to(tl.float32) * w).to(xg_ptr.dtype.element_ty), mask=ok)
+    if BLOCK_R:  # the position's rope row (R elements)
+        r = tl.arange(0, BLOCK_R)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        tl.store(r_ptr + t * R + r, tl.load(rope_ptr + pos * R + r, mask=r < R), mask=r < R)
+
+
+def embed_scaled(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
+                 positions: torch.Tensor | None = None, rope_table: torch.Tensor | None = None) -> tuple:
+    """tokens [T] (ids < V), table [V, D], weight [D] -> (x, xg), both [T, D] in table's dtype: the rows of the
+    tokens and those rows times weight; with positions [T] and rope_table [P, ...] (contiguous), also their rows
+    of rope_table, [T, ...] (see the module docstring)."""
+    V, D = table.shape
+    if tokens.dim() != 1 or weight.shape != (D,) or not table.is_contiguous():
+        raise ValueError(f"embed_scaled: tokens [T], a contiguous table [V, D] and weight [D]; got tokens "
+                         f"{list(tokens.shape)}, table {list(table.shape)}, weight {list(weight.shape)}")
+    T = tokens.shape[0]
+    rope = rope_table is not None
+    if rope and (positions is None or positions.shape != tokens.shape or not rope_table.is_contiguous()):
+        raise ValueError(f"embed_scaled: positions [T] and a contiguous rope table; got positions "
+                         f"{None if positions is None else list(positions.shape)} for tokens {list(tokens.shape)}")
+    x = torch.empty(T, D, dtype=table.dtype, device=table.device)
+    xg = torch.empty_like(x)
+    rows = torch.empty(T, *rope_table.shape[1:], dtype=rope_table.dtype, device=table.device) if rope else None
+    R = rope_table[0].numel() if rope else 0
+    if T:
+        _embed_scaled_kernel[(T,)](tokens, table, weight, x, xg, D, positions if rope else tokens,
+                                   rope_table if rope else x, rows if rope else x, R,
+                                   BLOCK_D=triton.next_power_of_2(D), BLOCK_R=triton.next_power_of_2(R) if R else 0,
+                                   num_warps=4 if D >= 2048 else 1, **launch_kwargs(x))
+    return (x, xg, rows) if rope else (x, xg)

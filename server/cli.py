@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tune-decode-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="after warm-up, pick the batch-1 GEMV configs by timing the decode graph (kept in "
                         "--data-dir/kernel-pins/ for later starts; default off)")
+    s.add_argument("--gpu-step-timing", action=argparse.BooleanOptionalAction, default=None,
+                   help="time each engine step's forward on the GPU into scaleserve_engine_gpu_step_seconds "
+                        "(default off)")
     s.add_argument("--api-keys-file")
     s.add_argument("--data-dir")
     s.add_argument("--log-level")

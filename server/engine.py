@@ -39,7 +39,7 @@ from scaleserve.kernels.pdl import set_pdl
 from .batch import Batch
 from .detokenizer import Detokenizer, cut_stop, window_delta
 from .generate import eos_ids
-from .graphs import DecodeGraphs, PrefillGraphs, decode_nbytes, decode_views
+from .graphs import ZERO_COPY_BUCKETS, DecodeGraphs, PrefillGraphs, decode_nbytes, decode_views
 from .kv_cache import KVCache
 from .sampler import SamplingTensors, apply_penalties, logit_bias, sample
 from .scheduler import Scheduler, Sequence, Status
@@ -59,9 +59,11 @@ TOKENS_HOME_STREAM = False
 # not the heuristic's (9 on an H100 for 32 KV heads, sized for long contexts; at short ones most of its programs get
 # no keys; a count meant to be below the heuristic's). 0: off. H100, 144 tokens, the attention alone forced to 4
 # splits: -11.6 µs a step (bench/NOTES-kernels.md, session 26). In the engine (`bench/decode_profile.py
-# --short-graphs off,on`, session 27): back-to-back replays 2.009 -> 2.003 ms, the overlapped step 2.006 -> 2.007;
-# within the noise, so off. Correct on the H100 at 4 (the engine's CUDA-graph test).
-SHORT_DECODE_SPLITS = 0
+# --short-graphs off,on`, session 27, contexts 85-150): back-to-back replays 2.009 -> 2.003 ms, the overlapped step
+# 2.006 -> 2.007. `bench/decode_bounds.py --context 144 --variants base,attn-s2,attn-s4,attn-s6,...` (H100,
+# session 28): 4 splits -4.6 µs, 2 splits +57, 6 splits -1.0. On at 4: the serve bench's batch-1 requests decode
+# at contexts 16-272. Correct on the H100 (the engine's CUDA-graph test).
+SHORT_DECODE_SPLITS = 4
 
 
 @dataclass
@@ -93,6 +95,7 @@ class _Sampled:
     host: torch.Tensor | None = None  # CUDA: pinned copy, valid once `ready` has happened; CPU: a copy
     ready: torch.cuda.Event | None = None
     lps: list | None = None
+    timing: tuple | None = None  # (kind, start, end): CUDA events around the step's forward (gpu_step_timing)
 
 
 @dataclass
@@ -170,12 +173,13 @@ class Engine:
         set_pdl(settings.pdl)  # before any graph is captured: the launches are recorded with it
         if self.device.type == "cuda" and settings.cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
-            self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device, pool)
+            self.graphs = DecodeGraphs(model, self.kv, settings.max_num_seqs, self.width, self.device, pool,
+                                       zero_copy=ZERO_COPY_BUCKETS)
             if SHORT_DECODE_SPLITS:
                 from scaleserve.kernels.attention import DECODE_BLOCK_N
 
                 self.short_graphs = DecodeGraphs(model, self.kv, 1, self.width, self.device, pool,
-                                                 decode_splits=SHORT_DECODE_SPLITS)
+                                                 decode_splits=SHORT_DECODE_SPLITS, zero_copy=ZERO_COPY_BUCKETS)
                 self.short_context = SHORT_DECODE_SPLITS * DECODE_BLOCK_N
             # chunks above 512 tokens run eagerly: there the GPU work outweighs the launch overhead
             self.prefill_graphs = PrefillGraphs(model, self.kv, min(settings.max_num_batched_tokens,
@@ -195,12 +199,15 @@ class Engine:
         self.overlapped_steps = 0
         self.tokens_in_place = 0  # overlapped decode-graph steps whose input tokens were the last replay's argmax
         self.short_steps = 0  # decode-graph steps that replayed short_graphs
+        self.tokens_sent_home = 0  # steps whose tokens a zero-copy decode graph left in pinned memory itself
         # a step this long stalled every stream: over 100x a 7B decode step on the H100, above the longest prefill
         # chunk (2048 tokens), far below a kernel compile or a collection of the whole heap (seconds)
         warn_ms = settings.slow_step_warn_ms
         warn_ms = (250.0 if self.device.type == "cuda" else 0.0) if warn_ms is None else warn_ms
         self.slow_step_s = warn_ms / 1e3 if warn_ms > 0 else math.inf
         self._step_kind = ""
+        # CUDA events around each step's forward, read when its tokens are home (no extra sync)
+        self.gpu_step_timing = settings.gpu_step_timing and self.device.type == "cuda" and metrics is not None
         self._pinned = None
         self._home: torch.cuda.Stream | None = None  # the tokens' device -> host copies (TOKENS_HOME_STREAM)
         self._home_done: torch.cuda.Event | None = None  # the last such copy, until a main-stream write waits on it
@@ -396,7 +403,13 @@ class Engine:
         seqs = [s for s, _ in sched]
         scoring = [i for i, (s, _) in enumerate(sched) if s.params.prompt_logprobs is not None
                    and len(s.prompt_logprobs) < len(s.prompt_ids) - 1]
+        if self.gpu_step_timing:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         logits = self._forward(sched, prev, scoring)
+        if self.gpu_step_timing:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
         # rows whose last prompt token was computed (or decodes) sample; chunk-interior rows do not
         done = [i for i, (s, n) in enumerate(sched) if s.num_computed + n == s.num_tokens]
         for s, n in sched:
@@ -410,6 +423,8 @@ class Engine:
                 seqs = [seqs[i] for i in done]
                 greedy = None
             cur = self._dispatch(seqs, *self._sample(seqs, logits, greedy))
+            if self.gpu_step_timing:
+                cur.timing = (self._step_kind, started, ended)
         if prev is not None:  # the GPU runs this step while the host finishes the last one
             self.overlapped_steps += 1
             if self.metrics:
@@ -458,6 +473,12 @@ class Engine:
         if isinstance(tokens, torch.Tensor) and tokens.device.type != "cuda":
             # (the CPU tests' eager graphs: a decode graph's argmax buffer, which the next step overwrites in place)
             f.host = tokens.clone()
+        elif isinstance(tokens, torch.Tensor) and self._step_kind == "decode_graph" and \
+                self._replayed.home is not None and tokens.data_ptr() == self._replayed.greedy.data_ptr():
+            f.host = self._replayed.home[: len(seqs)]  # (a zero-copy graph sent its argmax home itself)
+            f.ready = torch.cuda.Event()
+            f.ready.record()
+            self.tokens_sent_home += 1
         elif isinstance(tokens, torch.Tensor):
             self._pinned.reverse()
             f.host = self._pinned[0][: len(seqs)]
@@ -485,6 +506,9 @@ class Engine:
         """Step 6 for a dispatched step: its tokens on the host, appended, detokenized, stopped, emitted."""
         if f.ready is not None:
             f.ready.synchronize()
+        if f.timing is not None:  # (its end was recorded before the tokens' copy home: done too)
+            kind, started, ended = f.timing
+            self.metrics.gpu_step.labels(kind).observe(started.elapsed_time(ended) / 1e3)
         tokens = f.host.tolist() if f.host is not None else f.tokens
         for s in f.seqs:
             s.inflight -= 1
@@ -516,7 +540,7 @@ class Engine:
             dec = self._decode_graph([sched[i] for i in decode]) if decode else None
             if dec is not None or not decode:
                 # the graphs share one memory pool: copy the decode logits out before the prefill replay
-                dec = None if dec is None else dec.clone()
+                dec = None if dec is None else dec.to(torch.float32, copy=True)
                 pre = self._prefill_graph(chunks)
                 logits = pre if dec is None else self._in_order(torch.cat([dec, pre]), decode + prefill)
                 kind = "prefill_graph" if dec is None else "split_graphs"
@@ -575,7 +599,9 @@ class Engine:
         in_place = tokens is not None and tokens.data_ptr() == graphs.tokens(b).data_ptr()
         if not in_place:
             self._await_home()
-        graphs.load(b, host, keep_tokens=in_place)  # (in place: the upload runs beside the copy home)
+        # (in place: the upload runs beside the copy home; a zero-copy graph fetches its inputs after the token
+        # copy below, so it keeps whatever tokens are on the device)
+        graphs.load(b, host, keep_tokens=in_place or (tokens is not None and b in graphs.zero_copy))
         self.staging.sent()
         if tokens is not None and not in_place:
             graphs.tokens(b)[: len(sched)].copy_(tokens)
@@ -718,6 +744,7 @@ class Engine:
         if all(p.temperature <= 0 and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty)
                and not p.logit_bias for p in ps):  # all greedy: skip the noise and filters (batch-1 decode latency)
             return (logits.argmax(-1) if greedy is None else greedy), None
+        logits = logits.float()  # (a decode graph's may be in the model's dtype)
         if any(p.logit_bias for p in ps):  # (not in place: a graph's logits are its output buffer)
             logits = logits + logit_bias([p.logit_bias for p in ps], logits.shape[1], self.staging.upload)
         floats = self.staging.upload(np.array([[p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty]

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from scaleserve.kernels.host_copy import HEADER_WORDS, fetch_words, send_home
 from scaleserve.kernels.linear import RowAdapters
 
 from .batch import Batch
@@ -66,20 +67,29 @@ class _StepGraphs:
     def _capture(self, b: int, mode: int):
         t0 = time.perf_counter()
         batch = self.batch(b, mode)
+        self._warm_up(batch)
+        entry = self._record(lambda: self.forward(batch))
+        log.debug("captured %s graph %d mode %d in %.2f s", type(self).__name__, b, mode, time.perf_counter() - t0)
+        return entry
+
+    def _warm_up(self, batch: Batch) -> None:
+        """Two eager runs of the step before its capture: Triton compiles and autotunes outside it."""
         # a decode graph's forward writes its argmax into its own tokens input: the step being captured (lazily,
         # mid-serving) must still embed the tokens it was loaded with, so the warm-up runs put them back
         tokens = batch.tokens.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: Triton compiles and autotunes outside the capture
+        with torch.cuda.stream(side):
             for _ in range(2):
                 self.forward(batch)
                 batch.tokens.copy_(tokens)
         torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """step() -> (logits, greedy), captured into a graph in the shared pool."""
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            logits, greedy = self.forward(batch)
-        log.debug("captured %s graph %d mode %d in %.2f s", type(self).__name__, b, mode, time.perf_counter() - t0)
+            logits, greedy = step()
         return g, logits, greedy
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,13 +126,28 @@ def decode_views(buf, b: int, width: int, i64, i32) -> tuple:
     return tuple(views)
 
 
+# Decode buckets whose graphs exchange inputs and tokens with the host themselves (CUDA): the graph's first kernel
+# reads its inputs from pinned host memory and its last leaves the tokens there (kernels/host_copy.py), so nothing
+# runs on the stream between two replays. A copy engine's upload and copy home cost the batch-1 7B step 18.5 µs on
+# an H100 (bench/decode_bounds.py `ops`, session 28); at larger batches the step is long and that cost is small.
+ZERO_COPY_BUCKETS = (1,)
+
+
 class DecodeGraphs(_StepGraphs):
     """Static inputs and graphs of the model's decode step, keyed by (batch bucket, rows.mode). Each bucket's
     graphs read their inputs as views of one byte buffer (decode_views), so a step's inputs arrive in one
     host->device copy with no kernel between it and the replay (a scatter into typed buffers was six).
-    Padded rows: token 0, slot -1 (writes nothing), block 0, context 0, base adapter row."""
+    Padded rows: token 0, slot -1 (writes nothing), block 0, context 0, base adapter row.
 
-    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool, decode_splits: int | None = None):
+    Zero-copy buckets (zero_copy, CUDA only) have two graphs a key, replayed in turn, each fetching its inputs from
+    its own pinned buffer and sending its argmax to its own pinned tokens buffer: load() writes the buffer of the
+    next replay, which the replay before it does not read, and `home` holds the last replay's tokens once it has
+    run. The host writes a buffer only after the replay that last read it has run (its event), and an engine reads
+    a replay's tokens before it loads the step after next (Engine._complete before the next _dispatch of that turn),
+    so neither side touches a buffer the other may still be using."""
+
+    def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool, decode_splits: int | None = None,
+                 zero_copy: tuple[int, ...] = ()):
         super().__init__(model, kv, pool)
         self.decode_splits = decode_splits  # the attention's context splits in these graphs (None: its heuristic)
         self.buckets = graph_buckets(max_bs)
@@ -134,6 +159,22 @@ class DecodeGraphs(_StepGraphs):
             v[2].fill_(-1)  # slots: a padded row writes no KV
         self.query_start = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.logits_index = torch.arange(B, dtype=torch.int64, device=dev)
+        self.zero_copy = {b for b in self.buckets if b in zero_copy} if torch.device(dev).type == "cuda" else set()
+        self.home: torch.Tensor | None = None  # the last replay's tokens in pinned memory (a zero-copy bucket's)
+        # per zero-copy bucket, two of each: pinned input words (a header, then the inputs as `inputs` holds
+        # them), pinned tokens, the event after the last replay that read / wrote them; and the turn last replayed
+        self.host_in: dict[int, list[torch.Tensor]] = {}
+        self.host_out: dict[int, list[torch.Tensor]] = {}
+        self.turn_done: dict[int, list[torch.cuda.Event]] = {}
+        self.turn: dict[int, int] = {}
+        self.twins: dict[tuple[int, int], list[tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
+        for b in sorted(self.zero_copy):
+            words = self.inputs[b].view(torch.int32).cpu()  # (slots -1: as the device buffer starts)
+            self.host_in[b] = [torch.cat([torch.zeros(HEADER_WORDS, dtype=torch.int32), words]).pin_memory()
+                               for _ in range(2)]
+            self.host_out[b] = [torch.zeros(b, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self.turn_done[b] = [torch.cuda.Event(), torch.cuda.Event()]
+            self.turn[b] = 1  # (the first replay takes turn 0)
 
     def bucket(self, n: int) -> int | None:
         for b in self.buckets:
@@ -149,8 +190,9 @@ class DecodeGraphs(_StepGraphs):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """As _StepGraphs.forward, with the argmax written into the graph's own tokens input: a greedy step
         whose next step decodes the same rows leaves them there (load's keep_tokens) for the next replay to
-        embed, so no copy runs between the two replays."""
-        logits = self.model(batch, self.kv.k, self.kv.v)
+        embed, so no copy runs between the two replays. The logits may be in the model's dtype (its forward's
+        float_logits): a greedy step never converts them."""
+        logits = self.model(batch, self.kv.k, self.kv.v, float_logits=False)  # (Engine._sample converts them)
         return logits, torch.argmax(logits, -1, out=batch.tokens)
 
     def tokens(self, b: int) -> torch.Tensor:
@@ -159,9 +201,60 @@ class DecodeGraphs(_StepGraphs):
     def load(self, b: int, packed: torch.Tensor, keep_tokens: bool = False) -> None:
         """packed: uint8 [decode_nbytes(b, width)] on the host (pinned, for an asynchronous copy), laid out as
         decode_views reads it: Engine._pack_decode writes it. keep_tokens: copy everything but the tokens,
-        which the last replay of this bucket's graphs left in place (its argmax: the rows' next tokens)."""
+        which the last replay of this bucket's graphs left in place (its argmax: the rows' next tokens), or which
+        the caller writes into tokens(b) on the device. A zero-copy bucket: into the next replay's pinned buffer,
+        which that replay fetches itself."""
         start = _decode_regions(b, self.width)[1][0] if keep_tokens else 0
-        self.inputs[b][start:].copy_(packed[start:], non_blocking=True)
+        if b not in self.zero_copy:
+            self.inputs[b][start:].copy_(packed[start:], non_blocking=True)
+            return
+        turn = 1 - self.turn[b]
+        self.turn_done[b][turn].synchronize()  # (the replay that last read this buffer: two steps ago, long done)
+        words = self.host_in[b][turn]
+        words[HEADER_WORDS:].view(torch.uint8).copy_(packed)
+        words[0] = start // 4
+
+    def run(self, b: int, mode: int) -> torch.Tensor:
+        """As _StepGraphs.run; a zero-copy bucket replays the next of its key's two graphs (what load() wrote), and
+        `home` is where that replay leaves its argmax."""
+        if b not in self.zero_copy:
+            self.home = None
+            return super().run(b, mode)
+        turn = 1 - self.turn[b]
+        entry = self.graphs.get((b, mode))
+        if entry is None:
+            entry = self.graphs[b, mode] = self._capture(b, mode)
+        graph, logits = self.twins[b, mode][turn]
+        graph.replay()
+        self.turn_done[b][turn].record()
+        self.turn[b] = turn
+        self.greedy, self.home = entry[2], self.host_out[b][turn]
+        return logits
+
+    def _capture(self, b: int, mode: int):
+        """A zero-copy bucket's two graphs: each fetches the inputs from its pinned buffer, runs the step, and
+        sends the argmax to its pinned tokens; -> the first's (graph, logits, greedy)."""
+        if b not in self.zero_copy:
+            return super()._capture(b, mode)
+        t0 = time.perf_counter()
+        batch, words = self.batch(b, mode), self.inputs[b].view(torch.int32)
+        turn = 1 - self.turn[b]
+        # the inputs of the step being captured (its replay fetches the same), which the warm-up runs read: their
+        # K / V writes are the step's own rows
+        fetch_words(self.host_in[b][turn], words)
+        self._warm_up(batch)
+        send_home(batch.tokens, self.host_out[b][turn])  # (compiled outside the capture too)
+
+        def step(t: int):
+            fetch_words(self.host_in[b][t], words)
+            logits, greedy = self.forward(batch)
+            send_home(greedy, self.host_out[b][t])
+            return logits, greedy
+
+        pair = [self._record(lambda t=t: step(t)) for t in (0, 1)]
+        self.twins[b, mode] = [(g, logits) for g, logits, _ in pair]
+        log.debug("captured zero-copy decode graphs %d mode %d in %.2f s", b, mode, time.perf_counter() - t0)
+        return pair[0]
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:

@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+GPU_STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 OTHER = "other"
@@ -49,6 +50,9 @@ class Metrics:
         self.overlapped_steps = Counter("scaleserve_engine_overlapped_steps_total",
                                         "engine steps dispatched while the host still processed the step before "
                                         "(settings.overlap_steps)", registry=r)
+        self.gpu_step = Histogram("scaleserve_engine_gpu_step_seconds", "GPU time of an engine step's forward, from "
+                                  "its inputs' upload to its last kernel, by kind (settings.gpu_step_timing)",
+                                  ["kind"], buckets=GPU_STEP_BUCKETS, registry=r)
         self.kernel_compiles = Counter("scaleserve_kernel_compiles_after_ready_total",
                                        "Triton kernels compiled while serving, by kernel: warm-up missed their "
                                        "shape, and each compile stalled every running stream", ["kernel"],

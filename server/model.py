@@ -275,17 +275,21 @@ class Transformer(nn.Module):
         # positions: [..., T] (each < n_positions, default the model's max) -> cos/sin [..., T, 1, hd] float32.
         # Rows of a table built once per device: a step gathers them (one launch) instead of running
         # the ~8 elementwise ops below; the table holds what those ops give at each position.
+        return _split_rope(self.rope_table(positions.device, n_positions)[positions])
+
+    def rope_table(self, device: torch.device, n_positions: int | None = None) -> torch.Tensor:
+        """[n, 2, hd] float32: cos and sin rows at each position (n: n_positions, at least the model's max)."""
         n = max(n_positions or 0, self.args.max_position_embeddings)
-        key = (positions.device, self.inv_freq.data_ptr(), n)
+        key = (device, self.inv_freq.data_ptr(), n)
         if self._rope_key != key:
-            pos = torch.arange(n, device=positions.device)
-            freqs = pos.float()[:, None] * self.inv_freq.to(positions.device)
+            pos = torch.arange(n, device=device)
+            freqs = pos.float()[:, None] * self.inv_freq.to(device)
             emb = torch.cat((freqs, freqs), -1)  # [n, hd]
             table = torch.stack((emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling), 1)  # [n, 2, hd]
-            if positions.is_cuda and torch.cuda.is_current_stream_capturing():  # inside a graph: the memory is the graph's
-                return _split_rope(table[positions])
+            if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return table  # (inside a graph: the memory is the graph's)
             self._rope_table, self._rope_key = table, key
-        return _split_rope(self._rope_table[positions])
+        return self._rope_table
 
     def logits(self, h: torch.Tensor, rows: RowAdapters, delta: torch.Tensor | None = None,
                idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,13 +316,17 @@ class Transformer(nn.Module):
             int4_matmul.mma_gemv_takes(m, 1, rows.mode, x.dtype, x.device)
             for m in (first.attn.qkv, first.attn.o, first.mlp.gate_up, first.mlp.down))
 
-    def forward(self, batch: Batch, k_caches: list, v_caches: list) -> torch.Tensor:
-        """Logits [B, V] (float32) at each sequence's last new token; writes K/V of every token."""
+    def forward(self, batch: Batch, k_caches: list, v_caches: list, float_logits: bool = True) -> torch.Tensor:
+        """Logits [B, V] at each sequence's last new token (float32; where not float_logits, a one-token step whose
+        head takes the fused norm leaves them in the model's dtype: a decode graph takes their argmax, the same
+        either way, without the conversion's launch); writes K/V of every token."""
+        rows = batch.rows
+        # (a view of the table's first rows: what fuses_norms reads of the step's embedding is its shape and place)
+        if self.fuses_norms(self.embed.weight[: batch.tokens.shape[0]], rows):
+            logits = self.decode_fused_norms(batch.tokens, rows, batch, k_caches, v_caches)
+            return logits.float() if float_logits else logits
         x = self.embed(batch.tokens)  # [T, D]
         cos, sin = self.rope(batch.positions)
-        rows = batch.rows
-        if self.fuses_norms(x, rows):
-            return self.decode_fused_norms(x, rows, cos, sin, batch, k_caches, v_caches)
         delta = None  # the last sublayer's output, added to the residual stream x by the next norm
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
             h, x = layer.input_norm.add_forward(x, delta)
@@ -328,16 +336,22 @@ class Transformer(nn.Module):
         # one new token per sequence (decode): every row's logits, in order
         return self.logits(x, rows, delta, None if batch.max_query_len == 1 else batch.logits_index)
 
-    def decode_fused_norms(self, x, rows: RowAdapters, cos, sin, batch: Batch, k_caches: list,
+    def decode_fused_norms(self, tokens, rows: RowAdapters, batch: Batch, k_caches: list,
                            v_caches: list) -> torch.Tensor:
-        # x: [1, D], the embedding: the residual stream, updated in place -> logits [1, V] float32. Each
-        # projection before a norm adds into x and writes xg = round(x * the norm's weight); the one after reads
-        # xg and scales by the norm's rsqrt(mean(x^2) + eps). An int4 head on the MMA GEMV takes the final norm
-        # the same way; the bf16 head runs it as a kernel.
+        # tokens: [1] (at batch.positions) -> logits [1, V] in the model's dtype. x [1, D], the embedding, is the
+        # residual stream,
+        # updated in place. Each projection before a norm adds into x and writes xg = round(x * the norm's weight);
+        # the one after reads xg and scales by the norm's rsqrt(mean(x^2) + eps). An int4 head on the MMA GEMV takes
+        # the final norm the same way; the bf16 head runs it as a kernel.
+        from scaleserve.kernels.fused import embed_scaled
         from scaleserve.kernels.int4_matmul import mma_gemv_takes
 
+        # x, xg = round(x * the first norm's weight) (16-bit operands: one rounding of the product) and the position's
+        # rope rows in one kernel
+        x, xg, rope_rows = embed_scaled(tokens, self.embed.weight, self.layers[0].input_norm.weight, batch.positions,
+                                        self.rope_table(tokens.device))
+        cos, sin = _split_rope(rope_rows)
         head_fuses = self.quantize_lm_head and mma_gemv_takes(self.lm_head, 1, rows.mode, x.dtype, x.device)
-        xg = x * self.layers[0].input_norm.weight.to(x.dtype)  # (16-bit operands: one rounding of the product)
         # the stream's sums of squares, written by each projection into it and read by the one after the next norm
         # (whose sum then waits until after its loop); the first layer's input norm reads the embedding itself
         sumsq = torch.empty(-(-x.shape[-1] // 16), dtype=torch.float32, device=x.device)
@@ -348,7 +362,7 @@ class Transformer(nn.Module):
                 nxt = self.norm if head_fuses else None
             layer.decode_fused_norms(x, xg, rows, cos, sin, batch, kc, vc, nxt, sumsq, i > 0)
         if head_fuses:
-            return self.lm_head(NormedInput(xg, x, self.norm.eps, sumsq), rows).float()
+            return self.lm_head(NormedInput(xg, x, self.norm.eps, sumsq), rows)
         return self.logits(x, rows)
 
     def forward_dense(self, tokens: torch.Tensor, rows: RowAdapters) -> torch.Tensor:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     slow_step_warn_ms: float | None = Field(None, ge=0, description="log a warning for every engine step that "
                                             "takes longer (its kind, sequences, tokens): a stall every stream "
                                             "sees; 0 turns it off; default: 250 with CUDA, off on CPU")
+    gpu_step_timing: bool = Field(False, description="time each engine step on the GPU (CUDA events around its "
+                                  "forward, from its inputs' upload to its last kernel) into the "
+                                  "scaleserve_engine_gpu_step_seconds histogram: against the step's wall time it "
+                                  "says whether the GPU or the host sets the pace")
     pdl: bool = Field(True, description="programmatic dependent launch of the Triton kernels (Hopper and newer): "
                                         "each kernel starts while the one before it finishes")
     tune_decode_graph: bool = Field(False, description="after warm-up, pick the one-row GEMV's configs by timing the "

@@ -46,3 +46,29 @@ def test_an_attention_config_holds_while_captured_and_is_put_back():
         assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS) == before[:2]
         assert attention.DECODE_MERGE_WARPS == before[3]
         assert attention.decode_num_splits(1, 32, 4096, CPU) == 3
+
+
+def test_twice_captures_two_steps_the_second_on_the_firsts_argmax():
+    """`twice`: DecodeGraphs.forward runs the model twice while the variant holds, the second step embedding the
+    argmax the first left in the tokens input; put back after."""
+    from types import SimpleNamespace
+
+    from scaleserve.server.graphs import DecodeGraphs
+
+    seen = []
+
+    def model(batch, k, v, float_logits=True):  # logits whose argmax is each row's token + 1
+        seen.append(batch.tokens.clone())
+        return torch.nn.functional.one_hot(batch.tokens + 1, 16).float()
+
+    fake = SimpleNamespace(model=model, kv=SimpleNamespace(k=None, v=None))
+    batch = SimpleNamespace(tokens=torch.tensor([3, 7]))
+    forward = DecodeGraphs.forward
+    with decode_bounds.leaving_out({"twice"}):
+        logits, tokens = DecodeGraphs.forward(fake, batch)
+    assert [t.tolist() for t in seen] == [[3, 7], [4, 8]]
+    assert tokens.tolist() == [5, 9] and batch.tokens.tolist() == [5, 9] and logits.shape == (2, 16)
+    assert DecodeGraphs.forward is forward
+    seen.clear()
+    DecodeGraphs.forward(fake, SimpleNamespace(tokens=torch.tensor([1])))
+    assert len(seen) == 1

@@ -33,3 +33,28 @@ def test_engine_info_reads_warm_up_and_stalls(tmp_path, monkeypatch):
         "missed this shape): _prefill_kernel[num_warps=4](q_ptr: ('*bf16', 'D'))",
         "2026-12-07 06:17:18,902 slow engine step: 1412 ms (eager; 64 sequences, 55 decoding, 9 prefilling 1152 "
         "tokens; the step's wall time, including the wait for the step before it)"]
+
+
+def test_step_counts_give_each_kinds_mean_gpu_step(monkeypatch):
+    """The engine counters over a pass, and with the server's GPU step timing, each kind's mean ms a step."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("serve", None)
+    from serve import step_counts
+
+    before = {"decode_graph": 10.0, "overlapped": 8.0, "gpu_s decode_graph": 0.02, "gpu_n decode_graph": 10.0,
+              "gpu_s prefill_graph": 0.5, "gpu_n prefill_graph": 1.0}
+    after = {"decode_graph": 265.0, "prefill_graph": 1.0, "overlapped": 262.0, "gpu_s decode_graph": 0.53,
+             "gpu_n decode_graph": 265.0, "gpu_s prefill_graph": 0.5, "gpu_n prefill_graph": 1.0}
+    assert step_counts(before, after) == {"decode_graph": 255, "prefill_graph": 1, "overlapped": 254,
+                                          "gpu_ms decode_graph": 2.0}
+
+
+def test_subprocess_server_passes_booleans_as_switches(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("serve", None)
+    from serve import SubprocessServer
+
+    cmd = SubprocessServer(tmp_path, {"max_num_seqs": 64, "gpu_step_timing": True, "pdl": False}, {},
+                           tmp_path / "log").cmd
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "64"
+    assert "--gpu-step-timing" in cmd and "--no-pdl" in cmd and "True" not in cmd and "False" not in cmd

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 
 import pytest  # noqa: E402
 
-from scaleserve.kernels.fused import add_rms_norm, rope_qk_, silu_mul  # noqa: E402
+from scaleserve.kernels.fused import add_rms_norm, embed_scaled, rope_qk_, silu_mul  # noqa: E402
 from scaleserve.kernels.reference import add_rms_norm_ref, rope_ref, silu_mul_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -165,3 +165,54 @@ def test_real_widths_cuda(D, I, H, KVH, hd):
     want = rope_ref(qkv[:, : H * hd].unflatten(-1, (H, hd)), cos, sin)
     rope_qk_(qkv, cos, sin, H, KVH, hd)
     torch.testing.assert_close(qkv[:, : H * hd].unflatten(-1, (H, hd)).float(), want.float(), **TOL[dt])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,V,D", [(1, 50, 64), (3, 7, 576), (2, 300, 100)])
+@pytest.mark.parametrize("w_dtype", ["same", "float32"])
+def test_embed_scaled_equals_the_embedding_and_its_product(dtype, T, V, D, w_dtype):
+    """x = table[tokens] exactly; xg = x * w as torch computes it (w in the table's dtype first): bit for bit,
+    repeated tokens and the last row included."""
+    table = randn(V, D, dtype=dtype)
+    w = randn(D, dtype=dtype if w_dtype == "same" else torch.float32, scale=2.0)
+    tokens = torch.randint(0, V, (T,), generator=_gen())
+    tokens[-1] = V - 1
+    if T > 2:
+        tokens[1] = tokens[0]
+    tokens = tokens.to(DEVICE)
+    x, xg = embed_scaled(tokens, table, w)
+    want = table[tokens]
+    assert x.dtype == xg.dtype == dtype and x.shape == (T, D)
+    assert torch.equal(x, want)
+    if CUDA or dtype != torch.bfloat16:
+        assert torch.equal(xg, want * w.to(dtype))  # torch's product in the table's dtype
+    else:  # the interpreter converts fp32 -> bf16 by truncation, not round-to-nearest (w's conversion too)
+        def trunc(t):
+            return (t.float().view(torch.int32) & -65536).view(torch.float32)
+
+        assert torch.equal(xg, trunc(want.float() * trunc(w)).to(dtype))
+
+
+@pytest.mark.parametrize("T,hd", [(1, 128), (3, 24)])
+def test_embed_scaled_gathers_the_positions_rope_rows(T, hd):
+    """With positions and a rope table [P, 2, hd]: their rows exactly, beside the same x and xg as without."""
+    table, w = randn(40, 64, dtype=torch.bfloat16), randn(64, dtype=torch.bfloat16)
+    rope = randn(300, 2, hd, dtype=torch.float32)
+    tokens = torch.randint(0, 40, (T,), generator=_gen()).to(DEVICE)
+    positions = torch.randint(0, 300, (T,), generator=_gen())
+    positions[-1] = 299
+    positions = positions.to(DEVICE)
+    x, xg, rows = embed_scaled(tokens, table, w, positions, rope)
+    assert rows.shape == (T, 2, hd) and torch.equal(rows, rope[positions])
+    x0, xg0 = embed_scaled(tokens, table, w)
+    assert torch.equal(x, x0) and torch.equal(xg, xg0)
+    with pytest.raises(ValueError, match=r"got positions None for tokens \[%d\]" % T):
+        embed_scaled(tokens, table, w, None, rope)
+
+
+def test_embed_scaled_checks_shapes():
+    table = randn(10, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"weight \[D\]; got tokens \[1\], table \[10, 8\], weight \[9\]"):
+        embed_scaled(torch.zeros(1, dtype=torch.int64, device=DEVICE), table, randn(9, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"got tokens \[1, 1\]"):
+        embed_scaled(torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), table, randn(8, dtype=torch.float32))

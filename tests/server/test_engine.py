@@ -373,17 +373,20 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
     also with overlapped steps (tokens handed to the next graph on the device, pinned copies home, on the
     compute stream or a stream of their own; a greedy step's argmax left where the next replay reads it), with
     batch-1 steps of short contexts on graphs of their own (the attention's splits forced to 4), and with prefix
-    caching (a second pass over the lone prompts starts after their cached blocks)."""
+    caching (a second pass over the lone prompts starts after their cached blocks); and with the batch-1 graphs
+    taking their inputs from pinned memory and leaving their tokens there themselves (zero copy) or not."""
     from scaleserve.server import engine as engine_module
 
     outs = {}
-    for graphs, overlap, prefix, home, short in ((False, False, False, False, 0), (True, False, False, False, 0),
-                                                 (True, True, False, False, 0), (True, True, False, True, 0),
-                                                 (True, True, False, False, 4), (True, True, True, False, 0)):
+    for graphs, overlap, prefix, home, short, zc in (
+            (False, False, False, False, 0, ()), (True, False, False, False, 0, ()), (True, True, False, False, 0, ()),
+            (True, True, False, True, 0, ()), (True, False, False, False, 0, (1,)), (True, True, False, False, 0, (1,)),
+            (True, True, False, False, 4, (1,)), (True, True, True, False, 0, (1,))):
         monkeypatch.setattr(engine_module, "TOKENS_HOME_STREAM", home)
         monkeypatch.setattr(engine_module, "SHORT_DECODE_SPLITS", short)
+        monkeypatch.setattr(engine_module, "ZERO_COPY_BUCKETS", zc)
         lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
-        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}-{home}-{short}", adapter_files,
+        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}-{home}-{short}-{zc}", adapter_files,
                                   device="cuda", cuda_graphs=graphs, max_num_batched_tokens=32,
                                   overlap_steps=overlap, prefix_caching=prefix)
         names = sorted(avs)
@@ -394,7 +397,7 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
         # one seeded sampling row: its parameters go to the device through the staging ring every step
         together = run(engine, [new_seq(p, avs[n] if i % 3 else None, **(SAMPLED if i == 1 else {})) for i, (p, n) in
                                 enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
-        outs[graphs, overlap, prefix, home, short] = (lone, together)
+        outs[graphs, overlap, prefix, home, short, zc] = (lone, together)
         if graphs:  # every graph path ran: lone prefills, decodes, and a prefill joining running decodes
             assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
         else:
@@ -402,8 +405,34 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
         assert (engine.overlapped_steps > 0) == overlap
         assert (engine.tokens_in_place > 0) == overlap  # greedy steps' tokens left in the graph's input
         assert (engine.short_steps > 0) == bool(short)  # (the lone prompts: contexts under 4 x 64 tokens)
+        assert (engine.tokens_sent_home > 0) == bool(graphs and zc)  # (the lone prompts' greedy batch-1 steps)
         assert engine.kv.allocator.num_free == engine.kv.allocator.usable
-    assert all(out == outs[False, False, False, False, 0] for out in outs.values())
+    assert all(out == outs[False, False, False, False, 0, ()] for out in outs.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_step_timing_observes_each_sampled_step(tiny_model_dir, tmp_path):
+    """With gpu_step_timing every step that samples observes its forward's GPU time once, under its kind, and
+    the times are real: above zero and below the wall time of the whole run; the tokens are the untimed run's."""
+    lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
+    outs, samples = [], {}
+    for timing in (False, True):
+        engine, _ = make_engine(lm, tmp_path / str(timing), device="cuda", gpu_step_timing=timing)
+        t0 = time.perf_counter()
+        outs.append(run(engine, [new_seq(p) for p in PROMPTS[:2]], arrivals=[0, 3]))
+        wall, steps = time.perf_counter() - t0, engine.steps
+        samples[timing] = {(m.name, m.labels.get("kind")): m.value
+                           for fam in engine.metrics.registry.collect() if fam.name == "scaleserve_engine_gpu_step_seconds"
+                           for m in fam.samples if m.name.endswith(("_sum", "_count"))}
+    assert outs[0] == outs[1]
+    assert samples[False] == {}  # timing off: the histogram has no kind at all
+    counts = {k: v for (n, k), v in samples[True].items() if n.endswith("_count")}
+    sums = {k: v for (n, k), v in samples[True].items() if n.endswith("_sum")}
+    assert set(counts) >= {"decode_graph", "prefill_graph"}, counts
+    # a step that samples nothing (a prompt chunk's interior) is not timed; 12 tokens took at least 12 that did
+    assert 12 <= sum(counts.values()) <= steps, (counts, steps)
+    assert all(0 < sums[k] < wall for k in counts), (sums, wall)
 
 
 def test_decode_graph_argmax_stays_in_its_tokens_input(engine_lm, tmp_path):
