@@ -584,6 +584,10 @@ def bench_model(label: str, model_dir: Path, work: Path, args) -> dict:
                 prof["pass"] = load([label], 1, 1, 16, args.batch1_tokens)
             res["py_spy"]["batch-1 decode (base)"] = prof
             print_samples("batch-1", prof)
+        if args.batch1_only:
+            res.update(scenarios=scen, multi_adapter_ratio=None, batch1_tok_s=r["per_stream_decode_tok_s_p50"],
+                       engine=srv.engine_info() if not args.in_process else {})
+            return res
         pair = ((f"{args.streams} streams, 1 adapter", names[:1]),
                 (f"{args.streams} streams, {args.streams} adapters", names[: args.streams]))
         for _, models in pair:  # warm-up: graphs, autotune, slab
@@ -660,10 +664,10 @@ def cmd_gpu(a) -> int:
         if "error" in r:
             print(f"{r['model']:>14} | error: {r['error']}")
             continue
-        s = r["scenarios"]
+        s = [x["throughput_tok_s"] for x in r["scenarios"][1:3]] + [None, None]
         print(f"{r['model']:>14} | {str(r['batch1_tok_s']):>13} | {r['floor_batch1_tok_s']:>11} | "
-              f"{str(r.get('hf_bf16_batch1_tok_s')):>13} | {s[1]['throughput_tok_s']:>10} | "
-              f"{s[2]['throughput_tok_s']:>11} | {str(r['multi_adapter_ratio']):>6}")
+              f"{str(r.get('hf_bf16_batch1_tok_s')):>13} | {str(s[0]):>10} | {str(s[1]):>11} | "
+              f"{str(r['multi_adapter_ratio']):>6}")
     print(f"wrote {out / 'serve_gpu.json'}")
     return 0
 
@@ -703,6 +707,8 @@ def main(argv=None) -> int:
                    help="random models with the output projection in int4 too (`scaleserve quantize "
                         "--quantize-lm-head`); default bf16")
     g.add_argument("--skip-hf", action="store_true")
+    g.add_argument("--batch1-only", action="store_true",
+                   help="only the batch-1 scenario (no 64-stream passes): a short run for the batch-1 figure")
     g.add_argument("--gpu-step-timing", action="store_true",
                    help="the server times each step's forward on the GPU (CUDA events): each pass's engine_steps "
                         "then has the mean GPU ms a step by kind, to hold against its inter-token latency")
