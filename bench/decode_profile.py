@@ -75,6 +75,10 @@ SWITCHES = {
     "zero-copy": ("default", "batch-1 decode graphs fetch their inputs from pinned memory and send their tokens home "
                              "themselves (server/graphs.py ZERO_COPY_BUCKETS; default: its setting) instead of the "
                              "copy engine's upload and copy home"),
+    "embed-scaled": ("default", "a one-token step's embedding, first norm input and rope rows in one kernel "
+                                "(server/model.py EMBED_SCALED; default: its setting) instead of three torch launches"),
+    "bf16-logits": ("default", "decode graphs leave the int4 head's logits in bf16 (server/graphs.py "
+                               "DECODE_LOGITS_IN_MODEL_DTYPE; default: its setting) instead of converting them"),
     "early-kv": ("default", "the fused-RoPE decode attention loads its first KV tile before its PDL wait "
                             "(kernels/attention.py DECODE_EARLY_KV; default: its setting)"),
 }
@@ -313,6 +317,8 @@ def main(argv=None) -> int:
     from scaleserve.kernels import int4_matmul as im
     from scaleserve.kernels import int4_mma_gemv
     from scaleserve.server import engine as engine_module
+    from scaleserve.server import graphs as graphs_module
+    from scaleserve.server import model as model_module
 
     if a.autotune_timing:
         device.AUTOTUNE_TIMING = a.autotune_timing
@@ -335,7 +341,9 @@ def main(argv=None) -> int:
                       "early-kv": onoff[attention.DECODE_EARLY_KV],
                       "tokens-home-stream": onoff[engine_module.TOKENS_HOME_STREAM],
                       "short-graphs": onoff[bool(engine_module.SHORT_DECODE_SPLITS)],
-                      "zero-copy": onoff[1 in engine_module.ZERO_COPY_BUCKETS]}
+                      "zero-copy": onoff[1 in engine_module.ZERO_COPY_BUCKETS],
+                      "embed-scaled": onoff[model_module.EMBED_SCALED],
+                      "bf16-logits": onoff[graphs_module.DECODE_LOGITS_IN_MODEL_DTYPE]}
     zero_copy = engine_module.ZERO_COPY_BUCKETS
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
@@ -364,6 +372,8 @@ def main(argv=None) -> int:
             engine_module.TOKENS_HOME_STREAM = on["tokens-home-stream"]
             engine_module.SHORT_DECODE_SPLITS = 4 if on["short-graphs"] else 0
             engine_module.ZERO_COPY_BUCKETS = (zero_copy or (1,)) if on["zero-copy"] else ()
+            model_module.EMBED_SCALED = on["embed-scaled"]
+            graphs_module.DECODE_LOGITS_IN_MODEL_DTYPE = on["bf16-logits"]
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -375,7 +385,7 @@ def main(argv=None) -> int:
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
                      device_pins=on["device-pins"], early_kv=on["early-kv"],
                      tokens_home_stream=on["tokens-home-stream"], short_graphs=on["short-graphs"],
-                     zero_copy=on["zero-copy"])
+                     zero_copy=on["zero-copy"], embed_scaled=on["embed-scaled"], bf16_logits=on["bf16-logits"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

@@ -4,11 +4,13 @@ Threads: HTTP handlers (asyncio) call Engine.add / Engine.abort, which only touc
 The engine thread owns the scheduler, the KV cache and the adapter slab: each step it
   1. takes new requests and aborts from the inbox (aborted sequences free their KV blocks now),
   2. schedules (scheduler.Scheduler: decode + chunked prefill under a token budget),
-  3. builds the step's tensors with one host->device copy (numpy, no per-token Python on decode),
+  3. builds the step's tensors with one host->device copy (numpy, no per-token Python on decode; a batch-1
+     decode graph fetches them from pinned memory itself: graphs.ZERO_COPY_BUCKETS),
   4. runs the model: eagerly, or on CUDA for pure-decode steps by replaying a CUDA graph captured
      per (padded batch-size bucket, RowAdapters.mode),
   5. samples every row at once (sampler.sample; counter-based noise, so seeded output does not
-     depend on the batch), moves the tokens to the host once,
+     depend on the batch), moves the tokens to the host once (a batch-1 decode graph's greedy tokens: the
+     graph leaves them in pinned memory),
   6. appends tokens, detokenizes incrementally, applies stop conditions, and hands each
      sequence's StepOutput to its sink (main.py: loop.call_soon_threadsafe into an asyncio queue).
 

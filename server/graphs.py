@@ -126,6 +126,12 @@ def decode_views(buf, b: int, width: int, i64, i32) -> tuple:
     return tuple(views)
 
 
+# Decode graphs leave a one-token step's int4-head logits in the model's dtype (Transformer.forward float_logits): the
+# argmax a greedy step takes is the same, without the float32 conversion's launch in the graph; Engine._sample
+# converts where a step samples. Off (float32 logits) until a GPU session runs the engine's CUDA-graph test with it
+# and times it (`bench/decode_profile.py --bf16-logits off,on`; written after session 28's last device call).
+DECODE_LOGITS_IN_MODEL_DTYPE = False
+
 # Decode buckets whose graphs exchange inputs and tokens with the host themselves (CUDA): the graph's first kernel
 # reads its inputs from pinned host memory and its last leaves the tokens there (kernels/host_copy.py), so nothing
 # runs on the stream between two replays. A copy engine's upload and copy home cost the batch-1 7B step 18.5 µs on
@@ -190,9 +196,9 @@ class DecodeGraphs(_StepGraphs):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """As _StepGraphs.forward, with the argmax written into the graph's own tokens input: a greedy step
         whose next step decodes the same rows leaves them there (load's keep_tokens) for the next replay to
-        embed, so no copy runs between the two replays. The logits may be in the model's dtype (its forward's
-        float_logits): a greedy step never converts them."""
-        logits = self.model(batch, self.kv.k, self.kv.v, float_logits=False)  # (Engine._sample converts them)
+        embed, so no copy runs between the two replays. The logits may be in the model's dtype
+        (DECODE_LOGITS_IN_MODEL_DTYPE)."""
+        logits = self.model(batch, self.kv.k, self.kv.v, float_logits=not DECODE_LOGITS_IN_MODEL_DTYPE)
         return logits, torch.argmax(logits, -1, out=batch.tokens)
 
     def tokens(self, b: int) -> torch.Tensor:

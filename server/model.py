@@ -20,6 +20,13 @@ from scaleserve.kernels.reference import add_rms_norm_ref, paged_attention_ref, 
 
 from .batch import Batch
 
+# A one-token step with the norms in the projections (Transformer.decode_fused_norms) gathers its embedding, scales
+# it by the first norm's weight and gathers its rope rows in one PDL kernel (kernels/fused.py embed_scaled) instead
+# of three torch launches, none of which lets the first projection launch early. Bit-identical to those (interpreter
+# tests, the fused-norm model test); off until a GPU session runs the engine's CUDA-graph test with it and times it
+# (`bench/decode_profile.py --embed-scaled off,on`; written after session 28's last device call).
+EMBED_SCALED = False
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -346,11 +353,15 @@ class Transformer(nn.Module):
         from scaleserve.kernels.fused import embed_scaled
         from scaleserve.kernels.int4_matmul import mma_gemv_takes
 
-        # x, xg = round(x * the first norm's weight) (16-bit operands: one rounding of the product) and the position's
-        # rope rows in one kernel
-        x, xg, rope_rows = embed_scaled(tokens, self.embed.weight, self.layers[0].input_norm.weight, batch.positions,
-                                        self.rope_table(tokens.device))
-        cos, sin = _split_rope(rope_rows)
+        # x, xg = round(x * the first norm's weight) (16-bit operands: one rounding of the product), the rope rows
+        if EMBED_SCALED:  # (in one kernel)
+            x, xg, rope_rows = embed_scaled(tokens, self.embed.weight, self.layers[0].input_norm.weight,
+                                            batch.positions, self.rope_table(tokens.device))
+            cos, sin = _split_rope(rope_rows)
+        else:
+            x = self.embed(tokens)
+            xg = x * self.layers[0].input_norm.weight.to(x.dtype)
+            cos, sin = self.rope(batch.positions)
         head_fuses = self.quantize_lm_head and mma_gemv_takes(self.lm_head, 1, rows.mode, x.dtype, x.device)
         # the stream's sums of squares, written by each projection into it and read by the one after the next norm
         # (whose sum then waits until after its loop); the first layer's input norm reads the embedding itself

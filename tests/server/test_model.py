@@ -172,16 +172,21 @@ def test_rope_table_rows_are_the_direct_formula(tiny_lm):
 
 
 @pytest.mark.parametrize("int4_head", [False, True])
-def test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels(int4_head, tmp_path, make_hf_checkpoint,
-                                                                           monkeypatch):
+@pytest.mark.parametrize("embed_scaled", [False, True])
+def test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels(int4_head, embed_scaled, tmp_path,
+                                                                           make_hf_checkpoint, monkeypatch):
     """A one-token step with every RMSNorm inside the projections around it (Transformer.decode_fused_norms: the
     o / down projections add into the residual stream and write x * weight, qkv / gate-up / an int4 head scale by
-    the norm's rsqrt) gives the logits and K/V cache writes of the step with the norm kernels. The MMA GEMV runs
-    natively on CUDA (bf16) or under the interpreter on the CPU (float32, the step forced onto that path)."""
+    the norm's rsqrt) gives the logits and K/V cache writes of the step with the norm kernels, with its embedding,
+    first scaled input and rope rows from torch ops or from one kernel (EMBED_SCALED). The MMA GEMV runs natively
+    on CUDA (bf16) or under the interpreter on the CPU (float32, the step forced onto that path)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from scaleserve.kernels import int4_matmul, int4_mma_gemv
+    from scaleserve.server import model as model_module
     from scaleserve.server.model import Transformer
+
+    monkeypatch.setattr(model_module, "EMBED_SCALED", embed_scaled)
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not isinstance(int4_mma_gemv._mma_gemv_kernel, InterpretedFunction):
