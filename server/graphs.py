@@ -148,9 +148,9 @@ class DecodeGraphs(_StepGraphs):
     Zero-copy buckets (zero_copy, CUDA only) have two graphs a key, replayed in turn, each fetching its inputs from
     its own pinned buffer and sending its argmax to its own pinned tokens buffer: load() writes the buffer of the
     next replay, which the replay before it does not read, and `home` holds the last replay's tokens once it has
-    run. The host writes a buffer only after the replay that last read it has run (its event), and an engine reads
-    a replay's tokens before it loads the step after next (Engine._complete before the next _dispatch of that turn),
-    so neither side touches a buffer the other may still be using."""
+    run. The host writes a turn's input buffer only after that turn's last replay has run (its event), and the engine
+    reads a replay's tokens (Engine._complete) before it loads the next step of the same turn, so neither side touches
+    a buffer the other may still be using."""
 
     def __init__(self, model, kv: KVCache, max_bs: int, width: int, device, pool, decode_splits: int | None = None,
                  zero_copy: tuple[int, ...] = ()):
