@@ -161,17 +161,21 @@ def _r(x, scale=1.0):
 
 def engine_steps(url: str) -> dict[str, float]:
     """The server's engine step counters from /metrics: steps by kind, and overlapped steps."""
+    return engine_steps_of(httpx.get(url + "/metrics", timeout=30).text)
+
+
+def engine_steps_of(text: str) -> dict[str, float]:
+    """engine_steps from a /metrics exposition text."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, float] = {}
-    text = httpx.get(url + "/metrics", timeout=30).text
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
             if smp.name == "scaleserve_engine_steps_total":
                 out[smp.labels["kind"]] = smp.value
             elif smp.name == "scaleserve_engine_overlapped_steps_total":
                 out["overlapped"] = smp.value
-            elif smp.name.startswith("scaleserve_engine_gpu_step_seconds_") and smp.name[-4:] in ("_sum", "ount"):
+            elif smp.name in ("scaleserve_engine_gpu_step_seconds_sum", "scaleserve_engine_gpu_step_seconds_count"):
                 # (the server's --gpu-step-timing) "gpu_s decode_graph", "gpu_n decode_graph"
                 out[f"gpu_{'s' if smp.name.endswith('_sum') else 'n'} {smp.labels['kind']}"] = smp.value
     return out

@@ -58,3 +58,21 @@ def test_subprocess_server_passes_booleans_as_switches(tmp_path, monkeypatch):
                            tmp_path / "log").cmd
     assert cmd[cmd.index("--max-num-seqs") + 1] == "64"
     assert "--gpu-step-timing" in cmd and "--no-pdl" in cmd and "True" not in cmd and "False" not in cmd
+
+
+def test_engine_steps_read_the_servers_metrics(monkeypatch):
+    """The step counters and the GPU step histogram's sum and count, by the names server/metrics.py exports."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("serve", None)
+    from serve import engine_steps_of
+
+    from scaleserve.server.metrics import Metrics
+
+    m = Metrics()
+    m.engine_steps.labels("decode_graph").inc(3)
+    m.overlapped_steps.inc(2)
+    for v in (0.002, 0.004):
+        m.gpu_step.labels("decode_graph").observe(v)
+    got = engine_steps_of(m.exposition()[0].decode())
+    assert got["decode_graph"] == 3 and got["overlapped"] == 2 and got["gpu_n decode_graph"] == 2
+    assert abs(got["gpu_s decode_graph"] - 0.006) < 1e-12
