@@ -100,7 +100,7 @@ def leaving_out(parts: set[str]):
     launch, forward = im.launch_mma_gemv, DecodeGraphs.forward
     try:
         if "twice" in parts:  # (the second step at the first's position: the same work, one token's context less)
-            DecodeGraphs.forward = lambda self, batch: (forward(self, batch), forward(self, batch))[1]
+            DecodeGraphs.forward = lambda self, batch, *home: (forward(self, batch), forward(self, batch, *home))[1]
         # What a left-out kernel would have written, the next projection reads from a tensor the step has just written
         # (so from L2, as it would have): not from the unwritten output buffer, which after a step's 3.5 GB of weights
         # is in DRAM only. (Session 21's first runs read the unwritten buffers: their silu / merge rows were off.)

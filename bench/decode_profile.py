@@ -79,6 +79,8 @@ SWITCHES = {
                                 "(server/model.py EMBED_SCALED; default: its setting) instead of three torch launches"),
     "bf16-logits": ("default", "decode graphs leave the int4 head's logits in bf16 (server/graphs.py "
                                "DECODE_LOGITS_IN_MODEL_DTYPE; default: its setting) instead of converting them"),
+    "argmax-kernel": ("default", "decode graphs take their argmax (and send it home) with one PDL kernel "
+                                 "(server/graphs.py DECODE_ARGMAX_KERNEL; default: its setting) instead of torch's"),
     "early-kv": ("default", "the fused-RoPE decode attention loads its first KV tile before its PDL wait "
                             "(kernels/attention.py DECODE_EARLY_KV; default: its setting)"),
 }
@@ -343,7 +345,8 @@ def main(argv=None) -> int:
                       "short-graphs": onoff[bool(engine_module.SHORT_DECODE_SPLITS)],
                       "zero-copy": onoff[1 in engine_module.ZERO_COPY_BUCKETS],
                       "embed-scaled": onoff[model_module.EMBED_SCALED],
-                      "bf16-logits": onoff[graphs_module.DECODE_LOGITS_IN_MODEL_DTYPE]}
+                      "bf16-logits": onoff[graphs_module.DECODE_LOGITS_IN_MODEL_DTYPE],
+                      "argmax-kernel": onoff[graphs_module.DECODE_ARGMAX_KERNEL]}
     zero_copy = engine_module.ZERO_COPY_BUCKETS
     choices = []  # per switch, its settings to run
     for flag in SWITCHES:
@@ -374,6 +377,7 @@ def main(argv=None) -> int:
             engine_module.ZERO_COPY_BUCKETS = (zero_copy or (1,)) if on["zero-copy"] else ()
             model_module.EMBED_SCALED = on["embed-scaled"]
             graphs_module.DECODE_LOGITS_IN_MODEL_DTYPE = on["bf16-logits"]
+            graphs_module.DECODE_ARGMAX_KERNEL = on["argmax-kernel"]
             int4_mma_gemv.USE_DEVICE_PINS = on["device-pins"]
             if a.mma_pins:
                 int4_mma_gemv.PINNED.clear()
@@ -385,7 +389,8 @@ def main(argv=None) -> int:
                      mode1_slab=on["mode1-slab"], pins=bool(a.mma_pins) and on["pins"], fused_norms=on["fused-norms"],
                      device_pins=on["device-pins"], early_kv=on["early-kv"],
                      tokens_home_stream=on["tokens-home-stream"], short_graphs=on["short-graphs"],
-                     zero_copy=on["zero-copy"], embed_scaled=on["embed-scaled"], bf16_logits=on["bf16-logits"])
+                     zero_copy=on["zero-copy"], embed_scaled=on["embed-scaled"], bf16_logits=on["bf16-logits"],
+                     argmax_kernel=on["argmax-kernel"])
             r["autotune_picks"] = autotune_picks()  # (cumulative over this process's runs)
             out["runs"].append(r)
             print(f"\n{preset} batch {B} " + " ".join(f"{f} {'on' if v else 'off'}" for f, v in on.items())

@@ -275,7 +275,7 @@ for step in "${steps[@]}"; do
                 # the GPU tests (a failure leaves $OUT/zero_copy_failed), then the batch-1 7B graph against the copy
                 # engine's upload and copy home (`ops`) at ZC_CONTEXT tokens, with the 4-split attention and without
       { timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_host_copy.py \
-          "tests/kernels/test_fused.py" -k "host_copy or pinned or fetch or send_home or bad_buffers or embed or norms_in" \
+          "tests/kernels/test_fused.py" -k "host_copy or pinned or fetch or send_home or bad_buffers or embed or argmax or norms_in" \
           "tests/server/test_model.py::test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels" 2>&1 \
           && timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short -x -m gpu tests/server/test_engine.py \
                -k "cuda_graph_steps_equal_eager or gpu_step_timing" 2>&1; } | tee "$OUT/zero_copy_tests.log" | tail -8

@@ -17,6 +17,8 @@ Semantics (kernels/reference.py has the torch versions, and the model runs those
                                               rounded to it first, one rounding of the product): a decode step's
                                               embedding and its first norm's scaled input in one launch
   embed_scaled(..., positions, rope_table)    also -> r[t] = rope_table[positions[t]] (its rows, [T, *row shape])
+  argmax_rows(logits, out, home=None):        out[r] = torch.argmax(logits[r]) (the first maximum; a NaN counts as
+                                              the maximum, as in torch), also written to home (pinned host memory)
 
 CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (tests).
 """
@@ -238,3 +240,49 @@ def embed_scaled(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor
                                    BLOCK_D=triton.next_power_of_2(D), BLOCK_R=triton.next_power_of_2(R) if R else 0,
                                    num_warps=4 if D >= 2048 else 1, **launch_kwargs(x))
     return (x, xg, rows) if rope else (x, xg)
+
+
+ARGMAX_BLOCK = 4096
+
+
+@triton.jit
+def _argmax_rows_kernel(x_ptr, stride, V, out_ptr, home_ptr, HOME: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNKS: tl.constexpr, PDL: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    wait_for_producer(PDL)
+    best_val = float("-inf")
+    best_idx = 0
+    first_nan = V  # (none yet)
+    for c in tl.static_range(CHUNKS):  # (unrolled: one vocabulary a model)
+        start = c * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < V
+        x = tl.load(x_ptr + r * stride + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        nan = (x != x) & ok
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(nan, offs, V), axis=0))
+        # the chunk's first maximum; an earlier chunk keeps a tie (strictly greater to take over)
+        v, i = tl.max(tl.where(nan, float("-inf"), x), axis=0, return_indices=True, return_indices_tie_break_left=True)
+        take = v > best_val
+        best_idx = tl.where(take, start + i, best_idx)
+        best_val = tl.where(take, v, best_val)
+    idx = tl.where(first_nan < V, first_nan, best_idx).to(tl.int64)
+    tl.store(out_ptr + r, idx)
+    if HOME:
+        tl.store(home_ptr + r, idx, cache_modifier=".wt")
+
+
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor, home: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (rows of unit stride) -> out [B] int64 = their argmax (torch's: the first maximum, a NaN the
+    maximum), one program a row; home [B] int64 (pinned host memory): the same values, for the host. -> out."""
+    B, V = logits.shape
+    if logits.stride(1) != 1 or out.shape != (B,) or out.dtype != torch.int64 or \
+            (home is not None and (home.shape != (B,) or home.dtype != torch.int64)):
+        raise ValueError(f"argmax_rows: logits [B, V] with rows of unit stride into int64 [B]; got logits "
+                         f"{list(logits.shape)} strides {list(logits.stride())}, out {out.dtype} {list(out.shape)}"
+                         + ("" if home is None else f", home {home.dtype} {list(home.shape)}"))
+    block = min(ARGMAX_BLOCK, triton.next_power_of_2(V))
+    if B:
+        _argmax_rows_kernel[(B,)](logits, logits.stride(0), V, out, out if home is None else home,
+                                  HOME=home is not None, BLOCK=block, CHUNKS=triton.cdiv(V, block), num_warps=4,
+                                  **launch_kwargs(logits))
+    return out

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from scaleserve.kernels.fused import argmax_rows
 from scaleserve.kernels.host_copy import HEADER_WORDS, fetch_words, send_home
 from scaleserve.kernels.linear import RowAdapters
 
@@ -72,8 +73,9 @@ class _StepGraphs:
         log.debug("captured %s graph %d mode %d in %.2f s", type(self).__name__, b, mode, time.perf_counter() - t0)
         return entry
 
-    def _warm_up(self, batch: Batch) -> None:
-        """Two eager runs of the step before its capture: Triton compiles and autotunes outside it."""
+    def _warm_up(self, batch: Batch, *args) -> None:
+        """Two eager runs of the step (forward(batch, *args)) before its capture: Triton compiles and autotunes
+        outside it."""
         # a decode graph's forward writes its argmax into its own tokens input: the step being captured (lazily,
         # mid-serving) must still embed the tokens it was loaded with, so the warm-up runs put them back
         tokens = batch.tokens.clone()
@@ -81,7 +83,7 @@ class _StepGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.forward(batch)
+                self.forward(batch, *args)
                 batch.tokens.copy_(tokens)
         torch.cuda.current_stream().wait_stream(side)
 
@@ -131,6 +133,13 @@ def decode_views(buf, b: int, width: int, i64, i32) -> tuple:
 # converts where a step samples. Off (float32 logits) until a GPU session runs the engine's CUDA-graph test with it
 # and times it (`bench/decode_profile.py --bf16-logits off,on`; written after session 28's last device call).
 DECODE_LOGITS_IN_MODEL_DTYPE = False
+
+# Decode graphs take the argmax of their logits with one PDL kernel (kernels/fused.py argmax_rows; it launches during
+# the head's tail, where torch's argmax waits for it to end), which in a zero-copy graph also leaves the tokens in
+# pinned memory (send_home's launch gone). Bit-identical to torch.argmax (interpreter tests); off until a GPU session
+# runs the engine's CUDA-graph test with it and times it (`bench/decode_profile.py --argmax-kernel off,on`; written
+# after session 28's last device call).
+DECODE_ARGMAX_KERNEL = False
 
 # Decode buckets whose graphs exchange inputs and tokens with the host themselves (CUDA): the graph's first kernel
 # reads its inputs from pinned host memory and its last leaves the tokens there (kernels/host_copy.py), so nothing
@@ -193,13 +202,18 @@ class DecodeGraphs(_StepGraphs):
         return Batch(tokens, positions, slots, tables, seq_lens, self.query_start[: b + 1], self.logits_index[:b],
                      RowAdapters(chan_idx, scale_idx, alpha_idx, mode), 1, self.decode_splits)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, home: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As _StepGraphs.forward, with the argmax written into the graph's own tokens input: a greedy step
         whose next step decodes the same rows leaves them there (load's keep_tokens) for the next replay to
         embed, so no copy runs between the two replays. The logits may be in the model's dtype
-        (DECODE_LOGITS_IN_MODEL_DTYPE)."""
+        (DECODE_LOGITS_IN_MODEL_DTYPE). home: pinned memory that gets the argmax too (a zero-copy graph's)."""
         logits = self.model(batch, self.kv.k, self.kv.v, float_logits=not DECODE_LOGITS_IN_MODEL_DTYPE)
-        return logits, torch.argmax(logits, -1, out=batch.tokens)
+        if DECODE_ARGMAX_KERNEL and logits.is_cuda:
+            return logits, argmax_rows(logits, batch.tokens, home)
+        greedy = torch.argmax(logits, -1, out=batch.tokens)
+        if home is not None:
+            send_home(greedy, home)
+        return logits, greedy
 
     def tokens(self, b: int) -> torch.Tensor:
         return self.views[b][0]
@@ -248,14 +262,11 @@ class DecodeGraphs(_StepGraphs):
         # the inputs of the step being captured (its replay fetches the same), which the warm-up runs read: their
         # K / V writes are the step's own rows
         fetch_words(self.host_in[b][turn], words)
-        self._warm_up(batch)
-        send_home(batch.tokens, self.host_out[b][turn])  # (compiled outside the capture too)
+        self._warm_up(batch, self.host_out[b][turn])
 
         def step(t: int):
             fetch_words(self.host_in[b][t], words)
-            logits, greedy = self.forward(batch)
-            send_home(greedy, self.host_out[b][t])
-            return logits, greedy
+            return self.forward(batch, self.host_out[b][t])
 
         pair = [self._record(lambda t=t: step(t)) for t in (0, 1)]
         self.twins[b, mode] = [(g, logits) for g, logits, _ in pair]

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 
 import pytest  # noqa: E402
 
-from scaleserve.kernels.fused import add_rms_norm, embed_scaled, rope_qk_, silu_mul  # noqa: E402
+from scaleserve.kernels.fused import add_rms_norm, argmax_rows, embed_scaled, rope_qk_, silu_mul  # noqa: E402
 from scaleserve.kernels.reference import add_rms_norm_ref, rope_ref, silu_mul_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -216,3 +216,41 @@ def test_embed_scaled_checks_shapes():
         embed_scaled(torch.zeros(1, dtype=torch.int64, device=DEVICE), table, randn(9, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"got tokens \[1, 1\]"):
         embed_scaled(torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), table, randn(8, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,V", [(1, 32000), (3, 50), (2, 4096), (4, 9000)])
+def test_argmax_rows_is_torchs_argmax(dtype, B, V):
+    """Every row's first maximum, bit for bit with torch.argmax: ties inside a chunk and across chunks (the earlier
+    wins), a row of -inf, a NaN (torch takes the first NaN), a maximum in the ragged last chunk; with the copy home
+    or without, poisoned outputs."""
+    from scaleserve.kernels.fused import ARGMAX_BLOCK
+
+    x = randn(B, V, dtype=dtype, scale=4.0).cpu()
+    x[0, V // 3] = x[0, V - 1] = 1e4  # a tie: the first one wins
+    if B > 1:
+        x[1] = float("-inf")
+    if B > 2:
+        x[2, V - 2], x[2, 5], x[2, V // 2] = 1e4, float("nan"), float("nan")
+    if B > 3:
+        x[3, min(V - 1, ARGMAX_BLOCK + 7)] = x[3, 3] = 1e4  # across chunks: the earlier
+    x = x.to(DEVICE)
+    want = torch.argmax(x.float().cpu(), -1)
+    for home in (None, torch.full((B,), -7, dtype=torch.int64, pin_memory=CUDA)):
+        out = torch.full((B,), -7, dtype=torch.int64, device=DEVICE)
+        got = argmax_rows(x, out, home)
+        assert got is out and torch.equal(out.cpu(), want), (out, want)
+        if home is not None:
+            if CUDA:
+                torch.cuda.synchronize()
+            assert torch.equal(home, want)
+
+
+def test_argmax_rows_of_a_strided_view_and_bad_outputs():
+    x = randn(3, 200, dtype=torch.float32)[:, :150]  # rows of unit stride, a longer row stride
+    out = torch.empty(3, dtype=torch.int64, device=DEVICE)
+    assert torch.equal(argmax_rows(x, out).cpu(), torch.argmax(x.cpu(), -1))
+    with pytest.raises(ValueError, match=r"got logits \[150, 3\] strides \[1, 200\]"):
+        argmax_rows(x.t(), out)
+    with pytest.raises(ValueError, match=r"out torch.int32 \[3\]"):
+        argmax_rows(x, torch.empty(3, dtype=torch.int32, device=DEVICE))
