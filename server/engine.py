@@ -594,7 +594,10 @@ class Engine:
         if b is None:
             return None
         mode = self.slab.mode_for([s.slot for s, _ in sched])
-        host = self.staging.buffer(decode_nbytes(b, self.width))
+        host = graphs.input_buffer(b)  # (a zero-copy graph's own pinned inputs: packed in place, no copy)
+        staged = host is None
+        if staged:
+            host = self.staging.buffer(decode_nbytes(b, self.width))
         self._pack_decode(sched, b, host.numpy())
         # tokens that are this bucket's graph's own argmax, rows in order (a greedy step of the same sequences
         # again): they are already where the replay reads them
@@ -604,7 +607,8 @@ class Engine:
         # (in place: the upload runs beside the copy home; a zero-copy graph fetches its inputs after the token
         # copy below, so it keeps whatever tokens are on the device)
         graphs.load(b, host, keep_tokens=in_place or (tokens is not None and b in graphs.zero_copy))
-        self.staging.sent()
+        if staged:
+            self.staging.sent()
         if tokens is not None and not in_place:
             graphs.tokens(b)[: len(sched)].copy_(tokens)
         self.tokens_in_place += in_place

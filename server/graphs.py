@@ -218,6 +218,16 @@ class DecodeGraphs(_StepGraphs):
     def tokens(self, b: int) -> torch.Tensor:
         return self.views[b][0]
 
+    def input_buffer(self, b: int) -> torch.Tensor | None:
+        """A zero-copy bucket: the next replay's pinned input bytes (uint8 [decode_nbytes(b, width)]), free to write
+        once the replay that last read them has run, to pack the step into and load() in place; else None (pack
+        into a staging buffer, which load() copies to the device)."""
+        if b not in self.zero_copy:
+            return None
+        turn = 1 - self.turn[b]
+        self.turn_done[b][turn].synchronize()  # (the replay that last read this buffer: two steps ago, long done)
+        return self.host_in[b][turn][HEADER_WORDS:].view(torch.uint8)
+
     def load(self, b: int, packed: torch.Tensor, keep_tokens: bool = False) -> None:
         """packed: uint8 [decode_nbytes(b, width)] on the host (pinned, for an asynchronous copy), laid out as
         decode_views reads it: Engine._pack_decode writes it. keep_tokens: copy everything but the tokens,
@@ -228,10 +238,9 @@ class DecodeGraphs(_StepGraphs):
         if b not in self.zero_copy:
             self.inputs[b][start:].copy_(packed[start:], non_blocking=True)
             return
-        turn = 1 - self.turn[b]
-        self.turn_done[b][turn].synchronize()  # (the replay that last read this buffer: two steps ago, long done)
-        words = self.host_in[b][turn]
-        words[HEADER_WORDS:].view(torch.uint8).copy_(packed)
+        words = self.host_in[b][1 - self.turn[b]]
+        if packed.data_ptr() != words[HEADER_WORDS:].data_ptr():  # (not packed in place by way of input_buffer)
+            self.input_buffer(b).copy_(packed)
         words[0] = start // 4
 
     def run(self, b: int, mode: int) -> torch.Tensor:

@@ -346,10 +346,9 @@ class Transformer(nn.Module):
     def decode_fused_norms(self, tokens, rows: RowAdapters, batch: Batch, k_caches: list,
                            v_caches: list) -> torch.Tensor:
         # tokens: [1] (at batch.positions) -> logits [1, V] in the model's dtype. x [1, D], the embedding, is the
-        # residual stream,
-        # updated in place. Each projection before a norm adds into x and writes xg = round(x * the norm's weight);
-        # the one after reads xg and scales by the norm's rsqrt(mean(x^2) + eps). An int4 head on the MMA GEMV takes
-        # the final norm the same way; the bf16 head runs it as a kernel.
+        # residual stream, updated in place. Each projection before a norm adds into x and writes xg = round(x * the
+        # norm's weight); the one after reads xg and scales by the norm's rsqrt(mean(x^2) + eps). An int4 head on the
+        # MMA GEMV takes the final norm the same way; the bf16 head runs it as a kernel.
         from scaleserve.kernels.fused import embed_scaled
         from scaleserve.kernels.int4_matmul import mma_gemv_takes
 
