@@ -31,6 +31,11 @@ back to back in rounds (round-robin, so drift hits every variant alike), median 
              the overlapped engine step's stream operations between replays: the inputs' upload (all but the tokens,
              from pinned memory) before each and the tokens' copy home after. Against base (a zero-copy graph, which
              fetches its inputs and sends its tokens home itself): what the copy engine's round trips cost a step
+  embed-scaled, bf16-logits, argmax-kernel
+             real variants: the step with a switch that is off turned on (server/model.py EMBED_SCALED: embedding,
+             first norm's input and rope rows in one kernel; server/graphs.py DECODE_LOGITS_IN_MODEL_DTYPE: logits
+             left in the model's dtype; DECODE_ARGMAX_KERNEL: the argmax, and a zero-copy graph's copy home, as one
+             PDL kernel), or with one that is on turned off (each name with -off, e.g. embed-scaled-off)
   a+b        several of the above at once (e.g. silu+merge+norm-in, twice+ops)
 
 Prints one row per variant (ms, µs saved against base) and writes JSON.
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import re
 import statistics
@@ -56,13 +62,18 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 from scaleserve.kernels.pdl import wait_for_producer  # noqa: E402
 
 LEAVE_OUT = ("silu", "merge", "attention", "norm-in", "silu-real", "spacers", "sumsq-off", "twice", "ops")
+# real variants: a module switch set for the capture (name: (module, attribute)); NAME turns it on, NAME-off off
+SWITCHES = {"embed-scaled": ("scaleserve.server.model", "EMBED_SCALED"),
+            "bf16-logits": ("scaleserve.server.graphs", "DECODE_LOGITS_IN_MODEL_DTYPE"),
+            "argmax-kernel": ("scaleserve.server.graphs", "DECODE_ARGMAX_KERNEL")}
 # attn-n32-w2-s4-m1-e1 (each part optional, in this order)
 ATTENTION_CONFIG = re.compile(r"attn(?=-)(?:-n(\d+))?(?:-w(\d+))?(?:-s(\d+))?(?:-m(\d+))?(?:-e([01]))?$")
 
 
 def unknown_parts(variant: str) -> list[str]:
     """The parts of a variant (a+b) that are neither LEAVE_OUT names, base, nor an attention config."""
-    return sorted(p for p in variant.split("+") if p not in LEAVE_OUT and p != "base" and not ATTENTION_CONFIG.match(p))
+    return sorted(p for p in variant.split("+") if p not in LEAVE_OUT and p != "base" and not ATTENTION_CONFIG.match(p)
+                  and p.removesuffix("-off") not in SWITCHES)
 
 
 @triton.jit
@@ -97,6 +108,12 @@ def leaving_out(parts: set[str]):
     from scaleserve.server.graphs import DecodeGraphs
 
     saved.append((DecodeGraphs, "forward", DecodeGraphs.forward))
+    for part in parts:
+        if part.removesuffix("-off") in SWITCHES:
+            module = importlib.import_module(SWITCHES[part.removesuffix("-off")][0])
+            attribute = SWITCHES[part.removesuffix("-off")][1]
+            saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, not part.endswith("-off"))
     launch, forward = im.launch_mma_gemv, DecodeGraphs.forward
     try:
         if "twice" in parts:  # (the second step at the first's position: the same work, one token's context less)
@@ -245,7 +262,8 @@ def main(argv=None) -> int:
     for v in variants:
         bad = unknown_parts(v)
         if bad:
-            p.error(f"unknown parts {bad}; known: {', '.join(LEAVE_OUT)}, attn-nN-wW-sS-mM-eE")
+            p.error(f"unknown parts {bad}; known: {', '.join(LEAVE_OUT + tuple(SWITCHES))} (-off too), "
+                    "attn-nN-wW-sS-mM-eE")
     if a.pins:
         mg.PINNED.update(mg.read_pins(Path(a.pins)))
     engine, decode_graphs, (b, mode), first = decode_engine(a.preset, a.context, a.quantize_lm_head)

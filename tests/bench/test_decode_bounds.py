@@ -26,7 +26,9 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("variant,bad", [("attn-n32-w2-s4", []), ("attn-m1", []), ("attn-m1-n32", ["attn-m1-n32"]), ("silu+attn-s16", []),
                                          ("attn-n32-e1", []), ("attn-e0", []), ("attn-e2", ["attn-e2"]), ("attention", []),
-                                         ("attn", ["attn"]), ("attn-x", ["attn-x"]), ("merge+nope", ["nope"])])
+                                         ("attn", ["attn"]), ("attn-x", ["attn-x"]), ("merge+nope", ["nope"]),
+                                         ("embed-scaled+argmax-kernel", []), ("bf16-logits-off", []),
+                                         ("argmax", ["argmax"]), ("embed-scaled-on", ["embed-scaled-on"])])
 def test_variant_names(variant, bad):
     assert decode_bounds.unknown_parts(variant) == bad
 
@@ -46,6 +48,23 @@ def test_an_attention_config_holds_while_captured_and_is_put_back():
         assert (attention.DECODE_BLOCK_N, attention.DECODE_NUM_WARPS) == before[:2]
         assert attention.DECODE_MERGE_WARPS == before[3]
         assert attention.decode_num_splits(1, 32, 4096, CPU) == 3
+
+
+def test_a_switch_holds_while_captured_and_is_put_back():
+    """embed-scaled / bf16-logits / argmax-kernel turn their module switch on for the capture, NAME-off turns it
+    off; each goes back to what it was after, also when the capture fails."""
+    from scaleserve.server import graphs, model
+
+    before = (model.EMBED_SCALED, graphs.DECODE_LOGITS_IN_MODEL_DTYPE, graphs.DECODE_ARGMAX_KERNEL)
+    with decode_bounds.leaving_out({"embed-scaled", "argmax-kernel"}):
+        assert model.EMBED_SCALED is True and graphs.DECODE_ARGMAX_KERNEL is True
+        assert graphs.DECODE_LOGITS_IN_MODEL_DTYPE == before[1]
+    assert (model.EMBED_SCALED, graphs.DECODE_LOGITS_IN_MODEL_DTYPE, graphs.DECODE_ARGMAX_KERNEL) == before
+    with pytest.raises(RuntimeError, match="capture failed"):
+        with decode_bounds.leaving_out({"bf16-logits", "embed-scaled-off"}):
+            assert graphs.DECODE_LOGITS_IN_MODEL_DTYPE is True and model.EMBED_SCALED is False
+            raise RuntimeError("capture failed")
+    assert (model.EMBED_SCALED, graphs.DECODE_LOGITS_IN_MODEL_DTYPE, graphs.DECODE_ARGMAX_KERNEL) == before
 
 
 def test_twice_captures_two_steps_the_second_on_the_firsts_argmax():

@@ -374,19 +374,26 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
     compute stream or a stream of their own; a greedy step's argmax left where the next replay reads it), with
     batch-1 steps of short contexts on graphs of their own (the attention's splits forced to 4), and with prefix
     caching (a second pass over the lone prompts starts after their cached blocks); and with the batch-1 graphs
-    taking their inputs from pinned memory and leaving their tokens there themselves (zero copy) or not."""
+    taking their inputs from pinned memory and leaving their tokens there themselves (zero copy) or not; and with
+    the decode graphs' argmax as one kernel and their logits in the model's dtype (argmax)."""
     from scaleserve.server import engine as engine_module
+    from scaleserve.server import graphs as graphs_module
 
     outs = {}
-    for graphs, overlap, prefix, home, short, zc in (
-            (False, False, False, False, 0, ()), (True, False, False, False, 0, ()), (True, True, False, False, 0, ()),
-            (True, True, False, True, 0, ()), (True, False, False, False, 0, (1,)), (True, True, False, False, 0, (1,)),
-            (True, True, False, False, 4, (1,)), (True, True, True, False, 0, (1,))):
+    for graphs, overlap, prefix, home, short, zc, argmax in (
+            (False, False, False, False, 0, (), False), (True, False, False, False, 0, (), False),
+            (True, True, False, False, 0, (), False), (True, True, False, True, 0, (), False),
+            (True, False, False, False, 0, (1,), False), (True, True, False, False, 0, (1,), False),
+            (True, True, False, False, 4, (1,), False), (True, True, True, False, 0, (1,), False),
+            (True, True, False, False, 4, (1,), True), (True, False, False, False, 0, (), True)):
         monkeypatch.setattr(engine_module, "TOKENS_HOME_STREAM", home)
         monkeypatch.setattr(engine_module, "SHORT_DECODE_SPLITS", short)
         monkeypatch.setattr(engine_module, "ZERO_COPY_BUCKETS", zc)
+        monkeypatch.setattr(graphs_module, "DECODE_ARGMAX_KERNEL", argmax)
+        monkeypatch.setattr(graphs_module, "DECODE_LOGITS_IN_MODEL_DTYPE", argmax)
         lm = load_model(tiny_model_dir, device="cuda", dtype=torch.float32)
-        engine, avs = make_engine(lm, tmp_path / f"{graphs}-{overlap}-{prefix}-{home}-{short}-{zc}", adapter_files,
+        name = f"{graphs}-{overlap}-{prefix}-{home}-{short}-{zc}-{argmax}"
+        engine, avs = make_engine(lm, tmp_path / name, adapter_files,
                                   device="cuda", cuda_graphs=graphs, max_num_batched_tokens=32,
                                   overlap_steps=overlap, prefix_caching=prefix)
         names = sorted(avs)
@@ -397,7 +404,7 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
         # one seeded sampling row: its parameters go to the device through the staging ring every step
         together = run(engine, [new_seq(p, avs[n] if i % 3 else None, **(SAMPLED if i == 1 else {})) for i, (p, n) in
                                 enumerate(zip(PROMPTS, names * 3))], arrivals=[0, 0, 2, 3, 5, 5])
-        outs[graphs, overlap, prefix, home, short, zc] = (lone, together)
+        outs[graphs, overlap, prefix, home, short, zc, argmax] = (lone, together)
         if graphs:  # every graph path ran: lone prefills, decodes, and a prefill joining running decodes
             assert {"prefill_graph", "decode_graph", "split_graphs"} <= set(engine.step_kinds), engine.step_kinds
         else:
@@ -407,7 +414,7 @@ def test_cuda_graph_steps_equal_eager(tiny_model_dir, adapter_files, tmp_path, m
         assert (engine.short_steps > 0) == bool(short)  # (the lone prompts: contexts under 4 x 64 tokens)
         assert (engine.tokens_sent_home > 0) == bool(graphs and zc)  # (the lone prompts' greedy batch-1 steps)
         assert engine.kv.allocator.num_free == engine.kv.allocator.usable
-    assert all(out == outs[False, False, False, False, 0, ()] for out in outs.values())
+    assert all(out == outs[False, False, False, False, 0, (), False] for out in outs.values())
 
 
 @pytest.mark.gpu
