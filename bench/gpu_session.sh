@@ -274,6 +274,7 @@ for step in "${steps[@]}"; do
     zero_copy)  # decode graphs that fetch their inputs and send their tokens home themselves (kernels/host_copy.py):
                 # the GPU tests (a failure leaves $OUT/zero_copy_failed), then the batch-1 7B graph against the copy
                 # engine's upload and copy home (`ops`) at ZC_CONTEXT tokens, with the 4-split attention and without
+                # (ZC_VARIANTS: other decode_bounds variants; ZC_ARGS: more of its flags)
       { timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_host_copy.py \
           "tests/kernels/test_fused.py" -k "host_copy or pinned or fetch or send_home or bad_buffers or embed or argmax or norms_in" \
           "tests/server/test_model.py::test_decode_with_the_norms_in_the_projections_matches_the_norm_kernels" 2>&1 \
@@ -281,7 +282,7 @@ for step in "${steps[@]}"; do
                -k "cuda_graph_steps_equal_eager or gpu_step_timing" 2>&1; } | tee "$OUT/zero_copy_tests.log" | tail -8
       [ "${PIPESTATUS[0]}" = 0 ] || { touch "$OUT/zero_copy_failed"; continue; }
       timeout ${ZC_TIMEOUT:-200} python3 bench/decode_bounds.py --quantize-lm-head --context ${ZC_CONTEXT:-144} \
-        --variants "${ZC_VARIANTS:-base,ops,attn-s4,attn-s4+ops,base}" --json "$OUT/zero-copy.json" 2>&1 \
+        --variants "${ZC_VARIANTS:-base,ops,attn-s4,attn-s4+ops,base}" ${ZC_ARGS:-} --json "$OUT/zero-copy.json" 2>&1 \
         | tee "$OUT/zero_copy.log" | tail -8 ;;
     setup) ;;  # the install above, for a command that runs its own steps after it
     *) echo "unknown step $step" ;;
