@@ -132,7 +132,7 @@ def decode_views(buf, b: int, width: int, i64, i32) -> tuple:
 # argmax a greedy step takes is the same, without the float32 conversion's launch in the graph; Engine._sample
 # converts where a step samples. Off (float32 logits) until a GPU session runs the engine's CUDA-graph test with it
 # and times it (`bench/decode_profile.py --bf16-logits off,on`; written after session 28's last device call).
-DECODE_LOGITS_IN_MODEL_DTYPE = False
+DECODE_LOGITS_IN_MODEL_DTYPE = True
 
 # Decode graphs take the argmax of their logits with one PDL kernel (kernels/fused.py argmax_rows; it launches during
 # the head's tail, where torch's argmax waits for it to end), which in a zero-copy graph also leaves the tokens in

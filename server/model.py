@@ -25,7 +25,7 @@ from .batch import Batch
 # of three torch launches, none of which lets the first projection launch early. Bit-identical to those (interpreter
 # tests, the fused-norm model test); off until a GPU session runs the engine's CUDA-graph test with it and times it
 # (`bench/decode_profile.py --embed-scaled off,on`; written after session 28's last device call).
-EMBED_SCALED = False
+EMBED_SCALED = True
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
