@@ -130,15 +130,15 @@ def decode_views(buf, b: int, width: int, i64, i32) -> tuple:
 
 # Decode graphs leave a one-token step's int4-head logits in the model's dtype (Transformer.forward float_logits): the
 # argmax a greedy step takes is the same, without the float32 conversion's launch in the graph; Engine._sample
-# converts where a step samples. Off (float32 logits) until a GPU session runs the engine's CUDA-graph test with it
-# and times it (`bench/decode_profile.py --bf16-logits off,on`; written after session 28's last device call).
+# converts where a step samples. 3.8 µs less a batch-1 7B step on an H100 (bench/decode_bounds.py `bf16-logits`,
+# session 29).
 DECODE_LOGITS_IN_MODEL_DTYPE = True
 
 # Decode graphs take the argmax of their logits with one PDL kernel (kernels/fused.py argmax_rows; it launches during
 # the head's tail, where torch's argmax waits for it to end), which in a zero-copy graph also leaves the tokens in
-# pinned memory (send_home's launch gone). Bit-identical to torch.argmax (interpreter tests); off until a GPU session
-# runs the engine's CUDA-graph test with it and times it (`bench/decode_profile.py --argmax-kernel off,on`; written
-# after session 28's last device call).
+# pinned memory (send_home's launch gone). Bit-identical to torch.argmax (interpreter tests, the engine's CUDA-graph
+# test). Off: it costs a batch-1 7B step 6.1 µs more on an H100 (bench/decode_bounds.py `argmax-kernel`, session 29),
+# as its one program a row scans a 32,000-logit row alone, where torch's argmax spreads the row over many blocks.
 DECODE_ARGMAX_KERNEL = False
 
 # Decode buckets whose graphs exchange inputs and tokens with the host themselves (CUDA): the graph's first kernel
