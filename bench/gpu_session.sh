@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs] [zero_copy]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs] [zero_copy] [kernels_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -260,6 +260,19 @@ for step in "${steps[@]}"; do
                 PYTHONPATH=$ns:/tmp/site timeout 100 python3 bench/attention.py --json "$OUT/attn-$tree.json" 2>&1 \
                   | tee "$OUT/attn-$tree.log" | grep " paged"
               done ;;
+    kernels_ab)  # bench/kernels.py (KAB_ARGS) on the previous commit's kernels (carried as .carry/base), then on
+                 # this tree's, then both again (KAB_ROUNDS, default 2): an A/B whose order shows the drift; first
+                 # the GPU tests of tests/kernels/test_int4_matmul.py matching KAB_K (default: the fold GEMM's)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
+        -k "${KAB_K:-fold}" 2>&1 | tee "$OUT/kab_tests.log" | tail -4
+      link_base_tree
+      for round in $(seq ${KAB_ROUNDS:-2}); do
+        for tree in base new; do
+          ns=/tmp/ns; [ $tree = base ] && ns=/tmp/nsbase
+          PYTHONPATH=$ns:/tmp/site timeout ${KAB_TIMEOUT:-150} python3 bench/kernels.py ${KAB_ARGS:-} \
+            --json "$OUT/kab-$tree-$round.json" 2>&1 | tee "$OUT/kab-$tree-$round.log" | grep -A12 "per Llama"
+        done
+      done ;;
     read_ceiling) timeout 90 python3 bench/access_pattern.py --match 'pdl|regs BN 16 w4 d[12]$|stream x2/SM s4$|copy' \
                     --json "$OUT/access-pdl.json" 2>&1 | tee "$OUT/access-pdl.log" | tail -30 ;;
     fold_ab) for policy in always never; do  # the fold GEMM against the per-row tile, M >= 64, same call

@@ -17,6 +17,8 @@ weight tile goes to shared memory as B.
 - Mode 2: a tile runs one pass over K per scale slot present among its rows, with x masked to that
   slot's rows. One adapter per tile (a prompt's prefill, a batch on one task) is one pass; T slots in a
   tile cost T passes, so int4_matmul sends mode 2 here only when the caller says every row uses one slot.
+  On that promise (ONE_SLOT) the loop is mode 1's: no pass bookkeeping, and x's row mask is fixed, so the
+  compiler's pipeline loads x blocks ahead (the multi-pass loop's mask hangs on the loop-carried slot).
 
 Dequantization (~3 instructions per code): a code word holds 8 nibbles (codes_t viewed as int32, nibble
 i = code 8w + i); each nibble is shifted to bits 16..19 and OR-ed under the exponent of 2**23 (one LOP3:
@@ -151,8 +153,8 @@ def _int4_gemm_kernel(
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, per-tile arrival counters (zero)
     M, N, K, M_BUCKET,
     stride_xm, stride_ym, stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
-    MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    MODE: tl.constexpr, ONE_SLOT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: the programs that share a weight tile run together
@@ -174,11 +176,16 @@ def _int4_gemm_kernel(
     # the tile's rows (ascending), x masked to that slot's rows; a tile of one adapter is one pass. The slot's
     # scale row goes into the dequantized weights, so the dots chain through K. The passes and K blocks are
     # one flat loop: a loop around the pipelined K loop doubled the registers (255 against 104 at 64 x 64).
+    # ONE_SLOT (mode 2, every row on one slot): one pass on the first row's slot.
     NONE: tl.constexpr = 1 << 40
     if MODE == 1:
         passes = 1
         slot = tl.zeros([], dtype=tl.int64)
         s_table, s_slot_stride, s_stride = s0_ptr, 0, stride_zg
+    elif ONE_SLOT:
+        passes = 1
+        slot = tl.load(scale_idx_ptr).to(tl.int64)
+        s_table, s_slot_stride, s_stride = scale_ptr, stride_ss, stride_sg
     else:
         earlier = tl.arange(0, BLOCK_M)[None, :] < tl.arange(0, BLOCK_M)[:, None]  # [BM, BM]: j < i
         seen = tl.max(((sidx[:, None] == sidx[None, :]) & earlier & m_ok[None, :]).to(tl.int32), 1)  # [BM]
@@ -192,14 +199,14 @@ def _int4_gemm_kernel(
     if FAST:  # a for loop: the compiler software-pipelines the code and x tiles (num_stages)
         for it in range(0, passes * n_kb):
             acc, slot, s_nx = _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, offs_n,
-                                    s_cols, s_slot_stride, s_stride, N, K, zero_ptr, stride_zg, MODE, GROUP_SIZE,
-                                    FAST, DT, PREC, BLOCK_K)
+                                    s_cols, s_slot_stride, s_stride, N, K, zero_ptr, stride_zg, MODE, ONE_SLOT,
+                                    GROUP_SIZE, FAST, DT, PREC, BLOCK_K)
     else:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         it = 0
         while it < passes * n_kb:
             acc, slot, s_nx = _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, offs_n,
-                                    s_cols, s_slot_stride, s_stride, N, K, zero_ptr, stride_zg, MODE, GROUP_SIZE,
-                                    FAST, DT, PREC, BLOCK_K)
+                                    s_cols, s_slot_stride, s_stride, N, K, zero_ptr, stride_zg, MODE, ONE_SLOT,
+                                    GROUP_SIZE, FAST, DT, PREC, BLOCK_K)
             it += 1
 
     out_mask = m_ok[:, None] & n_ok[None, :]
@@ -215,21 +222,22 @@ def _int4_gemm_kernel(
 
 @triton.jit
 def _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, offs_n, s_cols, s_slot_stride,
-          s_stride, N, K, zero_ptr, stride_zg, MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, FAST: tl.constexpr,
-          DT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+          s_stride, N, K, zero_ptr, stride_zg, MODE: tl.constexpr, ONE_SLOT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+          FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
     """K block kb_lo + it % n_kb of the pass for `slot`: acc [BM, BN] += x[slot's rows] @ ((Q - z) s)^T.
     Returns (acc, the next step's slot, its scale row).
 
     The scale row of the next step is loaded in this one: a 16-bit table row is 2 bytes a thread, which
     the compiler's cp.async pipeline does not take, and its latency would stand in every block."""
-    if MODE == 2:
+    MULTI: tl.constexpr = MODE == 2 and not ONE_SLOT
+    if MULTI:
         kb = kb_lo + it % n_kb
         rows_ok = m_ok & (sidx == slot)
     else:  # one pass
         kb = kb_lo + it
         rows_ok = m_ok
     last = kb + 1 == kb_hi
-    if MODE == 2:  # branch-free: an `if last:` around this reduction made mode 2 40 % slower (H100)
+    if MULTI:  # branch-free: an `if last:` around this reduction made mode 2 40 % slower (H100)
         NONE: tl.constexpr = 1 << 40
         later = tl.min(tl.where(m_ok & (sidx > slot), sidx, NONE))
         slot_nx = tl.where(last & (later < NONE), later, slot)  # past the last pass: any valid slot
@@ -270,7 +278,7 @@ def _store(acc, y_ptr, bias_ptr, chan_ptr, cidx, offs_m, offs_n, out_mask, n_ok,
     store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
 
 
-_KEY = ["M_BUCKET", "N", "K", "MODE", "GROUP_SIZE", "HAS_BIAS"]  # + x dtype (added by triton)
+_KEY = ["M_BUCKET", "N", "K", "MODE", "ONE_SLOT", "GROUP_SIZE", "HAS_BIAS"]  # + x dtype (added by triton)
 
 
 _tuned = triton.autotune(configs=CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
@@ -287,8 +295,9 @@ def int4_gemm_supported(x: torch.Tensor, mode: int, group_size: int, has_zeros: 
     return x.dtype in (torch.bfloat16, torch.float16)
 
 
-def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt):
+def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt, one_slot=False):
     """y [M, N] = the modes 1/2 semantics for x [M, K] (contiguous rows); w: int4_matmul.Int4Weights.
+    one_slot: the caller's promise that every row has the same scale_idx (mode 2: one pass, mode 1's loop).
 
     ws: float32 workspace of at least workspace_numel(M, N, config) elements, cnt:
     zeroed int32 counters, one per output tile. config: BLOCK_M, BLOCK_N, SPLIT_K, optional BLOCK_K (default
@@ -307,7 +316,7 @@ def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
             M, N, K, min(triton.next_power_of_2(M), 1024),
             x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     dt = tl.float32 if interpret else (tl.float16 if x.dtype == torch.float16 else tl.bfloat16)
-    meta = dict(MODE=mode, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=not interpret, DT=dt,
+    meta = dict(MODE=mode, ONE_SLOT=bool(one_slot) and mode == 2, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=not interpret, DT=dt,
                 PREC="ieee" if interpret else None,
                 **launch_kwargs(x))
 

@@ -1229,7 +1229,7 @@ def int4_matmul(
             kernel == "fold" and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty(workspace_numel(M, N, config), dtype=torch.float32, device=x.device)
         return launch_int4_gemm(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
-                                _tile_counters(x.device, "fold"))
+                                _tile_counters(x.device, "fold"), one_slot=scale_slots == 1)
     gemv = (config is None and M <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
     if gemv:
         return _launch_gemv(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,
