@@ -316,9 +316,8 @@ def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
             M, N, K, min(triton.next_power_of_2(M), 1024),
             x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     dt = tl.float32 if interpret else (tl.float16 if x.dtype == torch.float16 else tl.bfloat16)
-    meta = dict(MODE=mode, ONE_SLOT=bool(one_slot) and mode == 2, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, FAST=not interpret, DT=dt,
-                PREC="ieee" if interpret else None,
-                **launch_kwargs(x))
+    meta = dict(MODE=mode, ONE_SLOT=bool(one_slot) and mode == 2, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None,
+                FAST=not interpret, DT=dt, PREC="ieee" if interpret else None, **launch_kwargs(x))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
