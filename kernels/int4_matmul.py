@@ -548,6 +548,9 @@ def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
 # FOLD_POLICY: "auto" (the rule below), "always" (M >= 2) or "never".
 FOLD_POLICY = "auto"
 FOLD_MIN_M = 64
+# Mode 2 on the one-slot promise runs the fold GEMM's mode-1 loop (kernels/int4_gemm.py ONE_SLOT) instead of its
+# one-pass-per-slot loop, whose x row mask hangs on the loop-carried slot.
+FOLD_ONE_SLOT = True
 
 
 def fold_gemm_chosen(M: int, mode: int, group_size: int, scale_slots: int = 0) -> bool:
@@ -1229,7 +1232,7 @@ def int4_matmul(
             kernel == "fold" and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty(workspace_numel(M, N, config), dtype=torch.float32, device=x.device)
         return launch_int4_gemm(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
-                                _tile_counters(x.device, "fold"), one_slot=scale_slots == 1)
+                                _tile_counters(x.device, "fold"), one_slot=FOLD_ONE_SLOT and scale_slots == 1)
     gemv = (config is None and M <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
     if gemv:
         return _launch_gemv(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,

@@ -758,11 +758,12 @@ def test_fold_gemm_small(mode, gs, dtype, M, dist, bn, bm, split):
     (128, torch.bfloat16, 33, "identical", 1), (128, torch.float16, 2, "base-only", 2),
     (32, torch.bfloat16, 16, "identical", 3), (-1, torch.float16, 33, "identical", 2),
     (64, torch.float32, 3, "identical", 1), (-1, torch.float32, 16, "base-only", 1)])
-def test_fold_gemm_one_slot(gs, dtype, M, dist, split):
-    """Mode 2 on the caller's promise of one scale slot (scale_slots=1): one pass on the first row's slot, mode
-    1's loop; every row still gets its slot's scales and its own channel factor."""
+def test_fold_gemm_one_slot(gs, dtype, M, dist, split, monkeypatch):
+    """Mode 2 on the caller's promise of one scale slot (scale_slots=1, FOLD_ONE_SLOT): one pass on the first row's
+    slot, mode 1's loop; every row still gets its slot's scales and its own channel factor."""
     if CUDA and dtype == torch.float32:
         pytest.skip("the fold GEMM takes 16-bit x on CUDA")
+    monkeypatch.setattr(im, "FOLD_ONE_SLOT", True)
     N, K = FOLD_SHAPES[gs]
     t = make_case(M, N, K, gs, 4, MODE_GROUP, dist, dtype, bias=(split == 2))
     assert len(set(t["scale_idx"].tolist())) == 1
