@@ -549,8 +549,12 @@ def mma_gemv_chosen(M: int, mode: int, group_size: int) -> bool:
 FOLD_POLICY = "auto"
 FOLD_MIN_M = 64
 # Mode 2 on the one-slot promise runs the fold GEMM's mode-1 loop (kernels/int4_gemm.py ONE_SLOT) instead of its
-# one-pass-per-slot loop, whose x row mask hangs on the loop-carried slot.
-FOLD_ONE_SLOT = True
+# one-pass-per-slot loop, whose x row mask hangs on the loop-carried slot (mode 2 at one slot: 168 / 428 µs a 7B
+# layer at M = 64 / 256 against mode 1's 148 / 326, H100). Interpreter-tested; off until a GPU session runs its tests
+# and times it (`KAB_K=one_slot KAB_ARGS="--ms 64,256 --modes 2 --groups 128 --no-baselines" bash
+# bench/gpu_session.sh kernels_ab` with this switch on and .carry/base the tree before it; session 29's device time
+# ran out in refused starts).
+FOLD_ONE_SLOT = False
 
 
 def fold_gemm_chosen(M: int, mode: int, group_size: int, scale_slots: int = 0) -> bool:
