@@ -29,6 +29,8 @@ from fastapi.routing import APIRoute
 
 from scaleserve.adapters.store import NAME_RULE, valid_name
 
+from .api.common import note_error
+
 log = logging.getLogger("scaleserve.auth")
 
 ADMIN_TENANT = "admin"
@@ -76,10 +78,8 @@ class OpenAIErrorRoute(APIRoute):
         async def route(request: Request):
             try:
                 return await handler(request)
-            except OpenAIError as e:
-                metrics = getattr(request.app.state, "metrics", None)
-                if metrics is not None:  # scaleserve_errors_total, as the app-level handler counts the others
-                    metrics.error(e.code or e.type)
+            except OpenAIError as e:  # counted and logged as the app-level handlers do the others
+                note_error(request, e.code or e.type, e.status_code, e.message)
                 return e.response()
 
         return route

@@ -21,9 +21,9 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
-from .api.common import error_body, install_error_handlers
+from .api.common import error_body, install_error_handlers, note_error
 from .compile_watch import watch_compiles
 from .metrics import Metrics
 from .settings import Settings
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, lm=None) -> FastAPI:
     from .auth import OpenAIError, openai_error_handler
 
     async def _openai_error(request, e: OpenAIError):
-        app.state.metrics.error(e.code or e.type)
+        note_error(request, e.code or e.type, e.status_code, e.message)
         return await openai_error_handler(request, e)
 
     app.add_exception_handler(OpenAIError, _openai_error)
@@ -165,8 +165,7 @@ class GateMiddleware:
                             "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
                                         (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
-                if getattr(st, "metrics", None):
-                    st.metrics.error("unavailable")
+                note_error(Request(scope), "unavailable", 503, msg)
                 return
         await self.app(scope, receive, send)
 

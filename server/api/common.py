@@ -48,16 +48,20 @@ def error_response(e: APIError) -> JSONResponse:
                         headers=e.headers)
 
 
-def _metrics(request: Request):
-    return getattr(request.app.state, "metrics", None)
+def note_error(request: Request, kind: str, status: int, message: str) -> None:
+    """A request answered with an error: scaleserve_errors_total{type=kind} and one structured log line (the
+    requests that ran log theirs in release())."""
+    m = getattr(request.app.state, "metrics", None)
+    if m:
+        m.error(kind)
+    request_log.info(json.dumps({"event": "rejected", "method": request.method, "path": request.url.path,
+                                 "status": status, "error": kind, "message": message[:300]}))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        m = _metrics(request)
-        if m:
-            m.error(e.code or e.type)
+        note_error(request, e.code or e.type, e.status, e.message)
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
@@ -71,26 +75,21 @@ def install_error_handlers(app: FastAPI) -> None:
             msg = f"the request body is not valid JSON: {(first.get('ctx') or {}).get('error', detail)} " \
                   f"(position {'.'.join(loc) or '?'})"
             loc = []
-        m = _metrics(request)
-        if m:
-            m.error("invalid_request")
+        note_error(request, "invalid_request", 400, msg)
         return JSONResponse(error_body(400, msg, ".".join(loc) or None, "invalid_request"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        m = _metrics(request)
-        if m and e.status_code >= 400:
-            m.error(f"http_{e.status_code}")
         detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+        if e.status_code >= 400:
+            note_error(request, f"http_{e.status_code}", e.status_code, detail)
         return JSONResponse(error_body(e.status_code, detail), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        m = _metrics(request)
-        if m:
-            m.error("internal")
+        note_error(request, "internal", 500, f"internal error: {type(e).__name__}")
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}", code="internal_error"),
                             status_code=500)
 

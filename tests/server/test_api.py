@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
 import re
 import time
 
@@ -230,6 +231,41 @@ def test_errors_in_openai_shape(server):
             assert r.status_code == 400 and err["param"] == "stream_options" and "stream" in err["message"], err
         assert h.get("/health").json() == {"status": "ok"}
         assert h.get("/ready").status_code == 200
+
+
+def test_one_structured_log_line_per_request(server, caplog):
+    """Each request that ran logs one JSON line (adapter, tokens, latency, status, stream) when it ends; each
+    request answered with an error logs one too (path, status, error type), and counts in scaleserve_errors_total."""
+    caplog.set_level(logging.INFO, logger="scaleserve.requests")
+
+    def lines(event: str, want: int, pick=lambda d: True) -> list[dict]:
+        deadline = time.monotonic() + 10  # (a stream's line comes when the server has released it)
+        while True:
+            got = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scaleserve.requests"]
+            got = [d for d in got if d["event"] == event and pick(d)]
+            if len(got) >= want or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    c = client(server)
+    r = c.completions.create(model="chan-a", prompt="the cat", max_tokens=5, temperature=0)
+    (line,) = lines("request", 1, lambda d: r.id.endswith(d["id"]))
+    assert line["adapter"] == "chan-a" and line["model"] == "chan-a" and line["status"] == 200
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (r.usage.prompt_tokens, r.usage.completion_tokens)
+    assert line["finish_reason"] == r.choices[0].finish_reason and line["stream"] is False
+    assert 0 < line["ttft_s"] <= line["latency_s"]
+    text, _ = stream_tokens(server, "tiny", "a dog", max_tokens=4)
+    streamed = lines("request", 1, lambda d: d["stream"] and d["model"] == "tiny" and d["completion_tokens"] == 4)
+    assert streamed and streamed[-1]["adapter"] == "base" and streamed[-1]["status"] == 200
+    before = metric(server, "scaleserve_errors_total", '{type="model_not_found"}')
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        assert h.post("/v1/completions", json={"model": "ghost", "prompt": "x"}).status_code == 404
+        assert h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 9}).status_code == 400
+    (missing,) = lines("rejected", 1, lambda d: d["error"] == "model_not_found")
+    assert missing["status"] == 404 and missing["path"] == "/v1/completions" and "ghost" in missing["message"]
+    (invalid,) = lines("rejected", 1, lambda d: d["error"] == "invalid_request")
+    assert invalid["status"] == 400 and "temperature" in invalid["message"]
+    assert metric(server, "scaleserve_errors_total", '{type="model_not_found"}') == before + 1
 
 
 def test_logit_bias_steers_sampling(server, tiny_lm):
