@@ -123,12 +123,15 @@ def summarize(results: list[dict], wall: float) -> dict:
                     if len(r["times"]) > 2 and r["times"][-1] > r["times"][0]]
     gen = sum(r["completion_tokens"] for r in ok)
     errors: dict[str, int] = {}
+    examples: dict[str, str] = {}  # the first failed request's message per status: what went wrong
     for r in results:
         if r not in ok:
             k = str(r["status"] or "transport")
             errors[k] = errors.get(k, 0) + 1
+            examples.setdefault(k, r["error"] or "")
     return {
-        "requests": len(results), "ok": len(ok), "errors": errors, "wall_s": round(wall, 3),
+        "requests": len(results), "ok": len(ok), "errors": errors, "error_examples": examples,
+        "wall_s": round(wall, 3),
         "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
         "throughput_tok_s": round(gen / wall, 1) if wall > 0 else None,
         "per_stream_decode_tok_s_p50": _r(pct(decode_rates, 50)),
@@ -151,6 +154,7 @@ def mean_of(passes: list[dict]) -> dict:
         elif all(isinstance(x, (int, float)) for x in vals):
             out[k] = round(sum(vals) / len(vals), 4)
     out["errors"] = dict(sum((Counter(p["errors"]) for p in passes), Counter()))
+    out["error_examples"] = {k: v for p in reversed(passes) for k, v in p.get("error_examples", {}).items()}
     out["passes"] = passes
     return out
 
@@ -210,6 +214,8 @@ def cmd_load(a) -> int:
         res.update(adapters=T, concurrency=a.concurrency)
         rows.append(res)
         print_table([res], ["adapters", "concurrency"])
+        for status, message in res["error_examples"].items():
+            print(f"T={T}: {res['errors'][status]} requests failed with {status}, e.g.: {message}", file=sys.stderr)
     out = {"url": a.url, "base": base, "zipf_s": a.zipf, "prompt_len": a.prompt_len, "output_len": a.output_len,
            "results": rows}
     if a.json:
