@@ -268,6 +268,29 @@ def test_one_structured_log_line_per_request(server, caplog):
     assert metric(server, "scaleserve_errors_total", '{type="model_not_found"}') == before + 1
 
 
+def test_not_ready_gives_503_with_retry_after(server, caplog):
+    """Until the model is loaded and warmed up (app.state.ready), /ready is 503 and every /v1 request gets a 503
+    in OpenAI's shape with Retry-After, counted and logged as rejected; /health stays 200."""
+    caplog.set_level(logging.INFO, logger="scaleserve.requests")
+    before = metric(server, "scaleserve_errors_total", '{type="unavailable"}')
+    server.state.ready = False
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as h:
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "unavailable" and "starting up" in r.json()["error"]["message"]
+            assert h.get("/v1/models").status_code == 503
+            assert h.get("/ready").status_code == 503 and h.get("/health").status_code == 200
+    finally:
+        server.state.ready = True
+    assert metric(server, "scaleserve_errors_total", '{type="unavailable"}') == before + 2
+    rejected = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scaleserve.requests"]
+    assert [(d["path"], d["status"]) for d in rejected if d.get("error") == "unavailable"][-2:] == \
+        [("/v1/completions", 503), ("/v1/models", 503)]
+    again = client(server).completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"ignore_eos": True})
+    assert again.usage.completion_tokens == 2
+
+
 def test_logit_bias_steers_sampling(server, tiny_lm):
     """OpenAI's logit_bias: +100 on a token makes it every greedy and every sampled token; -100 on the greedy
     token makes the greedy choice another one; completions and chat, streamed or not. Bad maps are a 400 on the
