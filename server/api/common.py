@@ -89,9 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        note_error(request, "internal", 500, f"internal error: {type(e).__name__}")
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}", code="internal_error"),
-                            status_code=500)
+        msg = f"internal error: {type(e).__name__}"
+        note_error(request, "internal", 500, msg)
+        return JSONResponse(error_body(500, msg, code="internal_error"), status_code=500)
 
 
 # --- model names -> adapters ----------------------------------------------------------------------
