@@ -109,9 +109,9 @@ def leaving_out(parts: set[str]):
 
     saved.append((DecodeGraphs, "forward", DecodeGraphs.forward))
     for part in parts:
-        if part.removesuffix("-off") in SWITCHES:
-            module = importlib.import_module(SWITCHES[part.removesuffix("-off")][0])
-            attribute = SWITCHES[part.removesuffix("-off")][1]
+        switch = SWITCHES.get(part.removesuffix("-off"))
+        if switch is not None:
+            module, attribute = importlib.import_module(switch[0]), switch[1]
             saved.append((module, attribute, getattr(module, attribute)))
             setattr(module, attribute, not part.endswith("-off"))
     launch, forward = im.launch_mma_gemv, DecodeGraphs.forward

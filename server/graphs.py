@@ -56,14 +56,17 @@ class _StepGraphs:
 
     def run(self, b: int, mode: int) -> torch.Tensor:
         """Replay (capturing first if new); -> its logits. self.greedy: their argmax, from the same replay."""
-        key = (b, mode)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(b, mode)
-            self.graphs[key] = entry
+        entry = self._entry(b, mode)
         entry[0].replay()
         self.greedy = entry[2]
         return entry[1]
+
+    def _entry(self, b: int, mode: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """(graph, logits, greedy) of (b, mode), captured on first use."""
+        entry = self.graphs.get((b, mode))
+        if entry is None:
+            entry = self.graphs[b, mode] = self._capture(b, mode)
+        return entry
 
     def _capture(self, b: int, mode: int):
         t0 = time.perf_counter()
@@ -250,9 +253,7 @@ class DecodeGraphs(_StepGraphs):
             self.home = None
             return super().run(b, mode)
         turn = 1 - self.turn[b]
-        entry = self.graphs.get((b, mode))
-        if entry is None:
-            entry = self.graphs[b, mode] = self._capture(b, mode)
+        entry = self._entry(b, mode)
         graph, logits = self.twins[b, mode][turn]
         graph.replay()
         self.turn_done[b][turn].record()
