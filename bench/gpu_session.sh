@@ -2,7 +2,7 @@
 # Everything one GPU session runs, for the `device` tool (carry: .carry/wheels .carry/stories260K, and
 # .carry/triton-cache.tgz when an earlier call brought one back: see below):
 #   bash bench/gpu_session.sh setup|[tests] [kernel_tests] [e2e] [engine] [train] [serve] [adapters] [kernels]
-#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs] [zero_copy] [kernels_ab]
+#                             [kernels_smollm2] [profile] [pdl_ab] [mma_ab] [mma_candidates] [unroll_tests] [unroll_sweeps] [timing_check] [autotune_ab] [pins_ab] [rings] [m1_figures] [read_ceiling] [attn_tests] [attn_splits] [rope_ab] [fusion_ab] [norms_ab] [ablate] [ncu_gemv] [defaults_e2e] [lm_head_ab] [attn_decode] [attn_ab] [batch_tests] [mma_batch] [batch_decode] [fold_ab] [bounds] [norm_tests] [profile1] [tune] [alpha_ab] [alpha_batch_ab] [table_pairs_ab] [fold_planes_ab] [attn_configs] [zero_copy] [kernels_ab] [fold_swap_ab]
 #                             results under $OUT
 #   (each step has its own time limit; a device call runs at most 600 s, so split the steps over calls)
 # The GPU image has torch/triton/transformers but not the server's web stack: bench/wheels.sh
@@ -275,6 +275,18 @@ for step in "${steps[@]}"; do
       done ;;
     read_ceiling) timeout 90 python3 bench/access_pattern.py --match 'pdl|regs BN 16 w4 d[12]$|stream x2/SM s4$|copy' \
                     --json "$OUT/access-pdl.json" 2>&1 | tee "$OUT/access-pdl.log" | tail -30 ;;
+    fold_swap_ab)  # the fold GEMM with the code bytes as the MMA's A operand (FOLD_SWAP) and mode 2's one-slot loop
+                   # (FOLD_ONE_SLOT): their GPU tests, then M >= 64 in modes 1 / 2 with SWAP off / on, FSW_ROUNDS
+                   # rounds (default 2) in alternation, so the order shows the drift (FSW_ARGS: bench/kernels.py flags)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/kernels/test_int4_matmul.py \
+        -k "swap or one_slot or llama7b_fold" 2>&1 | tee "$OUT/fold_swap_tests.log" | tail -4
+      for round in $(seq ${FSW_ROUNDS:-2}); do
+        for swap in off on; do
+          timeout ${FSW_TIMEOUT:-200} python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128 --no-baselines \
+            --fold-one-slot on --fold-swap $swap ${FSW_ARGS:-} --json "$OUT/fold-swap-$swap-$round.json" 2>&1 \
+            | tee "$OUT/fold-swap-$swap-$round.log" | grep -A12 "per Llama"
+        done
+      done ;;
     fold_ab) for policy in always never; do  # the fold GEMM against the per-row tile, M >= 64, same call
                timeout 200 python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128,-1 --no-baselines \
                  --fold-policy $policy --json "$OUT/fold-$policy.json" 2>&1 | tee "$OUT/fold-$policy.log" \

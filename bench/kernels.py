@@ -235,6 +235,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fold-policy", choices=("auto", "always", "never"), default=None,
                     help="where batches in modes 1/2 take the fold GEMM (kernels/int4_gemm.py): auto (M >= "
                          "FOLD_MIN_M), always (M >= 2) or never")
+    ap.add_argument("--fold-swap", choices=("on", "off"), default=None,
+                    help="whether the fold GEMM takes the code bytes as the MMA's A operand (kernels/int4_matmul.py "
+                         "FOLD_SWAP); default: the kernel's")
+    ap.add_argument("--fold-one-slot", choices=("on", "off"), default=None,
+                    help="whether the fold GEMM runs mode 2 on one promised slot as mode 1's loop (kernels/"
+                         "int4_matmul.py FOLD_ONE_SLOT); default: the kernel's")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
@@ -284,6 +290,10 @@ def main(argv=None) -> int:
         im.MMA_BATCH_POLICY = args.mma_batch_policy
     if args.fold_policy is not None:
         im.FOLD_POLICY = args.fold_policy
+    if args.fold_swap is not None:
+        im.FOLD_SWAP = args.fold_swap == "on"
+    if args.fold_one_slot is not None:
+        im.FOLD_ONE_SLOT = args.fold_one_slot == "on"
     from scaleserve.kernels import int4_mma_gemv
 
     int4_mma_gemv.USE_DEVICE_PINS = args.device_pins

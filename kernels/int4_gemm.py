@@ -26,6 +26,17 @@ the float 2**23 + Q 2**16, exact), and one FFMA with s / 2**16 and -(128 + z) s 
 scale row of the next K block is loaded one step ahead (a 16-bit row is 2 bytes a thread, which the
 compiler's cp.async pipeline does not take).
 
+SWAP (the codes as the MMA's A operand, from registers): acc^T [BN, BM] = W [BN, BK] @ x^T [BK, BM], with the
+tokens as the MMA's narrow N dimension. The code tile is read as bytes [BN, BK/2] (byte j = codes 2j and 2j + 1,
+the low and high nibble) and each byte's two codes become two adjacent K columns (join + reshape): in the
+wgmma A fragment a thread owns K pairs (2c, 2c + 1), which is one byte, so the bytes go from the pipelined
+shared-memory ring straight into the fragment's registers and the dots stay asynchronous (`wait pendings > 0`).
+Without SWAP the dequantized tile is wgmma's B operand, which must be in shared memory: each block stores it
+there, fences and waits for its dot before the next block (bench/NOTES-kernels.md, session 8). Words would not
+do here: a word's 8 codes span four threads of the A fragment, and an 8-way join put the tile through shared
+memory again (offline sm_90a TTGIR, session 30). Per byte: a shift, and per code one LOP3 (the nibble under the
+exponent of 2**23, the low one at bits 15..18, the high one at 19..22) and one FFMA; an F2FP per two codes.
+
 BLOCK_K (64 or 128, autotuned; 32 at group size 32) divides the group size, so each K block lies in one
 group.
 Split-K (a float32 workspace and per-tile arrival counters, as in int4_matmul) keeps 132 SMs busy when
@@ -61,6 +72,13 @@ CONFIGS = [
     _cfg(128, 256, 1, warps=8), _cfg(128, 256, 1, warps=8, bk=64), _cfg(256, 64, 1, warps=8),
     _cfg(256, 128, 1, warps=8, bk=64),
 ]
+# SWAP's own: BLOCK_N weight rows are the MMA's M (64 a warp group), BLOCK_M tokens its N (up to 256).
+SWAP_CONFIGS = [
+    _cfg(64, 64, 1), _cfg(64, 64, 2), _cfg(64, 64, 4), _cfg(64, 128, 1, warps=8), _cfg(64, 128, 2, warps=8),
+    _cfg(64, 128, 4, warps=8), _cfg(128, 128, 1, warps=8), _cfg(128, 128, 2, warps=8), _cfg(128, 64, 1),
+    _cfg(128, 128, 1, warps=8, bk=64, stages=4), _cfg(256, 128, 1, warps=8),
+    _cfg(256, 128, 1, warps=8, bk=64, stages=4),
+]
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 1}  # BLOCK_K: the group size (128 at g -1)
 
 
@@ -78,17 +96,20 @@ def workspace_numel(M: int, N: int, config: dict | None = None) -> int:
 @functools.lru_cache(maxsize=4096)
 def _autotuned_max_split(M: int, N: int) -> int:
     """The largest SPLIT_K the autotuner may pick for (M, N): asked on every launch, computed once."""
-    return max(c.kwargs["SPLIT_K"] for c in CONFIGS if _split_kept(c.kwargs, M, N))
+    return max(c.kwargs["SPLIT_K"] for c in CONFIGS + SWAP_CONFIGS if _split_kept(c.kwargs, M, N))
 
 
 def _prune(configs, named_args, **kwargs):
-    """No token tile much taller than the batch, split-K only where the grid is small, and K blocks that
-    lie in one group (a group of 32 takes BLOCK_K 32)."""
+    """SWAP's configs or the others; no token tile much taller than the batch, split-K only where the grid
+    is small, and K blocks that lie in one group (a group of 32 takes BLOCK_K 32)."""
     M, N = named_args["M"], named_args["N"]
     gs = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
+    swap = kwargs.get("SWAP", named_args.get("SWAP"))
     tall = max(64, triton.next_power_of_2(M))
     out, seen = [], set()
     for c in configs:
+        if any(c is sc for sc in SWAP_CONFIGS) != bool(swap):
+            continue
         kw = dict(c.kwargs)
         if gs > 0:
             kw["BLOCK_K"] = min(kw["BLOCK_K"], gs)
@@ -144,17 +165,44 @@ def _dequant(words, s, z, FAST: tl.constexpr):
     return tl.reshape(a, [BN, 8 * W])  # [BN, W, 2, 2, 2] -> nibble 4a + 2b + c of word w
 
 
+@triton.jit
+def _under_exponent(ws, MASK: tl.constexpr, FAST: tl.constexpr):
+    """float32 of (ws & MASK) | 0x4B000000: bits under MASK (within 0..22) under the exponent of 2**23. One LOP3
+    on the GPU (inline asm: the compiler splits the and-or of two constants in two)."""
+    if FAST:
+        v = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, 0x4B000000, 0xEA;", "=r,r", [ws], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        v = (ws & MASK) | 0x4B000000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_bytes(b, s, z, FAST: tl.constexpr):
+    """b [BN, J] uint8 (byte j = codes 2j (low nibble) and 2j + 1), s / z [BN] float32 -> [BN, 2J] float32
+    (Q - z) * s, column 2j + t = nibble t of byte j. Shifted 15 up, the low nibble reads 2**23 + Q 2**15 and the
+    high one 2**23 + Q 2**19 under the exponent (bit 23 is the exponent's), and one FFMA each scales and removes
+    the offset (256 or 16 codes; |offset + z| s rounds in float32 below 2**-15 s, far below the 16-bit rounding
+    of the result)."""
+    BN: tl.constexpr = b.shape[0]
+    J: tl.constexpr = b.shape[1]
+    ws = b.to(tl.int32) << 15
+    lo = _under_exponent(ws, 0x78000, FAST) * (s * (1.0 / 32768))[:, None] - ((256.0 + z) * s)[:, None]
+    hi = _under_exponent(ws, 0x780000, FAST) * (s * (1.0 / 524288))[:, None] - ((16.0 + z) * s)[:, None]
+    return tl.reshape(tl.join(lo, hi), [BN, 2 * J])  # [BN, J, 2] -> column 2j + t
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET", *ROW_INDEX_ARGS])
 def _int4_gemm_kernel(
     x_ptr, y_ptr, bias_ptr,  # x [M, K], y [M, N], bias [N]
-    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 words [N_pad, KW], zeros_t / scales_t [G, N_pad] f32
+    q_ptr, zero_ptr, s0_ptr,  # codes_t as int32 words [N_pad, KW] (SWAP: bytes), zeros_t / scales_t [G, N_pad] f32
     chan_ptr, scale_ptr,  # slab tables: chan [Sc, N], scales [Sg, N, G] (any strides)
     chan_idx_ptr, scale_idx_ptr,  # [M] int32
     ws_ptr, cnt_ptr,  # split-K workspace [SPLIT_K, M, N] f32, per-tile arrival counters (zero)
     M, N, K, M_BUCKET,
     stride_xm, stride_ym, stride_qn, stride_zg, stride_cs, stride_ss, stride_sn, stride_sg,
-    MODE: tl.constexpr, ONE_SLOT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    MODE: tl.constexpr, ONE_SLOT: tl.constexpr, SWAP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # fastest: the programs that share a weight tile run together
@@ -166,8 +214,12 @@ def _int4_gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     kb_lo, kb_hi = k_blocks(pid_k, K, BLOCK_K, SPLIT_K)
-    q_rows = q_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // 8)[None, :]  # [BN, BK/8] (padded)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
+    if SWAP:
+        q_rows = q_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]  # [BN, BK/2] bytes
+        x_rows = x_ptr + offs_m[None, :] * stride_xm  # [1, BM]
+    else:
+        q_rows = q_ptr + offs_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // 8)[None, :]  # [BN, BK/8] (padded)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
     wait_for_producer(PDL)
 
     cidx = tl.load(chan_idx_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
@@ -195,19 +247,24 @@ def _int4_gemm_kernel(
     s_cols = s_table + offs_n * stride_sn if MODE == 2 else s_table + offs_n  # [BN] (+ slot, group offsets)
     n_kb = kb_hi - kb_lo
     s_nx = _scale_row(s_cols, slot, s_slot_stride, kb_lo, s_stride, offs_n, N, GROUP_SIZE, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if FAST:  # a for loop: the compiler software-pipelines the code and x tiles (num_stages)
         for it in range(0, passes * n_kb):
             acc, slot, s_nx = _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, offs_n,
                                     s_cols, s_slot_stride, s_stride, N, K, zero_ptr, stride_zg, MODE, ONE_SLOT,
-                                    GROUP_SIZE, FAST, DT, PREC, BLOCK_K)
+                                    SWAP, GROUP_SIZE, FAST, DT, PREC, BLOCK_K)
     else:  # the interpreter (numpy >= 2.3) cannot range() over tensor bounds
         it = 0
         while it < passes * n_kb:
             acc, slot, s_nx = _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, offs_n,
                                     s_cols, s_slot_stride, s_stride, N, K, zero_ptr, stride_zg, MODE, ONE_SLOT,
-                                    GROUP_SIZE, FAST, DT, PREC, BLOCK_K)
+                                    SWAP, GROUP_SIZE, FAST, DT, PREC, BLOCK_K)
             it += 1
+    if SWAP:
+        acc = tl.trans(acc)  # [BM, BN], once a tile
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
@@ -222,9 +279,10 @@ def _int4_gemm_kernel(
 
 @triton.jit
 def _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, offs_n, s_cols, s_slot_stride,
-          s_stride, N, K, zero_ptr, stride_zg, MODE: tl.constexpr, ONE_SLOT: tl.constexpr, GROUP_SIZE: tl.constexpr,
-          FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K block kb_lo + it % n_kb of the pass for `slot`: acc [BM, BN] += x[slot's rows] @ ((Q - z) s)^T.
+          s_stride, N, K, zero_ptr, stride_zg, MODE: tl.constexpr, ONE_SLOT: tl.constexpr, SWAP: tl.constexpr,
+          GROUP_SIZE: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K block kb_lo + it % n_kb of the pass for `slot`: acc [BM, BN] += x[slot's rows] @ ((Q - z) s)^T
+    (SWAP: acc [BN, BM] += (Q - z) s @ x[slot's rows]^T).
     Returns (acc, the next step's slot, its scale row).
 
     The scale row of the next step is loaded in this one: a 16-bit table row is 2 bytes a thread, which
@@ -243,14 +301,24 @@ def _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, o
         slot_nx = tl.where(last & (later < NONE), later, slot)  # past the last pass: any valid slot
     else:
         slot_nx = slot
-    s = s_nx
-    s_nx = _scale_row(s_cols, slot_nx, s_slot_stride, tl.where(last, kb_lo, kb + 1), s_stride, offs_n, N,
-                      GROUP_SIZE, BLOCK_K)
+    if SWAP:  # this block's row, staged by the pipeline with the codes: a row carried over from the last step
+        # fixes its layout, and the dequantized tile then reaches the A fragment through shared memory
+        s = _scale_row(s_cols, slot, s_slot_stride, kb, s_stride, offs_n, N, GROUP_SIZE, BLOCK_K)
+    else:
+        s = s_nx
+        s_nx = _scale_row(s_cols, slot_nx, s_slot_stride, tl.where(last, kb_lo, kb + 1), s_stride, offs_n, N,
+                          GROUP_SIZE, BLOCK_K)
     z = tl.load(zero_ptr + _group(kb, GROUP_SIZE, BLOCK_K) * stride_zg + offs_n)  # [BN] (padded: no mask)
-    w = _dequant(tl.load(q_rows + kb * (BLOCK_K // 8)), s, z, FAST)  # [BN, BK] = (Q - z) s
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    xt = tl.load(x_rows + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(DT)
-    return tl.dot(xt, tl.trans(w.to(DT)), acc, input_precision=PREC), slot_nx, s_nx
+    if SWAP:
+        w = _dequant_bytes(tl.load(q_rows + kb * (BLOCK_K // 2)), s, z, FAST)  # [BN, BK] = (Q - z) s
+        xt = tl.load(x_rows + offs_k[:, None], mask=rows_ok[None, :] & (offs_k < K)[:, None], other=0.0).to(DT)
+        acc = tl.dot(w.to(DT), xt, acc, input_precision=PREC)
+    else:
+        w = _dequant(tl.load(q_rows + kb * (BLOCK_K // 8)), s, z, FAST)  # [BN, BK] = (Q - z) s
+        xt = tl.load(x_rows + offs_k[None, :], mask=rows_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(DT)
+        acc = tl.dot(xt, tl.trans(w.to(DT)), acc, input_precision=PREC)
+    return acc, slot_nx, s_nx
 
 
 @triton.jit
@@ -278,10 +346,10 @@ def _store(acc, y_ptr, bias_ptr, chan_ptr, cidx, offs_m, offs_n, out_mask, n_ok,
     store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, out_mask, n_ok, stride_ym, HAS_BIAS)
 
 
-_KEY = ["M_BUCKET", "N", "K", "MODE", "ONE_SLOT", "GROUP_SIZE", "HAS_BIAS"]  # + x dtype (added by triton)
+_KEY = ["M_BUCKET", "N", "K", "MODE", "ONE_SLOT", "SWAP", "GROUP_SIZE", "HAS_BIAS"]  # + x dtype (added by triton)
 
 
-_tuned = triton.autotune(configs=CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+_tuned = triton.autotune(configs=CONFIGS + SWAP_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
                          do_bench=quick_bench, cache_results=True)(_int4_gemm_kernel)
 
 
@@ -295,9 +363,11 @@ def int4_gemm_supported(x: torch.Tensor, mode: int, group_size: int, has_zeros: 
     return x.dtype in (torch.bfloat16, torch.float16)
 
 
-def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt, one_slot=False):
+def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, config, ws, cnt, one_slot=False,
+                     swap=False):
     """y [M, N] = the modes 1/2 semantics for x [M, K] (contiguous rows); w: int4_matmul.Int4Weights.
     one_slot: the caller's promise that every row has the same scale_idx (mode 2: one pass, mode 1's loop).
+    swap: the codes as the MMA's A operand (SWAP; a config's "SWAP" key decides where a config is given).
 
     ws: float32 workspace of at least workspace_numel(M, N, config) elements, cnt:
     zeroed int32 counters, one per output tile. config: BLOCK_M, BLOCK_N, SPLIT_K, optional BLOCK_K (default
@@ -309,14 +379,18 @@ def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
         raise ValueError("the fold GEMM takes modes 1/2 on an rtn base with group size -1, 32, 64 or 128, "
                          "and on CUDA fp16 / bf16 x")
     interpret = x.device.type == "cpu"
-    q32 = w.codes_t.view(torch.int32)  # [N_pad, Kh_pad/4]: word w holds codes 8w..8w+7 (nibble i = code 8w+i)
+    if config is not None:
+        swap = bool(config.get("SWAP"))
+    # [N_pad, Kh_pad/4] words: word w holds codes 8w..8w+7 (nibble i = code 8w+i); SWAP reads the same bytes
+    q32 = w.codes_t if swap else w.codes_t.view(torch.int32)
     st = scales if scales is not None else w.zeros_t
     s_strides = (st.stride(0), st.stride(1), st.stride(2)) if scales is not None else (0, 0, 0)
     args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
             M, N, K, min(triton.next_power_of_2(M), 1024),
             x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     dt = tl.float32 if interpret else (tl.float16 if x.dtype == torch.float16 else tl.bfloat16)
-    meta = dict(MODE=mode, ONE_SLOT=bool(one_slot) and mode == 2, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None,
+    meta = dict(MODE=mode, ONE_SLOT=bool(one_slot) and mode == 2, SWAP=swap, GROUP_SIZE=w.group_size,
+                HAS_BIAS=bias is not None,
                 FAST=not interpret, DT=dt, PREC="ieee" if interpret else None, **launch_kwargs(x))
 
     def grid(meta):
@@ -329,7 +403,8 @@ def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
             raise ValueError("workspace too small for the autotuned split-K")
         _tuned[grid](*args, **meta)
         return y
-    cfg = {"BLOCK_K": w.group_size if w.group_size > 0 else 128, **{k: v for k, v in config.items() if k != "FOLD"}}
+    cfg = {"BLOCK_K": w.group_size if w.group_size > 0 else 128,
+           **{k: v for k, v in config.items() if k not in ("FOLD", "SWAP")}}
     if w.group_size > 0 and w.group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide the group size {w.group_size}")
     if cfg["SPLIT_K"] > 1 and (ws.numel() < cfg["SPLIT_K"] * M * N

@@ -555,6 +555,12 @@ FOLD_MIN_M = 64
 # bench/gpu_session.sh kernels_ab` with this switch on and .carry/base the tree before it; session 29's device time
 # ran out in refused starts).
 FOLD_ONE_SLOT = False
+# SWAP in the fold GEMM (kernels/int4_gemm.py): the code bytes as wgmma's A operand straight from registers, the
+# tokens as its N, so its dots stay asynchronous over the dequantization of the next block (offline sm_90a, 8 warps,
+# a 128 x 128 x 128 tile: 419 instructions a block, no shared-memory round trip of the dequantized tile; the fold
+# GEMM waits for each dot). Interpreter-tested; off until a GPU session runs its tests and times it (session 30:
+# no device could be had).
+FOLD_SWAP = False
 
 
 def fold_gemm_chosen(M: int, mode: int, group_size: int, scale_slots: int = 0) -> bool:
@@ -1236,7 +1242,8 @@ def int4_matmul(
             kernel == "fold" and int4_gemm_supported(x, mode, w.group_size, has_zeros)):
         ws = torch.empty(workspace_numel(M, N, config), dtype=torch.float32, device=x.device)
         return launch_int4_gemm(x, y, w, chan, st, chan_idx, scale_idx, mode, bias, config, ws,
-                                _tile_counters(x.device, "fold"), one_slot=FOLD_ONE_SLOT and scale_slots == 1)
+                                _tile_counters(x.device, "fold"), one_slot=FOLD_ONE_SLOT and scale_slots == 1,
+                                swap=FOLD_SWAP)
     gemv = (config is None and M <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
     if gemv:
         return _launch_gemv(x, y, w, chan, st, alphas, betas, chan_idx, scale_idx, alpha_idx, mode, bias, config,

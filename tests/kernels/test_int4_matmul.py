@@ -772,6 +772,58 @@ def test_fold_gemm_one_slot(gs, dtype, M, dist, split, monkeypatch):
         check(run_kernel(t, MODE_GROUP, cfg, n_major=(split != 3), scale_slots=1), reference(t), dtype)
 
 
+def _swap_cases():
+    """SWAP (the code bytes as the MMA's A operand): modes x group sizes x dtypes, with batch sizes, slot
+    distributions, tiles (weight rows x tokens, both orientations of a non-square tile), splits and K blocks
+    below the group size rotating; mode 2 on the one-slot promise in some."""
+    out = []
+    for i, (mode, gs, dtype) in enumerate(itertools.product((1, 2), (-1, 32, 64, 128), DTYPES)):
+        M = (3, 33, 2, 16)[i % 4]
+        dist = DISTS[(i + 2) % len(DISTS)]
+        bn, bm, split = (32, 16, 64)[i % 3], (16, 32)[(i // 3) % 2], (1, 3, 2)[i % 3]
+        bk = gs // 2 if gs in (64, 128) and i % 2 else None
+        one_slot = mode == 2 and i % 3 == 0
+        out.append(pytest.param(mode, gs, dtype, M, "identical" if one_slot else dist, bn, bm, split, bk, one_slot,
+                                id=f"m{mode}-g{gs}-{str(dtype)[6:]}-M{M}-bn{bn}-bm{bm}-sk{split}-bk{bk}"
+                                   f"{'-one' if one_slot else ''}"))
+    return out
+
+
+@pytest.mark.parametrize("mode,gs,dtype,M,dist,bn,bm,split,bk,one_slot", _swap_cases())
+def test_fold_gemm_swap(mode, gs, dtype, M, dist, bn, bm, split, bk, one_slot, monkeypatch):
+    if CUDA and dtype == torch.float32:
+        pytest.skip("the fold GEMM takes 16-bit x on CUDA")
+    monkeypatch.setattr(im, "FOLD_ONE_SLOT", one_slot)
+    N, K = FOLD_SHAPES[gs]
+    t = make_case(M, N, K, gs, 4, mode, dist, dtype, bias=(split == 2))
+    cfg = {"FOLD": 1, "SWAP": 1, "BLOCK_N": bn, "BLOCK_M": bm, "SPLIT_K": split, **({"BLOCK_K": bk} if bk else {})}
+    check(run_kernel(t, mode, cfg, n_major=(split != 3), scale_slots=1 if one_slot else 0), reference(t), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="the dispatch picks a kernel on CUDA only (the interpreter runs the tile)")
+@pytest.mark.parametrize("swap", (False, True))
+def test_fold_swap_switch_reaches_the_kernel(swap, monkeypatch):
+    """FOLD_SWAP and FOLD_ONE_SLOT are what the autotuned dispatch hands the fold GEMM (no config given)."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["swap"], kwargs["one_slot"]))
+        return im.launch_int4_gemm.__wrapped__(*args, **kwargs)
+
+    spy.__wrapped__ = im.launch_int4_gemm
+    monkeypatch.setattr(im, "launch_int4_gemm", spy)
+    monkeypatch.setattr(im, "FOLD_POLICY", "always")
+    monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")
+    monkeypatch.setattr(im, "FOLD_SWAP", swap)
+    monkeypatch.setattr(im, "FOLD_ONE_SLOT", swap)
+    dtype = torch.bfloat16
+    t = make_case(5, 72, 300, 128, 4, MODE_GROUP, "identical", dtype)
+    check(run_kernel(t, MODE_GROUP, n_major=True, scale_slots=1), reference(t), dtype)
+    t = make_case(3, 72, 300, -1, 4, MODE_CHANNEL, "zipf", dtype)
+    check(run_kernel(t, MODE_CHANNEL, n_major=True), reference(t), dtype)
+    assert seen == [(swap, swap), (swap, False)]
+
+
 def test_fold_gemm_rejects_what_it_cannot_run():
     """Mode 3 and a bcq base are refused with a clear error, not computed wrongly."""
     cfg = {"FOLD": 1, "BLOCK_N": 16, "BLOCK_M": 16, "SPLIT_K": 1}
@@ -1076,19 +1128,22 @@ def test_pinned_mma_config_replaces_the_autotuner(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shape", list(LLAMA7B))
-@pytest.mark.parametrize("M", (4, 16, 64, 256))
+@pytest.mark.parametrize("M,swap", [(4, False), (16, False), (64, False), (256, False), (64, True), (256, True)])
 @pytest.mark.parametrize("mode", (1, 2))
-def test_llama7b_fold_gemm(shape, M, mode, monkeypatch):
+def test_llama7b_fold_gemm(shape, M, swap, mode, monkeypatch):
     """The fold GEMM on the real shapes (down: K = 11008, a ragged split), group 128 and per-channel
     alternating: a fixed config with split-K on mixed slots, then the autotuned kernel in fp16 on rows
-    of one adapter, as the dispatch sends them (FOLD_POLICY "always" reaches it below FOLD_MIN_M)."""
+    of one adapter, as the dispatch sends them (FOLD_POLICY "always" reaches it below FOLD_MIN_M), with
+    the code bytes as the MMA's A operand or not (SWAP); mode 2 on its one-slot loop where SWAP is on."""
     K, N = LLAMA7B[shape]
     gs = 128 if (M // 4 + mode) % 2 else -1
     t = make_case(M, N, K, gs, 4, mode, ("distinct", "zipf")[mode - 1], torch.bfloat16, bias=(shape == "qkv"))
-    cfg = {"FOLD": 1, "BLOCK_M": min(64, max(16, M)), "BLOCK_N": 128, "SPLIT_K": 3}
+    cfg = {"FOLD": 1, "SWAP": int(swap), "BLOCK_M": min(64, max(16, M)), "BLOCK_N": 128, "SPLIT_K": 3}
     check(run_kernel(t, mode, cfg, n_major=True), reference(t), torch.bfloat16)
     monkeypatch.setattr(im, "FOLD_POLICY", "always")
     monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")  # (it would take M <= 8 first)
+    monkeypatch.setattr(im, "FOLD_SWAP", swap)
+    monkeypatch.setattr(im, "FOLD_ONE_SLOT", swap)
     t = make_case(M, N, K, gs, 4, mode, "identical", torch.float16)
     assert im.fold_gemm_chosen(M, mode, gs, scale_slots=1)
     check(run_kernel(t, mode, n_major=True, scale_slots=1), reference(t), torch.float16)

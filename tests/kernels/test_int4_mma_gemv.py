@@ -17,9 +17,6 @@ with operands constant along the lane once and given all 4 elements its last res
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -140,15 +137,9 @@ def _cases():
 
 
 @pytest.mark.timeout(600)
-def test_mma_asm_gets_its_layout():
-    pytest.importorskip("triton.backends.nvidia")
+def test_mma_asm_gets_its_layout(offline_compile):
     cases = _cases()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(cases), env=env, capture_output=True,
-                         text=True, timeout=580)  # (the cases on stdin: with their step asm they pass argv's limit)
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(found) == len(cases)
+    found = offline_compile(_COMPILE, cases)
     for case, got in zip(cases, found):
         layouts = got["layouts"]
         assert len(layouts) >= 2, (case, layouts)  # the step and its tables, at least
