@@ -282,7 +282,7 @@ for step in "${steps[@]}"; do
         -k "swap or one_slot or llama7b_fold" 2>&1 | tee "$OUT/fold_swap_tests.log" | tail -4
       for round in $(seq ${FSW_ROUNDS:-2}); do
         for swap in off on; do
-          timeout ${FSW_TIMEOUT:-200} python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128 --no-baselines \
+          timeout ${FSW_TIMEOUT:-200} python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128 --no-baselines --t1-only \
             --fold-one-slot on --fold-swap $swap ${FSW_ARGS:-} --json "$OUT/fold-swap-$swap-$round.json" 2>&1 \
             | tee "$OUT/fold-swap-$swap-$round.log" | grep -A12 "per Llama"
         done

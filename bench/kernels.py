@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fold-one-slot", choices=("on", "off"), default=None,
                     help="whether the fold GEMM runs mode 2 on one promised slot as mode 1's loop (kernels/"
                          "int4_matmul.py FOLD_ONE_SLOT); default: the kernel's")
+    ap.add_argument("--t1-only", action="store_true",
+                    help="only T = 1 (one adapter): skips the T = min(M, 64) points, for A/Bs of the one-adapter paths")
     ap.add_argument("--no-baselines", action="store_true", help="skip bf16 / tinygemm (NaN in the JSON)")
     ap.add_argument("--gemv-sweep", action="store_true",
                     help="M = 1 only: time each GEMV config of SWEEP_CONFIGS per shape / mode / group (no autotune)")
@@ -334,6 +336,9 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 json.dump({**meta, "rows": all_rows()}, f, indent=1)
 
+    def task_counts(M: int) -> list[int]:
+        return [1] if args.t1_only else sorted({1, min(M, 64)})
+
     for shape in shapes:
         K, N = SHAPES[shape]
         floor_us = (N * K / 2) / bw * 1e6
@@ -342,7 +347,7 @@ def main(argv=None) -> int:
         tg = {}
         for gs in groups:
             for M in ms:
-                for T in sorted({1, min(M, 64)}):
+                for T in task_counts(M):
                     if args.no_baselines:
                         tg[gs, M, T] = (nan, nan)
                         continue
@@ -355,7 +360,7 @@ def main(argv=None) -> int:
         for gs in groups:
             for mode in modes:
                 for M in ms:
-                    for T in sorted({1, min(M, 64)}):
+                    for T in task_counts(M):
                         # distinct scale_idx values of make_rows' rows: the caller's promise that lets mode 2
                         # take the fold GEMM
                         scale_slots = T if mode == 2 else 1
