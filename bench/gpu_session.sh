@@ -276,16 +276,19 @@ for step in "${steps[@]}"; do
     read_ceiling) timeout 90 python3 bench/access_pattern.py --match 'pdl|regs BN 16 w4 d[12]$|stream x2/SM s4$|copy' \
                     --json "$OUT/access-pdl.json" 2>&1 | tee "$OUT/access-pdl.log" | tail -30 ;;
     fold_swap_ab)  # the fold GEMM with the code bytes as the MMA's A operand (FOLD_SWAP) and mode 2's one-slot loop
-                   # (FOLD_ONE_SLOT): their GPU tests (skipped with FSW_TESTS=0), then M >= 64 in modes 1 / 2, one
-                   # adapter, per arm of FSW_ARMS (base: both off, as shipped; one: FOLD_ONE_SLOT; swap: both on),
+                   # (FOLD_ONE_SLOT): their GPU tests (skipped with FSW_TESTS=0), then M in FSW_MS (default 64,128,256)
+                   # in modes 1 / 2, one adapter, per arm of FSW_ARMS (base: both off, as shipped; one: FOLD_ONE_SLOT;
+                   # swap: both on; swap-all: both on and every M >= 2 sent to the fold GEMM, for FSW_MS=4,16),
                    # FSW_ROUNDS rounds (default 1) in turn, so a second round shows the drift (FSW_ARGS: more flags)
       [ "${FSW_TESTS:-1}" = 0 ] || timeout ${FSW_TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --tb=short \
         tests/kernels/test_int4_matmul.py -k "swap or one_slot" 2>&1 | tee "$OUT/fold_swap_tests.log" | tail -4
       for round in $(seq ${FSW_ROUNDS:-1}); do
         for arm in ${FSW_ARMS:-base one swap}; do
           case $arm in base) flags="--fold-one-slot off --fold-swap off" ;; one) flags="--fold-one-slot on --fold-swap off" ;;
-                       swap) flags="--fold-one-slot on --fold-swap on" ;; *) echo "unknown arm $arm" >&2; continue ;; esac
-          timeout ${FSW_TIMEOUT:-200} python3 bench/kernels.py --ms 64,128,256 --modes 1,2 --groups 128 --no-baselines \
+                       swap) flags="--fold-one-slot on --fold-swap on" ;;
+                       swap-all) flags="--fold-one-slot on --fold-swap on --fold-policy always --mma-batch-policy never" ;;
+                       *) echo "unknown arm $arm" >&2; continue ;; esac
+          timeout ${FSW_TIMEOUT:-200} python3 bench/kernels.py --ms ${FSW_MS:-64,128,256} --modes 1,2 --groups 128 --no-baselines \
             --t1-only $flags ${FSW_ARGS:-} --json "$OUT/fold-swap-$arm-$round.json" 2>&1 \
             | tee "$OUT/fold-swap-$arm-$round.log" | grep -A12 "per Llama"
         done

@@ -72,8 +72,12 @@ CONFIGS = [
     _cfg(128, 256, 1, warps=8), _cfg(128, 256, 1, warps=8, bk=64), _cfg(256, 64, 1, warps=8),
     _cfg(256, 128, 1, warps=8, bk=64),
 ]
-# SWAP's own: BLOCK_N weight rows are the MMA's M (64 a warp group), BLOCK_M tokens its N (up to 256).
+# SWAP's own: BLOCK_N weight rows are the MMA's M (64 a warp group), BLOCK_M tokens its N (8-256): 16-32 token
+# tiles for small batches of one adapter (the loop's cost hardly depends on the token count below 64: offline sm_90a,
+# 389-400 instructions a 128 x 128 block at 16 / 32 tokens against 410 at 64).
 SWAP_CONFIGS = [
+    _cfg(16, 128, 1, warps=8), _cfg(16, 128, 2, warps=8), _cfg(16, 256, 1, warps=8), _cfg(16, 256, 2, warps=8),
+    _cfg(32, 128, 1, warps=8), _cfg(32, 128, 2, warps=8), _cfg(32, 128, 4, warps=8),
     _cfg(64, 64, 1), _cfg(64, 64, 2), _cfg(64, 64, 4), _cfg(64, 128, 1, warps=8), _cfg(64, 128, 2, warps=8),
     _cfg(64, 128, 4, warps=8), _cfg(128, 128, 1, warps=8), _cfg(128, 128, 2, warps=8), _cfg(128, 64, 1),
     _cfg(128, 128, 1, warps=8, bk=64, stages=4), _cfg(256, 128, 1, warps=8),

@@ -60,14 +60,14 @@ def _cases():
     from scaleserve.kernels.int4_gemm import SWAP_CONFIGS
 
     picked = [c for c in SWAP_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) in
-              ((64, 128, 1), (128, 128, 1), (256, 128, 1))]
+              ((16, 256, 1), (64, 128, 1), (128, 128, 1), (256, 128, 1))]
     out = []
     for i, cfg in enumerate(picked):
         for mode, one_slot, gs in ((1, False, 128), (2, True, (-1, 64)[i % 2])):
             out.append(dict(mode=mode, one_slot=one_slot, swap=True, group_size=gs, meta=dict(cfg.kwargs),
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    # the check's own control: the same tile without SWAP
-    out.append({**out[0], "swap": False})
+    # the check's own control: a tile without SWAP
+    out.append({**out[2], "swap": False})
     return out
 
 

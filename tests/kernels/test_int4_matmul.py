@@ -1129,8 +1129,8 @@ def test_pinned_mma_config_replaces_the_autotuner(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shape", list(LLAMA7B))
 @pytest.mark.parametrize("M,swap", [pytest.param(M, swap, id=f"M{M}{'-swap' if swap else ''}")
-                                     for M, swap in ((4, False), (16, False), (64, False), (256, False), (64, True),
-                                                     (256, True))])
+                                     for M, swap in ((4, False), (16, False), (64, False), (256, False), (16, True),
+                                                     (64, True), (256, True))])
 @pytest.mark.parametrize("mode", (1, 2))
 def test_llama7b_fold_gemm(shape, M, swap, mode, monkeypatch):
     """The fold GEMM on the real shapes (down: K = 11008, a ragged split), group 128 and per-channel
