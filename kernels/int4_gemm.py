@@ -35,7 +35,9 @@ Without SWAP the dequantized tile is wgmma's B operand, which must be in shared 
 there, fences and waits for its dot before the next block (bench/NOTES-kernels.md, session 8). Words would not
 do here: a word's 8 codes span four threads of the A fragment, and an 8-way join put the tile through shared
 memory again (offline sm_90a TTGIR, session 30). Per byte: a shift, and per code one LOP3 (the nibble under the
-exponent of 2**23, the low one at bits 15..18, the high one at 19..22) and one FFMA; an F2FP per two codes.
+exponent of 2**23, the low one at bits 15..18, the high one at 19..22) and one FFMA; an F2FP per two codes. SWAP
+loads each block's scale row in its own step, where the pipeline stages it with the codes: a row carried over from
+the step before fixes the layout of the dequantization, and the tile went through shared memory again.
 
 BLOCK_K (64 or 128, autotuned; 32 at group size 32) divides the group size, so each K block lies in one
 group.
@@ -305,8 +307,7 @@ def _step(acc, it, slot, s_nx, kb_lo, kb_hi, n_kb, sidx, m_ok, q_rows, x_rows, o
         slot_nx = tl.where(last & (later < NONE), later, slot)  # past the last pass: any valid slot
     else:
         slot_nx = slot
-    if SWAP:  # this block's row, staged by the pipeline with the codes: a row carried over from the last step
-        # fixes its layout, and the dequantized tile then reaches the A fragment through shared memory
+    if SWAP:  # this block's row, staged by the pipeline with the codes (see the module's docstring)
         s = _scale_row(s_cols, slot, s_slot_stride, kb, s_stride, offs_n, N, GROUP_SIZE, BLOCK_K)
     else:
         s = s_nx
@@ -386,12 +387,12 @@ def launch_int4_gemm(x, y, w, chan, scales, chan_idx, scale_idx, mode, bias, con
     if config is not None:
         swap = bool(config.get("SWAP"))
     # [N_pad, Kh_pad/4] words: word w holds codes 8w..8w+7 (nibble i = code 8w+i); SWAP reads the same bytes
-    q32 = w.codes_t if swap else w.codes_t.view(torch.int32)
+    codes = w.codes_t if swap else w.codes_t.view(torch.int32)
     st = scales if scales is not None else w.zeros_t
     s_strides = (st.stride(0), st.stride(1), st.stride(2)) if scales is not None else (0, 0, 0)
-    args = (x, y, bias if bias is not None else x, q32, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
+    args = (x, y, bias if bias is not None else x, codes, w.zeros_t, w.scales_t, chan, st, chan_idx, scale_idx, ws, cnt,
             M, N, K, min(triton.next_power_of_2(M), 1024),
-            x.stride(0), y.stride(0), q32.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
+            x.stride(0), y.stride(0), codes.stride(0), w.zeros_t.stride(0), chan.stride(0), *s_strides)
     dt = tl.float32 if interpret else (tl.float16 if x.dtype == torch.float16 else tl.bfloat16)
     meta = dict(MODE=mode, ONE_SLOT=bool(one_slot) and mode == 2, SWAP=swap, GROUP_SIZE=w.group_size,
                 HAS_BIAS=bias is not None,
