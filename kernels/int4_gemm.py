@@ -82,8 +82,8 @@ SWAP_CONFIGS = [
     _cfg(32, 128, 1, warps=8), _cfg(32, 128, 2, warps=8), _cfg(32, 128, 4, warps=8),
     _cfg(64, 64, 1), _cfg(64, 64, 2), _cfg(64, 64, 4), _cfg(64, 128, 1, warps=8), _cfg(64, 128, 2, warps=8),
     _cfg(64, 128, 4, warps=8), _cfg(128, 128, 1, warps=8), _cfg(128, 128, 2, warps=8), _cfg(128, 64, 1),
-    _cfg(128, 128, 1, warps=8, bk=64, stages=4), _cfg(128, 256, 1, warps=8, bk=64, stages=4), _cfg(256, 128, 1, warps=8),
-    _cfg(256, 128, 1, warps=8, bk=64, stages=4),
+    _cfg(128, 128, 1, warps=8, bk=64, stages=4), _cfg(128, 256, 1, warps=8, bk=64, stages=4),
+    _cfg(256, 128, 1, warps=8), _cfg(256, 128, 1, warps=8, bk=64, stages=4),
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 1}  # BLOCK_K: the group size (128 at g -1)
 
