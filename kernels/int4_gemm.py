@@ -30,9 +30,13 @@ SWAP (the codes as the MMA's A operand, from registers): acc^T [BN, BM] = W [BN,
 tokens as the MMA's narrow N dimension. The code tile is read as bytes [BN, BK/2] (byte j = codes 2j and 2j + 1,
 the low and high nibble) and each byte's two codes become two adjacent K columns (join + reshape): in the
 wgmma A fragment a thread owns K pairs (2c, 2c + 1), which is one byte, so the bytes go from the pipelined
-shared-memory ring straight into the fragment's registers and the dots stay asynchronous (`wait pendings > 0`).
-Without SWAP the dequantized tile is wgmma's B operand, which must be in shared memory: each block stores it
-there, fences and waits for its dot before the next block (bench/NOTES-kernels.md, session 8). Words would not
+shared-memory ring straight into the fragment's registers. Without SWAP the dequantized tile is wgmma's B operand,
+which must be in shared memory: each block stores it there, passes a barrier and waits for its dots before the
+next block (bench/NOTES-kernels.md, session 8). With SWAP Triton splits a block's dot into 16-column wgmmas and
+leaves 7 in flight (3 at BLOCK_K 64), each slice's fragment in registers of its own; on most tiles ptxas keeps it
+so, on some (16 and 32 tokens x 128 rows unsplit, 64 x 64 split, 128 tokens at BLOCK_K 64) it reuses one fragment's
+registers and waits for each wgmma before writing the next (its info C7515, "serialized"), and the warp group then
+alternates dequantization and MMA slice by slice. tests/kernels/test_int4_gemm.py checks four tiles. Words would not
 do here: a word's 8 codes span four threads of the A fragment, and an 8-way join put the tile through shared
 memory again (offline sm_90a TTGIR, session 30). Per byte: a shift, and per code one LOP3 (the nibble under the
 exponent of 2**23, the low one at bits 15..18, the high one at 19..22) and one FFMA; an F2FP per two codes. SWAP

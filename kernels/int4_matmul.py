@@ -556,10 +556,10 @@ FOLD_MIN_M = 64
 # ran out in refused starts).
 FOLD_ONE_SLOT = False
 # SWAP in the fold GEMM (kernels/int4_gemm.py): the code bytes as wgmma's A operand straight from registers, the
-# tokens as its N, so its dots stay asynchronous over the dequantization of the next block (offline sm_90a, 8 warps,
-# a 128 x 128 x 128 tile: 434 instructions a block, no shared-memory round trip of the dequantized tile; the fold
-# GEMM waits for each dot). Interpreter-tested; off until a GPU session runs its tests and times it (session 30:
-# no device could be had).
+# tokens as its N: no shared-memory store of the dequantized tile in the loop, and on most tiles a block's wgmmas in
+# flight while the next slices are dequantized (offline sm_90a, 8 warps, a 128 x 128 x 128 tile: 434 instructions a
+# block against the fold GEMM's 393, which waits for its dots). Interpreter-tested; off until a GPU session runs its
+# tests and times it (session 30: no device could be had).
 FOLD_SWAP = False
 
 
