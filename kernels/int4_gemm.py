@@ -133,6 +133,18 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _under_exponent(ws, MASK: tl.constexpr, FAST: tl.constexpr):
+    """float32 of (ws & MASK) | 0x4B000000: bits under MASK (within 0..22) under the exponent of 2**23. One LOP3
+    on the GPU (inline asm: the compiler splits the and-or of two constants in two)."""
+    if FAST:
+        v = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, 0x4B000000, 0xEA;", "=r,r", [ws], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        v = (ws & MASK) | 0x4B000000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _nibble(words, I: tl.constexpr, s_q, c_q, FAST: tl.constexpr):
     """float32 (Q - z) s of nibble I of each word [BN, W] (s_q = s / 2**16, c_q = -(128 + z) s, [BN, 1]).
 
@@ -146,12 +158,7 @@ def _nibble(words, I: tl.constexpr, s_q, c_q, FAST: tl.constexpr):
         ws = words >> (4 * I - 16)  # arithmetic: the sign only fills bits above 19
     else:
         ws = words
-    if FAST:
-        v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF0000, 0x4B000000, 0xEA;", "=r,r", [ws], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        v = (ws & 0xF0000) | 0x4B000000
-    return v.to(tl.float32, bitcast=True) * s_q + c_q
+    return _under_exponent(ws, 0xF0000, FAST) * s_q + c_q
 
 
 @triton.jit
@@ -173,18 +180,6 @@ def _dequant(words, s, z, FAST: tl.constexpr):
     # nested joins: the first axis made separates i from i + 4, the next i from i + 2, the last i from i + 1
     a = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
     return tl.reshape(a, [BN, 8 * W])  # [BN, W, 2, 2, 2] -> nibble 4a + 2b + c of word w
-
-
-@triton.jit
-def _under_exponent(ws, MASK: tl.constexpr, FAST: tl.constexpr):
-    """float32 of (ws & MASK) | 0x4B000000: bits under MASK (within 0..22) under the exponent of 2**23. One LOP3
-    on the GPU (inline asm: the compiler splits the and-or of two constants in two)."""
-    if FAST:
-        v = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, 0x4B000000, 0xEA;", "=r,r", [ws], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        v = (ws & MASK) | 0x4B000000
-    return v.to(tl.float32, bitcast=True)
 
 
 @triton.jit
