@@ -804,13 +804,12 @@ def test_fold_gemm_swap(mode, gs, dtype, M, dist, bn, bm, split, bk, one_slot, m
 @pytest.mark.parametrize("swap", (False, True))
 def test_fold_swap_switch_reaches_the_kernel(swap, monkeypatch):
     """FOLD_SWAP and FOLD_ONE_SLOT are what the autotuned dispatch hands the fold GEMM (no config given)."""
-    seen = []
+    seen, launch = [], im.launch_int4_gemm
 
     def spy(*args, **kwargs):
         seen.append((kwargs["swap"], kwargs["one_slot"]))
-        return im.launch_int4_gemm.__wrapped__(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    spy.__wrapped__ = im.launch_int4_gemm
     monkeypatch.setattr(im, "launch_int4_gemm", spy)
     monkeypatch.setattr(im, "FOLD_POLICY", "always")
     monkeypatch.setattr(im, "MMA_BATCH_POLICY", "never")
